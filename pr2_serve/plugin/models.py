@@ -1,0 +1,215 @@
+"""PR2 variants of vLLM's MoE models (the only code that touches vLLM model internals).
+
+Each class subclasses the stock vLLM class and changes three things:
+
+1. **Routing.** While the stock ``__init__`` runs, the module-level ``FusedMoEFactory`` it calls
+   is wrapped so that every MoE layer is built with ``custom_routing_function=`` a
+   :class:`PR2Router`. vLLM then picks its custom-routing router on every platform (``CPURouter``
+   honours the function on CPU, ``CustomRoutingRouter`` on CUDA), and kernel selection sees the
+   custom routing from the start. The router computes ``ids = topk(z + W_p h, k)`` and gates with
+   the unadjusted ``z`` (:func:`pr2_serve.routing.pr2_route`).
+2. **Predictors.** Each MoE block gets a ``predictor`` module (``weight [E, H]``, zero-initialised)
+   loaded from ``model.layers.{i}.mlp.predictor.weight`` when the checkpoint has it.
+3. **Capture.** Each router writes its ids into one preallocated device buffer
+   ``[max_num_batched_tokens, num_moe_layers, k]`` (:class:`RouteCapture`): a slice copy, no host
+   sync, safe under torch.compile and CUDA graphs. The worker maps rows to requests after each
+   step (:mod:`pr2_serve.plugin.worker`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pr2_serve.routing import pr2_route
+
+from .compat import PR2ConfigError
+
+PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
+
+
+class PR2Predictor(nn.Module):
+    """``Linear(hidden, num_experts, bias=False)`` weight holder, zero at start (PR2 == R3)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype),
+                                   requires_grad=False)
+
+
+class RouteCapture:
+    """One step's routed expert ids, ``[rows, num_moe_layers, top_k]`` on the model's device."""
+
+    def __init__(self, max_tokens: int, num_moe_layers: int, top_k: int, num_experts: int):
+        dtype = torch.int16 if num_experts <= 32767 else torch.int32
+        self.buffer = torch.zeros(max_tokens, num_moe_layers, top_k, dtype=dtype)
+        self.num_experts = num_experts
+
+    def record(self, moe_layer: int, ids: torch.Tensor) -> None:
+        n = ids.shape[0]
+        if n > self.buffer.shape[0]:
+            raise RuntimeError(
+                f"route capture got {n} rows for a step but holds {self.buffer.shape[0]} "
+                "(data parallel with naive dispatch is not supported with routes)"
+            )
+        self.buffer[:n, moe_layer].copy_(ids)
+
+
+class PR2Router:
+    """vLLM ``custom_routing_function`` for one MoE layer (bound to its predictor after init)."""
+
+    def __init__(self, layer_index: int) -> None:
+        self.layer_index = layer_index
+        self.moe_layer = -1
+        self.predictor: PR2Predictor | None = None
+        self.capture: RouteCapture | None = None
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        gating_output: torch.Tensor,
+        topk: int,
+        renormalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        predictor = self.predictor.weight if self.predictor is not None else None
+        weights, ids = pr2_route(hidden_states, gating_output, predictor, topk, renormalize)
+        if self.capture is not None:
+            self.capture.record(self.moe_layer, ids)
+        return weights, ids
+
+
+@contextlib.contextmanager
+def _pr2_moe_factory(model_module: ModuleType, routers: dict[int, PR2Router]) -> Iterator[None]:
+    """Make ``model_module.FusedMoEFactory`` build every MoE layer with a :class:`PR2Router`."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    stock = model_module.FusedMoEFactory
+
+    def factory(*args, **kwargs):
+        if kwargs.get("custom_routing_function") is not None:
+            raise PR2ConfigError("this model already uses a custom routing function")
+        if kwargs.get("use_grouped_topk") or kwargs.get("scoring_func", "softmax") != "softmax":
+            raise PR2ConfigError("PR2 supports softmax top-k routers only (no grouped top-k)")
+        if kwargs.get("e_score_correction_bias") is not None:
+            raise PR2ConfigError("PR2 does not support routers with a score-correction bias")
+        router = PR2Router(extract_layer_index(kwargs.get("prefix", "")))
+        routers[router.layer_index] = router
+        return stock(*args, custom_routing_function=router, **kwargs)
+
+    model_module.FusedMoEFactory = factory
+    try:
+        yield
+    finally:
+        model_module.FusedMoEFactory = stock
+
+
+class PR2MoEMixin:
+    """Shared by the PR2 classes: build with PR2 routers, add predictors, load them."""
+
+    _stock_module: ModuleType
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        routers: dict[int, PR2Router] = {}
+        with _pr2_moe_factory(self._stock_module, routers):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if not routers:
+            raise PR2ConfigError(f"{type(self).__name__}: no MoE layer was built")
+        config = vllm_config.model_config.hf_text_config
+        num_experts = getattr(config, "num_experts", None) or config.num_local_experts
+        self.pr2_num_experts = int(num_experts)
+        self.pr2_top_k = int(config.num_experts_per_tok)
+        self.pr2_num_moe_layers = len(routers)
+        self.pr2_capture = RouteCapture(
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            len(routers), self.pr2_top_k, self.pr2_num_experts,
+        )
+        # checkpoint layer index -> predictor module (lives beside the router, in the MoE block)
+        self.pr2_predictors: dict[int, PR2Predictor] = {}
+        dtype = vllm_config.model_config.dtype
+        for ordinal, (layer_index, router) in enumerate(sorted(routers.items())):
+            block = self._pr2_moe_block(layer_index)
+            block.predictor = PR2Predictor(self.pr2_num_experts, config.hidden_size, dtype)
+            router.moe_layer = ordinal
+            router.predictor = block.predictor
+            router.capture = self.pr2_capture
+            self.pr2_predictors[layer_index] = block.predictor
+        self.pr2_moe_layer_indices = sorted(routers)
+        self._pr2_check_router_not_bypassed()
+
+    def _pr2_moe_block(self, layer_index: int) -> nn.Module:
+        layer = self.model.layers[layer_index]
+        for name in ("mlp", "block_sparse_moe"):
+            block = getattr(layer, name, None)
+            if block is not None and hasattr(block, "experts"):
+                return block
+        raise PR2ConfigError(f"layer {layer_index}: MoE block not found")
+
+    def _pr2_check_router_not_bypassed(self) -> None:
+        for layer_index in self.pr2_moe_layer_indices:
+            runner = self._pr2_moe_block(layer_index).experts
+            if getattr(runner, "is_monolithic", False):
+                raise PR2ConfigError(
+                    f"layer {layer_index}: the MoE kernel "
+                    f"{type(runner.routed_experts.quant_method).__name__} is monolithic: it routes "
+                    "inside the kernel and bypasses the router, so the PR2 predictor would be "
+                    "ignored and routes could not be captured. Serve this model unquantized or "
+                    "with a quantization whose MoE kernel is modular."
+                )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Stock loading, with predictor tensors taken out and loaded into the predictors.
+
+        Absent predictors stay as they are (zero on a first load) and are reported as loaded,
+        so vLLM's strict "every parameter was loaded" check passes on stock checkpoints.
+        """
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        loaded: set[str] = set()
+
+        def stock_weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                m = PREDICTOR_RE.match(name)
+                if m is None:
+                    yield name, tensor
+                    continue
+                layer_index = int(m.group(1))
+                if layer_index not in self.pr2_predictors:
+                    raise PR2ConfigError(f"{name}: layer {layer_index} has no MoE router")
+                # Look the parameter up at each load: in-place reloads swap it temporarily.
+                module = self.pr2_predictors[layer_index]
+                param = module.weight
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise PR2ConfigError(f"{name}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+
+        loaded |= set(super().load_weights(stock_weights()))
+        loaded |= {n for n, _ in self.named_parameters() if n.endswith(".predictor.weight")}
+        self._pr2_check_router_not_bypassed()
+        return loaded
+
+
+def _make(stock_module_path: str, stock_class: str) -> type:
+    import importlib
+
+    module = importlib.import_module(stock_module_path)
+    base = getattr(module, stock_class)
+    return type(
+        f"PR2{stock_class}",
+        (PR2MoEMixin, base),
+        {
+            "_stock_module": module,
+            "__doc__": f"{stock_class} with PR2 predictor-adjusted routing and route capture.",
+            "__module__": __name__,
+        },
+    )
+
+
+PR2Qwen3MoeForCausalLM = _make("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM")
+PR2Qwen2MoeForCausalLM = _make("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM")
+PR2MixtralForCausalLM = _make("vllm.model_executor.models.mixtral", "MixtralForCausalLM")
+PR2OlmoeForCausalLM = _make("vllm.model_executor.models.olmoe", "OlmoeForCausalLM")

@@ -1,0 +1,154 @@
+"""Worker extension (``worker_extension_cls``): route bookkeeping and weight reloads in workers.
+
+vLLM mixes this class into its worker class; the engine calls the ``pr2_*`` methods through
+``collective_rpc``, which works the same with in-process and multi-process executors.
+
+- :meth:`pr2_setup` wraps the model runner's ``execute_model`` so that after each step the rows
+  captured by the PR2 routers are mapped to requests (:class:`RouteStore`). Requests opt in with
+  ``SamplingParams.extra_args = {"pr2_route_key": key}``; a child ``i`` of an ``n > 1`` request
+  is stored under ``f"{key}/{i}"`` (vLLM names children ``f"{i}_{parent_id}"``).
+- :meth:`pr2_reload_weights` reloads all weights in place from safetensors files and proves the
+  CPU build's MoE weight layout is rebuilt (vLLM 0.32 skips the CPU prepack on reloads).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pr2_serve.routes import route_dtype
+
+from .route_store import RouteStore, StepSegment
+
+ROUTE_KEY = "pr2_route_key"
+
+
+def route_key_for(internal_request_id: str, key: str) -> str:
+    """Store key of a worker request: ``key/child_index`` (child 0 when ``n == 1``)."""
+    head, sep, _ = internal_request_id.partition("_")
+    child = int(head) if sep and head.isdigit() else 0
+    return f"{key}/{child}"
+
+
+class PR2WorkerExtension:
+    """Methods added to vLLM's worker (see module docstring)."""
+
+    def pr2_setup(self) -> dict[str, Any]:
+        """Install route bookkeeping (idempotent); return the model's routing facts."""
+        runner = self.model_runner
+        model = runner.get_model()
+        capture = getattr(model, "pr2_capture", None)
+        if capture is None:
+            raise RuntimeError("the served model is not a PR2 model (architecture override?)")
+        info = {
+            "num_moe_layers": model.pr2_num_moe_layers,
+            "num_experts": model.pr2_num_experts,
+            "top_k": model.pr2_top_k,
+            "moe_layer_indices": list(model.pr2_moe_layer_indices),
+            "route_dtype": route_dtype(model.pr2_num_experts).name,
+        }
+        if getattr(self, "_pr2_store", None) is not None:
+            return info
+        block_table = runner.input_batch.block_table[0]
+        num_slots = runner.kv_cache_config.num_blocks * runner.cache_config.block_size
+        self._pr2_store = RouteStore(
+            num_slots,
+            model.pr2_num_moe_layers,
+            model.pr2_top_k,
+            route_dtype(model.pr2_num_experts),
+            block_size=block_table.block_size,
+        )
+        stock_execute = runner.execute_model
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            # Finished requests leave runner.requests inside execute_model: resolve them first.
+            finished = self._pr2_keys(scheduler_output.finished_req_ids)
+            out = stock_execute(scheduler_output, *args, **kwargs)
+            self._pr2_after_step(scheduler_output)
+            if finished:
+                self._pr2_store.on_finished(finished)
+            return out
+
+        runner.execute_model = execute_model
+        return info
+
+    def _pr2_after_step(self, scheduler_output) -> None:
+        store: RouteStore = self._pr2_store
+        runner = self.model_runner
+        n = scheduler_output.total_num_scheduled_tokens
+        if not n:
+            return
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        capture = runner.get_model().pr2_capture
+        rows = capture.buffer[:n].cpu().numpy()
+        positions = runner.positions[:n].cpu().numpy()
+        block_table = batch.block_table[0]
+        slots = block_table.slot_mapping.gpu[:n].cpu().numpy()
+        qsl = runner.query_start_loc.np[: num_reqs + 1]
+        segments = []
+        for i, rid in enumerate(batch.req_ids[:num_reqs]):
+            key = _request_key(runner.requests.get(rid))
+            segments.append(
+                StepSegment(
+                    None if key is None else route_key_for(rid, key),
+                    int(qsl[i]),
+                    int(qsl[i + 1]),
+                    lambda i=i: block_table.block_table.np[i],
+                )
+            )
+        store.on_step(rows, slots, positions, segments)
+
+    def _pr2_keys(self, request_ids) -> list[str]:
+        keys = []
+        for rid in request_ids or ():
+            key = _request_key(self.model_runner.requests.get(rid))
+            if key is not None:
+                keys.append(route_key_for(rid, key))
+        return keys
+
+    def pr2_take_routes(self, keys: list[tuple[str, int]]) -> dict[str, tuple[bytes, tuple]]:
+        """Pop finished requests' routes: ``{key: (raw bytes, shape)}`` for ``(key, rows)``."""
+        out = {}
+        for key, num_rows in keys:
+            arr = self._pr2_store.take(key, num_rows)
+            if arr is not None:
+                out[key] = (arr.tobytes(), arr.shape)
+        return out
+
+    def pr2_peek_routes(self, key: str, start: int, end: int) -> tuple[bytes, tuple] | None:
+        """Rows ``start:end`` of a running request (streaming)."""
+        arr = self._pr2_store.peek(key, start, end)
+        return None if arr is None else (arr.tobytes(), arr.shape)
+
+    def pr2_num_tracked(self) -> int:
+        return len(self._pr2_store)
+
+    def pr2_reload_weights(self, files: dict[str, str]) -> float:
+        """Reload every weight in place from ``{hf_name: safetensors file}``; return seconds.
+
+        Must get the full set of weights (the engine merges partial updates into it): a layer
+        that is reloaded from a subset of its tensors would get uninitialised memory in the rest.
+        """
+        from .weights import reload_all_weights
+
+        t0 = time.perf_counter()
+        reload_all_weights(self.model_runner, files)
+        # Routes recorded in KV slots belong to the old weights: prefix cache is flushed by the
+        # engine; drop per-slot routes too so nothing stale can be read back.
+        if getattr(self, "_pr2_store", None) is not None:
+            self._pr2_store.slots[:] = 0
+        return time.perf_counter() - t0
+
+
+def _request_key(req_state) -> str | None:
+    if req_state is None or req_state.sampling_params is None:
+        return None
+    extra = req_state.sampling_params.extra_args
+    return None if not extra else extra.get(ROUTE_KEY)
+
+
+def decode_route_bytes(data: bytes, shape: tuple, dtype: str) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)

@@ -1,0 +1,91 @@
+"""Route arrays in the field: dtype choice, bytes/base64 encoding, ``routes_from`` slicing.
+
+Pure numpy. A route array has shape ``[rows, num_moe_layers, top_k]``: row ``i`` holds the expert
+ids used at token position ``i`` (prompt and generated tokens; the last sampled token is never
+forwarded, so a sequence of ``P + O`` tokens has ``P + O - 1`` rows). Ids are stored as uint8 when
+the model has at most 256 experts, else uint16 -- the same as vLLM's native
+``CompletionOutput.routed_experts``. On the wire the array travels as little-endian raw bytes plus
+dtype and shape (4x smaller than base64 of int32, SGLang's format, before base64 itself).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "EncodedRoutes",
+    "decode_routes",
+    "encode_routes",
+    "route_dtype",
+    "validate_routes",
+]
+
+_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
+
+
+def route_dtype(num_experts: int) -> np.dtype:
+    """``uint8`` for up to 256 experts, ``uint16`` up to 65536."""
+    if not 0 < num_experts <= 65536:
+        raise ValueError(f"num_experts must be in 1..65536, got {num_experts}")
+    return _DTYPES["uint8"] if num_experts <= 256 else _DTYPES["uint16"]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRoutes:
+    """A route array as raw little-endian bytes + dtype name + shape."""
+
+    dtype: str
+    shape: tuple[int, int, int]
+    data: bytes
+
+    def to_json(self) -> dict:
+        """JSON form: ``{"dtype": "uint8", "shape": [r, l, k], "data": "<base64>"}``."""
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "data": base64.b64encode(self.data).decode("ascii"),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> EncodedRoutes:
+        return cls(str(obj["dtype"]), tuple(obj["shape"]), base64.b64decode(obj["data"]))
+
+
+def encode_routes(routes: np.ndarray, start: int = 0) -> EncodedRoutes:
+    """Encode rows ``start:`` of a ``[rows, layers, k]`` route array."""
+    if routes.ndim != 3:
+        raise ValueError(f"routes must be 3-D [rows, layers, k], got shape {routes.shape}")
+    if routes.dtype.name not in _DTYPES:
+        raise ValueError(f"routes dtype must be uint8 or uint16, got {routes.dtype}")
+    part = np.ascontiguousarray(routes[max(start, 0) :], dtype=_DTYPES[routes.dtype.name])
+    return EncodedRoutes(routes.dtype.name, tuple(int(s) for s in part.shape), part.tobytes())
+
+
+def decode_routes(enc: EncodedRoutes) -> np.ndarray:
+    """Inverse of :func:`encode_routes`; checks that the byte count matches dtype and shape."""
+    if enc.dtype not in _DTYPES:
+        raise ValueError(f"unknown route dtype {enc.dtype!r}")
+    if len(enc.shape) != 3 or any(int(s) < 0 for s in enc.shape):
+        raise ValueError(f"route shape must be [rows, layers, k], got {enc.shape}")
+    dtype = _DTYPES[enc.dtype]
+    expected = int(np.prod(enc.shape)) * dtype.itemsize
+    if len(enc.data) != expected:
+        raise ValueError(f"route data has {len(enc.data)} bytes, shape {enc.shape} needs {expected}")
+    return np.frombuffer(enc.data, dtype=dtype).reshape(enc.shape).astype(dtype.newbyteorder("="))
+
+
+def validate_routes(routes: np.ndarray, num_layers: int, top_k: int, num_experts: int) -> None:
+    """Raise ``ValueError`` unless ``routes`` is ``[rows, num_layers, top_k]`` with ids < E and
+    no repeated expert within a row (the signature of a hole filled with zeros is a row of
+    identical ids)."""
+    if routes.ndim != 3 or routes.shape[1:] != (num_layers, top_k):
+        raise ValueError(f"routes shape {routes.shape} != [rows, {num_layers}, {top_k}]")
+    if routes.size and int(routes.max()) >= num_experts:
+        raise ValueError(f"route id {int(routes.max())} >= num_experts {num_experts}")
+    if top_k > 1 and routes.size:
+        s = np.sort(routes, axis=-1)
+        if (s[..., 1:] == s[..., :-1]).any():
+            raise ValueError("a route row repeats an expert id (missing rows filled with zeros?)")

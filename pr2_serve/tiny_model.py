@@ -1,0 +1,247 @@
+"""Tiny MoE checkpoints made locally (no model hub here): config, safetensors, byte tokenizer.
+
+``pr2-tiny-model DIR [--seed N] [--predictor zero|random] [--arch qwen3_moe|...]`` writes a real
+Hugging Face checkpoint that both transformers and vLLM's CPU build load: head_dim 32 (a size the
+CPU attention supports), hidden a multiple of 32 (the CPU MoE kernel's need), fp32 weights. The
+same seed gives the same bytes.
+
+Predictor weights, when asked for, are stored beside the routers under
+``model.layers.{i}.mlp.predictor.weight`` (``[num_experts, hidden]``), the name the PR2 plugin and
+the trainer read (stock vLLM refuses unknown tensors: serve those with the plugin).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import moe_layer_indices, predictor_name
+
+__all__ = ["ARCHS", "TinySpec", "make_byte_tokenizer", "make_tiny_model", "predictor_name"]
+
+ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+# The byte tokenizer: ids 0..255 are the bytes themselves, then the specials.
+EOS_ID, PAD_ID, BOS_ID = 256, 257, 258
+SPECIALS = {"<|endoftext|>": EOS_ID, "<|pad|>": PAD_ID, "<|bos|>": BOS_ID}
+
+
+@dataclass(slots=True)
+class TinySpec:
+    """Sizes of a tiny model. Defaults: 4 MoE layers, 8 experts, top-2, hidden 64, vocab 512."""
+
+    arch: str = "qwen3_moe"
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    head_dim: int = 32
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate_size: int = 64
+    vocab_size: int = 512
+    max_position_embeddings: int = 2048
+    # Router weights are drawn with this std (HF's 0.02 makes every router nearly uniform, so the
+    # routes of a random model would hinge on float noise rather than on the input).
+    router_std: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.hidden_size % 32:
+            raise ValueError("hidden_size must be a multiple of 32 (vLLM CPU MoE kernel)")
+        if self.head_dim not in (32, 64, 80, 96, 112, 128, 256):
+            raise ValueError("head_dim must be one the vLLM CPU attention supports, e.g. 32")
+        if self.vocab_size < len(SPECIALS) + 256:
+            raise ValueError("vocab_size must hold the 256 bytes and the special tokens")
+
+
+def _hf_config(spec: TinySpec):
+    import transformers
+
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        torch_dtype="float32",
+    )
+    if spec.arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common,
+            head_dim=spec.head_dim,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            intermediate_size=4 * spec.hidden_size,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if spec.arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.moe_intermediate_size,
+            shared_expert_intermediate_size=spec.moe_intermediate_size,
+            intermediate_size=4 * spec.hidden_size,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if spec.arch == "mixtral":
+        return transformers.MixtralConfig(
+            **common,
+            head_dim=spec.head_dim,
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            intermediate_size=spec.moe_intermediate_size,
+        )
+    return transformers.OlmoeConfig(
+        **common,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        intermediate_size=spec.moe_intermediate_size,
+        norm_topk_prob=False,
+    )
+
+
+def make_byte_tokenizer():
+    """A byte-level ``PreTrainedTokenizerFast``: token id == byte value, plus the specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_to_char = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins
+    # GPT-2's bytes_to_unicode order: map each byte to its stand-in character.
+    chars = _bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    assert set(vocab) == set(byte_to_char)
+    vocab.update(SPECIALS)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    predictor: str = "zero",
+    spec: TinySpec | None = None,
+    predictor_std: float | None = None,
+) -> Path:
+    """Write a tiny MoE checkpoint to ``out_dir`` and return its path.
+
+    Args:
+        seed: seeds every weight (same seed, same tensors).
+        predictor: ``"zero"`` writes no predictor tensors (the plugin then starts them at zero,
+            as PR2 does); ``"random"`` writes random ones, for tests that need a live predictor.
+        spec: model sizes and family.
+        predictor_std: std of random predictor weights; default ``spec.router_std``.
+
+    Example:
+        >>> make_tiny_model("/tmp/tiny", seed=0, predictor="random")  # doctest: +SKIP
+        PosixPath('/tmp/tiny')
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    spec = spec or TinySpec()
+    if predictor not in ("zero", "random"):
+        raise ValueError(f"predictor must be 'zero' or 'random', got {predictor!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _hf_config(spec)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".gate.weight", ".router.weight")) and p.shape[0] == spec.num_experts:
+                p.copy_(torch.randn(p.shape, generator=gen) * spec.router_std)
+    model.save_pretrained(out, safe_serialization=True)
+    make_byte_tokenizer().save_pretrained(out)
+
+    if predictor == "random":
+        std = spec.router_std if predictor_std is None else predictor_std
+        weights_file = out / "model.safetensors"
+        tensors = load_file(weights_file)
+        for i in moe_layer_indices(config.to_dict()):
+            tensors[predictor_name(i)] = (
+                torch.randn(spec.num_experts, spec.hidden_size, generator=gen) * std
+            )
+        save_file(tensors, weights_file, metadata={"format": "pt"})
+    (out / "pr2_tiny.json").write_text(
+        json.dumps({"seed": seed, "predictor": predictor, "spec": _spec_dict(spec)}, indent=1)
+    )
+    return out
+
+
+def _spec_dict(spec: TinySpec) -> dict:
+    return {k: getattr(spec, k) for k in spec.__slots__}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pr2-tiny-model DIR [--seed N] [--predictor zero|random] [--arch ...]``."""
+    ap = argparse.ArgumentParser(prog="pr2-tiny-model", description=__doc__.split("\n")[0])
+    ap.add_argument("dir", help="output directory")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--predictor", choices=["zero", "random"], default="zero")
+    ap.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
+    ap.add_argument("--hidden-size", type=int, default=64)
+    ap.add_argument("--num-layers", type=int, default=4)
+    ap.add_argument("--num-experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-intermediate-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    spec = TinySpec(
+        arch=args.arch,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        moe_intermediate_size=args.moe_intermediate_size,
+    )
+    path = make_tiny_model(args.dir, seed=args.seed, predictor=args.predictor, spec=spec)
+    print(f"wrote {spec.arch} ({spec.num_layers} MoE layers, {spec.num_experts} experts, "
+          f"top-{spec.top_k}, predictor={args.predictor}) to {path}")
+
+
+if __name__ == "__main__":
+    main()
