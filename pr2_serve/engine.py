@@ -272,6 +272,16 @@ class RolloutEngine:
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
 
+    def route_stats(self) -> dict[str, int]:
+        """Route bookkeeping counters from the worker (see ``RouteStore.stats``)."""
+        return self.call(lambda llm: llm.collective_rpc("pr2_route_stats")[0])
+
+    def call(self, fn, timeout: float | None = None):
+        """Run ``fn(llm_engine)`` on the engine thread, between steps; return its result."""
+        fut: cf.Future = cf.Future()
+        self._put(("call", (fn, fut)))
+        return fut.result(timeout)
+
     def healthy(self) -> bool:
         return self._error is None and not self._closed and self._thread.is_alive()
 
@@ -339,7 +349,14 @@ class RolloutEngine:
                     if kind == "stop":
                         self._fail_all(waiting, running, updates, RuntimeError("engine closed"))
                         return
-                    (waiting if kind == "generate" else updates).append(obj)
+                    if kind == "call":
+                        fn, fut = obj
+                        try:
+                            fut.set_result(fn(self._llm))
+                        except Exception as e:
+                            fut.set_exception(e)
+                    else:
+                        (waiting if kind == "generate" else updates).append(obj)
                     try:
                         cmd = self._commands.get_nowait()
                     except queue.Empty:

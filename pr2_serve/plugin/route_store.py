@@ -67,6 +67,8 @@ class RouteStore:
         self.slots = np.zeros((num_slots, *self.shape), dtype=self.dtype)
         self.unclaimed_ttl_s = unclaimed_ttl_s
         self._requests: dict[str, _Request] = {}
+        # observability (and proof in tests that the paths below really ran)
+        self.stats = {"steps": 0, "rows": 0, "prefix_cache_rows": 0, "recomputed_rows": 0}
 
     # -- per step -------------------------------------------------------------------------------
     def on_step(
@@ -78,6 +80,8 @@ class RouteStore:
     ) -> None:
         """Record one step: ``rows[i]`` was computed at KV slot ``slots[i]``, ``positions[i]``."""
         rows = rows.astype(self.dtype, copy=False)
+        self.stats["steps"] += 1
+        self.stats["rows"] += len(rows)
         valid = slots >= 0
         if valid.all():
             self._ensure_slots(int(slots.max(initial=-1)) + 1)
@@ -98,8 +102,10 @@ class RouteStore:
                 # prefix-cache hit: positions length..p0 were computed earlier, read their slots
                 if seg.block_row is None:
                     raise RuntimeError(f"{seg.key}: starts at {p0} with no block table")
+                self.stats["prefix_cache_rows"] += p0 - req.length
                 self._write(req, req.length, self._read_slots(seg.block_row(), req.length, p0))
             end = p0 + (seg.end - seg.start)
+            self.stats["recomputed_rows"] += max(0, min(end, req.length) - p0)
             if end > req.length:  # keep rows already recorded (preemption recompute)
                 skip = req.length - p0
                 self._write(req, req.length, rows[seg.start + skip : seg.end])

@@ -72,6 +72,7 @@ class PR2WorkerExtension:
             return out
 
         runner.execute_model = execute_model
+        _fix_cpu_seeded_chunked_prefill(runner)
         return info
 
     def _pr2_after_step(self, scheduler_output) -> None:
@@ -123,8 +124,10 @@ class PR2WorkerExtension:
         arr = self._pr2_store.peek(key, start, end)
         return None if arr is None else (arr.tobytes(), arr.shape)
 
-    def pr2_num_tracked(self) -> int:
-        return len(self._pr2_store)
+    def pr2_route_stats(self) -> dict[str, int]:
+        """Counters: steps, rows, prefix-cache rows read back, recomputed (preempted) rows,
+        requests tracked now."""
+        return {**self._pr2_store.stats, "tracked": len(self._pr2_store)}
 
     def pr2_reload_weights(self, files: dict[str, str]) -> float:
         """Reload every weight in place from ``{hf_name: safetensors file}``; return seconds.
@@ -141,6 +144,34 @@ class PR2WorkerExtension:
         if getattr(self, "_pr2_store", None) is not None:
             self._pr2_store.slots[:] = 0
         return time.perf_counter() - t0
+
+
+def _fix_cpu_seeded_chunked_prefill(runner) -> None:
+    """vLLM 0.32 CPU bug: a seeded request whose prefill is chunked crashes the step.
+
+    After sampling, vLLM rewinds the generator of every request whose sampled token is discarded
+    (non-final prefill chunk) with ``gen.set_offset(gen.get_offset() - 4)`` -- a CUDA generator
+    method; CPU generators raise "CPU Generator does not use offset". We take those requests'
+    generators out of the batch while it samples (their throw-away token then comes from the
+    default generator) and put them back untouched: the request's seeded stream is exactly what
+    the rewind meant to preserve.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    stock_sample = runner.sample_tokens
+
+    def sample_tokens(*args, **kwargs):
+        batch = runner.input_batch
+        discard = np.nonzero(runner.discard_request_mask.np[: batch.num_reqs])[0]
+        held = {int(i): batch.generators.pop(int(i)) for i in discard if int(i) in batch.generators}
+        try:
+            return stock_sample(*args, **kwargs)
+        finally:
+            batch.generators.update(held)
+
+    runner.sample_tokens = sample_tokens
 
 
 def _request_key(req_state) -> str | None:

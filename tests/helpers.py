@@ -1,0 +1,54 @@
+"""Test helpers: the independent HF transformers oracle of a served checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from trainer.replay import MoEReplay, RoutingControl
+
+
+def load_hf(model_dir: str | Path) -> tuple[torch.nn.Module, MoEReplay]:
+    """HF model of the checkpoint in fp32 with routing control and its predictors loaded."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    replay = MoEReplay(model)
+    tensors = {}
+    for f in Path(model_dir).glob("*.safetensors"):
+        tensors.update(load_file(str(f)))
+    replay.load_predictors(tensors)
+    return model, replay
+
+
+@torch.no_grad()
+def hf_routes(model, replay: MoEReplay, tokens: list[int], use_predictor: bool) -> np.ndarray:
+    """Routes the HF model chooses on ``tokens[:-1]`` (the positions that get forwarded)."""
+    ctl = RoutingControl(use_predictor=use_predictor, record=True)
+    with replay.control(ctl):
+        model(torch.tensor([tokens[:-1]]))
+    return ctl.recorded_routes().numpy()
+
+
+@torch.no_grad()
+def hf_logprobs(model, replay: MoEReplay, prompt: list[int], output: list[int],
+                routes: np.ndarray | None) -> np.ndarray:
+    """Log-probs of ``output`` given ``prompt`` with ``routes`` replayed (None: natural+pred)."""
+    tokens = prompt + output
+    ctl = RoutingControl(
+        forced_ids=None if routes is None else torch.as_tensor(routes.astype(np.int64)),
+        use_predictor=routes is None,
+    )
+    with replay.control(ctl):
+        logits = model(torch.tensor([tokens[:-1]])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)[len(prompt) - 1 :]
+    return lp.gather(-1, torch.tensor(output)[:, None])[:, 0].numpy()
+
+
+def same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per (token, layer): do the two routes pick the same experts (as sets)?"""
+    return (np.sort(a, axis=-1) == np.sort(b, axis=-1)).all(-1)
