@@ -70,7 +70,8 @@ def _hf_config(spec: TinySpec):
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=1e-6,
+        # vLLM 0.32's OLMoE hard-codes eps 1e-5 (OLMoE's own value) and ignores the config
+        rms_norm_eps=1e-5 if spec.arch == "olmoe" else 1e-6,
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import load_file
+
+from pr2_serve.checkpoint import WeightTable
+from pr2_serve.tiny_model import make_byte_tokenizer, make_tiny_model
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    a = load_file(str(make_tiny_model(tmp_path / "a", seed=4, predictor="random") / "model.safetensors"))
+    b = load_file(str(make_tiny_model(tmp_path / "b", seed=4, predictor="random") / "model.safetensors"))
+    c = load_file(str(make_tiny_model(tmp_path / "c", seed=5, predictor="random") / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+    assert any((a[k] != c[k]).any() for k in a)
+
+
+def test_shape_meets_vllm_cpu_constraints_and_predictors(tmp_path):
+    d = make_tiny_model(tmp_path, predictor="random")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert cfg["head_dim"] == 32 and cfg["hidden_size"] % 32 == 0
+    assert cfg["num_hidden_layers"] >= 4 and cfg["num_experts_per_tok"] == 2
+    table = WeightTable.from_checkpoint(d)
+    assert len(table.predictor_names()) == 4
+    t = load_file(str(d / "model.safetensors"))
+    assert t["model.layers.3.mlp.predictor.weight"].shape == (8, 64)
+
+
+def test_byte_tokenizer_roundtrip():
+    tok = make_byte_tokenizer()
+    ids = tok("héllo\n", add_special_tokens=False)["input_ids"]
+    assert ids == list("héllo\n".encode())
+    assert tok.decode(ids) == "héllo\n"
+    assert tok.eos_token_id == 256
