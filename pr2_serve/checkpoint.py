@@ -16,9 +16,16 @@ from pathlib import Path
 
 FLOAT_DTYPES = {"F32", "BF16", "F16", "F64"}
 _TORCH_TO_ST = {
-    "torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
-    "torch.float64": "F64", "torch.int64": "I64", "torch.int32": "I32", "torch.int16": "I16",
-    "torch.int8": "I8", "torch.uint8": "U8", "torch.bool": "BOOL",
+    "torch.float32": "F32",
+    "torch.bfloat16": "BF16",
+    "torch.float16": "F16",
+    "torch.float64": "F64",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
 }
 
 
@@ -106,10 +113,14 @@ class WeightTable:
             raise WeightValidationError(f"unknown tensor name {name!r}")
         shape = tuple(int(s) for s in shape)
         if shape != spec.shape:
-            raise WeightValidationError(f"{name}: shape {list(shape)} != expected {list(spec.shape)}")
+            raise WeightValidationError(
+                f"{name}: shape {list(shape)} != expected {list(spec.shape)}"
+            )
         dt = st_dtype(dtype)
         if dt not in FLOAT_DTYPES:
-            raise WeightValidationError(f"{name}: dtype {dt} is not a floating dtype ({spec.dtype})")
+            raise WeightValidationError(
+                f"{name}: dtype {dt} is not a floating dtype ({spec.dtype})"
+            )
 
 
 def moe_layer_indices(config: dict) -> list[int]:

@@ -126,6 +126,8 @@ class RolloutEngine:
         seed: engine seed (sampling with ``Sampling.seed=None`` draws from it).
         enable_prefix_caching: routes stay correct with it (see ``plugin/route_store.py``).
         state_dir: where pushed weights are written (default: a temporary directory).
+        plugin: False serves the stock vLLM model class (no predictor, no routes): the
+            baseline the benchmarks compare against, through the same engine loop.
         **engine_kwargs: passed to vLLM's ``EngineArgs`` (``tensor_parallel_size``,
             ``max_num_seqs``, ``max_num_batched_tokens``, ``gpu_memory_utilization``...).
     """
@@ -140,6 +142,7 @@ class RolloutEngine:
         enable_prefix_caching: bool = True,
         state_dir: str | os.PathLike | None = None,
         kv_cache_gib: int = 1,
+        plugin: bool = True,
         **engine_kwargs: Any,
     ) -> None:
         self.model_dir = str(Path(model_dir).resolve())
@@ -151,11 +154,18 @@ class RolloutEngine:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.weight_version = 0
         self._llm = _build_llm_engine(
-            self.model_dir, config, dtype=dtype, max_model_len=max_model_len, seed=seed,
-            enable_prefix_caching=enable_prefix_caching, kv_cache_gib=kv_cache_gib,
+            self.model_dir,
+            config,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_cache_gib=kv_cache_gib,
+            plugin=plugin,
             engine_kwargs=engine_kwargs,
         )
-        facts = self._llm.collective_rpc("pr2_setup")[0]
+        self.plugin = plugin
+        facts = self._llm.collective_rpc("pr2_setup")[0] if plugin else _stock_facts(config)
         model_config = self._llm.model_config
         self.info = EngineInfo(
             model=self.model_dir,
@@ -188,8 +198,9 @@ class RolloutEngine:
     ) -> list[Rollout]:
         """Generate ``sampling.n`` samples per prompt; one :class:`Rollout` each, in order
         (prompt-major). Prompts are token-id lists or text (byte tokenizer)."""
-        return self.submit(prompts, sampling, return_logprobs=return_logprobs,
-                           return_routes=return_routes).result(timeout)
+        return self.submit(
+            prompts, sampling, return_logprobs=return_logprobs, return_routes=return_routes
+        ).result(timeout)
 
     def submit(
         self,
@@ -204,6 +215,8 @@ class RolloutEngine:
         prompts = [self._check_prompt(p, sampling) for p in prompts]
         if sampling.n < 1:
             raise ValueError("n must be >= 1")
+        if return_routes and not self.plugin:
+            raise ValueError("routes need the PR2 plugin (plugin=False serves stock vLLM)")
         job = _Job(prompts, sampling, return_logprobs, return_routes, cf.Future())
         self._put(("generate", job))
         return job.future
@@ -317,7 +330,9 @@ class RolloutEngine:
             raise ValueError("empty prompt")
         bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} outside the vocabulary [0, {self.info.vocab_size})")
+            raise ValueError(
+                f"token id {bad[0]} outside the vocabulary [0, {self.info.vocab_size})"
+            )
         if sampling.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if len(ids) + sampling.max_tokens > self.info.max_model_len:
@@ -386,11 +401,17 @@ class RolloutEngine:
         try:
             for i, ids in enumerate(job.prompts):
                 params = SamplingParams(
-                    n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                    max_tokens=s.max_tokens, seed=None if s.seed is None else s.seed + i * s.n,
-                    stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                    n=s.n,
+                    temperature=s.temperature,
+                    top_p=s.top_p,
+                    top_k=s.top_k,
+                    max_tokens=s.max_tokens,
+                    seed=None if s.seed is None else s.seed + i * s.n,
+                    stop_token_ids=list(s.stop_token_ids),
+                    ignore_eos=s.ignore_eos,
                     logprobs=0 if job.return_logprobs else None,
                     output_kind=RequestOutputKind.FINAL_ONLY,  # all n samples in one output
+                    detokenize=False,  # rollouts are token ids; text costs ~10% on small models
                     extra_args={"pr2_route_key": f"{job.key}.{i}"} if job.return_routes else None,
                 )
                 # Outputs (all n samples together) come back under this external id.
@@ -435,13 +456,21 @@ class RolloutEngine:
                 wanted.append((f"{job.key}.{i}/{c.index}", rows))
                 logprobs = None
                 if job.return_logprobs:
-                    logprobs = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
-                rollouts.append(Rollout(
-                    prompt_index=i, sample_index=c.index,
-                    prompt_token_ids=list(out.prompt_token_ids),
-                    output_token_ids=list(c.token_ids), logprobs=logprobs, routes=None,
-                    finish_reason=c.finish_reason or "length", weight_version=job.version,
-                ))
+                    logprobs = [
+                        lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)
+                    ]
+                rollouts.append(
+                    Rollout(
+                        prompt_index=i,
+                        sample_index=c.index,
+                        prompt_token_ids=list(out.prompt_token_ids),
+                        output_token_ids=list(c.token_ids),
+                        logprobs=logprobs,
+                        routes=None,
+                        finish_reason=c.finish_reason or "length",
+                        weight_version=job.version,
+                    )
+                )
         if job.return_routes:
             got = self._llm.collective_rpc("pr2_take_routes", args=(wanted,))[0]
             for r, (key, rows) in zip(rollouts, wanted, strict=True):
@@ -465,9 +494,14 @@ class RolloutEngine:
             self._files = files
             self.weight_version = upd.version
             self._llm.set_weight_version(str(upd.version))
-            upd.future.set_result(UpdateResult(
-                upd.version, upd.num_tensors, time.perf_counter() - upd.submitted, reload_s,
-            ))
+            upd.future.set_result(
+                UpdateResult(
+                    upd.version,
+                    upd.num_tensors,
+                    time.perf_counter() - upd.submitted,
+                    reload_s,
+                )
+            )
         except WeightValidationError as e:
             upd.future.set_exception(e)
 
@@ -480,8 +514,32 @@ class RolloutEngine:
                 upd.future.set_exception(exc)
 
 
-def _build_llm_engine(model_dir: str, config: dict, *, dtype, max_model_len, seed,
-                      enable_prefix_caching, kv_cache_gib, engine_kwargs):
+def _stock_facts(config: dict) -> dict[str, Any]:
+    from .checkpoint import moe_layer_indices
+
+    experts = int(config.get("num_experts") or config["num_local_experts"])
+    layers = moe_layer_indices(config)
+    return {
+        "num_moe_layers": len(layers),
+        "num_experts": experts,
+        "top_k": int(config["num_experts_per_tok"]),
+        "moe_layer_indices": layers,
+        "route_dtype": route_dtype(experts).name,
+    }
+
+
+def _build_llm_engine(
+    model_dir: str,
+    config: dict,
+    *,
+    dtype,
+    max_model_len,
+    seed,
+    enable_prefix_caching,
+    kv_cache_gib,
+    plugin,
+    engine_kwargs,
+):
     """vLLM ``LLMEngine`` for the PR2 variant of the checkpoint's architecture."""
     # The engine core runs in this process (the engine thread drives it); on one device the
     # worker does too (fast start, no IPC); several devices use vLLM's multiprocess executor.
@@ -494,7 +552,7 @@ def _build_llm_engine(model_dir: str, config: dict, *, dtype, max_model_len, see
     from .plugin import pr2_architecture, register
 
     register()  # in case the entry point is not installed (running from a source tree)
-    arch = pr2_architecture(config["architectures"][0])
+    arch = pr2_architecture(config["architectures"][0]) if plugin else config["architectures"][0]
     on_cpu = current_platform.is_cpu()
     tp = int(engine_kwargs.get("tensor_parallel_size", 1))
     if max_model_len is None:
@@ -505,7 +563,7 @@ def _build_llm_engine(model_dir: str, config: dict, *, dtype, max_model_len, see
         seed=seed,
         max_model_len=max_model_len,
         hf_overrides={"architectures": [arch]},
-        worker_extension_cls=WORKER_EXTENSION,
+        worker_extension_cls=WORKER_EXTENSION if plugin else "",
         enable_prefix_caching=enable_prefix_caching,
         enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
         distributed_executor_backend=engine_kwargs.pop(
@@ -515,4 +573,3 @@ def _build_llm_engine(model_dir: str, config: dict, *, dtype, max_model_len, see
         **engine_kwargs,
     )
     return LLMEngine.from_engine_args(args)
-

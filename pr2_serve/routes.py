@@ -73,7 +73,9 @@ def decode_routes(enc: EncodedRoutes) -> np.ndarray:
     dtype = _DTYPES[enc.dtype]
     expected = int(np.prod(enc.shape)) * dtype.itemsize
     if len(enc.data) != expected:
-        raise ValueError(f"route data has {len(enc.data)} bytes, shape {enc.shape} needs {expected}")
+        raise ValueError(
+            f"route data has {len(enc.data)} bytes, shape {enc.shape} needs {expected}"
+        )
     return np.frombuffer(enc.data, dtype=dtype).reshape(enc.shape).astype(dtype.newbyteorder("="))
 
 

@@ -85,8 +85,12 @@ def pr2_route(
         >>> w.shape, ids.shape
         (torch.Size([5, 2]), torch.Size([5, 2]))
     """
-    offsets = None if predictor_weight is None else predictor_offsets(hidden, predictor_weight)
-    ids = select_experts(router_logits, offsets, top_k)
+    if predictor_weight is None:
+        scores = router_logits
+    else:  # z + h W_p^T as one fused op (addmm); with W_p == 0 this is exactly z
+        z = router_logits
+        scores = torch.addmm(z, hidden.to(z.dtype), predictor_weight.to(z.dtype).t())
+    ids = torch.topk(scores, k=top_k, dim=-1, sorted=False).indices
     return gate_weights(router_logits, ids, renormalize), ids.to(torch.int32)
 
 

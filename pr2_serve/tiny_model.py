@@ -240,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
         moe_intermediate_size=args.moe_intermediate_size,
     )
     path = make_tiny_model(args.dir, seed=args.seed, predictor=args.predictor, spec=spec)
-    print(f"wrote {spec.arch} ({spec.num_layers} MoE layers, {spec.num_experts} experts, "
-          f"top-{spec.top_k}, predictor={args.predictor}) to {path}")
+    print(
+        f"wrote {spec.arch} ({spec.num_layers} MoE layers, {spec.num_experts} experts, "
+        f"top-{spec.top_k}, predictor={args.predictor}) to {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ def hf_routes(model, replay: MoEReplay, tokens: list[int], use_predictor: bool) 
 
 
 @torch.no_grad()
-def hf_logprobs(model, replay: MoEReplay, prompt: list[int], output: list[int],
-                routes: np.ndarray | None) -> np.ndarray:
+def hf_logprobs(
+    model, replay: MoEReplay, prompt: list[int], output: list[int], routes: np.ndarray | None
+) -> np.ndarray:
     """Log-probs of ``output`` given ``prompt`` with ``routes`` replayed (None: natural+pred)."""
     tokens = prompt + output
     ctl = RoutingControl(

@@ -49,8 +49,10 @@ def checkpoints(tmp_path_factory):
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     pred = {n for n in ta if ".predictor." in n}
     mix = make_tiny_model(root / "mix", seed=1, predictor="zero")
-    save_file({**{n: tb[n] for n in tb if n not in pred}, **{n: ta[n] for n in pred}},
-              str(mix / "model.safetensors"))
+    save_file(
+        {**{n: tb[n] for n in tb if n not in pred}, **{n: ta[n] for n in pred}},
+        str(mix / "model.safetensors"),
+    )
     policy_b = {n: tb[n] for n in tb if n not in pred}
     return a, b, mix, ta, tb, policy_b, {n: tb[n] for n in pred}, pred
 
@@ -61,12 +63,20 @@ def test_zero_predictor_is_stock_vllm(tiny_zero):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    llm = LLM(str(tiny_zero), dtype="float32", enforce_eager=True, max_model_len=256,
-              distributed_executor_backend="uni", seed=0)
+    llm = LLM(
+        str(tiny_zero),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=256,
+        distributed_executor_backend="uni",
+        seed=0,
+    )
     assert llm.llm_engine.model_config.architectures == ["Qwen3MoeForCausalLM"]
-    stock = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                         SamplingParams(temperature=0.0, max_tokens=12, logprobs=0),
-                         use_tqdm=False)
+    stock = llm.generate(
+        [{"prompt_token_ids": p} for p in PROMPTS],
+        SamplingParams(temperature=0.0, max_tokens=12, logprobs=0),
+        use_tqdm=False,
+    )
     del llm
     gc.collect()
     ours = fresh(tiny_zero)
@@ -77,7 +87,7 @@ def test_zero_predictor_is_stock_vllm(tiny_zero):
 
 
 def test_updates_equal_fresh_engines(checkpoints, tmp_path):
-    a, b, mix, ta, tb, policy_b, pred_b, pred = checkpoints
+    a, b, mix, ta, _, policy_b, pred_b, _ = checkpoints
     ref_a, ref_b, ref_mix = fresh(a), fresh(b), fresh(mix)
     assert ref_a[0].output_token_ids != ref_b[0].output_token_ids  # the update is visible
 
@@ -93,7 +103,9 @@ def test_updates_equal_fresh_engines(checkpoints, tmp_path):
         path = tmp_path / "pred_b.safetensors"
         save_file(pred_b, str(path))
         res = engine.update_weights(str(path), version=2)
-        print(f"predictor update: {res.num_tensors} tensors, reload {res.reload_seconds * 1e3:.1f} ms")
+        print(
+            f"predictor update: {res.num_tensors} tensors, reload {res.reload_seconds * 1e3:.1f} ms"
+        )
         assert_same(greedy(engine), ref_b)
         # both at once, back to A
         res = engine.update_weights(ta, version=5)
@@ -104,7 +116,7 @@ def test_updates_equal_fresh_engines(checkpoints, tmp_path):
 
 
 def test_bad_updates_are_refused_and_change_nothing(checkpoints):
-    a, _, _, ta, _, _, _, pred = checkpoints
+    a, _, _, _, _, _, _, pred = checkpoints
     name = sorted(pred)[0]
     with RolloutEngine(a, dtype="float32", max_model_len=256) as engine:
         before = greedy(engine)

@@ -14,8 +14,9 @@ from tests.helpers import hf_logprobs, hf_routes, load_hf, same_rows
 @pytest.mark.vllm
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "olmoe"])
 def test_family_routes_and_logprobs(arch, tmp_path):
-    model_dir = make_tiny_model(tmp_path / arch, seed=3, predictor="random",
-                                spec=TinySpec(arch=arch))
+    model_dir = make_tiny_model(
+        tmp_path / arch, seed=3, predictor="random", spec=TinySpec(arch=arch)
+    )
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 256, size=n).tolist() for n in (4, 17, 40)]
     with RolloutEngine(model_dir, dtype="float32", max_model_len=256) as engine:

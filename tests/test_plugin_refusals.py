@@ -16,22 +16,27 @@ from pr2_serve.plugin.models import PR2MoEMixin, _pr2_moe_factory
 
 def test_monolithic_kernel_is_refused():
     quant = type("Mxfp4MonolithicMoEMethod", (), {})()
-    runner = types.SimpleNamespace(is_monolithic=True,
-                                   routed_experts=types.SimpleNamespace(quant_method=quant))
+    runner = types.SimpleNamespace(
+        is_monolithic=True, routed_experts=types.SimpleNamespace(quant_method=quant)
+    )
     layer = types.SimpleNamespace(mlp=types.SimpleNamespace(experts=runner))
-    fake = types.SimpleNamespace(model=types.SimpleNamespace(layers=[layer]),
-                                 pr2_moe_layer_indices=[0])
+    fake = types.SimpleNamespace(
+        model=types.SimpleNamespace(layers=[layer]), pr2_moe_layer_indices=[0]
+    )
     fake._pr2_moe_block = types.MethodType(PR2MoEMixin._pr2_moe_block, fake)
-    with pytest.raises(PR2ConfigError, match="monolithic.*bypasses the router"):
+    with pytest.raises(PR2ConfigError, match=r"monolithic.*bypasses the router"):
         PR2MoEMixin._pr2_check_router_not_bypassed(fake)
 
 
-@pytest.mark.parametrize("kwargs, msg", [
-    ({"use_grouped_topk": True}, "grouped"),
-    ({"scoring_func": "sigmoid"}, "softmax"),
-    ({"e_score_correction_bias": object()}, "correction"),
-    ({"custom_routing_function": print}, "already uses"),
-])
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        ({"use_grouped_topk": True}, "grouped"),
+        ({"scoring_func": "sigmoid"}, "softmax"),
+        ({"e_score_correction_bias": object()}, "correction"),
+        ({"custom_routing_function": print}, "already uses"),
+    ],
+)
 def test_unsupported_routers_are_refused(kwargs, msg):
     pytest.importorskip("vllm")
     module = types.SimpleNamespace(FusedMoEFactory=lambda **kw: kw)

@@ -21,7 +21,9 @@ def stressed(tiny_random):
     from pr2_serve.engine import RolloutEngine, Sampling
 
     engine = RolloutEngine(
-        tiny_random, dtype="float32", max_model_len=512,
+        tiny_random,
+        dtype="float32",
+        max_model_len=512,
         max_num_batched_tokens=64,  # 150-token prompts prefill in chunks
         max_num_seqs=16,
         block_size=32,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pr2_serve.plugin.route_store import RouteStore, StepSegment
+from pr2_serve.plugin.route_store import RouteStore
 
 L, K, BS = 3, 2, 4
 
@@ -31,17 +31,22 @@ class Sim:
 
     def step(self, work: list[tuple[int, int, int]]):
         """work: (request, first position, count)."""
-        rows, slots, positions, segments = [], [], [], []
+        rows, slots, positions, bounds = [], [], [], [0]
         for req, p0, m in work:
             self.alloc(req, p0 + m)
-            start = len(rows)
             for p in range(p0, p0 + m):
                 rows.append(route_of(req, p))
                 slots.append(self.blocks[req][p // BS] * BS + p % BS)
                 positions.append(p)
-            segments.append(StepSegment(f"r{req}", start, len(rows),
-                                        lambda req=req: np.array(self.blocks[req])))
-        self.store.on_step(np.array(rows), np.array(slots), np.array(positions), segments)
+            bounds.append(len(rows))
+        self.store.on_step(
+            np.array(rows),
+            np.array(slots),
+            np.array(positions),
+            [f"r{req}" for req, _, _ in work],
+            np.array(bounds),
+            lambda j: np.array(self.blocks[work[j][0]]),
+        )
 
 
 def expected(req, n):
@@ -82,8 +87,14 @@ def test_preemption_recompute_keeps_original_rows():
 
 def test_untracked_requests_and_eviction():
     store = RouteStore(16, L, K, np.uint8, block_size=BS, unclaimed_ttl_s=0.0)
-    store.on_step(np.stack([route_of(0, 0)]), np.array([0]), np.array([0]),
-                  [StepSegment(None, 0, 1), StepSegment("a", 0, 1)])
+    store.on_step(
+        np.stack([route_of(0, 0), route_of(0, 0)]),
+        np.array([0, 1]),
+        np.array([0, 0]),
+        [None, "a"],
+        np.array([0, 1, 2]),
+        lambda j: None,
+    )
     assert len(store) == 1
     store.on_finished(["a"])
     store.on_finished([])  # the next finish evicts unclaimed rows past their TTL

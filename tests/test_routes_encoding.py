@@ -3,7 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pr2_serve.routes import EncodedRoutes, decode_routes, encode_routes, route_dtype, validate_routes
+from pr2_serve.routes import (
+    EncodedRoutes,
+    decode_routes,
+    encode_routes,
+    route_dtype,
+    validate_routes,
+)
 
 
 def test_dtype_choice():

@@ -9,9 +9,15 @@ from pr2_serve.tiny_model import make_byte_tokenizer, make_tiny_model
 
 
 def test_deterministic_for_a_seed(tmp_path):
-    a = load_file(str(make_tiny_model(tmp_path / "a", seed=4, predictor="random") / "model.safetensors"))
-    b = load_file(str(make_tiny_model(tmp_path / "b", seed=4, predictor="random") / "model.safetensors"))
-    c = load_file(str(make_tiny_model(tmp_path / "c", seed=5, predictor="random") / "model.safetensors"))
+    a = load_file(
+        str(make_tiny_model(tmp_path / "a", seed=4, predictor="random") / "model.safetensors")
+    )
+    b = load_file(
+        str(make_tiny_model(tmp_path / "b", seed=4, predictor="random") / "model.safetensors")
+    )
+    c = load_file(
+        str(make_tiny_model(tmp_path / "c", seed=5, predictor="random") / "model.safetensors")
+    )
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a)
     assert any((a[k] != c[k]).any() for k in a)

@@ -38,8 +38,9 @@ class PR2Predictor(nn.Module):
 
     def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=dtype),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.zeros(num_experts, hidden_size, dtype=dtype), requires_grad=False
+        )
 
 
 class RouteCapture:
@@ -126,7 +127,9 @@ class PR2MoEMixin:
         self.pr2_num_moe_layers = len(routers)
         self.pr2_capture = RouteCapture(
             vllm_config.scheduler_config.max_num_batched_tokens,
-            len(routers), self.pr2_top_k, self.pr2_num_experts,
+            len(routers),
+            self.pr2_top_k,
+            self.pr2_num_experts,
         )
         # checkpoint layer index -> predictor module (lives beside the router, in the MoE block)
         self.pr2_predictors: dict[int, PR2Predictor] = {}
@@ -184,7 +187,9 @@ class PR2MoEMixin:
                 module = self.pr2_predictors[layer_index]
                 param = module.weight
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise PR2ConfigError(f"{name}: shape {tuple(tensor.shape)} != {tuple(param.shape)}")
+                    raise PR2ConfigError(
+                        f"{name}: shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+                    )
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
 
         loaded |= set(super().load_weights(stock_weights()))

@@ -21,24 +21,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RouteStore", "StepSegment"]
-
-
-@dataclass(slots=True)
-class StepSegment:
-    """The rows ``start:end`` of a step belong to request ``key`` (None: not tracked).
-
-    ``block_row`` returns the request's kernel block ids, only called on a prefix-cache hit.
-    """
-
-    key: str | None
-    start: int
-    end: int
-    block_row: Callable[[], np.ndarray] | None = None
+__all__ = ["RouteStore"]
 
 
 @dataclass(slots=True)
@@ -46,7 +33,6 @@ class _Request:
     rows: np.ndarray
     length: int = 0
     finished_at: float | None = None
-    touched: float = field(default_factory=time.monotonic)
 
 
 class RouteStore:
@@ -76,9 +62,16 @@ class RouteStore:
         rows: np.ndarray,
         slots: np.ndarray,
         positions: np.ndarray,
-        segments: Sequence[StepSegment],
+        keys: Sequence[str | None],
+        bounds: np.ndarray,
+        block_row: Callable[[int], np.ndarray],
     ) -> None:
-        """Record one step: ``rows[i]`` was computed at KV slot ``slots[i]``, ``positions[i]``."""
+        """Record one step: ``rows[i]`` was computed at KV slot ``slots[i]``, ``positions[i]``.
+
+        Request ``j`` of the step (store key ``keys[j]``, None if untracked) owns rows
+        ``bounds[j]:bounds[j + 1]``; ``block_row(j)`` returns its kernel block ids, read only on
+        a prefix-cache hit.
+        """
         rows = rows.astype(self.dtype, copy=False)
         self.stats["steps"] += 1
         self.stats["rows"] += len(rows)
@@ -89,27 +82,28 @@ class RouteStore:
         else:
             self._ensure_slots(int(slots[valid].max(initial=-1)) + 1)
             self.slots[slots[valid]] = rows[valid]
-        for seg in segments:
-            if seg.key is None or seg.end <= seg.start:
+        bounds = bounds.tolist()
+        starts = positions[bounds[:-1]].tolist() if keys else []
+        for j, key in enumerate(keys):
+            if key is None:
                 continue
-            req = self._requests.get(seg.key)
+            lo, hi = bounds[j], bounds[j + 1]
+            if hi <= lo:
+                continue
+            req = self._requests.get(key)
             if req is None:
-                req = self._requests[seg.key] = _Request(
-                    np.zeros((max(64, 2 * (seg.end - seg.start)), *self.shape), self.dtype)
+                req = self._requests[key] = _Request(
+                    np.zeros((max(64, 2 * (hi - lo)), *self.shape), self.dtype)
                 )
-            p0 = int(positions[seg.start])
+            p0 = starts[j]
             if p0 > req.length:
                 # prefix-cache hit: positions length..p0 were computed earlier, read their slots
-                if seg.block_row is None:
-                    raise RuntimeError(f"{seg.key}: starts at {p0} with no block table")
                 self.stats["prefix_cache_rows"] += p0 - req.length
-                self._write(req, req.length, self._read_slots(seg.block_row(), req.length, p0))
-            end = p0 + (seg.end - seg.start)
+                self._write(req, req.length, self._read_slots(block_row(j), req.length, p0))
+            end = p0 + (hi - lo)
             self.stats["recomputed_rows"] += max(0, min(end, req.length) - p0)
             if end > req.length:  # keep rows already recorded (preemption recompute)
-                skip = req.length - p0
-                self._write(req, req.length, rows[seg.start + skip : seg.end])
-            req.touched = time.monotonic()
+                self._write(req, req.length, rows[lo + req.length - p0 : hi])
 
     def on_finished(self, keys: Sequence[str]) -> None:
         """Requests the scheduler finished or aborted: keep their rows until claimed (or TTL)."""
@@ -170,7 +164,8 @@ class RouteStore:
 
     def _evict(self, now: float) -> None:
         stale = [
-            k for k, r in self._requests.items()
+            k
+            for k, r in self._requests.items()
             if r.finished_at is not None and now - r.finished_at > self.unclaimed_ttl_s
         ]
         for k in stale:

@@ -20,7 +20,7 @@ import numpy as np
 
 from pr2_serve.routes import route_dtype
 
-from .route_store import RouteStore, StepSegment
+from .route_store import RouteStore
 
 ROUTE_KEY = "pr2_route_key"
 
@@ -60,6 +60,7 @@ class PR2WorkerExtension:
             route_dtype(model.pr2_num_experts),
             block_size=block_table.block_size,
         )
+        self._pr2_key_cache: dict[str, str | None] = {}  # vLLM request id -> store key
         stock_execute = runner.execute_model
 
         def execute_model(scheduler_output, *args, **kwargs):
@@ -89,22 +90,19 @@ class PR2WorkerExtension:
         block_table = batch.block_table[0]
         slots = block_table.slot_mapping.gpu[:n].cpu().numpy()
         qsl = runner.query_start_loc.np[: num_reqs + 1]
-        segments = []
-        for i, rid in enumerate(batch.req_ids[:num_reqs]):
-            key = _request_key(runner.requests.get(rid))
-            segments.append(
-                StepSegment(
-                    None if key is None else route_key_for(rid, key),
-                    int(qsl[i]),
-                    int(qsl[i + 1]),
-                    lambda i=i: block_table.block_table.np[i],
-                )
-            )
-        store.on_step(rows, slots, positions, segments)
+        cache = self._pr2_key_cache
+        keys = []
+        for rid in batch.req_ids[:num_reqs]:
+            if rid not in cache:
+                key = _request_key(runner.requests.get(rid))
+                cache[rid] = None if key is None else route_key_for(rid, key)
+            keys.append(cache[rid])
+        store.on_step(rows, slots, positions, keys, qsl, lambda j: block_table.block_table.np[j])
 
     def _pr2_keys(self, request_ids) -> list[str]:
         keys = []
         for rid in request_ids or ():
+            self._pr2_key_cache.pop(rid, None)
             key = _request_key(self.model_runner.requests.get(rid))
             if key is not None:
                 keys.append(route_key_for(rid, key))
