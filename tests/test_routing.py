@@ -98,3 +98,37 @@ def test_pr2_route_compiles_without_graph_breaks(device):
     z, w_p = torch.randn(16, 8, device=device), torch.randn(8, 64, device=device)
     explain = torch._dynamo.explain(pr2_route)(h, z, w_p, 2, True)
     assert explain.graph_break_count == 0
+
+
+def test_gpu_routing_benchmark_smoke_on_cpu():
+    """The CUDA benchmark script runs end to end (tiny sizes, eager, on the CPU)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_routing.py",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--tokens",
+            "1",
+            "16",
+            "--hidden",
+            "64",
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--iters",
+            "5",
+            "--no-compile",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert "routes equal" in out.stdout and "ROUTES DIFFER" not in out.stdout
