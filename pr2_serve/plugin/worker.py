@@ -117,10 +117,20 @@ class PR2WorkerExtension:
                 out[key] = (arr.tobytes(), arr.shape)
         return out
 
-    def pr2_peek_routes(self, key: str, start: int, end: int) -> tuple[bytes, tuple] | None:
-        """Rows ``start:end`` of a running request (streaming)."""
-        arr = self._pr2_store.peek(key, start, end)
-        return None if arr is None else (arr.tobytes(), arr.shape)
+    def pr2_stream_routes(
+        self, parts: list[tuple[str, int, int, bool]]
+    ) -> dict[str, tuple[bytes, tuple]]:
+        """Rows ``start:end`` of running requests ``(key, start, end, done)``; a done request's
+        rows are released."""
+        out = {}
+        store = self._pr2_store
+        for key, start, end, done in parts:
+            arr = store.take(key, end) if done else store.peek(key, 0, end)
+            arr = None if arr is None else arr[start:]
+            if arr is None or len(arr) != end - start:
+                raise RuntimeError(f"routes for {key} rows {start}:{end} are not recorded")
+            out[key] = (arr.tobytes(), arr.shape)
+        return out
 
     def pr2_route_stats(self) -> dict[str, int]:
         """Counters: steps, rows, prefix-cache rows read back, recomputed (preempted) rows,

@@ -1,0 +1,83 @@
+"""Start a real ``pr2-serve`` in a subprocess on loopback (ports chosen by the OS)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+API_KEY = "test-key-1234"
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    http: str
+    grpc: str
+    state_dir: Path
+    log: list[str] = field(default_factory=list)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(
+    model_dir, state_dir, *extra: str, api_key: str | None = API_KEY, timeout: float = 180.0
+) -> Server:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("PR2_API_KEY", None)
+    if api_key:
+        env["PR2_API_KEY"] = api_key
+    cmd = [
+        sys.executable,
+        "-m",
+        "pr2_serve.server",
+        "--model",
+        str(model_dir),
+        "--http-port",
+        "0",
+        "--grpc-port",
+        "0",
+        "--dtype",
+        "float32",
+        "--state-dir",
+        str(state_dir),
+        "--max-model-len",
+        "512",
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    log: list[str] = []
+    ready = threading.Event()
+    ports: dict[str, str] = {}
+
+    def pump():
+        for line in proc.stdout:
+            log.append(line)
+            m = re.search(r"pr2-serve ready http=(\S+) grpc=(\S+)", line)
+            if m:
+                ports["http"], ports["grpc"] = m.group(1), m.group(2)
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    t0 = time.time()
+    while not ready.wait(0.5):
+        if proc.poll() is not None or time.time() - t0 > timeout:
+            proc.kill()
+            raise RuntimeError("pr2-serve did not become ready:\n" + "".join(log[-60:]))
+    return Server(proc, f"http://{ports['http']}", ports["grpc"], Path(state_dir), log)
