@@ -414,6 +414,8 @@ class GrpcClient:
             "weight_version": res.weight_version,
             "num_tensors": res.num_tensors,
             "seconds": res.seconds,
+            "receive_seconds": res.receive_seconds,
+            "apply_seconds": res.apply_seconds,
         }
 
     def close(self) -> None:
@@ -477,6 +479,8 @@ class AsyncGrpcClient:
             "weight_version": res.weight_version,
             "num_tensors": res.num_tensors,
             "seconds": res.seconds,
+            "receive_seconds": res.receive_seconds,
+            "apply_seconds": res.apply_seconds,
         }
 
     async def aclose(self) -> None:

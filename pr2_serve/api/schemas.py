@@ -111,11 +111,14 @@ class Info(BaseModel):
 
 class WeightsResponse(BaseModel):
     """``PUT /v1/weights/{version}`` response. Example: ``{"weight_version": 4,
-    "num_tensors": 139, "seconds": 0.31}``"""
+    "num_tensors": 139, "seconds": 0.31, "receive_seconds": 0.12, "apply_seconds": 0.17}``
+    (upload streamed to disk + sha256; in-place reload in the workers)."""
 
     weight_version: int
     num_tensors: int
     seconds: float
+    receive_seconds: float
+    apply_seconds: float
 
 
 class ErrorBody(BaseModel):

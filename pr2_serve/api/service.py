@@ -256,6 +256,7 @@ class RolloutService:
             final = self.weights_dir / f"v{version}.safetensors"
             try:
                 size = await self._receive(chunks, part, sha256.lower(), declared_size)
+                received = time.perf_counter() - t0
                 part.replace(final)
                 try:
                     files = self.engine.prepare_update(final, version)
@@ -275,45 +276,38 @@ class RolloutService:
                 "weight_version": result.weight_version,
                 "num_tensors": result.num_tensors,
                 "seconds": seconds,
+                "receive_seconds": received,
+                "apply_seconds": result.reload_seconds,
             }
 
-    async def _receive(
-        self, chunks: AsyncIterator[bytes], part: Path, sha256: str, declared: int | None
-    ) -> int:
-        h = hashlib.sha256()
+    async def _receive(self, chunks: AsyncIterator[bytes], part: Path, sha256: str,
+                       declared: int | None) -> int:
+        """Stream ``chunks`` into ``part``; hashing and disk writes run on a writer thread
+        (both release the GIL), overlapping with receiving the next chunks."""
+        writer = _HashingWriter(part)
         size = 0
-        with open(part, "wb") as f:
-            try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > self.limits.max_upload_bytes:
-                        raise ApiError(
-                            413,
-                            "resource_exhausted",
-                            f"upload exceeds the limit {self.limits.max_upload_bytes}",
-                        )
-                    h.update(chunk)
-                    f.write(chunk)
-            except ApiError:
-                raise
-            except Exception as e:  # the client went away mid-body
-                raise ApiError(
-                    400,
-                    "upload_interrupted",
-                    f"upload interrupted after {size} bytes ({type(e).__name__})",
-                    "body",
-                ) from e
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.limits.max_upload_bytes:
+                    raise ApiError(413, "resource_exhausted",
+                                   f"upload exceeds the limit {self.limits.max_upload_bytes}")
+                await writer.put(chunk)
+        except ApiError:
+            writer.abort()
+            raise
+        except Exception as e:  # the client went away mid-body
+            writer.abort()
+            raise ApiError(400, "upload_interrupted",
+                           f"upload interrupted after {size} bytes ({type(e).__name__})",
+                           "body") from e
+        digest = await writer.finish()
         if declared is not None and size != declared:
-            raise ApiError(
-                400, "invalid_argument", f"upload ended after {size} of {declared} bytes", "body"
-            )
-        if not hmac.compare_digest(h.hexdigest(), sha256):
-            raise ApiError(
-                400,
-                "invalid_argument",
-                f"sha256 mismatch: body is {h.hexdigest()}, header says {sha256}",
-                "sha256",
-            )
+            raise ApiError(400, "invalid_argument",
+                           f"upload ended after {size} of {declared} bytes", "body")
+        if not hmac.compare_digest(digest, sha256):
+            raise ApiError(400, "invalid_argument",
+                           f"sha256 mismatch: body is {digest}, header says {sha256}", "sha256")
         return size
 
     def _write_committed(self, update_files: dict[str, str], version: int) -> None:
@@ -337,3 +331,59 @@ class RolloutService:
             if f.name not in live:  # renamed but never committed (killed mid-apply)
                 with contextlib.suppress(OSError):
                     f.unlink()
+
+
+class _HashingWriter:
+    """Write + sha256 on a thread, fed in ~4 MiB batches through a bounded queue."""
+
+    BATCH = 4 << 20
+
+    def __init__(self, path: Path) -> None:
+        import queue
+        import threading
+
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (block := self._q.get()) is not None:
+                self._hash.update(block)
+                self._file.write(block)
+        except BaseException as e:
+            self._error = e
+            while self._q.get() is not None:  # drain so producers never block
+                pass
+        finally:
+            self._file.close()
+
+    async def put(self, chunk: bytes) -> None:
+        self._buf.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self.BATCH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buf:
+            block = b"".join(self._buf)
+            self._buf, self._buffered = [], 0
+            await asyncio.to_thread(self._q.put, block)
+
+    async def finish(self) -> str:
+        await self._flush()
+        await asyncio.to_thread(self._q.put, None)
+        await asyncio.to_thread(self._thread.join)
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._q.put(None)
+        self._thread.join()
