@@ -280,8 +280,9 @@ class RolloutService:
                 "apply_seconds": result.reload_seconds,
             }
 
-    async def _receive(self, chunks: AsyncIterator[bytes], part: Path, sha256: str,
-                       declared: int | None) -> int:
+    async def _receive(
+        self, chunks: AsyncIterator[bytes], part: Path, sha256: str, declared: int | None
+    ) -> int:
         """Stream ``chunks`` into ``part``; hashing and disk writes run on a writer thread
         (both release the GIL), overlapping with receiving the next chunks."""
         writer = _HashingWriter(part)
@@ -290,24 +291,35 @@ class RolloutService:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > self.limits.max_upload_bytes:
-                    raise ApiError(413, "resource_exhausted",
-                                   f"upload exceeds the limit {self.limits.max_upload_bytes}")
+                    raise ApiError(
+                        413,
+                        "resource_exhausted",
+                        f"upload exceeds the limit {self.limits.max_upload_bytes}",
+                    )
                 await writer.put(chunk)
         except ApiError:
             writer.abort()
             raise
         except Exception as e:  # the client went away mid-body
             writer.abort()
-            raise ApiError(400, "upload_interrupted",
-                           f"upload interrupted after {size} bytes ({type(e).__name__})",
-                           "body") from e
+            raise ApiError(
+                400,
+                "upload_interrupted",
+                f"upload interrupted after {size} bytes ({type(e).__name__})",
+                "body",
+            ) from e
         digest = await writer.finish()
         if declared is not None and size != declared:
-            raise ApiError(400, "invalid_argument",
-                           f"upload ended after {size} of {declared} bytes", "body")
+            raise ApiError(
+                400, "invalid_argument", f"upload ended after {size} of {declared} bytes", "body"
+            )
         if not hmac.compare_digest(digest, sha256):
-            raise ApiError(400, "invalid_argument",
-                           f"sha256 mismatch: body is {digest}, header says {sha256}", "sha256")
+            raise ApiError(
+                400,
+                "invalid_argument",
+                f"sha256 mismatch: body is {digest}, header says {sha256}",
+                "sha256",
+            )
         return size
 
     def _write_committed(self, update_files: dict[str, str], version: int) -> None:

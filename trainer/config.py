@@ -1,0 +1,141 @@
+"""Trainer configuration: one dataclass, a docstring per field; from a YAML/TOML file and flags.
+
+``pr2-train --config run.yaml --replay pr2 --off-policy-steps 4`` -- flags override the file,
+the file overrides the defaults. Every field's docstring is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import os
+import textwrap
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+REPLAY_MODES = ("none", "r2", "r3", "pr2")
+
+
+@dataclass
+class TrainConfig:
+    servers: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000"])
+    """Rollout servers: ``http://host:port`` or ``grpc://host:port``; rollouts are spread
+    over all of them and every weight push goes to each."""
+    model_dir: str = "runs/demo/model"
+    """The HF checkpoint the servers were started on (the trainer's policy starts from it)."""
+    task: str = "addition"
+    """Task family (``addition``, ``sort``, ``count``, or a comma-separated mix)."""
+    task_digits: int = 2
+    """Task difficulty (operand digits)."""
+    replay: str = "pr2"
+    """Routing in training forwards: ``none`` (plain GRPO), ``r2`` (trainer's old-pass
+    routes), ``r3`` (server routes), ``pr2`` (server routes chosen with the predictor)."""
+    off_policy_steps: int = 2
+    """Mini-steps per rollout batch (1: on-policy; the paper's off-policy levels: 2, 4, 8)."""
+    prompts_per_batch: int = 16
+    """Prompts per rollout batch."""
+    samples_per_prompt: int = 8
+    """Samples per prompt (the GRPO group size)."""
+    max_tokens: int = 8
+    """Generated tokens per sample."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    lr: float = 1e-4
+    """Policy learning rate (Adam)."""
+    clip_eps: float = 0.2
+    """PPO clip range."""
+    grad_clip: float = 1.0
+    """Max global grad norm of the policy (0: off)."""
+    predictor_loss: str = "kl-post"
+    """Predictor objective: ``kl-post`` (paper) or ``l2``."""
+    predictor_lr_multiplier: float = 1e3
+    """Predictor lr = ``lr`` x this (paper 1e4, verl default 1e3)."""
+    max_staleness: int = 0
+    """Drop rollouts generated more than this many weight versions ago (counted)."""
+    steps: int = 20
+    """Rollout batches (= weight pushes)."""
+    eval_every: int = 5
+    """Greedy eval accuracy on the held-out split every this many steps (0: never)."""
+    eval_size: int = 64
+    """Held-out problems per eval."""
+    seed: int = 0
+    """Seeds prompts, sampling and the trainer."""
+    output_dir: str = "runs/train"
+    """Where ``metrics.jsonl`` (and checkpoints) go."""
+    api_key: str | None = None
+    """Servers' API key (default: ``$PR2_API_KEY``)."""
+
+    def __post_init__(self) -> None:
+        if self.replay not in REPLAY_MODES:
+            raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+        if self.off_policy_steps < 1 or self.prompts_per_batch % self.off_policy_steps:
+            raise ValueError("off_policy_steps must be >= 1 and divide prompts_per_batch")
+        if self.predictor_loss not in ("kl-post", "l2"):
+            raise ValueError("predictor_loss must be 'kl-post' or 'l2'")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
+        if not self.servers:
+            raise ValueError("at least one server is needed")
+        if self.api_key is None:
+            self.api_key = os.environ.get("PR2_API_KEY")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["api_key"] = "***" if self.api_key else None
+        return d
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right after each field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if p.suffix == ".toml":
+        return tomllib.loads(p.read_text())
+    import yaml
+
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """``TrainConfig`` from ``--config FILE`` (YAML/TOML) and per-field flags."""
+    docs = field_docs(TrainConfig)
+    hints = get_type_hints(TrainConfig)
+    ap = argparse.ArgumentParser(
+        prog="pr2-train",
+        description="PPO/GRPO with routing replay "
+        "(none / R2 / R3 / PR2) against pr2 rollout servers.",
+    )
+    ap.add_argument("--config", help="YAML or TOML file with any of the fields below")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name == "servers":
+            ap.add_argument(flag, nargs="+", default=None, help=f"{docs[f.name]} [{default}]")
+        else:
+            typ = hints[f.name]
+            conv = str if typ in (str, str | None) else typ
+            ap.add_argument(flag, type=conv, default=None, help=f"{docs[f.name]} [{default}]")
+    args = ap.parse_args(argv)
+    values: dict[str, Any] = load_file(args.config) if args.config else {}
+    unknown = set(values) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise SystemExit(f"unknown config keys: {sorted(unknown)}")
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    return TrainConfig(**values)

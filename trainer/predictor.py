@@ -1,0 +1,80 @@
+"""Evolution-predictor losses and hit rate (PR2 paper Eq. 7-8). Pure torch.
+
+Per MoE layer, from the old-logprob pass: router inputs ``h_old [T, H]`` and logits
+``z_old = W_r^old h_old [T, E]``; the current router ``W_r`` has moved since (off-policy
+mini-steps). The predictor ``W_p`` should make ``z_old + W_p h_old`` pick the experts the
+*current* router picks:
+
+- ``kl-post``: ``KL( sg(softmax(W_r h_old)) || softmax(z_old + W_p h_old) )``, mean over tokens,
+  summed over layers (the paper's / reference code's default);
+- ``l2``: ``MSE(W_p h_old, W_r h_old - z_old)`` (regress the logit drift directly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["predictor_hit_rate", "predictor_loss"]
+
+
+def predictor_loss(
+    kind: str,
+    h_old: Sequence[torch.Tensor],
+    z_old: Sequence[torch.Tensor],
+    router_weights: Sequence[torch.Tensor],
+    predictor_weights: Sequence[torch.Tensor],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over layers of the per-token mean loss; gradients reach only the predictors."""
+    total = torch.zeros((), dtype=torch.float32, device=predictor_weights[0].device)
+    for h, z, w_r, w_p in zip(h_old, z_old, router_weights, predictor_weights, strict=True):
+        h, z = h.detach().float(), z.detach().float()
+        target = F.linear(h, w_r.detach().float())
+        pred = z + F.linear(h, w_p.float())
+        if kind == "kl-post":
+            per_tok = F.kl_div(
+                F.log_softmax(pred, -1),
+                F.log_softmax(target, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1)
+        elif kind == "l2":
+            per_tok = ((pred - target) ** 2).mean(-1)
+        else:
+            raise ValueError(f"predictor loss must be 'kl-post' or 'l2', got {kind!r}")
+        total = total + _masked_mean(per_tok, mask)
+    return total
+
+
+@torch.no_grad()
+def predictor_hit_rate(
+    h_old: Sequence[torch.Tensor],
+    z_old: Sequence[torch.Tensor],
+    router_weights: Sequence[torch.Tensor],
+    predictor_weights: Sequence[torch.Tensor] | None,
+    top_k: int,
+    mask: torch.Tensor | None = None,
+) -> float:
+    """Share of (token, layer) whose predicted top-k (``z_old + W_p h_old``; ``W_p = 0`` when
+    ``predictor_weights`` is None) equals the current router's top-k as a set."""
+    hits, count = 0.0, 0.0
+    for i, (h, z, w_r) in enumerate(zip(h_old, z_old, router_weights, strict=True)):
+        h, z = h.float(), z.float()
+        pred = z if predictor_weights is None else z + F.linear(h, predictor_weights[i].float())
+        a = torch.topk(pred, top_k, -1).indices.sort(-1).values
+        b = torch.topk(F.linear(h, w_r.float()), top_k, -1).indices.sort(-1).values
+        same = (a == b).all(-1).float()
+        m = torch.ones_like(same) if mask is None else mask.float()
+        hits += float((same * m).sum())
+        count += float(m.sum())
+    return hits / max(count, 1.0)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)
