@@ -361,15 +361,11 @@ class GrpcClient:
         self.api_key, self.timeout = api_key, timeout
 
     def info(self) -> dict:
-        from google.protobuf.json_format import MessageToDict
-
         try:
             m = self._stub.GetInfo(self._pb2.GetInfoRequest(), timeout=self.timeout)
         except self._grpc.RpcError as e:
             raise _grpc_error(e) from None
-        return MessageToDict(
-            m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
 
     def generate(self, prompts, **sampling) -> GenerateResult:
         samples, version = [], 0

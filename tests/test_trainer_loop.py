@@ -1,0 +1,78 @@
+"""Full iterations (rollout -> train -> push -> rollout on the new version) against a real
+``pr2-serve`` for each replay mode, through the ``pr2-train`` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.server_utils import API_KEY, start_server
+from trainer.cli import main as train_main
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def server(tiny_zero, tmp_path_factory):
+    srv = start_server(tiny_zero, tmp_path_factory.mktemp("train-state"))
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("mode", ["none", "r2", "r3", "pr2"])
+def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch):
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    out = tmp_path / mode
+    address = server.http if mode in ("none", "r2") else f"grpc://{server.grpc}"
+    train_main(
+        [
+            "--servers",
+            address,
+            "--model-dir",
+            str(tiny_zero),
+            "--replay",
+            mode,
+            "--off-policy-steps",
+            "2",
+            "--prompts-per-batch",
+            "4",
+            "--samples-per-prompt",
+            "2",
+            "--max-tokens",
+            "4",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--eval-size",
+            "4",
+            "--output-dir",
+            str(out),
+            "--lr",
+            "1e-3",
+        ]
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    first, second = rows
+    assert second["rollout_versions"] == [first["pushed_version"]]
+    assert second["pushed_version"] == first["pushed_version"] + 1
+    for key in (
+        "reward_mean",
+        "zero_deviation",
+        "train_infer_kl",
+        "clip_fraction",
+        "grad_norm",
+        "predictor_hit_rate",
+        "time_rollout",
+        "time_push",
+    ):
+        assert second[key] is not None, key
+    assert sum(second["deviation_hist"]) > 0
+    assert "eval_accuracy" in second
+    if mode == "pr2":
+        assert second["predictor_loss"] is not None
+    if mode in ("r3", "pr2"):  # replaying the server's routes: old pass == server
+        assert first["train_infer_abs_dlogp"] < 1e-4
+        assert first["first_ratio_max_dev"] == 0.0

@@ -1,0 +1,191 @@
+"""Data-parallel training step under ``torchrun`` (DDP; gloo on CPU, nccl on GPU).
+
+Rank 0 talks to the servers (rollouts, eval, pushes) and broadcasts each batch as tensors (no
+pickling); every rank holds the whole batch and trains on its share of each mini-step
+(:func:`trainer.loop.train_batch` with ``shard``); DDP averages the gradients, so all ranks keep
+identical weights and the result equals one process on the same data.
+
+``python -m trainer.distributed selftest OUT`` (under torchrun or alone) runs one training step
+on a fixed synthetic batch and saves the updated weights: the test compares 1 and 2 processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .loop import Batch, Policy, train_batch
+
+BATCH_FIELDS = (
+    "input_ids",
+    "targets",
+    "loss_mask",
+    "valid",
+    "server_logprobs",
+    "routes",
+    "advantages",
+)
+
+
+def setup() -> tuple[int, int, str]:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
+    return rank, world, device
+
+
+def wrap(policy: Policy) -> torch.nn.Module:
+    """DDP over the policy parameters; predictors are trained outside DDP (same on all ranks)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    policy.model._ddp_params_and_buffers_to_ignore = [
+        n for n, _ in policy.model.named_parameters() if ".predictor." in n
+    ]
+    return DDP(policy.model)
+
+
+def broadcast_batch(batch: Batch | None, rank: int, group_size: int) -> Batch:
+    """Rank 0's batch on every rank: shapes first, then each tensor."""
+    shapes = torch.zeros(len(BATCH_FIELDS), 4, dtype=torch.long)
+    if rank == 0:
+        for i, name in enumerate(BATCH_FIELDS):
+            s = getattr(batch, name).shape
+            shapes[i, : len(s)] = torch.tensor(s)
+            shapes[i, len(s) :] = -1
+    dist.broadcast(shapes, 0)
+    tensors = {}
+    for i, name in enumerate(BATCH_FIELDS):
+        shape = [int(x) for x in shapes[i] if x >= 0]
+        dtype = torch.long if name in ("input_ids", "targets", "routes") else torch.float32
+        t = getattr(batch, name).contiguous() if rank == 0 else torch.empty(shape, dtype=dtype)
+        dist.broadcast(t, 0)
+        tensors[name] = t
+    return Batch(**tensors, group_size=group_size)
+
+
+def run_distributed(cfg: TrainConfig) -> None:
+    """``pr2-train`` under torchrun."""
+    rank, world, device = setup()
+    if rank == 0:
+        from .loop import Trainer
+
+        trainer = Trainer(cfg)
+        policy = trainer.policy
+    else:
+        policy = Policy(cfg.model_dir, seed=cfg.seed, device=device)
+    ddp = wrap(policy)
+    opt = torch.optim.Adam(policy.policy_parameters(), lr=cfg.lr)
+    pred_opt = (
+        torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)
+        if cfg.replay == "pr2"
+        else None
+    )
+    info = policy.replay
+    for step in range(1, cfg.steps + 1):
+        batch = None
+        if rank == 0:
+            from .loop import make_batch
+
+            samples, rewards, _ = trainer.rollout(step)
+            batch = make_batch(
+                samples, rewards, cfg.samples_per_prompt, info.num_moe_layers, info.top_k
+            )
+        batch = broadcast_batch(batch, rank, cfg.samples_per_prompt)
+        m = train_batch(policy, batch, cfg, opt, pred_opt, model=ddp, shard=(rank, world))
+        if rank == 0:
+            m["step"] = step
+            m["time_push"] = trainer.push()
+            m["pushed_version"] = trainer.version
+            with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            print(json.dumps({k: m[k] for k in ("step", "loss", "pushed_version")}), flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def selftest(out: str, model_dir: str) -> None:
+    """One training step on a fixed synthetic batch; rank 0 saves loss and weights."""
+    from safetensors.torch import save_file
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0
+    if world > 1:
+        rank, world, _ = setup()
+    policy = Policy(model_dir, seed=0)
+    batch = synthetic_batch(policy)
+    cfg = TrainConfig(
+        replay="pr2",
+        off_policy_steps=2,
+        prompts_per_batch=4,
+        lr=1e-3,
+        samples_per_prompt=2,
+        servers=["http://unused"],
+    )
+    model = wrap(policy) if world > 1 else None
+    opt = torch.optim.Adam(policy.policy_parameters(), lr=cfg.lr)
+    pred_opt = torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * 10)
+    m = train_batch(policy, batch, cfg, opt, pred_opt, model=model, shard=(rank, world))
+    loss = torch.tensor(m["loss"])
+    if world > 1:
+        dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
+        loss /= world
+    if rank == 0:
+        save_file(
+            {k: v.detach().contiguous() for k, v in policy.model.state_dict().items()},
+            f"{out}.safetensors",
+        )
+        Path(f"{out}.json").write_text(
+            json.dumps({"loss": float(loss), "predictor_loss": m["predictor_loss"]})
+        )
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def synthetic_batch(policy: Policy) -> Batch:
+    """8 sequences (4 groups of 2) sampled from the policy, with its own routes as 'server'
+    routes: deterministic, no server needed."""
+    from .ppo import grpo_advantages
+
+    g = torch.Generator().manual_seed(0)
+    b, t = 8, 12
+    input_ids = torch.randint(0, 256, (b, t + 1), generator=g)
+    valid = torch.ones(b, t)
+    valid[5, 9:] = 0
+    loss_mask = torch.zeros(b, t)
+    loss_mask[:, 4:] = 1
+    loss_mask *= valid
+    from .replay import RoutingControl
+
+    ctl = RoutingControl(record=True)
+    with torch.no_grad(), policy.replay.control(ctl):
+        logits = policy.model(input_ids=input_ids[:, :-1].to(policy.device)).logits
+    from .ppo import token_logprobs
+
+    lp = token_logprobs(logits, input_ids[:, 1:].to(policy.device)).cpu()
+    routes = ctl.recorded_routes().cpu().reshape(b, t, policy.replay.num_moe_layers, -1)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    return Batch(
+        input_ids[:, :-1],
+        input_ids[:, 1:],
+        loss_mask,
+        valid,
+        lp * loss_mask,
+        routes,
+        grpo_advantages(rewards, 2),
+        2,
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "selftest":
+        selftest(sys.argv[2], sys.argv[3])
+    else:
+        raise SystemExit("usage: python -m trainer.distributed selftest OUT MODEL_DIR")
