@@ -303,42 +303,88 @@ def test_bad_pushes_change_nothing(server, http, rpc, tmp_path, tiny_random):
     assert _committed_files(server) == files_before  # no partial or rejected files left
 
 
+def _fresh_server_outputs(tiny_random, weights: dict, tmp_path: Path, name: str):
+    """Outputs of a new server started on a checkpoint holding exactly ``weights``."""
+    d = tmp_path / name
+    d.mkdir()
+    for f in Path(tiny_random).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    save_file(weights, str(d / "model.safetensors"))
+    fresh = start_server(d, tmp_path / f"{name}-state")
+    try:
+        return HttpClient(fresh.http).generate(PROMPTS, **SEEDED).samples
+    finally:
+        fresh.stop()
+
+
+def _assert_matches_fresh(got, ref) -> None:
+    for a, b in zip(got, ref, strict=True):
+        assert a.output_token_ids == b.output_token_ids
+        assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() <= 1e-5
+        np.testing.assert_array_equal(a.routes, b.routes)
+
+
 def test_pushes_over_both_protocols_equal_a_fresh_server(server, http, rpc, tiny_random, tmp_path):
+    """HTTP push (policy + predictor, from a file), then gRPC push (from a state dict in
+    memory): after each, outputs equal a fresh server started on those weights."""
     v = http.info()["weight_version"]
-    res = http.push_weights(predictor_update(1), v + 1)
-    assert res["weight_version"] == v + 1 and res["num_tensors"] == 4
-    assert http.generate(PROMPTS, **SEEDED).weight_version == v + 1
-    # policy + predictor over gRPC, from a state dict in memory
     base = load_file(str(Path(tiny_random) / "model.safetensors"))
     g = torch.Generator().manual_seed(2)
-    update = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-    res = rpc.push_weights(update, v + 2)
-    assert res["weight_version"] == v + 2
+    first = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    path = tmp_path / "first.safetensors"
+    save_file(first, str(path))
+    res = http.push_weights(str(path), v + 1)
+    assert res["weight_version"] == v + 1 and res["num_tensors"] == len(first)
+    got = http.generate(PROMPTS, **SEEDED).samples
+    assert {s.weight_version for s in got} == {v + 1}
+    _assert_matches_fresh(got, _fresh_server_outputs(tiny_random, first, tmp_path, "a"))
+    # predictor-only over gRPC: the rest stays as pushed before
+    second = {**first, **predictor_update(1)}
+    res = rpc.push_weights(predictor_update(1), v + 2)
+    assert res["weight_version"] == v + 2 and res["num_tensors"] == 4
+    got_grpc = rpc.generate(PROMPTS, **SEEDED).samples
+    assert {s.weight_version for s in got_grpc} == {v + 2}
+    same(got_grpc, http.generate(PROMPTS, **SEEDED).samples, tol=0.0)
+    _assert_matches_fresh(got_grpc, _fresh_server_outputs(tiny_random, second, tmp_path, "b"))
     for client in (http, rpc):  # versions must increase
         for old in (v + 1, v + 2):
             with pytest.raises(ServerError) as e:
                 client.push_weights(predictor_update(9), old)
             assert e.value.status in (409, "FAILED_PRECONDITION")
-    got_http = http.generate(PROMPTS, **SEEDED)
-    got_grpc = rpc.generate(PROMPTS, **SEEDED)
-    assert {s.weight_version for s in got_http.samples} == {v + 2}
-    same(got_grpc.samples, got_http.samples, tol=0.0)
-    # a fresh server on exactly these weights
-    fresh_dir = tmp_path / "fresh"
-    fresh_dir.mkdir()
-    for f in Path(tiny_random).iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            (fresh_dir / f.name).write_bytes(f.read_bytes())
-    save_file(update, str(fresh_dir / "model.safetensors"))
-    fresh = start_server(fresh_dir, tmp_path / "fresh-state")
-    try:
-        ref = HttpClient(fresh.http).generate(PROMPTS, **SEEDED)
-    finally:
-        fresh.stop()
-    for a, b in zip(got_http.samples, ref.samples, strict=True):
-        assert a.output_token_ids == b.output_token_ids
-        assert np.abs(np.array(a.logprobs) - np.array(b.logprobs)).max() <= 1e-5
-        np.testing.assert_array_equal(a.routes, b.routes)
+
+
+def test_interrupted_grpc_upload_changes_nothing(server, http, tmp_path):
+    from pr2_serve.api.proto import load
+
+    pb2, pb2_grpc = load()
+    before = http.generate(PROMPTS, **SEEDED)
+    files = _committed_files(server)
+    data = tmp_path / "u.safetensors"
+    save_file(predictor_update(7), str(data))
+    blob = data.read_bytes()
+
+    def messages():
+        yield pb2.UpdateWeightsRequest(
+            header=pb2.UpdateWeightsHeader(
+                version=before.weight_version + 1,
+                sha256=hashlib.sha256(blob).hexdigest(),
+                total_size=len(blob),
+            )
+        )
+        yield pb2.UpdateWeightsRequest(chunk=blob[: len(blob) // 2])
+        raise RuntimeError("client dies mid-upload")
+
+    with grpc.insecure_channel(server.grpc) as ch, pytest.raises(grpc.RpcError):
+        pb2_grpc.RolloutStub(ch).UpdateWeights(
+            messages(), metadata=[("authorization", f"Bearer {API_KEY}")]
+        )
+    import time
+
+    time.sleep(1.0)
+    assert http.info()["weight_version"] == before.weight_version
+    same(http.generate(PROMPTS, **SEEDED).samples, before.samples, tol=0.0)
+    assert _committed_files(server) == files
 
 
 def test_concurrent_clients_during_pushes(server, http, tiny_random):
