@@ -1,4 +1,5 @@
-"""Start a real ``pr2-serve`` in a subprocess on loopback (ports chosen by the OS)."""
+"""Start ``pr2-serve`` as a subprocess on loopback (ports chosen by the OS) and wait until it
+is ready: used by ``make demo``, the benchmarks and the tests."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-API_KEY = "test-key-1234"
+API_KEY = "test-key-1234"  # tests and benchmarks only; the demo makes a random one
 
 
 @dataclass
@@ -35,8 +36,14 @@ class Server:
 
 
 def start_server(
-    model_dir, state_dir, *extra: str, api_key: str | None = API_KEY, timeout: float = 180.0
+    model_dir,
+    state_dir,
+    *extra: str,
+    api_key: str | None = API_KEY,
+    timeout: float = 180.0,
+    dtype: str = "float32",
 ) -> Server:
+    """Start ``pr2-serve --model model_dir`` and return once it printed its ready line."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PR2_API_KEY", None)
     if api_key:
@@ -52,7 +59,7 @@ def start_server(
         "--grpc-port",
         "0",
         "--dtype",
-        "float32",
+        dtype,
         "--state-dir",
         str(state_dir),
         "--max-model-len",
