@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast demo experiment report lint bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,16 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pr2-demo
+
+# All replay modes x off-policy levels (2, 4, 8) x 2 seeds from one warm start; resumes
+# finished cells; writes results/experiment/ and regenerates the README's results section.
+experiment: $(STAMP)
+	$(BIN)/python -m trainer.experiment --out runs/experiment --results results/experiment/results.json
+	cp runs/experiment/*.png results/experiment/
+	$(BIN)/python -m trainer.report results/experiment/results.json README.md
+
+report: $(STAMP)
+	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks

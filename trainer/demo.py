@@ -27,12 +27,12 @@ from .tasks import Task
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pr2-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/demo")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--replay", default="pr2")
     ap.add_argument("--warmup-target", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--predictor-lr-multiplier", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
     ap.add_argument("--off-policy-steps", type=int, default=2)
     args = ap.parse_args(argv)
     console = Console()
@@ -48,11 +48,14 @@ def main(argv: list[str] | None = None) -> None:
         from .warmup import warmup
 
         base = make_tiny_model(out / "base", seed=args.seed)
-        console.print(f"[bold]1.[/bold] tiny Qwen3-MoE at {base}; supervised warm-up on "
-                      "2-digit addition")
+        console.print(
+            f"[bold]1.[/bold] tiny Qwen3-MoE at {base}; supervised warm-up on 2-digit addition"
+        )
         res = warmup(base, model_dir, task, target_accuracy=args.warmup_target, seed=args.seed)
-        console.print(f"   warm-up: {res.steps} steps, held-out accuracy {res.eval_accuracy:.2f}"
-                      f" -> checkpoint {model_dir}")
+        console.print(
+            f"   warm-up: {res.steps} steps, held-out accuracy {res.eval_accuracy:.2f}"
+            f" -> checkpoint {model_dir}"
+        )
     else:
         console.print(f"[bold]1.[/bold] reusing the warmed-up checkpoint {model_dir}")
 
@@ -74,16 +77,22 @@ def main(argv: list[str] | None = None) -> None:
     # 3. summary + plot
     from .plots import plot_run
 
-    png = plot_run(history, out / "metrics.png", title=f"pr2 demo: replay={args.replay}",
-                   eval_baseline=baseline)
+    png = plot_run(
+        history,
+        out / "metrics.png",
+        title=f"pr2 demo: replay={args.replay}",
+        eval_baseline=baseline,
+    )
     k = max(1, len(history) // 5)
     r0 = np.mean([m["reward_mean"] for m in history[:k]])
     r1 = np.mean([m["reward_mean"] for m in history[-k:]])
-    evals = [baseline] + [m["eval_accuracy"] for m in history if m.get("eval_accuracy")
-                          is not None]
+    evals = [baseline] + [m["eval_accuracy"] for m in history if m.get("eval_accuracy") is not None]
     zd = np.mean([m["zero_deviation"] for m in history])
-    zd_off = [m["zero_deviation_offpolicy"] for m in history
-              if m.get("zero_deviation_offpolicy") is not None]
+    zd_off = [
+        m["zero_deviation_offpolicy"]
+        for m in history
+        if m.get("zero_deviation_offpolicy") is not None
+    ]
     console.print(
         f"[bold]summary[/bold]: reward {r0:.3f} (first {k} steps) -> {r1:.3f} (last {k}); "
         f"held-out accuracy {evals[0] if evals else float('nan'):.3f} -> "
@@ -95,18 +104,31 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"   metrics: {out / 'metrics.jsonl'}   plot: {png}")
 
 
-def _train(console: Console, args, server: str, key: str, model_dir: Path,
-           out: Path) -> tuple[list[dict], float]:
+def _train(
+    console: Console, args, server: str, key: str, model_dir: Path, out: Path
+) -> tuple[list[dict], float]:
     from .loop import Trainer
 
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     cfg = TrainConfig(
-        servers=[server], model_dir=str(model_dir), task="addition", task_digits=2,
-        replay=args.replay, off_policy_steps=args.off_policy_steps, prompts_per_batch=16,
-        samples_per_prompt=8, max_tokens=6, lr=args.lr,
-        predictor_lr_multiplier=args.predictor_lr_multiplier, steps=args.steps, eval_every=5, eval_size=128, seed=args.seed,
-        output_dir=str(out), api_key=key,
+        servers=[server],
+        model_dir=str(model_dir),
+        task="addition",
+        task_digits=2,
+        replay=args.replay,
+        off_policy_steps=args.off_policy_steps,
+        prompts_per_batch=32,
+        samples_per_prompt=8,
+        max_tokens=6,
+        lr=args.lr,
+        predictor_lr_multiplier=args.predictor_lr_multiplier,
+        steps=args.steps,
+        eval_every=5,
+        eval_size=128,
+        seed=args.seed,
+        output_dir=str(out),
+        api_key=key,
     )
     console.print(f"[bold]3.[/bold] pr2-train {json.dumps(cfg.to_dict())}")
     trainer = Trainer(cfg)
@@ -114,11 +136,16 @@ def _train(console: Console, args, server: str, key: str, model_dir: Path,
     console.print(f"   held-out accuracy before RL: {baseline:.3f}")
     table = Table(*[c for c, _ in COLUMNS], title="per step")
     with console.status("training...") as status:
+
         def on_step(m: dict) -> None:
             table.add_row(*format_row(m))
             status.update(f"step {m['step']}/{cfg.steps}: reward {m['reward_mean']:.3f}")
-            console.print("   " + "  ".join(
-                f"{c}={v}" for (c, _), v in zip(COLUMNS, format_row(m), strict=True) if v))
+            console.print(
+                "   "
+                + "  ".join(
+                    f"{c}={v}" for (c, _), v in zip(COLUMNS, format_row(m), strict=True) if v
+                )
+            )
 
         history = trainer.run(on_step)
     console.print(table)

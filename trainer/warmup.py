@@ -49,9 +49,10 @@ def greedy_accuracy(model, task: Task, n: int, seed: int, max_tokens: int) -> fl
     hits = 0.0
     for p in problems:
         ids = torch.tensor([encode(p.prompt)])
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=EOS,
-                             pad_token_id=EOS)
-        hits += exact_match(out[0, ids.shape[1]:].tolist(), p.answer)
+        out = model.generate(
+            ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=EOS
+        )
+        hits += exact_match(out[0, ids.shape[1] :].tolist(), p.answer)
     return hits / n
 
 
@@ -75,8 +76,9 @@ def warmup(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     MoEReplay(model)  # eager experts, natural routing (the predictor stays zero)
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if ".predictor." not in n],
-                           lr=lr)
+    opt = torch.optim.Adam(
+        [p for n, p in model.named_parameters() if ".predictor." not in n], lr=lr
+    )
     history: list[tuple[int, float, float]] = []
     acc = 0.0
     bar = tqdm(range(1, max_steps + 1), desc="warm-up", disable=not progress)
@@ -85,8 +87,7 @@ def warmup(
         model.train()
         x, y, mask = _batch(task, batch_size, seed * 1_000_003 + step)
         logits = model(input_ids=x).logits
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
-                                                reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         loss = (nll * mask.flatten()).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()

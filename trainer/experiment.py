@@ -1,0 +1,228 @@
+"""``make experiment``: every replay mode x off-policy level x seed from one warm start.
+
+Same warmed-up checkpoint, same prompts per seed; one fresh ``pr2-serve`` per cell. Writes
+``<out>/cells/<mode>-off<k>-s<seed>/metrics.jsonl``, ``<out>/results.json`` (one entry per cell
+plus per (mode, off-policy) aggregates over seeds) and ``<out>/*.png``; then regenerate the
+README's results section from the results file with ``python -m trainer.report``.
+
+    python -m trainer.experiment --out runs/experiment [--steps 60] [--seeds 0 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import secrets
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .tasks import Task
+
+MODES = ("none", "r2", "r3", "pr2")
+
+
+def instability_events(rows: list[dict]) -> dict[str, int]:
+    """Reward collapses (a 5-step mean below half the first 5 steps' mean, while that was
+    > 0.05), grad-norm spikes (> 10x the run's median), NaN metrics."""
+    rewards = [r["reward_mean"] for r in rows if r.get("reward_mean") is not None]
+    start = float(np.mean(rewards[:5])) if rewards else 0.0
+    collapses = 0
+    if start > 0.05:
+        window = [float(np.mean(rewards[i : i + 5])) for i in range(len(rewards) - 4)]
+        collapses = sum(1 for a, b in itertools.pairwise(window) if a >= start / 2 > b)
+    norms = [r["grad_norm"] for r in rows if r.get("grad_norm") is not None]
+    med = statistics.median(norms) if norms else 0.0
+    spikes = sum(1 for g in norms if med > 0 and g > 10 * med)
+    nans = sum(1 for r in rows for v in r.values() if isinstance(v, float) and math.isnan(v))
+    return {"reward_collapse": collapses, "grad_norm_spike": spikes, "nan": nans}
+
+
+def summarize_cell(rows: list[dict], wall: float) -> dict:
+    def mean(key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(vals)) if vals else None
+
+    hist = np.sum([r["deviation_hist"] for r in rows if r.get("deviation_hist")], axis=0)
+    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    return {
+        "zero_deviation": mean("zero_deviation"),
+        "zero_deviation_offpolicy": mean("zero_deviation_offpolicy"),
+        "deviation_hist": [int(x) for x in hist],
+        "train_infer_kl": mean("train_infer_kl"),
+        "predictor_hit_rate": mean("predictor_hit_rate"),
+        "zero_predictor_hit_rate": mean("zero_predictor_hit_rate"),
+        "final_eval_accuracy": evals[-1] if evals else None,
+        "reward_first": mean_of([r.get("reward_mean") for r in rows[:5]]),
+        "reward_last": mean_of([r.get("reward_mean") for r in rows[-5:]]),
+        "instability": instability_events(rows),
+        "wall_time_s": wall,
+        "steps": len(rows),
+    }
+
+
+def mean_of(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """Per (mode, off-policy): mean and spread (max - min over seeds) of the headline numbers."""
+    out = []
+    keys = sorted(
+        {(c["replay"], c["off_policy_steps"]) for c in cells},
+        key=lambda k: (k[1], MODES.index(k[0])),
+    )
+    for mode, off in keys:
+        group = [c for c in cells if (c["replay"], c["off_policy_steps"]) == (mode, off)]
+        agg = {"replay": mode, "off_policy_steps": off, "seeds": [c["seed"] for c in group]}
+        for key in (
+            "zero_deviation_offpolicy",
+            "zero_deviation",
+            "train_infer_kl",
+            "predictor_hit_rate",
+            "final_eval_accuracy",
+            "wall_time_s",
+        ):
+            vals = [c[key] for c in group if c.get(key) is not None]
+            agg[key] = float(np.mean(vals)) if vals else None
+            agg[key + "_spread"] = float(max(vals) - min(vals)) if len(vals) > 1 else 0.0
+        agg["deviation_hist"] = [
+            int(x) for x in np.sum([c["deviation_hist"] for c in group], axis=0)
+        ]
+        agg["instability_events"] = int(sum(sum(c["instability"].values()) for c in group))
+        out.append(agg)
+    return out
+
+
+def run_cell(
+    model_dir: Path,
+    out: Path,
+    mode: str,
+    off: int,
+    seed: int,
+    steps: int,
+    lr: float,
+    pred_mult: float,
+) -> dict:
+    from pr2_serve.launch import start_server
+
+    from .loop import Trainer
+
+    cell = out / "cells" / f"{mode}-off{off}-s{seed}"
+    shutil.rmtree(cell, ignore_errors=True)
+    cell.mkdir(parents=True)
+    key = secrets.token_hex(16)
+    t0 = time.perf_counter()
+    server = start_server(model_dir, cell / "server-state", api_key=key)
+    try:
+        cfg = TrainConfig(
+            servers=[server.http],
+            model_dir=str(model_dir),
+            task="addition",
+            task_digits=2,
+            replay=mode,
+            off_policy_steps=off,
+            prompts_per_batch=32,
+            samples_per_prompt=8,
+            max_tokens=6,
+            lr=lr,
+            predictor_lr_multiplier=pred_mult,
+            steps=steps,
+            eval_every=max(1, steps // 4),
+            eval_size=128,
+            seed=seed,
+            output_dir=str(cell),
+            api_key=key,
+        )
+        rows = Trainer(cfg, log=lambda *a: None).run()
+    finally:
+        server.stop()
+        shutil.rmtree(cell / "server-state", ignore_errors=True)
+    return {
+        "replay": mode,
+        "off_policy_steps": off,
+        "seed": seed,
+        **summarize_cell(rows, time.perf_counter() - t0),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
+    ap.add_argument("--router-std", type=float, default=0.02,
+                    help="router init std of the base model (HF's 0.02: routes that can drift)")
+    ap.add_argument("--results", default=None, help="default: <out>/results.json")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    model_dir = out / "model"
+    if not (model_dir / "model.safetensors").exists():
+        from pr2_serve.tiny_model import make_tiny_model
+
+        from .warmup import warmup
+
+        from pr2_serve.tiny_model import TinySpec
+
+        base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=args.router_std))
+        warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)
+    results_path = Path(args.results or out / "results.json")
+    cells = []
+    if results_path.exists():  # resume: keep finished cells
+        cells = json.loads(results_path.read_text()).get("cells", [])
+    done = {(c["replay"], c["off_policy_steps"], c["seed"]) for c in cells}
+    todo = [
+        (m, o, s)
+        for o in args.off_policy
+        for m in args.modes
+        for s in args.seeds
+        if (m, o, s) not in done
+    ]
+    for mode, off, seed in tqdm(todo, desc="cells"):
+        cells.append(
+            run_cell(
+                model_dir, out, mode, off, seed, args.steps, args.lr, args.predictor_lr_multiplier
+            )
+        )
+        _write(results_path, args, cells)
+    _write(results_path, args, cells)
+    from .report import plot_results
+
+    plot_results(json.loads(results_path.read_text()), out)
+    print(
+        f"wrote {results_path}; regenerate the README with: python -m trainer.report "
+        f"{results_path} README.md"
+    )
+
+
+def _write(path: Path, args, cells: list[dict]) -> None:
+    settings = {
+        "task": "addition (2 digits)",
+        "steps": args.steps,
+        "lr": args.lr,
+        "predictor_lr_multiplier": args.predictor_lr_multiplier,
+        "prompts_per_batch": 32,
+        "samples_per_prompt": 8,
+        "model": "tiny Qwen3-MoE "
+        "(hidden 64, 4 MoE layers, 8 experts, top-2), warmed up to ~20-30 % accuracy",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps({"settings": settings, "cells": cells, "aggregates": aggregate(cells)}, indent=1)
+    )
+
+
+if __name__ == "__main__":
+    main()
