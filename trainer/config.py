@@ -46,6 +46,8 @@ class TrainConfig:
     """Rollout sampling temperature."""
     lr: float = 1e-4
     """Policy learning rate (Adam)."""
+    router_lr_multiplier: float = 1.0
+    """Router weights' lr = ``lr`` x this (a lever to study larger router drift)."""
     clip_eps: float = 0.2
     """PPO clip range."""
     grad_clip: float = 1.0

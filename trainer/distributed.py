@@ -82,7 +82,9 @@ def run_distributed(cfg: TrainConfig) -> None:
     else:
         policy = Policy(cfg.model_dir, seed=cfg.seed, device=device)
     ddp = wrap(policy)
-    opt = torch.optim.Adam(policy.policy_parameters(), lr=cfg.lr)
+    from .loop import make_policy_optimizer
+
+    opt = make_policy_optimizer(policy, cfg)
     pred_opt = (
         torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)
         if cfg.replay == "pr2"

@@ -163,18 +163,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
-    ap.add_argument("--router-std", type=float, default=0.02,
-                    help="router init std of the base model (HF's 0.02: routes that can drift)")
+    ap.add_argument("--router-lr-multiplier", type=float, default=1.0)
+    ap.add_argument(
+        "--router-std",
+        type=float,
+        default=0.02,
+        help="router init std of the base model (HF's 0.02: routes that can drift)",
+    )
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     model_dir = out / "model"
     if not (model_dir / "model.safetensors").exists():
-        from pr2_serve.tiny_model import make_tiny_model
+        from pr2_serve.tiny_model import TinySpec, make_tiny_model
 
         from .warmup import warmup
-
-        from pr2_serve.tiny_model import TinySpec
 
         base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=args.router_std))
         warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)

@@ -324,6 +324,20 @@ def train_batch(
     return m
 
 
+def make_policy_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the policy; router weights at ``lr x router_lr_multiplier``."""
+    routers = {id(r.weight) for r in policy.replay.routers}
+    params = policy.policy_parameters()
+    groups = [
+        {"params": [p for p in params if id(p) not in routers], "lr": cfg.lr},
+        {
+            "params": [p for p in params if id(p) in routers],
+            "lr": cfg.lr * cfg.router_lr_multiplier,
+        },
+    ]
+    return torch.optim.Adam(groups)
+
+
 # -- the loop --------------------------------------------------------------------------------------
 def make_client(address: str, api_key: str | None):
     from pr2_serve.client import GrpcClient, HttpClient
@@ -346,7 +360,7 @@ class Trainer:
             raise RuntimeError(f"servers disagree on the weight version: {versions}")
         self.version = versions.pop()
         self.policy = Policy(cfg.model_dir, seed=cfg.seed)
-        self.opt = torch.optim.Adam(self.policy.policy_parameters(), lr=cfg.lr)
+        self.opt = make_policy_optimizer(self.policy, cfg)
         self.pred_opt = (
             torch.optim.Adam(
                 self.policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier

@@ -1,0 +1,100 @@
+"""Pieces of ``make demo`` / ``make experiment`` that need no server: warm-up, plots, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.experiment import aggregate, instability_events, summarize_cell
+from trainer.plots import plot_run
+from trainer.report import BEGIN, END, render, replace_section
+from trainer.tasks import Task
+from trainer.warmup import warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_rows(n=12, reward=0.2):
+    return [
+        {
+            "step": i + 1,
+            "reward_mean": reward + 0.01 * i,
+            "zero_deviation": 0.9,
+            "zero_deviation_offpolicy": 0.85,
+            "train_infer_kl": 1e-8,
+            "grad_norm": 1.0,
+            "deviation_hist": [90, 8, 2],
+            "predictor_hit_rate": 0.9,
+            "zero_predictor_hit_rate": 0.8,
+            "eval_accuracy": 0.3 if i % 4 == 3 else None,
+        }
+        for i in range(n)
+    ]
+
+
+def test_warmup_saves_a_loadable_checkpoint(tiny_zero, tmp_path):
+    res = warmup(
+        tiny_zero,
+        tmp_path / "w",
+        Task("count", 1),
+        max_steps=3,
+        eval_every=3,
+        eval_size=2,
+        progress=False,
+    )
+    assert res.steps == 3 and (tmp_path / "w" / "model.safetensors").exists()
+    assert (tmp_path / "w" / "tokenizer.json").exists()
+
+
+def test_plot_is_a_png(tmp_path):
+    path = plot_run(fake_rows(), tmp_path / "m.png", eval_baseline=0.25)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_instability_events():
+    rows = fake_rows(20, reward=0.5)
+    assert instability_events(rows) == {"reward_collapse": 0, "grad_norm_spike": 0, "nan": 0}
+    for r in rows[10:]:
+        r["reward_mean"] = 0.0
+    rows[3]["grad_norm"] = 50.0
+    rows[4]["loss"] = float("nan")
+    ev = instability_events(rows)
+    assert ev == {"reward_collapse": 1, "grad_norm_spike": 1, "nan": 1}
+
+
+def test_report_renders_and_replaces_section():
+    cells = [
+        {"replay": m, "off_policy_steps": 2, "seed": s, **summarize_cell(fake_rows(), 1.0)}
+        for m in ("none", "r2", "r3", "pr2")
+        for s in (0, 1)
+    ]
+    results = {
+        "settings": {
+            "task": "t",
+            "steps": 12,
+            "lr": 1e-4,
+            "predictor_lr_multiplier": 10,
+            "prompts_per_batch": 32,
+            "samples_per_prompt": 8,
+            "model": "m",
+        },
+        "cells": cells,
+        "aggregates": aggregate(cells),
+    }
+    text = render(results, "x.json")
+    assert "| 2 | pr2 |" in text and "ordering does NOT hold" in text  # all equal: no ordering
+    doc = f"# t\n{BEGIN}\nold\n{END}\nrest\n"
+    assert replace_section(doc, text) == f"# t\n{BEGIN}\n{text}\n{END}\nrest\n"
+
+
+def test_readme_results_section_matches_the_committed_results():
+    results = ROOT / "results" / "experiment" / "results.json"
+    if not results.exists():
+        pytest.fail("results/experiment/results.json is missing: run `make experiment`")
+    readme = (ROOT / "README.md").read_text()
+    expected = replace_section(
+        readme, render(json.loads(results.read_text()), "results/experiment/results.json")
+    )
+    assert readme == expected, "README results section is stale: run `make report`"
