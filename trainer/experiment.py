@@ -111,6 +111,7 @@ def run_cell(
     steps: int,
     lr: float,
     pred_mult: float,
+    router_mult: float = 1.0,
 ) -> dict:
     from pr2_serve.launch import start_server
 
@@ -135,6 +136,7 @@ def run_cell(
             max_tokens=6,
             lr=lr,
             predictor_lr_multiplier=pred_mult,
+            router_lr_multiplier=router_mult,
             steps=steps,
             eval_every=max(1, steps // 4),
             eval_size=128,
@@ -157,18 +159,23 @@ def run_cell(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
-    ap.add_argument("--router-lr-multiplier", type=float, default=1.0)
     ap.add_argument(
         "--router-std",
         type=float,
         default=0.02,
         help="router init std of the base model (HF's 0.02: routes that can drift)",
+    )
+    ap.add_argument(
+        "--router-lr-multiplier",
+        type=float,
+        default=30.0,
+        help="router lr = lr x this (a lever for router drift)",
     )
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
     args = ap.parse_args(argv)
@@ -196,7 +203,15 @@ def main(argv: list[str] | None = None) -> None:
     for mode, off, seed in tqdm(todo, desc="cells"):
         cells.append(
             run_cell(
-                model_dir, out, mode, off, seed, args.steps, args.lr, args.predictor_lr_multiplier
+                model_dir,
+                out,
+                mode,
+                off,
+                seed,
+                args.steps,
+                args.lr,
+                args.predictor_lr_multiplier,
+                args.router_lr_multiplier,
             )
         )
         _write(results_path, args, cells)
@@ -216,6 +231,7 @@ def _write(path: Path, args, cells: list[dict]) -> None:
         "steps": args.steps,
         "lr": args.lr,
         "predictor_lr_multiplier": args.predictor_lr_multiplier,
+        "router_lr_multiplier": args.router_lr_multiplier,
         "prompts_per_batch": 32,
         "samples_per_prompt": 8,
         "model": "tiny Qwen3-MoE "

@@ -98,7 +98,7 @@ def warmup(
             model.eval()
             acc = evaluated = greedy_accuracy(model, task, eval_size, seed, max_tokens)
             bar.set_postfix(loss=f"{loss.item():.3f}", eval_acc=f"{acc:.2f}")
-        history.append((step, float(loss), evaluated))
+        history.append((step, loss.item(), evaluated))
         if acc >= target_accuracy:
             break
     out = Path(out_dir)
