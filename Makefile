@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 
 test: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q
 
 # Pure tests only (no vLLM engine): seconds.
