@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
 
-.PHONY: venv test test-fast demo experiment report lint bench clean
+.PHONY: venv test test-fast demo experiment report reliability lint bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ experiment: $(STAMP)
 	$(BIN)/python -m trainer.experiment --out runs/experiment --results results/experiment/results.json
 	cp runs/experiment/*.png results/experiment/
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
+
+# Schema fuzzing, 32 clients x 60 s during weight pushes, faults, security (<= 10 min).
+reliability: $(STAMP)
+	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider
 
 report: $(STAMP)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md

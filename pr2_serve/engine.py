@@ -39,9 +39,21 @@ import torch
 from .checkpoint import WeightTable, WeightValidationError, checkpoint_files
 from .routes import route_dtype
 
-__all__ = ["EngineInfo", "Rollout", "RolloutEngine", "Sampling", "StreamEvent", "UpdateResult"]
+__all__ = [
+    "EngineInfo",
+    "EngineStepError",
+    "Rollout",
+    "RolloutEngine",
+    "Sampling",
+    "StreamEvent",
+    "UpdateResult",
+]
 
 WORKER_EXTENSION = "pr2_serve.plugin.worker.PR2WorkerExtension"
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests in it were aborted, the engine serves on."""
 
 
 @dataclass(slots=True)
@@ -56,6 +68,7 @@ class Sampling:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    fault: str | None = None  # test-only fault injection (PR2_ENABLE_FAULT_INJECTION=1)
 
 
 @dataclass(slots=True)
@@ -378,6 +391,7 @@ class RolloutEngine:
         waiting: list[_Job] = []  # accepted, not yet added to vLLM
         running: dict[str, _Job] = {}  # vLLM request id -> job
         updates: list[_Update] = []
+        step_failures = 0
         try:
             while True:
                 block = not running and not waiting and not updates
@@ -410,7 +424,19 @@ class RolloutEngine:
                         self._start(job, running)
                     waiting.clear()
                 if running:
-                    for out in self._llm.step():
+                    try:
+                        outputs = self._llm.step()
+                    except Exception as e:
+                        # A step failed (e.g. a worker error on one batch): the requests in it
+                        # fail cleanly and are aborted; the engine keeps serving new ones.
+                        # Several failures in a row mean the engine itself is broken.
+                        step_failures += 1
+                        self._fail_running(running, e)
+                        if step_failures >= 3:
+                            raise
+                        continue
+                    step_failures = 0
+                    for out in outputs:
                         job = running.get(out.request_id)
                         if job is not None and job.on_event is not None:
                             self._stream(job, out)
@@ -444,7 +470,7 @@ class RolloutEngine:
                     if job.on_event
                     else RequestOutputKind.FINAL_ONLY,
                     detokenize=False,  # rollouts are token ids; text costs ~10% on small models
-                    extra_args={"pr2_route_key": f"{job.key}.{i}"} if job.return_routes else None,
+                    extra_args=_extra_args(job, i),
                 )
                 # Outputs (all n samples together) come back under this external id.
                 rid = f"{job.key}.{i}"
@@ -575,6 +601,16 @@ class RolloutEngine:
         except WeightValidationError as e:
             upd.future.set_exception(e)
 
+    def _fail_running(self, running: dict[str, _Job], exc: Exception) -> None:
+        jobs = {id(j): j for j in running.values()}.values()
+        self._llm.abort_request(list(running))
+        running.clear()
+        err = EngineStepError(f"the engine step failed: {exc!r}")
+        for job in jobs:
+            job.pending.clear()
+            if not job.future.done():
+                job.future.set_exception(err)
+
     def _fail_all(self, waiting, running, updates, exc: BaseException) -> None:
         for job in {id(j): j for j in [*waiting, *running.values()]}.values():
             if not job.future.done():
@@ -582,6 +618,15 @@ class RolloutEngine:
         for upd in updates:
             if not upd.future.done():
                 upd.future.set_exception(exc)
+
+
+def _extra_args(job: _Job, i: int) -> dict | None:
+    extra: dict[str, Any] = {}
+    if job.return_routes:
+        extra["pr2_route_key"] = f"{job.key}.{i}"
+    if job.sampling.fault:
+        extra["pr2_fault"] = job.sampling.fault
+    return extra or None
 
 
 def _stock_facts(config: dict) -> dict[str, Any]:

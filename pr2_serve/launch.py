@@ -42,9 +42,15 @@ def start_server(
     api_key: str | None = API_KEY,
     timeout: float = 180.0,
     dtype: str = "float32",
+    env: dict[str, str] | None = None,
+    file_size_limit: int | None = None,
 ) -> Server:
-    """Start ``pr2-serve --model model_dir`` and return once it printed its ready line."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Start ``pr2-serve --model model_dir`` and return once it printed its ready line.
+
+    ``file_size_limit`` caps the size of any file the server writes (RLIMIT_FSIZE): writes past
+    it fail with EFBIG, which is how the reliability suite simulates a full disk.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("PR2_API_KEY", None)
     if api_key:
         env["PR2_API_KEY"] = api_key
@@ -66,8 +72,14 @@ def start_server(
         "512",
         *extra,
     ]
+    def limit_files() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        preexec_fn=limit_files if file_size_limit else None,
     )
     log: list[str] = []
     ready = threading.Event()

@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-upload-bytes", type=int, default=64 << 30)
     ap.add_argument("--max-request-bytes", type=int, default=16 << 20)
+    ap.add_argument("--max-samples-per-request", type=int, default=4096, help="prompts x n")
+    ap.add_argument(
+        "--max-tokens-per-request", type=int, default=1 << 22, help="prompts x n x max_tokens"
+    )
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--kv-cache-gib", type=int, default=1, help="CPU build: KV cache size")
     vllm = ap.add_argument_group("vLLM pass-through")
@@ -55,6 +59,37 @@ def read_api_key(args: argparse.Namespace) -> str | None:
             raise SystemExit(f"{args.api_key_file} is empty")
         return key
     return os.environ.get("PR2_API_KEY") or None
+
+
+def validate_parallelism(args: argparse.Namespace, on_cpu: bool) -> None:
+    """Clear errors for vLLM parallelism flags this deployment cannot honour."""
+    if args.data_parallel_size != 1:
+        raise SystemExit(
+            "--data-parallel-size > 1: start one pr2-serve per replica and give "
+            "the trainer every address (route capture is per engine)"
+        )
+    if args.tensor_parallel_size < 1:
+        raise SystemExit("--tensor-parallel-size must be >= 1")
+    if on_cpu:
+        if args.tensor_parallel_size > 1:
+            raise SystemExit(
+                "--tensor-parallel-size > 1 needs GPUs: the CPU build serves on one "
+                "socket; run several pr2-serve processes instead"
+            )
+        if args.enable_expert_parallel:
+            raise SystemExit(
+                "--enable-expert-parallel needs GPUs (it shards experts across "
+                "devices); not available on the CPU build"
+            )
+        if args.gpu_memory_utilization is not None:
+            raise SystemExit(
+                "--gpu-memory-utilization has no meaning on the CPU build: size the "
+                "KV cache with --kv-cache-gib"
+            )
+    elif args.enable_expert_parallel and args.tensor_parallel_size < 2:
+        raise SystemExit("--enable-expert-parallel needs --tensor-parallel-size >= 2")
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -86,15 +121,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 async def serve(args: argparse.Namespace) -> None:
     import uvicorn
+    from vllm.platforms import current_platform
 
     from .api.grpc_server import set_serving, start_grpc
     from .api.http import create_app
     from .engine import RolloutEngine
 
+    validate_parallelism(args, on_cpu=current_platform.is_cpu())
     state_dir = Path(args.state_dir or Path(args.model) / ".pr2-state")
     api_key = read_api_key(args)
     limits = Limits(
-        max_request_bytes=args.max_request_bytes, max_upload_bytes=args.max_upload_bytes
+        max_request_bytes=args.max_request_bytes,
+        max_upload_bytes=args.max_upload_bytes,
+        max_samples_per_request=args.max_samples_per_request,
+        max_tokens_per_request=args.max_tokens_per_request,
     )
     service = RolloutService(None, state_dir, api_key, limits)
     if not api_key:

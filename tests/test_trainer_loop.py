@@ -76,3 +76,54 @@ def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch)
     if mode in ("r3", "pr2"):  # replaying the server's routes: old pass == server
         assert first["train_infer_abs_dlogp"] < 1e-4
         assert first["first_ratio_max_dev"] == 0.0
+
+
+def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
+    """Two CPU servers: rollouts come from both, both get every push, versions agree."""
+    import httpx
+
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    a = start_server(tiny_zero, tmp_path / "a-state")
+    b = start_server(tiny_zero, tmp_path / "b-state")
+    try:
+        out = tmp_path / "two"
+        train_main(
+            [
+                "--servers",
+                a.http,
+                f"grpc://{b.grpc}",
+                "--model-dir",
+                str(tiny_zero),
+                "--replay",
+                "pr2",
+                "--off-policy-steps",
+                "2",
+                "--prompts-per-batch",
+                "4",
+                "--samples-per-prompt",
+                "2",
+                "--max-tokens",
+                "4",
+                "--steps",
+                "2",
+                "--eval-every",
+                "0",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert rows[1]["rollout_versions"] == [rows[0]["pushed_version"]]
+        for srv in (a, b):
+            info = httpx.get(f"{srv.http}/v1/info").json()
+            assert info["weight_version"] == rows[-1]["pushed_version"]
+            text = httpx.get(f"{srv.http}/metrics").text
+            served = sum(
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("pr2_requests_total")
+            )
+            assert served >= 2, text  # each server answered rollouts of both steps
+    finally:
+        a.stop()
+        b.stop()

@@ -20,7 +20,9 @@ from .schemas import (
 )
 from .service import RolloutService
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 409, 411, 413, 422, 429, 503)}
+ERRORS = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 411, 413, 422, 429, 500, 503, 507)
+}
 
 
 def routes_json(routes, start: int) -> tuple[dict, int]:
@@ -153,7 +155,9 @@ def create_app(service: RolloutService) -> FastAPI:
         )
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
-    async def generate(req: GenerateRequest):
+    async def generate(
+        req: GenerateRequest, x_pr2_fault: str | None = Header(None, include_in_schema=False)
+    ):
         """Generate ``n`` samples per prompt with log-probs and routes.
 
         Request: ``{"prompts": [[1, 2, 3]], "n": 2, "max_tokens": 8, "seed": 0}``.
@@ -162,7 +166,7 @@ def create_app(service: RolloutService) -> FastAPI:
         "finish_reason": "length", "weight_version": 0, "routes": {"dtype": "uint8",
         "shape": [10, 4, 2], "data": "<base64>", "start": 0}}, ...]}``
         """
-        rollouts = await service.generate(req, "http")
+        rollouts = await service.generate(req, "http", fault=x_pr2_fault)
         samples, nbytes = [], 0
         for r in rollouts:
             body, n = sample_json(r, req.routes_from)

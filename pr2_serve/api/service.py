@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import hmac
 import json
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import WeightValidationError
-from ..engine import Rollout, RolloutEngine, Sampling, StreamEvent
+from ..engine import EngineStepError, Rollout, RolloutEngine, Sampling, StreamEvent
 from .metrics import Metrics
 from .schemas import ApiError, GenerateRequest
 
@@ -38,6 +39,8 @@ class Limits:
     max_request_bytes: int = 16 << 20  # generate bodies
     max_upload_bytes: int = 64 << 30  # weight files
     max_queued_jobs: int = 256
+    max_samples_per_request: int = 4096  # prompts x n
+    max_tokens_per_request: int = 1 << 22  # prompts x n x max_tokens
 
 
 class RolloutService:
@@ -122,6 +125,23 @@ class RolloutService:
                     f"token id {t} outside the vocabulary",
                     f"stop_token_ids[{i}]",
                 )
+        samples = len(req.prompts) * req.n
+        if samples > self.limits.max_samples_per_request:
+            raise ApiError(
+                400,
+                "invalid_argument",
+                f"{len(req.prompts)} prompts x n={req.n} = {samples} samples exceeds "
+                f"the limit {self.limits.max_samples_per_request}",
+                "n",
+            )
+        if samples * req.max_tokens > self.limits.max_tokens_per_request:
+            raise ApiError(
+                400,
+                "invalid_argument",
+                f"{samples} samples x max_tokens={req.max_tokens} exceeds the limit "
+                f"{self.limits.max_tokens_per_request} tokens per request",
+                "max_tokens",
+            )
         prompts: list[list[int] | str] = []
         for i, p in enumerate(req.prompts):
             ids = (
@@ -167,9 +187,13 @@ class RolloutService:
         if self._inflight >= self.limits.max_queued_jobs:
             raise ApiError(429, "resource_exhausted", "too many requests in flight")
 
-    async def generate(self, req: GenerateRequest, protocol: str) -> list[Rollout]:
+    async def generate(
+        self, req: GenerateRequest, protocol: str, fault: str | None = None
+    ) -> list[Rollout]:
         self._admit()
         prompts, sampling = self._sampling(req)
+        if fault and os.environ.get("PR2_ENABLE_FAULT_INJECTION") == "1":
+            sampling.fault = fault
         t0 = time.perf_counter()
         self._inflight += 1
         try:
@@ -180,6 +204,8 @@ class RolloutService:
                 return_routes=req.return_routes,
             )
             rollouts = await asyncio.wrap_future(fut)
+        except EngineStepError as e:  # the step failed; the engine serves on
+            raise ApiError(500, "engine_error", str(e)) from e
         except ValueError as e:  # the engine's own checks
             raise ApiError(400, "invalid_argument", str(e)) from e
         finally:
@@ -300,6 +326,9 @@ class RolloutService:
         except ApiError:
             writer.abort()
             raise
+        except OSError as e:
+            writer.abort()
+            raise _storage_error(e) from e
         except Exception as e:  # the client went away mid-body
             writer.abort()
             raise ApiError(
@@ -308,7 +337,10 @@ class RolloutService:
                 f"upload interrupted after {size} bytes ({type(e).__name__})",
                 "body",
             ) from e
-        digest = await writer.finish()
+        try:
+            digest = await writer.finish()
+        except OSError as e:
+            raise _storage_error(e) from e
         if declared is not None and size != declared:
             raise ApiError(
                 400, "invalid_argument", f"upload ended after {size} of {declared} bytes", "body"
@@ -345,6 +377,13 @@ class RolloutService:
                     f.unlink()
 
 
+def _storage_error(e: OSError) -> ApiError | OSError:
+    """Disk full / file too large / quota -> 507 Insufficient Storage; other I/O errors as is."""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ApiError(507, "insufficient_storage", f"no space to store the upload: {e.strerror}")
+    return e
+
+
 class _HashingWriter:
     """Write + sha256 on a thread, fed in ~4 MiB batches through a bounded queue."""
 
@@ -376,6 +415,8 @@ class _HashingWriter:
             self._file.close()
 
     async def put(self, chunk: bytes) -> None:
+        if self._error is not None:  # e.g. the disk filled up: stop reading the upload
+            raise self._error
         self._buf.append(chunk)
         self._buffered += len(chunk)
         if self._buffered >= self.BATCH:

@@ -13,6 +13,7 @@ vLLM mixes this class into its worker class; the engine calls the ``pr2_*`` meth
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -63,7 +64,11 @@ class PR2WorkerExtension:
         self._pr2_key_cache: dict[str, str | None] = {}  # vLLM request id -> store key
         stock_execute = runner.execute_model
 
+        inject = os.environ.get("PR2_ENABLE_FAULT_INJECTION") == "1"
+
         def execute_model(scheduler_output, *args, **kwargs):
+            if inject:
+                _maybe_inject_fault(scheduler_output)
             # Finished requests leave runner.requests inside execute_model: resolve them first.
             finished = self._pr2_keys(scheduler_output.finished_req_ids)
             out = stock_execute(scheduler_output, *args, **kwargs)
@@ -180,6 +185,16 @@ def _fix_cpu_seeded_chunked_prefill(runner) -> None:
             batch.generators.update(held)
 
     runner.sample_tokens = sample_tokens
+
+
+def _maybe_inject_fault(scheduler_output) -> None:
+    """Test-only (``PR2_ENABLE_FAULT_INJECTION=1``): a new request whose extra_args hold
+    ``{"pr2_fault": "step"}`` makes this step fail before the model runs (the reliability suite's
+    "engine error during generate")."""
+    for req in scheduler_output.scheduled_new_reqs:
+        params = req.sampling_params
+        if params is not None and (params.extra_args or {}).get("pr2_fault") == "step":
+            raise RuntimeError(f"injected fault in the step of request {req.req_id}")
 
 
 def _request_key(req_state) -> str | None:

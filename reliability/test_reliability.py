@@ -1,0 +1,363 @@
+"""``make reliability``: schema fuzzing, load during weight pushes, faults, security limits.
+
+Real ``pr2-serve`` processes on loopback, real vLLM CPU build, tiny model; every loop bounded.
+Figures are printed (run with ``-s``) and written to ``runs/reliability/figures.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pr2_serve.client import AsyncGrpcClient, AsyncHttpClient, HttpClient, ServerError
+from pr2_serve.engine import RolloutEngine, Sampling
+from pr2_serve.launch import API_KEY, start_server
+from pr2_serve.tiny_model import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES: dict = {}
+FILE_LIMIT = 6 << 20  # the server may not write files larger than this: "disk full" past it
+
+
+def record(name: str, value) -> None:
+    FIGURES[name] = value
+    print(f"[reliability] {name}: {json.dumps(value)}", flush=True)
+    out = ROOT / "runs" / "reliability"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "figures.json").write_text(json.dumps(FIGURES, indent=1))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("rel-model"), seed=0, predictor="random")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    srv = start_server(
+        model,
+        tmp_path_factory.mktemp("rel-state"),
+        "--max-samples-per-request",
+        "32",
+        "--max-tokens-per-request",
+        "2048",
+        "--max-upload-bytes",
+        str(64 << 20),
+        "--max-model-len",
+        "128",
+        env={"PR2_ENABLE_FAULT_INJECTION": "1"},
+        file_size_limit=FILE_LIMIT,
+    )
+    yield srv
+    srv.stop()
+
+
+def predictors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"model.layers.{i}.mlp.predictor.weight": torch.randn(8, 64, generator=g) * 0.3
+        for i in range(4)
+    }
+
+
+def leftovers(state: Path) -> list[str]:
+    """Files in the weights dir that are not committed (partial or rejected uploads)."""
+    committed = state / "committed.json"
+    live = set(json.loads(committed.read_text())["files"].values()) if committed.exists() else set()
+    return sorted(p.name for p in (state / "weights").iterdir() if p.name not in live)
+
+
+# -- schema fuzzing ------------------------------------------------------------------------------
+def test_schemathesis_finds_no_5xx_and_no_schema_violation(server):
+    exe = Path(sys.executable).parent / "schemathesis"
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [
+            str(exe),
+            "run",
+            f"{server.http}/openapi.json",
+            "--checks",
+            "not_a_server_error,response_schema_conformance",
+            "--max-examples",
+            "40",
+            "--seed",
+            "1",
+            "--workers",
+            "2",
+            "--request-timeout",
+            "60",
+            "-H",
+            f"Authorization: Bearer {API_KEY}",
+            "--max-time",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    tail = out.stdout[-3000:]
+    record(
+        "schemathesis",
+        {
+            "exit_code": out.returncode,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "summary": [ln for ln in out.stdout.splitlines() if "passed" in ln or "failed" in ln][
+                -3:
+            ],
+        },
+    )
+    assert out.returncode == 0, tail + out.stderr[-2000:]
+    assert HttpClient(server.http).ready()
+
+
+# -- load during pushes --------------------------------------------------------------------------
+def test_load_32_clients_60s_with_a_push_every_10s(server, model):
+    duration, clients = 60.0, 32
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(3, 40, size=64)]
+    results, errors, latencies = [], [], []
+    tokens = [0]
+    stop = threading.Event()
+    http = HttpClient(server.http, api_key=API_KEY)
+    v0 = http.info()["weight_version"]
+
+    async def client(i: int):
+        c = AsyncHttpClient(server.http) if i % 2 else AsyncGrpcClient(server.grpc)
+        r = np.random.default_rng(i)
+        try:
+            while not stop.is_set():
+                p = prompts[int(r.integers(len(prompts)))]
+                n = int(r.integers(1, 5))
+                long = bool(r.integers(2))
+                routes = bool(r.integers(2))
+                t = time.perf_counter()
+                try:
+                    res = await c.generate(
+                        [p],
+                        n=n,
+                        temperature=0.0,
+                        max_tokens=24 if long else 4,
+                        return_routes=routes,
+                    )
+                except Exception as e:  # every failure is counted
+                    errors.append(repr(e))
+                    continue
+                latencies.append(time.perf_counter() - t)
+                for s in res.samples:
+                    tokens[0] += len(s.output_token_ids)
+                    assert (s.routes is not None) == routes
+                    results.append((p, len(s.output_token_ids), s))
+        finally:
+            await c.aclose()
+
+    async def run():
+        await asyncio.gather(*(client(i) for i in range(clients)))
+
+    t = threading.Thread(target=lambda: asyncio.run(run()))
+    t0 = time.perf_counter()
+    t.start()
+    pushed = {}
+    k = 0
+    while time.perf_counter() - t0 < duration - 5:
+        time.sleep(10.0)
+        k += 1
+        pushed[v0 + k] = predictors(1000 + k)
+        http.push_weights(pushed[v0 + k], v0 + k)
+    stop.set()
+    t.join(180)
+    wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    record(
+        "load",
+        {
+            "clients": clients,
+            "seconds": round(wall, 1),
+            "requests": len(lat),
+            "errors": len(errors),
+            "pushes": len(pushed),
+            "p50_latency_s": round(statistics.median(lat), 3),
+            "p99_latency_s": round(lat[int(0.99 * (len(lat) - 1))], 3),
+            "tokens_per_s": round(tokens[0] / wall, 1),
+        },
+    )
+    assert not errors, errors[:5]
+    versions = sorted({s.weight_version for _, _, s in results})
+    assert len(versions) >= 3, versions
+    # every sample is what its reported version produces (greedy, regenerated per version)
+    assert v0 == 0, "the load test replays versions from the base checkpoint"
+    with RolloutEngine(model, dtype="float32", max_model_len=128) as engine:
+        for v in versions:
+            if v > engine.weight_version:
+                engine.update_weights(pushed[v], v)
+            mine = [(p, m, s) for p, m, s in results if s.weight_version == v]
+            uniq = {}
+            for p, m, s in mine:
+                uniq.setdefault((tuple(p), m), []).append(s.output_token_ids)
+            keys = list(uniq)
+            outs = [
+                engine.generate([list(p)], Sampling(temperature=0.0, max_tokens=m))[0]
+                for p, m in keys
+            ]
+            for key, want in zip(keys, outs, strict=True):
+                for got in uniq[key]:
+                    assert got == want.output_token_ids, (v, key)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+def _slow_upload_script(url: str, version: int, path: Path) -> str:
+    host, port = url.removeprefix("http://").split(":")
+    data = path.read_bytes()
+    return (
+        "import socket, time\n"
+        f"s = socket.create_connection(({host!r}, {port}))\n"
+        f"s.sendall(b'PUT /v1/weights/{version} HTTP/1.1\\r\\nHost: x\\r\\n"
+        f"Authorization: Bearer {API_KEY}\\r\\nX-Content-SHA256: "
+        f"{hashlib.sha256(data).hexdigest()}\\r\\nContent-Length: {len(data)}\\r\\n\\r\\n')\n"
+        f"s.sendall(open({str(path)!r}, 'rb').read()[:{len(data) // 2}])\n"
+        "print('half sent', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+
+
+def test_client_killed_mid_upload(server, tmp_path):
+    http = HttpClient(server.http, api_key=API_KEY)
+    before = http.info()["weight_version"]
+    path = tmp_path / "w.safetensors"
+    save_file(predictors(7), str(path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _slow_upload_script(server.http, before + 1, path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "half sent"
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait()
+    time.sleep(1.0)
+    assert http.info()["weight_version"] == before
+    assert http.generate([[1, 2, 3]], max_tokens=2).samples
+    assert leftovers(server.state_dir) == []
+    record("fault_client_killed_mid_upload", {"version_kept": before, "leftover_files": 0})
+
+
+def test_server_killed_during_upload_comes_back_on_committed_version(model, tmp_path):
+    state = tmp_path / "state"
+    srv = start_server(model, state)
+    try:
+        http = HttpClient(srv.http, api_key=API_KEY)
+        http.push_weights(predictors(1), 1)
+        committed = http.generate([[5, 6, 7]], max_tokens=6, temperature=0.0).samples[0]
+        path = tmp_path / "w2.safetensors"
+        save_file(predictors(2), str(path))
+        up = subprocess.Popen(
+            [sys.executable, "-c", _slow_upload_script(srv.http, 2, path)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert up.stdout.readline().strip() == "half sent"
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait()
+        up.kill()
+        partial = [p.name for p in (state / "weights").iterdir() if p.name.endswith(".part")]
+    finally:
+        srv.stop()
+    again = start_server(model, state)
+    try:
+        http = HttpClient(again.http)
+        assert http.info()["weight_version"] == 1
+        after = http.generate([[5, 6, 7]], max_tokens=6, temperature=0.0).samples[0]
+        assert after.output_token_ids == committed.output_token_ids
+        assert leftovers(state) == []
+    finally:
+        again.stop()
+    record(
+        "fault_server_sigkill_during_upload",
+        {"partial_files_at_kill": partial, "restarted_version": 1, "leftover_files": 0},
+    )
+
+
+def test_disk_full_during_upload(server, model, tmp_path):
+    http = HttpClient(server.http, api_key=API_KEY)
+    before = http.info()["weight_version"]
+    from safetensors.torch import load_file
+
+    big = load_file(str(model / "model.safetensors"))
+    path = tmp_path / "big.safetensors"
+    save_file(big, str(path))
+    # the whole checkpoint again, padded past the file-size limit with a metadata blob
+    data = path.read_bytes()
+    assert len(data) < FILE_LIMIT  # the model itself fits; make the upload not fit
+    save_file(big, str(path), metadata={"pad": "x" * (FILE_LIMIT - len(data) + (1 << 20))})
+    with pytest.raises(ServerError) as e:
+        http.push_weights(str(path), before + 1)
+    assert e.value.status == 507, e.value
+    assert http.info()["weight_version"] == before
+    assert http.generate([[1, 2, 3]], max_tokens=2).samples
+    assert leftovers(server.state_dir) == []
+    record("fault_disk_full", {"status": e.value.status, "message": e.value.message})
+
+
+def test_engine_error_during_generate_fails_cleanly(server):
+    import httpx
+
+    http = HttpClient(server.http)
+    r = httpx.post(
+        f"{server.http}/v1/generate",
+        json={"prompts": [[1, 2, 3]], "max_tokens": 4},
+        headers={"X-PR2-Fault": "step"},
+        timeout=60,
+    )
+    assert r.status_code == 500 and r.json()["error"]["type"] == "engine_error", r.text
+    assert httpx.get(f"{server.http}/readyz").status_code == 200
+    assert len(http.generate([[1, 2, 3], [4, 5]], n=2, max_tokens=4).samples) == 4
+    record("fault_engine_error", {"status": r.status_code, "ready_after": True})
+
+
+# -- security --------------------------------------------------------------------------------------
+def test_every_control_route_needs_the_token(server):
+    import httpx
+
+    spec = httpx.get(f"{server.http}/openapi.json").json()
+    control = [
+        (m.upper(), p)
+        for p, ops in spec["paths"].items()
+        for m in ops
+        if m in ("put", "delete", "patch")
+    ]
+    assert control
+    for method, path in control:
+        url = server.http + path.replace("{version}", "999")
+        r = httpx.request(method, url, content=b"x", headers={"X-Content-SHA256": "0" * 64})
+        assert r.status_code == 401, (method, path, r.status_code)
+    record("security_control_routes", [f"{m} {p}" for m, p in control])
+
+
+def test_size_limits_and_loopback_default():
+    from pr2_serve.server import parse_args
+
+    assert parse_args(["--model", "x"]).host == "127.0.0.1"
+    record("security_defaults", {"bind": "127.0.0.1"})
+
+
+def test_no_unpickling_anywhere():
+    from tests.test_security import unpickling_sites
+
+    assert unpickling_sites() == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-s"]))

@@ -1,0 +1,46 @@
+"""vLLM parallelism pass-through flags: validated with clear errors (no engine started)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pr2_serve.server import engine_kwargs, parse_args, validate_parallelism
+
+
+def args(*extra: str):
+    return parse_args(["--model", "m", *extra])
+
+
+@pytest.mark.parametrize(
+    "flags, on_cpu, msg",
+    [
+        (["--tensor-parallel-size", "2"], True, "needs GPUs"),
+        (["--enable-expert-parallel"], True, "needs GPUs"),
+        (["--gpu-memory-utilization", "0.9"], True, "--kv-cache-gib"),
+        (["--data-parallel-size", "2"], False, "one pr2-serve per replica"),
+        (["--enable-expert-parallel"], False, "tensor-parallel-size >= 2"),
+        (["--gpu-memory-utilization", "1.5"], False, r"\(0, 1\]"),
+        (["--tensor-parallel-size", "0"], False, ">= 1"),
+    ],
+)
+def test_refused_with_a_clear_message(flags, on_cpu, msg):
+    with pytest.raises(SystemExit, match=msg):
+        validate_parallelism(args(*flags), on_cpu=on_cpu)
+
+
+def test_gpu_flags_pass_through():
+    a = args(
+        "--tensor-parallel-size",
+        "4",
+        "--enable-expert-parallel",
+        "--gpu-memory-utilization",
+        "0.85",
+        "--max-num-seqs",
+        "256",
+    )
+    validate_parallelism(a, on_cpu=False)
+    kw = engine_kwargs(a)
+    assert kw["tensor_parallel_size"] == 4 and kw["enable_expert_parallel"] is True
+    assert kw["gpu_memory_utilization"] == 0.85 and kw["max_num_seqs"] == 256
+    validate_parallelism(args(), on_cpu=True)
+    assert "tensor_parallel_size" not in engine_kwargs(args())
