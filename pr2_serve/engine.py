@@ -52,6 +52,10 @@ __all__ = [
 WORKER_EXTENSION = "pr2_serve.plugin.worker.PR2WorkerExtension"
 
 
+class RequestRejected(ValueError):
+    """vLLM refused a request when it was added (its own validation)."""
+
+
 class EngineStepError(RuntimeError):
     """A model step failed; the requests in it were aborted, the engine serves on."""
 
@@ -480,7 +484,7 @@ class RolloutEngine:
                 job.outputs[i] = rid
         except Exception as e:
             self._abort(job, running)
-            job.future.set_exception(e)
+            job.future.set_exception(e if isinstance(e, ValueError) else RequestRejected(str(e)))
 
     def _abort(self, job: _Job, running: dict[str, _Job]) -> None:
         ids = [rid for rid in job.pending]

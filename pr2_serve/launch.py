@@ -72,13 +72,18 @@ def start_server(
         "512",
         *extra,
     ]
+
     def limit_files() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
         preexec_fn=limit_files if file_size_limit else None,
     )
     log: list[str] = []

@@ -7,6 +7,7 @@ import json
 from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Rollout, StreamEvent
 from ..routes import encode_routes
@@ -80,6 +81,19 @@ def create_app(service: RolloutService) -> FastAPI:
     async def api_error(_: Request, e: ApiError):
         metrics.errors.labels(kind=e.kind).inc()
         return JSONResponse(e.to_json(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        """Framework errors (unparsable body, unknown route, wrong method) in our error shape."""
+        kind = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(
+            e.status_code, "http_error"
+        )
+        metrics.errors.labels(kind=kind).inc()
+        return JSONResponse(
+            {"error": {"type": kind, "message": str(e.detail)}},
+            status_code=e.status_code,
+            headers=getattr(e, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):

@@ -44,7 +44,7 @@ class GenerateRequest(BaseModel):
         min_length=1, max_length=MAX_PROMPTS, description="token-id lists or text"
     )
     n: StrictInt = Field(1, ge=1, le=MAX_N, description="samples per prompt")
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="vLLM's range")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(-1, ge=-1, description="-1: off")
     max_tokens: StrictInt = Field(16, ge=1, le=1 << 20)

@@ -117,6 +117,13 @@ class RolloutService:
                 f"max_tokens {req.max_tokens} >= max_model_len {info.max_model_len}",
                 "max_tokens",
             )
+        if req.top_k > info.vocab_size:
+            raise ApiError(
+                400,
+                "invalid_argument",
+                f"top_k {req.top_k} > vocabulary size {info.vocab_size}",
+                "top_k",
+            )
         for i, t in enumerate(req.stop_token_ids):
             if not 0 <= t < info.vocab_size:
                 raise ApiError(
