@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from trainer.experiment import aggregate, instability_events, summarize_cell
 from trainer.plots import plot_run
-from trainer.report import BEGIN, END, render, replace_section
+from trainer.report import BEGIN, END, load, render, replace_section
 from trainer.tasks import Task
 from trainer.warmup import warmup
 
@@ -85,6 +84,15 @@ def test_report_renders_and_replaces_section():
     }
     text = render(results, "x.json")
     assert "| 2 | pr2 |" in text and "ordering does NOT hold" in text  # all equal: no ordering
+    inv_run = {"router_lr_multiplier": 30.0, "predictor_lr_multiplier": 10.0, "loss": "l2"}
+    inv = {
+        "steps": 12,
+        "off_policy_steps": 8,
+        "runs": [{**inv_run, "replay": "pr2", **summarize_cell(fake_rows(), 1.0)}],
+    }
+    with_inv = render(results, "r/results.json", inv)
+    assert with_inv.startswith(render(results, "r/results.json"))
+    assert "`r/investigation.json`" in with_inv and "| pr2 | 30 | 10 | l2 |" in with_inv
     doc = f"# t\n{BEGIN}\nold\n{END}\nrest\n"
     assert replace_section(doc, text) == f"# t\n{BEGIN}\n{text}\n{END}\nrest\n"
 
@@ -94,7 +102,8 @@ def test_readme_results_section_matches_the_committed_results():
     if not results.exists():
         pytest.fail("results/experiment/results.json is missing: run `make experiment`")
     readme = (ROOT / "README.md").read_text()
+    data, investigation = load(results)
     expected = replace_section(
-        readme, render(json.loads(results.read_text()), "results/experiment/results.json")
+        readme, render(data, "results/experiment/results.json", investigation)
     )
     assert readme == expected, "README results section is stale: run `make report`"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer.ppo import grpo_advantages, ppo_loss
-from trainer.predictor import predictor_hit_rate, predictor_loss
+from trainer.predictor import drift_cosine, predictor_hit_rate, predictor_loss
 from trainer.tasks import Task, decode, exact_match
 
 
@@ -93,3 +94,17 @@ def test_tasks_are_seeded_disjoint_and_scored_exactly():
     assert exact_match(list(p.answer.encode()), p.answer) == 0.0  # no EOS
     assert exact_match([*good[:-1], 48, 256], p.answer) == 0.0
     assert decode([104, 105, 256, 1]) == ("hi", True)
+
+
+def test_drift_cosine_reference():
+    """Consecutive router updates: same direction 1, opposite -1, orthogonal 0, none -> None."""
+    a = [torch.tensor([[1.0, 2.0]]), torch.tensor([3.0])]
+    assert drift_cosine(a, a) == pytest.approx(1.0)
+    assert drift_cosine(a, [-x for x in a]) == pytest.approx(-1.0)
+    assert drift_cosine([torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 5.0])]) == 0.0
+    assert drift_cosine(None, a) is None
+    assert drift_cosine(a, [torch.zeros(1, 2), torch.zeros(1)]) is None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    ref = float((x * y).sum() / (x.norm() * y.norm()))
+    assert drift_cosine([x], [y]) == pytest.approx(ref, abs=1e-6)

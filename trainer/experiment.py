@@ -59,6 +59,9 @@ def summarize_cell(rows: list[dict], wall: float) -> dict:
         "train_infer_kl": mean("train_infer_kl"),
         "predictor_hit_rate": mean("predictor_hit_rate"),
         "zero_predictor_hit_rate": mean("zero_predictor_hit_rate"),
+        "rollout_predictor_hit_rate": mean("rollout_predictor_hit_rate"),
+        "router_drift_rel": mean("router_drift_rel"),
+        "router_drift_cos_prev": mean("router_drift_cos_prev"),
         "final_eval_accuracy": evals[-1] if evals else None,
         "reward_first": mean_of([r.get("reward_mean") for r in rows[:5]]),
         "reward_last": mean_of([r.get("reward_mean") for r in rows[-5:]]),
@@ -112,12 +115,14 @@ def run_cell(
     lr: float,
     pred_mult: float,
     router_mult: float = 1.0,
+    pred_loss: str = "kl-post",
+    name: str | None = None,
 ) -> dict:
     from pr2_serve.launch import start_server
 
     from .loop import Trainer
 
-    cell = out / "cells" / f"{mode}-off{off}-s{seed}"
+    cell = out / "cells" / (name or f"{mode}-off{off}-s{seed}")
     shutil.rmtree(cell, ignore_errors=True)
     cell.mkdir(parents=True)
     key = secrets.token_hex(16)
@@ -136,6 +141,7 @@ def run_cell(
             max_tokens=6,
             lr=lr,
             predictor_lr_multiplier=pred_mult,
+            predictor_loss=pred_loss,
             router_lr_multiplier=router_mult,
             steps=steps,
             eval_every=max(1, steps // 4),
@@ -154,6 +160,40 @@ def run_cell(
         "seed": seed,
         **summarize_cell(rows, time.perf_counter() - t0),
     }
+
+
+#: The investigation grid (off-policy 8, one seed): router drift size, predictor lr, loss type.
+INVESTIGATION = (
+    # (mode, router lr multiplier, predictor lr multiplier, predictor loss)
+    ("none", 1.0, 0.0, "kl-post"),
+    ("pr2", 1.0, 10.0, "kl-post"),
+    ("none", 30.0, 0.0, "kl-post"),
+    ("pr2", 30.0, 1.0, "kl-post"),
+    ("pr2", 30.0, 10.0, "kl-post"),
+    ("pr2", 30.0, 100.0, "kl-post"),
+    ("pr2", 30.0, 10.0, "l2"),
+    ("pr2", 30.0, 100.0, "l2"),
+)
+
+
+def investigate(model_dir: Path, out: Path, path: Path, steps: int, lr: float, off: int) -> None:
+    """Why PR2 does (not) beat R3 here: each row one run; resumable like the main grid."""
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    done = {
+        (r["replay"], r["router_lr_multiplier"], r["predictor_lr_multiplier"], r["loss"])
+        for r in runs
+    }
+    for mode, rmult, pmult, loss in tqdm(
+        [c for c in INVESTIGATION if c not in done], desc="investigation"
+    ):
+        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}"
+        cell = run_cell(model_dir, out, mode, off, 0, steps, lr, pmult, rmult, loss, name)
+        runs.append(
+            {"router_lr_multiplier": rmult, "predictor_lr_multiplier": pmult, "loss": loss, **cell}
+        )
+        path.write_text(
+            json.dumps({"steps": steps, "off_policy_steps": off, "lr": lr, "runs": runs}, indent=1)
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         help="router lr = lr x this (a lever for router drift)",
     )
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
+    ap.add_argument(
+        "--investigate",
+        metavar="PATH",
+        default=None,
+        help="instead of the grid, run the investigation runs (off-policy 8, seed 0) into PATH",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     model_dir = out / "model"
@@ -188,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
         base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=args.router_std))
         warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)
+    if args.investigate:
+        investigate(model_dir, out, Path(args.investigate), args.steps, args.lr, 8)
+        return
     results_path = Path(args.results or out / "results.json")
     cells = []
     if results_path.exists():  # resume: keep finished cells

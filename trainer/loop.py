@@ -31,7 +31,7 @@ from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .config import TrainConfig
 from .ppo import grpo_advantages, ppo_loss, token_logprobs
-from .predictor import predictor_hit_rate, predictor_loss
+from .predictor import drift_cosine, predictor_hit_rate, predictor_loss
 from .replay import MoEReplay, RoutingControl
 from .tasks import Task, encode, exact_match
 
@@ -137,6 +137,7 @@ class Policy:
             tensors.update(load_file(str(f)))
         self.replay.load_predictors(tensors)
         self.device = device
+        self.last_router_delta: list[torch.Tensor] | None = None  # the previous batch's update
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         pred = {id(p) for m in self.replay.predictors for p in m.parameters()}
@@ -247,6 +248,8 @@ def train_batch(
     m["time_old_pass"] = time.perf_counter() - t0
     # -- mini-steps -----------------------------------------------------------------------------
     t0 = time.perf_counter()
+    routers_before = [r.weight.detach().clone() for r in policy.replay.routers]
+    predictor_at_rollout = [w.detach().clone() for w in policy.predictor_parameters()]
     hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     stats, grad_norms, pred_losses = [], [], []
@@ -320,6 +323,17 @@ def train_batch(
         h_old, z_old, routers, policy.predictor_parameters(), k, valid
     )
     m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
+    # out of sample: the predictor the server used for this rollout (trained on earlier batches)
+    m["rollout_predictor_hit_rate"] = predictor_hit_rate(
+        h_old, z_old, routers, predictor_at_rollout, k, valid
+    )
+    delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
+    m["router_drift_rel"] = float(
+        torch.cat([d.reshape(-1) for d in delta]).norm()
+        / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
+    )
+    m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
+    policy.last_router_delta = delta
     m["predictor_loss"] = float(np.mean(pred_losses)) if pred_losses else None
     return m
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["predictor_hit_rate", "predictor_loss"]
+__all__ = ["drift_cosine", "predictor_hit_rate", "predictor_loss"]
 
 
 def predictor_loss(
@@ -71,6 +71,29 @@ def predictor_hit_rate(
         hits += float((same * m).sum())
         count += float(m.sum())
     return hits / max(count, 1.0)
+
+
+def drift_cosine(
+    previous: Sequence[torch.Tensor] | None, current: Sequence[torch.Tensor]
+) -> float | None:
+    """Cosine between two router updates (all layers flattened together).
+
+    ``current`` is ``W_r(after batch t) - W_r(before batch t)``, ``previous`` the same for batch
+    t-1. PR2's predictor is trained on one batch's drift and applied to the next rollout, so it
+    can only help when consecutive drifts point the same way (cosine clearly > 0); for a random
+    walk the cosine is ~0. None when there is no previous update or one of them is zero.
+
+    >>> drift_cosine([torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])])  # doctest: +ELLIPSIS
+    0.707...
+    """
+    if previous is None:
+        return None
+    a = torch.cat([x.detach().float().reshape(-1) for x in previous])
+    b = torch.cat([x.detach().float().reshape(-1) for x in current])
+    na, nb = a.norm(), b.norm()
+    if na == 0 or nb == 0:
+        return None
+    return float(a @ b / (na * nb))
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

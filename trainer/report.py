@@ -24,8 +24,18 @@ def _num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def render(results: dict, source: str) -> str:
-    """Markdown of the results (deterministic: same file, same text)."""
+def load(results_path: str | Path) -> tuple[dict, dict | None]:
+    """The results file and, when present beside it, ``investigation.json``."""
+    results_path = Path(results_path)
+    inv = results_path.with_name("investigation.json")
+    return (
+        json.loads(results_path.read_text()),
+        json.loads(inv.read_text()) if inv.exists() else None,
+    )
+
+
+def render(results: dict, source: str, investigation: dict | None = None) -> str:
+    """Markdown of the results (deterministic: same files, same text)."""
     s = results["settings"]
     aggs = results["aggregates"]
     lines = [
@@ -51,7 +61,41 @@ def render(results: dict, source: str) -> str:
             f"{_num(a['wall_time_s'], '.0f')} |"
         )
     lines += ["", *claims(aggs)]
+    if investigation:
+        lines += ["", *render_investigation(investigation, source)]
     return "\n".join(lines)
+
+
+def render_investigation(inv: dict, source: str) -> list[str]:
+    """The investigation runs: router drift size, predictor lr and loss, drift consistency."""
+    name = str(Path(source).with_name("investigation.json"))
+    lines = [
+        f"Investigation (`{name}`, from `python -m trainer.experiment --investigate`): "
+        f"off-policy {inv['off_policy_steps']}, seed 0, {inv['steps']} steps each. "
+        "Predictor hit % = share of (token, layer) whose predicted top-k equals the router's "
+        "top-k after the batch's updates: *in-sample* with the predictor after it trained on "
+        "the batch, *rollout* with the predictor the server used for that batch (trained on "
+        "earlier batches: what PR2 relies on), *zero* with no predictor (= R3). Drift cos = "
+        "cosine between consecutive batches' router updates.",
+        "",
+        "| mode | router lr x | predictor lr x | loss | zero-dev. % (off-policy) | "
+        "hit % in-sample | hit % rollout | hit % zero | router drift / batch (rel.) | "
+        "drift cos (consecutive) | final eval acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in inv["runs"]:
+        pred = r["replay"] == "pr2"
+        lines.append(
+            f"| {r['replay']} | {r['router_lr_multiplier']:g} | "
+            f"{_num(r['predictor_lr_multiplier'], 'g') if pred else '–'} | "
+            f"{r['loss'] if pred else '–'} | {_pct(r['zero_deviation_offpolicy'])} | "
+            f"{_pct(r['predictor_hit_rate']) if pred else '–'} | "
+            f"{_pct(r.get('rollout_predictor_hit_rate')) if pred else '–'} | "
+            f"{_pct(r['zero_predictor_hit_rate'])} | {_num(r.get('router_drift_rel'), '.2e')} | "
+            f"{_num(r.get('router_drift_cos_prev'), '.3f')} | "
+            f"{_num(r['final_eval_accuracy'], '.3f')} |"
+        )
+    return lines
 
 
 def claims(aggs: list[dict]) -> list[str]:
@@ -135,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("readme")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    results = json.loads(Path(args.results).read_text())
+    results, investigation = load(args.results)
     readme = Path(args.readme).read_text()
-    new = replace_section(readme, render(results, args.results))
+    new = replace_section(readme, render(results, args.results, investigation))
     if args.check:
         if new != readme:
             print(
