@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/ruff check pr2_serve trainer tests benchmarks
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python -m pytest -q
 
@@ -46,8 +46,8 @@ report: $(STAMP)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check pr2_serve trainer tests benchmarks
-	$(BIN)/ruff format --check pr2_serve trainer tests benchmarks
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability
+	$(BIN)/ruff format --check pr2_serve trainer tests benchmarks reliability
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plugin_overhead.py
