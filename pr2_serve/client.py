@@ -396,7 +396,7 @@ class GrpcClient:
 
     def push_weights(self, weights, version: int) -> dict:
         path, temp = _weights_file(weights)
-        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        meta = _auth_metadata(self.api_key)
         try:
             res = self._stub.UpdateWeights(
                 _upload_messages(self._pb2, path, version), metadata=meta, timeout=self.timeout
@@ -406,16 +406,25 @@ class GrpcClient:
         finally:
             if temp:
                 path.unlink(missing_ok=True)
-        return {
-            "weight_version": res.weight_version,
-            "num_tensors": res.num_tensors,
-            "seconds": res.seconds,
-            "receive_seconds": res.receive_seconds,
-            "apply_seconds": res.apply_seconds,
-        }
+        return _push_result(res)
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _auth_metadata(api_key: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {api_key}")] if api_key else []
+
+
+def _push_result(res) -> dict:
+    """An ``UpdateWeightsResponse`` as the dict the HTTP clients return."""
+    return {
+        "weight_version": res.weight_version,
+        "num_tensors": res.num_tensors,
+        "seconds": res.seconds,
+        "receive_seconds": res.receive_seconds,
+        "apply_seconds": res.apply_seconds,
+    }
 
 
 class AsyncGrpcClient:
@@ -461,7 +470,7 @@ class AsyncGrpcClient:
 
     async def push_weights(self, weights, version: int) -> dict:
         path, temp = _weights_file(weights)
-        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        meta = _auth_metadata(self.api_key)
         try:
             res = await self._stub.UpdateWeights(
                 _upload_messages(self._pb2, path, version), metadata=meta, timeout=self.timeout
@@ -471,13 +480,7 @@ class AsyncGrpcClient:
         finally:
             if temp:
                 path.unlink(missing_ok=True)
-        return {
-            "weight_version": res.weight_version,
-            "num_tensors": res.num_tensors,
-            "seconds": res.seconds,
-            "receive_seconds": res.receive_seconds,
-            "apply_seconds": res.apply_seconds,
-        }
+        return _push_result(res)
 
     async def aclose(self) -> None:
         await self._channel.close()
