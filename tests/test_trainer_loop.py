@@ -71,6 +71,8 @@ def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch)
         assert second[key] is not None, key
     assert sum(second["deviation_hist"]) > 0
     assert "eval_accuracy" in second
+    # the server selects exactly what the trainer predicts with the predictor it pushed
+    assert second["server_route_agreement"] >= 0.999, second["server_route_agreement"]
     if mode == "pr2":
         assert second["predictor_loss"] is not None
     if mode in ("r3", "pr2"):  # replaying the server's routes: old pass == server

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from trainer.ppo import grpo_advantages, ppo_loss
-from trainer.predictor import drift_cosine, predictor_hit_rate, predictor_loss
+from trainer.predictor import (
+    drift_cosine,
+    predicted_route_agreement,
+    predictor_hit_rate,
+    predictor_loss,
+)
 from trainer.tasks import Task, decode, exact_match
 
 
@@ -108,3 +113,34 @@ def test_drift_cosine_reference():
     x, y = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
     ref = float((x * y).sum() / (x.norm() * y.norm()))
     assert drift_cosine([x], [y]) == pytest.approx(ref, abs=1e-6)
+
+
+def test_predicted_route_agreement_reference():
+    """Served routes built from topk(z + W_p h) agree 100 %; order within a row is ignored;
+    with the predictor left out, only the rows it did not change agree."""
+    g = torch.Generator().manual_seed(3)
+    t, h_dim, e, k = 256, 16, 8, 2
+    hs = [torch.randn(t, h_dim, generator=g) for _ in range(2)]
+    zs = [torch.randn(t, e, generator=g) for _ in range(2)]
+    wp = [torch.randn(e, h_dim, generator=g) for _ in range(2)]
+    served = torch.stack(
+        [
+            torch.topk(z + h @ w.T, k, -1).indices.flip(-1)
+            for h, z, w in zip(hs, zs, wp, strict=True)
+        ],
+        1,
+    ).to(torch.uint8)
+    assert predicted_route_agreement(served, hs, zs, wp) == 1.0
+    plain = [torch.topk(z, k, -1).indices.sort(-1).values for z in zs]
+    ref = float(
+        torch.stack(
+            [(p == served[:, i].long().sort(-1).values).all(-1) for i, p in enumerate(plain)]
+        )
+        .float()
+        .mean()
+    )
+    assert predicted_route_agreement(served, hs, zs, None) == pytest.approx(ref)
+    assert ref < 0.9
+    mask = torch.zeros(t)
+    mask[:10] = 1
+    assert predicted_route_agreement(served, hs, zs, wp, mask) == 1.0

@@ -31,7 +31,12 @@ from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .config import TrainConfig
 from .ppo import grpo_advantages, ppo_loss, token_logprobs
-from .predictor import drift_cosine, predictor_hit_rate, predictor_loss
+from .predictor import (
+    drift_cosine,
+    predicted_route_agreement,
+    predictor_hit_rate,
+    predictor_loss,
+)
 from .replay import MoEReplay, RoutingControl
 from .tasks import Task, encode, exact_match
 
@@ -323,6 +328,10 @@ def train_batch(
         h_old, z_old, routers, policy.predictor_parameters(), k, valid
     )
     m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
+    # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
+    m["server_route_agreement"] = predicted_route_agreement(
+        server_routes, h_old, z_old, predictor_at_rollout or None, valid
+    )
     # out of sample: the predictor the server used for this rollout (trained on earlier batches)
     m["rollout_predictor_hit_rate"] = predictor_hit_rate(
         h_old, z_old, routers, predictor_at_rollout, k, valid

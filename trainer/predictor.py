@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["drift_cosine", "predictor_hit_rate", "predictor_loss"]
+__all__ = ["drift_cosine", "predicted_route_agreement", "predictor_hit_rate", "predictor_loss"]
 
 
 def predictor_loss(
@@ -66,6 +66,36 @@ def predictor_hit_rate(
         pred = z if predictor_weights is None else z + F.linear(h, predictor_weights[i].float())
         a = torch.topk(pred, top_k, -1).indices.sort(-1).values
         b = torch.topk(F.linear(h, w_r.float()), top_k, -1).indices.sort(-1).values
+        same = (a == b).all(-1).float()
+        m = torch.ones_like(same) if mask is None else mask.float()
+        hits += float((same * m).sum())
+        count += float(m.sum())
+    return hits / max(count, 1.0)
+
+
+@torch.no_grad()
+def predicted_route_agreement(
+    routes: torch.Tensor,
+    h_old: Sequence[torch.Tensor],
+    z_old: Sequence[torch.Tensor],
+    predictor_weights: Sequence[torch.Tensor] | None,
+    mask: torch.Tensor | None = None,
+) -> float:
+    """Share of (token, layer) where the served route ``routes [T, L, k]`` equals, as a set,
+    ``topk(z_old + W_p h_old)`` computed by the trainer (``W_p = 0`` when None).
+
+    With the predictor the server used for the rollout this must be ~1: it checks end to end
+    that the pushed predictor reached the right layers of the server and is applied there the
+    way the trainer applies it.
+    """
+    k = routes.shape[-1]
+    hits, count = 0.0, 0.0
+    for i, (h, z) in enumerate(zip(h_old, z_old, strict=True)):
+        pred = z.float()
+        if predictor_weights is not None:
+            pred = pred + F.linear(h.float(), predictor_weights[i].float())
+        a = torch.topk(pred, k, -1).indices.sort(-1).values
+        b = routes[:, i].long().sort(-1).values
         same = (a == b).all(-1).float()
         m = torch.ones_like(same) if mask is None else mask.float()
         hits += float((same * m).sum())
