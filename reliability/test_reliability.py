@@ -145,10 +145,13 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
                 routes = bool(r.integers(2))
                 t = time.perf_counter()
                 try:
+                    # greedy: temperature 0 for n = 1; top_k = 1 for n > 1 (vLLM samples a
+                    # temperature-0 request once), so every sample is checkable below
                     res = await c.generate(
                         [p],
                         n=n,
-                        temperature=0.0,
+                        temperature=0.0 if n == 1 else 1.0,
+                        top_k=-1 if n == 1 else 1,
                         max_tokens=24 if long else 4,
                         return_routes=routes,
                     )

@@ -176,6 +176,9 @@ BAD_GENERATE = [
     ({"prompts": [[1, 2, 3]], "temperature": -1}, "temperature"),
     ({"prompts": [[1, 2, 3]], "stop_token_ids": [999]}, "stop_token_ids[0]"),
     ({"prompts": [[1, 2, 3]], "unknown": 1}, "unknown"),
+    ({"prompts": [[1, 2, 3]], "temperature": 2.5}, "temperature"),
+    ({"prompts": [[1, 2, 3]], "top_k": 10**6}, "top_k"),
+    ({"prompts": [[1, 2, 3]], "n": 2, "temperature": 0.0}, "n"),
 ]
 
 
@@ -194,6 +197,7 @@ def test_bad_generate_over_grpc(server, rpc):
         ([[1, 2, 3]], {"n": 1000}, "n"),
         ([[1, 2, 3]], {"max_tokens": 10**6}, "max_tokens"),
         ([[]], {}, "prompts[0]"),
+        ([[1, 2, 3]], {"n": 2, "temperature": 0.0}, "n"),
     ]:
         with pytest.raises(ServerError) as e:
             rpc.generate(prompts, **kw)

@@ -117,6 +117,14 @@ class RolloutService:
                 f"max_tokens {req.max_tokens} >= max_model_len {info.max_model_len}",
                 "max_tokens",
             )
+        if req.temperature == 0 and req.n > 1:
+            raise ApiError(
+                400,
+                "invalid_argument",
+                f"n {req.n} > 1 with temperature 0 (greedy): vLLM samples greedy requests "
+                "once; use n=1, or top_k=1 with temperature > 0 for n greedy samples",
+                "n",
+            )
         if req.top_k > info.vocab_size:
             raise ApiError(
                 400,
