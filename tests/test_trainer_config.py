@@ -21,6 +21,9 @@ def test_file_then_flags(tmp_path):
     assert cfg.replay == "pr2" and cfg.servers == ["grpc://h:1", "http://h:2"]
     with pytest.raises(ValueError, match="replay"):
         parse_config(["--replay", "r4"])
+    assert parse_config(["--parallel", "fsdp2"]).parallel == "fsdp2"
+    with pytest.raises(ValueError, match="parallel"):
+        parse_config(["--parallel", "zero3"])
     (tmp_path / "bad.yaml").write_text("nope: 1\n")
     with pytest.raises(SystemExit):
         parse_config(["--config", str(tmp_path / "bad.yaml")])

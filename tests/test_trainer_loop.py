@@ -129,3 +129,33 @@ def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.timeout(600)
+def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
+    """``torchrun`` with 2 ranks and ``--parallel fsdp2``: the weights gathered from the shards
+    and pushed are the trainer's (the next rollout's log-probs and predictor routes match the
+    trainer's own), and every step lands as a new version."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    out = tmp_path / "fsdp2"
+    v0 = httpx.get(f"{server.http}/v1/info").json()["weight_version"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "trainer.cli", "--servers", server.http, "--model-dir", str(tiny_zero)]
+    cmd += ["--replay", "pr2", "--parallel", "fsdp2", "--off-policy-steps", "2"]
+    cmd += ["--prompts-per-batch", "4", "--samples-per-prompt", "2", "--max-tokens", "4"]
+    cmd += ["--steps", "2", "--eval-every", "0", "--output-dir", str(out), "--lr", "1e-3"]
+    subprocess.run(cmd, check=True, timeout=500, env={**os.environ, "PR2_API_KEY": API_KEY})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["pushed_version"] for r in rows] == [v0 + 1, v0 + 2]
+    assert rows[1]["rollout_versions"] == [v0 + 1]
+    assert httpx.get(f"{server.http}/v1/info").json()["weight_version"] == v0 + 2
+    # rollout 2 came from the pushed (gathered) weights: replaying its routes reproduces the
+    # server's log-probs, and the server picked exactly the trainer's predictor routes
+    assert rows[1]["train_infer_abs_dlogp"] < 1e-4, rows[1]
+    assert rows[1]["server_route_agreement"] >= 0.999, rows[1]
+    assert rows[1]["predictor_loss"] is not None

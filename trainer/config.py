@@ -70,6 +70,10 @@ class TrainConfig:
     """Where ``metrics.jsonl`` (and checkpoints) go."""
     api_key: str | None = None
     """Servers' API key (default: ``$PR2_API_KEY``)."""
+    parallel: str = "ddp"
+    """Under ``torchrun``: ``ddp`` (the policy replicated on every rank) or ``fsdp2``
+    (``fully_shard`` per decoder layer: parameters, gradients and optimizer state sharded
+    across ranks; predictors stay replicated). Ignored in a single process."""
 
     def __post_init__(self) -> None:
         if self.replay not in REPLAY_MODES:
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError("predictor_loss must be 'kl-post' or 'l2'")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
+        if self.parallel not in ("ddp", "fsdp2"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {self.parallel!r}")
         if not self.servers:
             raise ValueError("at least one server is needed")
         if self.api_key is None:

@@ -1,4 +1,4 @@
-"""Data-parallel training step under ``torchrun`` (DDP; gloo on CPU, nccl on GPU).
+"""Data-parallel training under ``torchrun`` (DDP or FSDP2; gloo on CPU, nccl on GPU).
 
 Rank 0 talks to the servers (rollouts, eval, pushes) and broadcasts each batch as tensors (no
 pickling); every rank holds the whole batch and trains on its share of each mini-step
@@ -42,14 +42,54 @@ def setup() -> tuple[int, int, str]:
     return rank, world, device
 
 
-def wrap(policy: Policy) -> torch.nn.Module:
-    """DDP over the policy parameters; predictors are trained outside DDP (same on all ranks)."""
+def wrap(policy: Policy, parallel: str = "ddp") -> torch.nn.Module:
+    """The module training forwards go through.
+
+    ``ddp``: DDP over the policy parameters. ``fsdp2``: ``fully_shard`` on every decoder
+    layer, then on the root (embeddings, final norm, head): each rank keeps 1/world of the
+    parameters, gradients and optimizer state; FSDP2 averages gradients across ranks like DDP.
+    Either way the predictors are left out (replicated, trained identically on every rank)."""
+    if parallel == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = "cuda" if policy.device.startswith("cuda") else "cpu"
+        mesh = init_device_mesh(device, (dist.get_world_size(),))
+        predictors = set(policy.predictor_parameters())
+        for layer in decoder_layers(policy.model):
+            fully_shard(layer, mesh=mesh, ignored_params=predictors & set(layer.parameters()))
+        fully_shard(policy.model, mesh=mesh, ignored_params=predictors)
+        return policy.model
+    if parallel != "ddp":
+        raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {parallel!r}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     policy.model._ddp_params_and_buffers_to_ignore = [
         n for n, _ in policy.model.named_parameters() if ".predictor." in n
     ]
     return DDP(policy.model)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The HF causal LM's decoder layers (``model.model.layers`` in every supported family)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no model.layers to shard")
+    return layers
+
+
+def full_state_dict(policy: Policy, parallel: str) -> dict[str, torch.Tensor] | None:
+    """The whole state dict on rank 0 (None on the others; a collective under FSDP2).
+
+    Under DDP every rank already holds it: rank 0 uses its own (None: export reads the model)."""
+    if parallel != "fsdp2":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(
+        policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return sd if dist.get_rank() == 0 else None
 
 
 def broadcast_batch(batch: Batch | None, rank: int, group_size: int) -> Batch:
@@ -81,7 +121,7 @@ def run_distributed(cfg: TrainConfig) -> None:
         policy = trainer.policy
     else:
         policy = Policy(cfg.model_dir, seed=cfg.seed, device=device)
-    ddp = wrap(policy)
+    ddp = wrap(policy, cfg.parallel)
     from .loop import make_policy_optimizer
 
     opt = make_policy_optimizer(policy, cfg)
@@ -92,19 +132,25 @@ def run_distributed(cfg: TrainConfig) -> None:
     )
     info = policy.replay
     for step in range(1, cfg.steps + 1):
-        batch = None
+        batch, head = None, {}
         if rank == 0:
             from .loop import make_batch
 
             samples, rewards, _ = trainer.rollout(step)
+            head = {
+                "step": step,
+                "rollout_versions": sorted({s.weight_version for s in samples}),
+                "reward_mean": float(rewards.mean()) if len(rewards) else None,
+            }
             batch = make_batch(
                 samples, rewards, cfg.samples_per_prompt, info.num_moe_layers, info.top_k
             )
         batch = broadcast_batch(batch, rank, cfg.samples_per_prompt)
         m = train_batch(policy, batch, cfg, opt, pred_opt, model=ddp, shard=(rank, world))
+        state_dict = full_state_dict(policy, cfg.parallel)  # every rank (FSDP2 gathers)
         if rank == 0:
-            m["step"] = step
-            m["time_push"] = trainer.push()
+            m = {**head, **m}
+            m["time_push"] = trainer.push(state_dict)
             m["pushed_version"] = trainer.version
             with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -113,9 +159,9 @@ def run_distributed(cfg: TrainConfig) -> None:
     dist.destroy_process_group()
 
 
-def selftest(out: str, model_dir: str) -> None:
-    """One training step on a fixed synthetic batch; rank 0 saves loss and weights."""
-    from safetensors.torch import save_file
+def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
+    """One training step on a fixed synthetic batch; rank 0 saves loss and weights (the
+    checkpoint the trainer would push, through the same export)."""
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
@@ -131,7 +177,7 @@ def selftest(out: str, model_dir: str) -> None:
         samples_per_prompt=2,
         servers=["http://unused"],
     )
-    model = wrap(policy) if world > 1 else None
+    model = wrap(policy, parallel) if world > 1 else None
     opt = torch.optim.Adam(policy.policy_parameters(), lr=cfg.lr)
     pred_opt = torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * 10)
     m = train_batch(policy, batch, cfg, opt, pred_opt, model=model, shard=(rank, world))
@@ -139,13 +185,22 @@ def selftest(out: str, model_dir: str) -> None:
     if world > 1:
         dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
         loss /= world
+    state_dict = full_state_dict(policy, parallel) if world > 1 else None
     if rank == 0:
-        save_file(
-            {k: v.detach().contiguous() for k, v in policy.model.state_dict().items()},
-            f"{out}.safetensors",
-        )
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
+            shutil.copy(path, f"{out}.safetensors")
         Path(f"{out}.json").write_text(
-            json.dumps({"loss": float(loss), "predictor_loss": m["predictor_loss"]})
+            json.dumps(
+                {
+                    "loss": float(loss),
+                    "predictor_loss": m["predictor_loss"],
+                    "grad_norm": m["grad_norm"],
+                }
+            )
         )
     if world > 1:
         dist.destroy_process_group()
@@ -187,7 +242,7 @@ def synthetic_batch(policy: Policy) -> Batch:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "selftest":
-        selftest(sys.argv[2], sys.argv[3])
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "selftest":
+        selftest(*sys.argv[2:])
     else:
-        raise SystemExit("usage: python -m trainer.distributed selftest OUT MODEL_DIR")
+        raise SystemExit("usage: python -m trainer.distributed selftest OUT MODEL_DIR [ddp|fsdp2]")

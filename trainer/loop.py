@@ -151,9 +151,18 @@ class Policy:
     def predictor_parameters(self) -> list[torch.nn.Parameter]:
         return [m.weight for m in self.replay.predictors]
 
-    def export(self, out_dir: Path, with_predictor: bool) -> Path:
-        """The weights as a checkpoint-format safetensors file (HF's own save conversion)."""
-        self.model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="1000GB")
+    def router_weights(self) -> list[torch.Tensor]:
+        """Each MoE router's weight as a whole tensor (gathered when FSDP2 shards it: a
+        collective, so every rank calls this at the same point)."""
+        return [full_tensor(r.weight) for r in self.replay.routers]
+
+    def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
+        """The weights as a checkpoint-format safetensors file (HF's own save conversion).
+
+        ``state_dict``: the full (gathered) state dict when the model is sharded."""
+        self.model.save_pretrained(
+            out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size="1000GB"
+        )
         path = out_dir / "model.safetensors"
         from safetensors.torch import load_file, save_file
 
@@ -166,6 +175,11 @@ class Policy:
         }
         save_file(t, str(path), metadata={"format": "pt"})
         return path
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor when ``t`` is a (sharded) DTensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def forward_logprobs(
@@ -253,7 +267,7 @@ def train_batch(
     m["time_old_pass"] = time.perf_counter() - t0
     # -- mini-steps -----------------------------------------------------------------------------
     t0 = time.perf_counter()
-    routers_before = [r.weight.detach().clone() for r in policy.replay.routers]
+    routers_before = [w.detach().clone() for w in policy.router_weights()]
     predictor_at_rollout = [w.detach().clone() for w in policy.predictor_parameters()]
     hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
@@ -281,13 +295,14 @@ def train_batch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = policy.policy_parameters()
-        if cfg.grad_clip > 0:
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            gn = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # (max_norm inf: only measures; DTensor grads under FSDP2 give a DTensor norm)
+        gn = torch.nn.utils.clip_grad_norm_(
+            [p for p in params if p.grad is not None],
+            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+        )
         opt.step()
         stats.append(st)
-        grad_norms.append(float(gn))
+        grad_norms.append(float(full_tensor(gn)))
         # routing deviation: the route used (replayed, or the rollout's for `none`) vs the
         # router's fresh top-k in this forward, over real positions
         with torch.no_grad():
@@ -304,7 +319,7 @@ def train_batch(
                 cfg.predictor_loss,
                 h_old,
                 z_old,
-                [r.weight for r in policy.replay.routers],
+                policy.router_weights(),
                 policy.predictor_parameters(),
                 batch.valid.reshape(-1),
             )
@@ -322,7 +337,7 @@ def train_batch(
     m["deviation_hist"] = hist.tolist()
     m["zero_deviation"] = float(hist[0] / hist.sum().clamp(min=1))
     m["zero_deviation_offpolicy"] = float(hist_off[0] / hist_off.sum()) if hist_off.sum() else None
-    routers = [r.weight for r in policy.replay.routers]
+    routers = policy.router_weights()
     valid = batch.valid.reshape(-1)
     m["predictor_hit_rate"] = predictor_hit_rate(
         h_old, z_old, routers, policy.predictor_parameters(), k, valid
@@ -430,10 +445,14 @@ class Trainer:
             kept_problems.append(problems[i])
         return samples, torch.tensor(rewards), kept_problems
 
-    def push(self) -> float:
+    def push(self, state_dict: dict | None = None) -> float:
+        """Export (``state_dict``: the gathered weights of a sharded model) and push to every
+        server as the next version."""
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=self.out) as tmp:
-            path = self.policy.export(Path(tmp), with_predictor=self.cfg.replay == "pr2")
+            path = self.policy.export(
+                Path(tmp), with_predictor=self.cfg.replay == "pr2", state_dict=state_dict
+            )
             version = self.version + 1
             results = list(
                 self.pool.map(lambda c: c.push_weights(str(path), version), self.clients)
