@@ -3,8 +3,9 @@
     pr2-train --servers http://127.0.0.1:8000 --model-dir runs/demo/model --replay pr2 \\
         --off-policy-steps 2 --steps 20 --output-dir runs/train
 
-Under ``torchrun --nproc_per_node N`` the training step runs data-parallel (DDP; gloo on CPU,
-nccl on GPU): rank 0 requests rollouts, evaluates and pushes; every rank trains on its share.
+Under ``torchrun --nproc_per_node N`` the training step runs data-parallel (DDP, or FSDP2 with
+``--parallel fsdp2``; gloo on CPU, nccl on GPU): rank 0 requests rollouts, evaluates and
+pushes; every rank trains on its share.
 """
 
 from __future__ import annotations
