@@ -117,6 +117,7 @@ def run_cell(
     router_mult: float = 1.0,
     pred_loss: str = "kl-post",
     name: str | None = None,
+    prompts: int = 32,
 ) -> dict:
     from pr2_serve.launch import start_server
 
@@ -136,7 +137,7 @@ def run_cell(
             task_digits=2,
             replay=mode,
             off_policy_steps=off,
-            prompts_per_batch=32,
+            prompts_per_batch=prompts,
             samples_per_prompt=8,
             max_tokens=6,
             lr=lr,
@@ -164,32 +165,49 @@ def run_cell(
 
 #: The investigation grid (off-policy 8, one seed): router drift size, predictor lr, loss type.
 INVESTIGATION = (
-    # (mode, router lr multiplier, predictor lr multiplier, predictor loss)
-    ("none", 1.0, 0.0, "kl-post"),
-    ("pr2", 1.0, 10.0, "kl-post"),
-    ("none", 30.0, 0.0, "kl-post"),
-    ("pr2", 30.0, 1.0, "kl-post"),
-    ("pr2", 30.0, 10.0, "kl-post"),
-    ("pr2", 30.0, 100.0, "kl-post"),
-    ("pr2", 30.0, 10.0, "l2"),
-    ("pr2", 30.0, 100.0, "l2"),
+    # (mode, router lr multiplier, predictor lr multiplier, predictor loss, prompts per batch)
+    ("none", 1.0, 0.0, "kl-post", 32),
+    ("pr2", 1.0, 10.0, "kl-post", 32),
+    ("none", 30.0, 0.0, "kl-post", 32),
+    ("pr2", 30.0, 1.0, "kl-post", 32),
+    ("pr2", 30.0, 10.0, "kl-post", 32),
+    ("pr2", 30.0, 100.0, "kl-post", 32),
+    ("pr2", 30.0, 10.0, "l2", 32),
+    ("pr2", 30.0, 100.0, "l2", 32),
+    # 4x the batch: less gradient noise, so (maybe) more consistent drift between batches
+    ("none", 30.0, 0.0, "kl-post", 128),
+    ("pr2", 30.0, 10.0, "kl-post", 128),
+    ("pr2", 30.0, 10.0, "l2", 128),
 )
+
+
+def _key(r: dict) -> tuple:
+    return (
+        r["replay"],
+        r["router_lr_multiplier"],
+        r["predictor_lr_multiplier"],
+        r["loss"],
+        r.get("prompts_per_batch", 32),
+    )
 
 
 def investigate(model_dir: Path, out: Path, path: Path, steps: int, lr: float, off: int) -> None:
     """Why PR2 does (not) beat R3 here: each row one run; resumable like the main grid."""
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    done = {
-        (r["replay"], r["router_lr_multiplier"], r["predictor_lr_multiplier"], r["loss"])
-        for r in runs
-    }
-    for mode, rmult, pmult, loss in tqdm(
+    done = {_key(r) for r in runs}
+    for mode, rmult, pmult, loss, prompts in tqdm(
         [c for c in INVESTIGATION if c not in done], desc="investigation"
     ):
-        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}"
-        cell = run_cell(model_dir, out, mode, off, 0, steps, lr, pmult, rmult, loss, name)
+        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}-p{prompts}"
+        cell = run_cell(model_dir, out, mode, off, 0, steps, lr, pmult, rmult, loss, name, prompts)
         runs.append(
-            {"router_lr_multiplier": rmult, "predictor_lr_multiplier": pmult, "loss": loss, **cell}
+            {
+                "router_lr_multiplier": rmult,
+                "predictor_lr_multiplier": pmult,
+                "loss": loss,
+                "prompts_per_batch": prompts,
+                **cell,
+            }
         )
         path.write_text(
             json.dumps({"steps": steps, "off_policy_steps": off, "lr": lr, "runs": runs}, indent=1)
