@@ -30,6 +30,9 @@ from .routes import EncodedRoutes, decode_routes
 
 CHUNK = 4 << 20
 GRPC_CHUNK = 2 << 20
+#: Idle pooled HTTP connections are dropped after this long, well before the server's
+#: keep-alive timeout (75 s): reusing a connection the server is closing fails the request.
+KEEPALIVE_EXPIRY_S = 30.0
 
 
 class ServerError(RuntimeError):
@@ -128,7 +131,12 @@ class HttpClient:
         import httpx
 
         self.api_key = api_key
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        self._http = httpx.Client(
+            base_url=base_url,
+            timeout=timeout,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+        )
+        self._retryable = (httpx.RemoteProtocolError, httpx.ConnectError)
 
     def _auth(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -145,7 +153,11 @@ class HttpClient:
             return False
 
     def generate(self, prompts, **sampling) -> GenerateResult:
-        r = self._http.post("/v1/generate", json=_request(prompts, **sampling))
+        body = _request(prompts, **sampling)
+        try:
+            r = self._http.post("/v1/generate", json=body)
+        except self._retryable:  # connection dropped before a response: safe to send again
+            r = self._http.post("/v1/generate", json=body)
         _raise_http(r)
         body = r.json()
         return GenerateResult(body["weight_version"], [_rollout(s) for s in body["samples"]])
@@ -176,9 +188,14 @@ class HttpClient:
                 "Content-Length": str(path.stat().st_size),
                 "Content-Type": "application/octet-stream",
             }
-            r = self._http.put(
-                f"/v1/weights/{version}", content=_file_chunks(path), headers=headers
-            )
+            url = f"/v1/weights/{version}"
+            try:
+                r = self._http.put(url, content=_file_chunks(path), headers=headers)
+            except self._retryable:
+                # no response: committed only if the server now serves that version
+                if self.info()["weight_version"] == version:
+                    return {"weight_version": version}
+                r = self._http.put(url, content=_file_chunks(path), headers=headers)
             _raise_http(r)
             return r.json()
         finally:
@@ -196,7 +213,12 @@ class AsyncHttpClient:
         import httpx
 
         self.api_key = api_key
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout)
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=timeout,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+        )
+        self._retryable = (httpx.RemoteProtocolError, httpx.ConnectError)
 
     async def info(self) -> dict:
         r = await self._http.get("/v1/info")
@@ -204,7 +226,11 @@ class AsyncHttpClient:
         return r.json()
 
     async def generate(self, prompts, **sampling) -> GenerateResult:
-        r = await self._http.post("/v1/generate", json=_request(prompts, **sampling))
+        body = _request(prompts, **sampling)
+        try:
+            r = await self._http.post("/v1/generate", json=body)
+        except self._retryable:  # connection dropped before a response: safe to send again
+            r = await self._http.post("/v1/generate", json=body)
         _raise_http(r)
         body = r.json()
         return GenerateResult(body["weight_version"], [_rollout(s) for s in body["samples"]])
@@ -241,7 +267,14 @@ class AsyncHttpClient:
             }
             if self.api_key:
                 headers["Authorization"] = f"Bearer {self.api_key}"
-            r = await self._http.put(f"/v1/weights/{version}", content=body(), headers=headers)
+            url = f"/v1/weights/{version}"
+            try:
+                r = await self._http.put(url, content=body(), headers=headers)
+            except self._retryable:
+                # no response: committed only if the server now serves that version
+                if (await self.info())["weight_version"] == version:
+                    return {"weight_version": version}
+                r = await self._http.put(url, content=body(), headers=headers)
             _raise_http(r)
             return r.json()
         finally:

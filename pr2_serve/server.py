@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .api.service import Limits, RolloutService
 
+KEEP_ALIVE_S = 75.0  # idle HTTP keep-alive, seconds
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="pr2-serve", description=__doc__.split("\n")[0])
@@ -34,6 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-upload-bytes", type=int, default=64 << 30)
+    ap.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=KEEP_ALIVE_S,
+        help="seconds an idle HTTP keep-alive connection stays open (clients must expire "
+        "pooled connections sooner; pr2_serve.client does, after 30 s)",
+    )
     ap.add_argument("--max-request-bytes", type=int, default=16 << 20)
     ap.add_argument("--max-samples-per-request", type=int, default=4096, help="prompts x n")
     ap.add_argument(
@@ -146,6 +155,9 @@ async def serve(args: argparse.Namespace) -> None:
         log_level="warning",
         lifespan="off",
         timeout_graceful_shutdown=5,
+        # longer than clients keep idle pooled connections (httpx: 5 s by default, ours 30 s):
+        # otherwise the server may close a connection just as a client reuses it
+        timeout_keep_alive=args.keep_alive_timeout,
     )
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None  # we handle signals below

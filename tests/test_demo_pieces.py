@@ -92,7 +92,9 @@ def test_report_renders_and_replaces_section():
     }
     with_inv = render(results, "r/results.json", inv)
     assert with_inv.startswith(render(results, "r/results.json"))
-    assert "`r/investigation.json`" in with_inv and "| pr2 | 32 x 8 | 30 | 10 | l2 |" in with_inv
+    assert (
+        "`r/investigation.json`" in with_inv and "| pr2 | 8 | 32 x 8 | 30 | 10 | l2 |" in with_inv
+    )
     doc = f"# t\n{BEGIN}\nold\n{END}\nrest\n"
     assert replace_section(doc, text) == f"# t\n{BEGIN}\n{text}\n{END}\nrest\n"
 

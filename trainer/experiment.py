@@ -165,19 +165,22 @@ def run_cell(
 
 #: The investigation grid (off-policy 8, one seed): router drift size, predictor lr, loss type.
 INVESTIGATION = (
-    # (mode, router lr multiplier, predictor lr multiplier, predictor loss, prompts per batch)
-    ("none", 1.0, 0.0, "kl-post", 32),
-    ("pr2", 1.0, 10.0, "kl-post", 32),
-    ("none", 30.0, 0.0, "kl-post", 32),
-    ("pr2", 30.0, 1.0, "kl-post", 32),
-    ("pr2", 30.0, 10.0, "kl-post", 32),
-    ("pr2", 30.0, 100.0, "kl-post", 32),
-    ("pr2", 30.0, 10.0, "l2", 32),
-    ("pr2", 30.0, 100.0, "l2", 32),
+    # (mode, router lr x, predictor lr x, predictor loss, prompts per batch, experts)
+    ("none", 1.0, 0.0, "kl-post", 32, 8),
+    ("pr2", 1.0, 10.0, "kl-post", 32, 8),
+    ("none", 30.0, 0.0, "kl-post", 32, 8),
+    ("pr2", 30.0, 1.0, "kl-post", 32, 8),
+    ("pr2", 30.0, 10.0, "kl-post", 32, 8),
+    ("pr2", 30.0, 100.0, "kl-post", 32, 8),
+    ("pr2", 30.0, 10.0, "l2", 32, 8),
+    ("pr2", 30.0, 100.0, "l2", 32, 8),
     # 4x the batch: less gradient noise, so (maybe) more consistent drift between batches
-    ("none", 30.0, 0.0, "kl-post", 128),
-    ("pr2", 30.0, 10.0, "kl-post", 128),
-    ("pr2", 30.0, 10.0, "l2", 128),
+    ("none", 30.0, 0.0, "kl-post", 128, 8),
+    ("pr2", 30.0, 10.0, "kl-post", 128, 8),
+    ("pr2", 30.0, 10.0, "l2", 128, 8),
+    # 4x the experts (32, top-2): its own base model, warmed up the same way
+    ("none", 30.0, 0.0, "kl-post", 32, 32),
+    ("pr2", 30.0, 10.0, "kl-post", 32, 32),
 )
 
 
@@ -188,17 +191,34 @@ def _key(r: dict) -> tuple:
         r["predictor_lr_multiplier"],
         r["loss"],
         r.get("prompts_per_batch", 32),
+        r.get("num_experts", 8),
     )
 
 
-def investigate(model_dir: Path, out: Path, path: Path, steps: int, lr: float, off: int) -> None:
+def warm_model(out: Path, router_std: float, experts: int = 8) -> Path:
+    """The warmed-up start of every run (made once, then reused)."""
+    suffix = "" if experts == 8 else f"-e{experts}"
+    model_dir = out / f"model{suffix}"
+    if not (model_dir / "model.safetensors").exists():
+        from pr2_serve.tiny_model import TinySpec, make_tiny_model
+
+        from .warmup import warmup
+
+        spec = TinySpec(router_std=router_std, num_experts=experts)
+        base = make_tiny_model(out / f"base{suffix}", seed=0, spec=spec)
+        warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)
+    return model_dir
+
+
+def investigate(out: Path, path: Path, steps: int, lr: float, off: int, router_std: float) -> None:
     """Why PR2 does (not) beat R3 here: each row one run; resumable like the main grid."""
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     done = {_key(r) for r in runs}
-    for mode, rmult, pmult, loss, prompts in tqdm(
+    for mode, rmult, pmult, loss, prompts, experts in tqdm(
         [c for c in INVESTIGATION if c not in done], desc="investigation"
     ):
-        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}-p{prompts}"
+        model_dir = warm_model(out, router_std, experts)
+        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}-p{prompts}-e{experts}"
         cell = run_cell(model_dir, out, mode, off, 0, steps, lr, pmult, rmult, loss, name, prompts)
         runs.append(
             {
@@ -206,6 +226,7 @@ def investigate(model_dir: Path, out: Path, path: Path, steps: int, lr: float, o
                 "predictor_lr_multiplier": pmult,
                 "loss": loss,
                 "prompts_per_batch": prompts,
+                "num_experts": experts,
                 **cell,
             }
         )
@@ -244,17 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     out = Path(args.out)
-    model_dir = out / "model"
-    if not (model_dir / "model.safetensors").exists():
-        from pr2_serve.tiny_model import TinySpec, make_tiny_model
-
-        from .warmup import warmup
-
-        base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=args.router_std))
-        warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)
     if args.investigate:
-        investigate(model_dir, out, Path(args.investigate), args.steps, args.lr, 8)
+        investigate(out, Path(args.investigate), args.steps, args.lr, 8, args.router_std)
         return
+    model_dir = warm_model(out, args.router_std)
     results_path = Path(args.results or out / "results.json")
     cells = []
     if results_path.exists():  # resume: keep finished cells

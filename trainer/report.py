@@ -80,16 +80,16 @@ def render_investigation(inv: dict, source: str) -> list[str]:
         "earlier batches: what PR2 relies on), *zero* with no predictor (= R3). Drift cos = "
         "cosine between consecutive batches' router updates.",
         "",
-        "| mode | prompts / batch | router lr x | predictor lr x | loss | "
+        "| mode | experts | prompts / batch | router lr x | predictor lr x | loss | "
         "zero-dev. % (off-policy) | "
         "hit % in-sample | hit % rollout | hit % zero | router drift / batch (rel.) | "
         "drift cos (consecutive) | final eval acc. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in inv["runs"]:
         pred = r["replay"] == "pr2"
         lines.append(
-            f"| {r['replay']} | {r.get('prompts_per_batch', 32)} x 8 | "
+            f"| {r['replay']} | {r.get('num_experts', 8)} | {r.get('prompts_per_batch', 32)} x 8 | "
             f"{r['router_lr_multiplier']:g} | "
             f"{_num(r['predictor_lr_multiplier'], 'g') if pred else '–'} | "
             f"{r['loss'] if pred else '–'} | {_pct(r['zero_deviation_offpolicy'])} | "
