@@ -109,3 +109,33 @@ def test_readme_results_section_matches_the_committed_results():
         readme, render(data, "results/experiment/results.json", investigation)
     )
     assert readme == expected, "README results section is stale: run `make report`"
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_demo_stops_the_server_on_ctrl_c_or_error(tmp_path, monkeypatch, fault):
+    """``make demo`` interrupted (Ctrl-C) or failing mid-training leaves no server running."""
+    import shutil
+
+    import pr2_serve.launch
+    import trainer.demo as demo
+    from pr2_serve.tiny_model import make_tiny_model
+
+    make_tiny_model(tmp_path / "demo" / "model", seed=0)  # a "warmed-up" checkpoint: reused
+    started = []
+    real_start = pr2_serve.launch.start_server
+
+    def start(*a, **kw):
+        started.append(real_start(*a, **kw))
+        return started[-1]
+
+    def boom(*a, **kw):
+        assert started[0].proc.poll() is None  # the server is up while training
+        raise fault("stop")
+
+    monkeypatch.setattr(pr2_serve.launch, "start_server", start)
+    monkeypatch.setattr(demo, "_train", boom)
+    with pytest.raises(fault):
+        demo.main(["--out", str(tmp_path / "demo"), "--steps", "1"])
+    assert len(started) == 1 and started[0].proc.poll() is not None  # stopped, not orphaned
+    shutil.rmtree(tmp_path / "demo", ignore_errors=True)
