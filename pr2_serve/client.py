@@ -124,6 +124,28 @@ def _file_chunks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
+def _httpx_options(base_url: str, timeout: float) -> dict:
+    import httpx
+
+    return {
+        "base_url": base_url,
+        "timeout": timeout,
+        "limits": httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+    }
+
+
+def _push_headers(path: Path, api_key: str | None) -> dict[str, str]:
+    """Headers of ``PUT /v1/weights/{version}`` for the safetensors file at ``path``."""
+    headers = {
+        "X-Content-SHA256": _sha256(path),
+        "Content-Length": str(path.stat().st_size),
+        "Content-Type": "application/octet-stream",
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
 class HttpClient:
     """Synchronous HTTP client (httpx)."""
 
@@ -131,15 +153,9 @@ class HttpClient:
         import httpx
 
         self.api_key = api_key
-        self._http = httpx.Client(
-            base_url=base_url,
-            timeout=timeout,
-            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
-        )
+        self._http = httpx.Client(**_httpx_options(base_url, timeout))
+        # the connection dropped before any response: safe to re-send once
         self._retryable = (httpx.RemoteProtocolError, httpx.ConnectError)
-
-    def _auth(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def info(self) -> dict:
         r = self._http.get("/v1/info")
@@ -182,12 +198,7 @@ class HttpClient:
     def push_weights(self, weights, version: int) -> dict:
         path, temp = _weights_file(weights)
         try:
-            headers = {
-                **self._auth(),
-                "X-Content-SHA256": _sha256(path),
-                "Content-Length": str(path.stat().st_size),
-                "Content-Type": "application/octet-stream",
-            }
+            headers = _push_headers(path, self.api_key)
             url = f"/v1/weights/{version}"
             try:
                 r = self._http.put(url, content=_file_chunks(path), headers=headers)
@@ -213,11 +224,8 @@ class AsyncHttpClient:
         import httpx
 
         self.api_key = api_key
-        self._http = httpx.AsyncClient(
-            base_url=base_url,
-            timeout=timeout,
-            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
-        )
+        self._http = httpx.AsyncClient(**_httpx_options(base_url, timeout))
+        # the connection dropped before any response: safe to re-send once
         self._retryable = (httpx.RemoteProtocolError, httpx.ConnectError)
 
     async def info(self) -> dict:
@@ -260,13 +268,7 @@ class AsyncHttpClient:
                 for block in _file_chunks(path):
                     yield block
 
-            headers = {
-                "X-Content-SHA256": _sha256(path),
-                "Content-Length": str(path.stat().st_size),
-                "Content-Type": "application/octet-stream",
-            }
-            if self.api_key:
-                headers["Authorization"] = f"Bearer {self.api_key}"
+            headers = _push_headers(path, self.api_key)
             url = f"/v1/weights/{version}"
             try:
                 r = await self._http.put(url, content=body(), headers=headers)

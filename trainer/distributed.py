@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -22,15 +23,8 @@ import torch.distributed as dist
 from .config import TrainConfig
 from .loop import Batch, Policy, train_batch
 
-BATCH_FIELDS = (
-    "input_ids",
-    "targets",
-    "loss_mask",
-    "valid",
-    "server_logprobs",
-    "routes",
-    "advantages",
-)
+#: The batch tensors broadcast from rank 0, in order.
+BATCH_FIELDS = tuple(f.name for f in fields(Batch) if f.name != "group_size")
 
 
 def setup() -> tuple[int, int, str]:

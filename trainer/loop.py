@@ -21,7 +21,7 @@ import concurrent.futures as cf
 import json
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -55,34 +55,15 @@ class Batch:
     advantages: torch.Tensor  # [B]
     group_size: int
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor field by name (all but ``group_size``), in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group_size"}
+
     def to(self, device) -> Batch:
-        return Batch(
-            *(
-                getattr(self, f).to(device)
-                for f in (
-                    "input_ids",
-                    "targets",
-                    "loss_mask",
-                    "valid",
-                    "server_logprobs",
-                    "routes",
-                    "advantages",
-                )
-            ),
-            self.group_size,
-        )
+        return Batch(*(t.to(device) for t in self.tensors().values()), self.group_size)
 
     def select(self, idx: torch.Tensor) -> Batch:
-        return Batch(
-            self.input_ids[idx],
-            self.targets[idx],
-            self.loss_mask[idx],
-            self.valid[idx],
-            self.server_logprobs[idx],
-            self.routes[idx],
-            self.advantages[idx],
-            self.group_size,
-        )
+        return Batch(*(t[idx] for t in self.tensors().values()), self.group_size)
 
 
 def make_batch(
