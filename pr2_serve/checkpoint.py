@@ -38,6 +38,17 @@ class WeightValidationError(ValueError):
     """An update that must not be applied; the message names the offending tensor."""
 
 
+class StaleVersionError(WeightValidationError):
+    """An update whose version is not greater than the one being served (HTTP 409 /
+    gRPC FAILED_PRECONDITION): versions only ever increase."""
+
+
+def require_newer(version: int, current: int) -> None:
+    """The version rule, for every way weights arrive: ``version`` must exceed ``current``."""
+    if version <= current:
+        raise StaleVersionError(f"weight version {version} must be greater than {current}")
+
+
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     shape: tuple[int, ...]

@@ -1,6 +1,13 @@
-"""Route arrays in the field: dtype choice, bytes/base64 encoding, ``routes_from`` slicing.
+"""The whole route protocol: which request a row belongs to, how many rows, their dtype, their
+encoding on the wire, and what a valid route array is. Pure numpy (torch only for the capture
+buffer's dtype, imported lazily).
 
-Pure numpy. A route array has shape ``[rows, num_moe_layers, top_k]``: row ``i`` holds the expert
+**Keys.** The engine submits prompt ``i`` of a job as vLLM request ``request_id(job, i)``
+(``"<job>.<i>"``); vLLM names the ``n`` children of that request ``"<child>_<request id>"``;
+the worker stores each child's rows under ``store_key(request id, child)``
+(``"<job>.<i>/<child>"``), and the engine takes them back under the same key.
+
+**Rows.** A route array has shape ``[rows, num_moe_layers, top_k]``: row ``i`` holds the expert
 ids used at token position ``i`` (prompt and generated tokens; the last sampled token is never
 forwarded, so a sequence of ``P + O`` tokens has ``P + O - 1`` rows). Ids are stored as uint8 when
 the model has at most 256 experts, else uint16 -- the same as vLLM's native
@@ -17,13 +24,57 @@ import numpy as np
 
 __all__ = [
     "EncodedRoutes",
+    "capture_dtype",
+    "child_index",
     "decode_routes",
     "encode_routes",
+    "prompt_index",
+    "request_id",
     "route_dtype",
+    "route_rows",
+    "store_key",
     "validate_routes",
 ]
 
 _DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
+
+
+# -- keys ------------------------------------------------------------------------------------------
+def request_id(job_key: str, prompt_index: int) -> str:
+    """vLLM request id of prompt ``prompt_index`` of job ``job_key``: ``"<job>.<i>"``."""
+    return f"{job_key}.{prompt_index}"
+
+
+def prompt_index(req_id: str) -> int:
+    """Inverse of :func:`request_id`: the prompt index of a request id."""
+    return int(req_id.rsplit(".", 1)[1])
+
+
+def child_index(internal_request_id: str) -> int:
+    """Which of the ``n`` samples a vLLM worker request is: vLLM names the children of a
+    parallel-sampling request ``"<i>_<parent id>"``; a request with ``n == 1`` is child 0."""
+    head, sep, _ = internal_request_id.partition("_")
+    return int(head) if sep and head.isdigit() else 0
+
+
+def store_key(req_id: str, sample_index: int) -> str:
+    """Route-store key of sample ``sample_index`` of request ``req_id``: ``"<job>.<i>/<s>"``."""
+    return f"{req_id}/{sample_index}"
+
+
+# -- rows and dtypes -------------------------------------------------------------------------------
+def route_rows(prompt_len: int, output_len: int) -> int:
+    """Rows of a sample's route array: every position but the last sampled token's, which is
+    never forwarded."""
+    return prompt_len + output_len - 1
+
+
+def capture_dtype(num_experts: int):
+    """torch dtype of the plugin's per-step capture buffer (signed: it receives top-k indices
+    by a slice copy; narrowed to :func:`route_dtype` on the host)."""
+    import torch
+
+    return torch.int16 if num_experts <= 32767 else torch.int32
 
 
 def route_dtype(num_experts: int) -> np.dtype:
@@ -79,12 +130,20 @@ def decode_routes(enc: EncodedRoutes) -> np.ndarray:
     return np.frombuffer(enc.data, dtype=dtype).reshape(enc.shape).astype(dtype.newbyteorder("="))
 
 
-def validate_routes(routes: np.ndarray, num_layers: int, top_k: int, num_experts: int) -> None:
-    """Raise ``ValueError`` unless ``routes`` is ``[rows, num_layers, top_k]`` with ids < E and
-    no repeated expert within a row (the signature of a hole filled with zeros is a row of
+def validate_routes(
+    routes: np.ndarray,
+    num_layers: int,
+    top_k: int,
+    num_experts: int,
+    num_rows: int | None = None,
+) -> None:
+    """Raise ``ValueError`` unless ``routes`` is ``[num_rows, num_layers, top_k]`` with ids < E
+    and no repeated expert within a row (the signature of a hole filled with zeros is a row of
     identical ids)."""
     if routes.ndim != 3 or routes.shape[1:] != (num_layers, top_k):
         raise ValueError(f"routes shape {routes.shape} != [rows, {num_layers}, {top_k}]")
+    if num_rows is not None and routes.shape[0] != num_rows:
+        raise ValueError(f"routes have {routes.shape[0]} rows, the sample needs {num_rows}")
     if routes.size and int(routes.max()) >= num_experts:
         raise ValueError(f"route id {int(routes.max())} >= num_experts {num_experts}")
     if top_k > 1 and routes.size:
