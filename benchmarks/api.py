@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.launch import API_KEY, start_server
+from tests.helpers import API_KEY, start_server
 from pr2_serve.routes import encode_routes
 from pr2_serve.tiny_model import TinySpec, make_tiny_model
 

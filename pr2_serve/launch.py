@@ -1,5 +1,11 @@
 """Start ``pr2-serve`` as a subprocess on loopback (ports chosen by the OS) and wait until it
-is ready: used by ``make demo``, the benchmarks and the tests."""
+is ready: used by ``make demo``, ``make experiment``, the benchmarks and the tests.
+
+    server = start_server("models/tiny", "runs/state", api_key=secrets.token_hex(16))
+    HttpClient(server.http, api_key=...).generate(...); server.stop()
+
+There is no built-in key: the caller chooses it (``None`` starts a server that refuses pushes).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-API_KEY = "test-key-1234"  # tests and benchmarks only; the demo makes a random one
-
 
 @dataclass
 class Server:
@@ -39,7 +42,7 @@ def start_server(
     model_dir,
     state_dir,
     *extra: str,
-    api_key: str | None = API_KEY,
+    api_key: str | None,
     timeout: float = 180.0,
     dtype: str = "float32",
     env: dict[str, str] | None = None,

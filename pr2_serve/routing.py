@@ -18,40 +18,45 @@ zero predictor the plugin's routing is bit-identical to stock vLLM's.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = [
     "deviation_counts",
     "deviation_histogram",
     "gate_weights",
     "pr2_route",
-    "predictor_offsets",
     "select_experts",
+    "selection_scores",
 ]
 
 
-def predictor_offsets(hidden: torch.Tensor, predictor_weight: torch.Tensor) -> torch.Tensor:
-    """Per-expert logit offsets ``b = W_p h``.
+def selection_scores(
+    router_logits: torch.Tensor, hidden: torch.Tensor, predictor_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """The PR2 selection scores ``z + W_p h`` -- the one definition, for serving and training.
 
     Args:
-        hidden: ``[T, H]`` router inputs.
-        predictor_weight: ``[E, H]`` (``Linear(H, E, bias=False).weight``).
+        router_logits: ``[T, E]`` ``z = W_r h``.
+        hidden: ``[T, H]`` router inputs ``h``.
+        predictor_weight: ``[E, H]`` (``Linear(H, E, bias=False).weight``); None: plain ``z``.
 
     Returns:
-        ``[T, E]`` in the dtype of ``hidden``.
+        ``[T, E]`` in the logits' dtype, as one fused op (addmm); with ``W_p == 0`` this is
+        exactly ``z`` (so a zero predictor leaves the selection bit-identical to stock).
     """
-    return F.linear(hidden, predictor_weight.to(hidden.dtype))
+    if predictor_weight is None:
+        return router_logits
+    z = router_logits
+    return torch.addmm(z, hidden.to(z.dtype), predictor_weight.to(z.dtype).t())
 
 
 def select_experts(
-    router_logits: torch.Tensor, offsets: torch.Tensor | None, top_k: int
+    router_logits: torch.Tensor,
+    hidden: torch.Tensor | None,
+    predictor_weight: torch.Tensor | None,
+    top_k: int,
 ) -> torch.Tensor:
-    """Expert ids ``topk(z + b, k)`` per token, ``[T, k]`` int64.
-
-    ``offsets=None`` is plain top-k on the router logits. The sum is taken in the logits' dtype
-    (fp32 for vLLM's gate), so a zero offset leaves the selection bit-identical.
-    """
-    scores = router_logits if offsets is None else router_logits + offsets.to(router_logits.dtype)
+    """Expert ids ``topk(z + W_p h, k)`` per token, ``[T, k]`` int64 (unsorted)."""
+    scores = selection_scores(router_logits, hidden, predictor_weight)
     return torch.topk(scores, k=top_k, dim=-1, sorted=False).indices
 
 
@@ -85,12 +90,7 @@ def pr2_route(
         >>> w.shape, ids.shape
         (torch.Size([5, 2]), torch.Size([5, 2]))
     """
-    if predictor_weight is None:
-        scores = router_logits
-    else:  # z + h W_p^T as one fused op (addmm); with W_p == 0 this is exactly z
-        z = router_logits
-        scores = torch.addmm(z, hidden.to(z.dtype), predictor_weight.to(z.dtype).t())
-    ids = torch.topk(scores, k=top_k, dim=-1, sorted=False).indices
+    ids = select_experts(router_logits, hidden, predictor_weight, top_k)
     return gate_weights(router_logits, ids, renormalize), ids.to(torch.int32)
 
 

@@ -11,7 +11,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EngineInfo", "Rollout", "Sampling", "StreamEvent", "UpdateResult"]
+__all__ = [
+    "EngineInfo",
+    "EngineStepError",
+    "RequestRejected",
+    "Rollout",
+    "Sampling",
+    "StreamEvent",
+    "UpdateResult",
+]
+
+
+class RequestRejected(ValueError):
+    """vLLM refused a request when it was added (its own validation)."""
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed; the requests in it were aborted, the engine serves on."""
 
 
 @dataclass(slots=True, kw_only=True)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from pr2_serve.client import AsyncGrpcClient, AsyncHttpClient, HttpClient, ServerError
 from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.launch import API_KEY, start_server
+from tests.helpers import API_KEY, start_server
 from pr2_serve.tiny_model import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
-"""Test helpers: the independent HF transformers oracle of a served checkpoint."""
+"""Test helpers: the test API key and server launcher; the independent HF transformers oracle
+of a served checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from pr2_serve.launch import Server
+from pr2_serve.launch import start_server as _start_server
 from trainer.replay import MoEReplay, RoutingControl
+
+API_KEY = "test-key-1234"  # tests, benchmarks and the reliability suite only
+
+
+def start_server(model_dir, state_dir, *extra: str, api_key: str | None = API_KEY, **kw) -> Server:
+    """``pr2_serve.launch.start_server`` with the test key by default."""
+    return _start_server(model_dir, state_dir, *extra, api_key=api_key, **kw)
 
 
 def load_hf(model_dir: str | Path) -> tuple[torch.nn.Module, MoEReplay]:

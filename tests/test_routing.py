@@ -11,6 +11,7 @@ from pr2_serve.routing import (
     gate_weights,
     pr2_route,
     select_experts,
+    selection_scores,
 )
 
 DEVICES = [
@@ -72,8 +73,9 @@ def test_zero_predictor_is_plain_topk_bitwise(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gating_uses_unadjusted_logits(device):
     z = torch.tensor([[0.0, 1.0, 2.0, 3.0]], device=device)
-    offsets = torch.tensor([[10.0, 10.0, 0.0, 0.0]], device=device)
-    ids = select_experts(z, offsets, 2)
+    h = torch.tensor([[1.0]], device=device)
+    w_p = torch.tensor([[10.0], [10.0], [0.0], [0.0]], device=device)  # W_p h = [10, 10, 0, 0]
+    ids = select_experts(z, h, w_p, 2)
     assert sorted(ids[0].tolist()) == [0, 1]
     w = gate_weights(z, ids, renormalize=False)
     p = torch.softmax(z, -1)
@@ -132,3 +134,13 @@ def test_gpu_routing_benchmark_smoke_on_cpu():
         timeout=120,
     )
     assert "routes equal" in out.stdout and "ROUTES DIFFER" not in out.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_scores_is_z_plus_predictor_offset(device):
+    g = torch.Generator().manual_seed(1)
+    h, w_r, w_p = (torch.randn(s, generator=g).to(device) for s in [(6, 16), (8, 16), (8, 16)])
+    z = h @ w_r.T
+    torch.testing.assert_close(selection_scores(z, h, w_p), z + h @ w_p.T)  # reference
+    assert torch.equal(selection_scores(z, h, torch.zeros_like(w_p)), z)  # zero: exactly z
+    assert selection_scores(z, h, None) is z

@@ -23,7 +23,7 @@ from pr2_serve.client import (
     ServerError,
 )
 from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.launch import API_KEY, start_server
+from tests.helpers import API_KEY, start_server
 
 pytestmark = pytest.mark.vllm
 

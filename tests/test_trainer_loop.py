@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pr2_serve.launch import API_KEY, start_server
+from tests.helpers import API_KEY, start_server
 from trainer.cli import main as train_main
 
 pytestmark = pytest.mark.vllm

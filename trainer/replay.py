@@ -139,8 +139,8 @@ def _make_forward(replay: MoEReplay, ordinal: int, predictor: nn.Linear):
             if ids.shape[0] != z.shape[0]:
                 raise ValueError(f"forced ids have {ids.shape[0]} tokens, the batch {z.shape[0]}")
         else:
-            offsets = F.linear(h, predictor.weight) if ctl.use_predictor else None
-            ids = select_experts(z, offsets, self.top_k)
+            w_p = predictor.weight if ctl.use_predictor else None
+            ids = select_experts(z, h, w_p, self.top_k)
         weights = gate_weights(z.float(), ids, replay.renormalize(self)).to(z.dtype)
         if ctl.record:
             ctl.hidden.append(h)
