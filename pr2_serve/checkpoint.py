@@ -10,7 +10,8 @@ and cast by the loader (a trainer in fp32 may push to a bf16 server).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,40 @@ class WeightTable:
             raise WeightValidationError(
                 f"{name}: dtype {dt} is not a floating dtype ({spec.dtype})"
             )
+
+    def check_file(self, path: str | Path) -> list[str]:
+        """Check every tensor of a safetensors file (headers only); return the names."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    sl = f.get_slice(name)
+                    self.check(name, sl.get_shape(), sl.get_dtype())
+        except WeightValidationError:
+            raise
+        except Exception as e:  # not a safetensors file, truncated header...
+            raise WeightValidationError(f"not a readable safetensors file: {e}") from e
+        if not names:
+            raise WeightValidationError("empty update")
+        return names
+
+    def stage(self, weights, staging_dir: Path, version: int) -> dict[str, str]:
+        """Check an update (``{name: tensor}`` or a safetensors file) and return ``{name: file}``
+        (tensors are written to a file in ``staging_dir`` first)."""
+        if not isinstance(weights, Mapping):
+            path = str(Path(weights).resolve())
+            return dict.fromkeys(self.check_file(path), path)
+        if not weights:
+            raise WeightValidationError("empty update")
+        for name, t in weights.items():
+            self.check(name, t.shape, t.dtype)
+        from safetensors.torch import save_file
+
+        path = Path(staging_dir) / f"update-v{version}-{uuid.uuid4().hex[:8]}.safetensors"
+        save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, str(path))
+        return dict.fromkeys(weights, str(path))
 
 
 def moe_layer_indices(config: dict) -> list[int]:

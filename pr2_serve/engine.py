@@ -27,128 +27,31 @@ import queue
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .checkpoint import WeightTable, WeightValidationError, checkpoint_files
+from .checkpoint import WeightTable, WeightValidationError, checkpoint_files, require_newer
+from .jobs import Job, Jobs, Update, check_prompt
 from .routes import route_dtype
+from .types import (
+    EngineInfo,
+    EngineStepError,
+    RequestRejected,
+    Rollout,
+    Sampling,
+    StreamEvent,
+    UpdateResult,
+)
+from .vllm_setup import build_llm_engine, engine_info
 
-__all__ = [
-    "EngineInfo",
-    "EngineStepError",
-    "Rollout",
-    "RolloutEngine",
-    "Sampling",
-    "StreamEvent",
-    "UpdateResult",
-]
+# the values it takes and returns live in .types; re-exported for ``from pr2_serve.engine import``
+__all__ = ["EngineInfo", "EngineStepError", "RequestRejected", "Rollout", "RolloutEngine"]
+__all__ += ["Sampling", "StreamEvent", "UpdateResult"]
 
-WORKER_EXTENSION = "pr2_serve.plugin.worker.PR2WorkerExtension"
-
-
-class RequestRejected(ValueError):
-    """vLLM refused a request when it was added (its own validation)."""
-
-
-class EngineStepError(RuntimeError):
-    """A model step failed; the requests in it were aborted, the engine serves on."""
-
-
-@dataclass(slots=True)
-class Sampling:
-    """Sampling settings for one generate call (vLLM's, for the fields RL needs)."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 16
-    seed: int | None = None
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    fault: str | None = None  # test-only fault injection (PR2_ENABLE_FAULT_INJECTION=1)
-
-
-@dataclass(slots=True)
-class Rollout:
-    """One sample. ``routes[i]`` = expert ids used at position ``i`` of prompt + output
-    (``[len(prompt) + len(output) - 1, num_moe_layers, top_k]``, uint8 or uint16)."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    logprobs: list[float] | None
-    routes: np.ndarray | None
-    finish_reason: str
-    weight_version: int
-
-
-@dataclass(slots=True)
-class StreamEvent:
-    """New tokens of one sample (streaming): their log-probs and the route rows that became
-    known (rows ``routes_start ..``); ``finish_reason`` is set on the sample's last event."""
-
-    prompt_index: int
-    sample_index: int
-    prompt_token_ids: list[int] | None  # on the sample's first event only
-    token_ids: list[int]
-    logprobs: list[float] | None
-    routes: np.ndarray | None
-    routes_start: int
-    finish_reason: str | None
-    weight_version: int
-
-
-@dataclass(slots=True)
-class UpdateResult:
-    weight_version: int
-    num_tensors: int
-    seconds: float  # total, queued behind running requests included
-    reload_seconds: float  # the in-place reload in the workers
-
-
-@dataclass(frozen=True, slots=True)
-class EngineInfo:
-    model: str
-    architecture: str
-    num_moe_layers: int
-    num_experts: int
-    top_k: int
-    moe_layer_indices: tuple[int, ...]
-    route_dtype: str
-    vocab_size: int
-    max_model_len: int
-
-
-@dataclass
-class _Job:
-    prompts: list[Any]
-    sampling: Sampling
-    return_logprobs: bool
-    return_routes: bool
-    future: cf.Future
-    key: str = field(default_factory=lambda: uuid.uuid4().hex)
-    version: int = -1
-    pending: set[str] = field(default_factory=set)
-    outputs: dict[int, Any] = field(default_factory=dict)
-    on_event: Callable[[StreamEvent], None] | None = None  # streaming jobs
-    streamed: dict[tuple[int, int], list[int]] = field(default_factory=dict)  # tokens, rows sent
-
-
-@dataclass
-class _Update:
-    files: dict[str, str]
-    version: int
-    num_tensors: int
-    future: cf.Future
-    submitted: float = field(default_factory=time.perf_counter)
+MAX_STEP_FAILURES = 3  # consecutive failed steps mean the engine itself is broken
 
 
 class RolloutEngine:
@@ -156,7 +59,7 @@ class RolloutEngine:
 
     Args:
         model_dir: a HF checkpoint of a supported MoE family (stock or with predictor tensors).
-        dtype: ``"auto"`` (the checkpoint's), ``"float32"``, ``"bfloat16"``...
+        dtype: passed to vLLM (``"auto"``, ``"float32"``, ``"bfloat16"``...).
         max_model_len: context length (default: the checkpoint's, capped at 4096).
         seed: engine seed (sampling with ``Sampling.seed=None`` draws from it).
         enable_prefix_caching: routes stay correct with it (see ``plugin/route_store.py``).
@@ -188,7 +91,8 @@ class RolloutEngine:
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="pr2-weights-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.weight_version = 0
-        self._llm = _build_llm_engine(
+        self.plugin = plugin
+        self._llm = build_llm_engine(
             self.model_dir,
             config,
             dtype=dtype,
@@ -199,21 +103,8 @@ class RolloutEngine:
             plugin=plugin,
             engine_kwargs=engine_kwargs,
         )
-        self.plugin = plugin
-        facts = self._llm.collective_rpc("pr2_setup")[0] if plugin else _stock_facts(config)
-        model_config = self._llm.model_config
-        self.info = EngineInfo(
-            model=self.model_dir,
-            architecture=config["architectures"][0],
-            num_moe_layers=facts["num_moe_layers"],
-            num_experts=facts["num_experts"],
-            top_k=facts["top_k"],
-            moe_layer_indices=tuple(facts["moe_layer_indices"]),
-            route_dtype=facts["route_dtype"],
-            vocab_size=model_config.get_vocab_size(),
-            max_model_len=model_config.max_model_len,
-        )
-        self._route_dtype = route_dtype(self.info.num_experts)
+        self.info = engine_info(self._llm, config, self.model_dir, plugin)
+        self._jobs = Jobs(self._llm, route_dtype(self.info.num_experts))
         self._tokenizer = None
         self._commands: queue.Queue = queue.Queue()
         self._closed = False
@@ -221,7 +112,7 @@ class RolloutEngine:
         self._thread = threading.Thread(target=self._loop, name="pr2-engine", daemon=True)
         self._thread.start()
 
-    # -- public API -----------------------------------------------------------------------------
+    # -- generate ---------------------------------------------------------------------------------
     def generate(
         self,
         prompts: Sequence[Sequence[int] | str],
@@ -232,7 +123,7 @@ class RolloutEngine:
         timeout: float | None = None,
     ) -> list[Rollout]:
         """Generate ``sampling.n`` samples per prompt; one :class:`Rollout` each, in order
-        (prompt-major). Prompts are token-id lists or text (byte tokenizer)."""
+        (prompt-major). Prompts are token-id lists or text (the checkpoint's tokenizer)."""
         return self.submit(
             prompts, sampling, return_logprobs=return_logprobs, return_routes=return_routes
         ).result(timeout)
@@ -253,17 +144,16 @@ class RolloutEngine:
         resolves to ``[]`` when every sample has finished.
         """
         sampling = sampling or Sampling()
-        prompts = [self._check_prompt(p, sampling) for p in prompts]
+        prompts = [check_prompt(p, sampling, self.info, self.tokenize) for p in prompts]
         if sampling.n < 1:
             raise ValueError("n must be >= 1")
         if return_routes and not self.plugin:
             raise ValueError("routes need the PR2 plugin (plugin=False serves stock vLLM)")
-        job = _Job(
-            prompts, sampling, return_logprobs, return_routes, cf.Future(), on_event=on_event
-        )
+        job = Job(prompts, sampling, return_logprobs, return_routes, cf.Future(), on_event)
         self._put(("generate", job))
         return job.future
 
+    # -- weights ----------------------------------------------------------------------------------
     def update_weights(
         self,
         weights: Mapping[str, torch.Tensor] | str | os.PathLike,
@@ -283,50 +173,28 @@ class RolloutEngine:
         self, weights: Mapping[str, torch.Tensor] | str | os.PathLike, version: int
     ) -> dict[str, str]:
         """Validate an update and stage it on disk; return ``{name: file}`` of the update."""
-        if version <= self.weight_version:
-            raise WeightValidationError(
-                f"weight version {version} must be greater than the current {self.weight_version}"
-            )
-        if isinstance(weights, Mapping):
-            if not weights:
-                raise WeightValidationError("empty update")
-            for name, t in weights.items():
-                self._weights.check(name, t.shape, t.dtype)
-            from safetensors.torch import save_file
-
-            path = self.state_dir / f"update-v{version}-{uuid.uuid4().hex[:8]}.safetensors"
-            save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, str(path))
-            return dict.fromkeys(weights, str(path))
-        from safetensors import safe_open
-
-        path = str(Path(weights).resolve())
-        try:
-            with safe_open(path, framework="pt") as f:
-                names = list(f.keys())
-                for name in names:
-                    sl = f.get_slice(name)
-                    self._weights.check(name, sl.get_shape(), sl.get_dtype())
-        except WeightValidationError:
-            raise
-        except Exception as e:  # not a safetensors file, truncated header...
-            raise WeightValidationError(f"not a readable safetensors file: {e}") from e
-        if not names:
-            raise WeightValidationError("empty update")
-        return dict.fromkeys(names, path)
+        require_newer(version, self.weight_version)
+        return self._weights.stage(weights, self.state_dir, version)
 
     def commit_update(self, update_files: dict[str, str], version: int) -> cf.Future:
         """Apply a prepared update (future of :class:`UpdateResult`)."""
-        upd = _Update(update_files, version, len(update_files), cf.Future())
+        upd = Update(update_files, version, len(update_files), cf.Future())
         self._put(("update", upd))
         return upd.future
 
+    # -- misc -------------------------------------------------------------------------------------
     @property
     def tokenizer(self):
+        """The checkpoint's tokenizer (loaded on first use)."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text prompt (no special tokens added): the one rule for text."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def route_stats(self) -> dict[str, int]:
         """Route bookkeeping counters from the worker (see ``RouteStore.stats``)."""
@@ -347,8 +215,7 @@ class RolloutEngine:
         self._closed = True
         self._commands.put(("stop", None))
         self._thread.join(timeout=60)
-        llm, self._llm = self._llm, None
-        del llm
+        self._llm = self._jobs = None
         import gc
 
         gc.collect()
@@ -363,229 +230,76 @@ class RolloutEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- validation -----------------------------------------------------------------------------
-    def _check_prompt(self, prompt: Sequence[int] | str, sampling: Sampling) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("empty prompt")
-        bad = [t for t in ids if not 0 <= t < self.info.vocab_size]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} outside the vocabulary [0, {self.info.vocab_size})"
-            )
-        if sampling.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if len(ids) + sampling.max_tokens > self.info.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
-                f"max_model_len {self.info.max_model_len}"
-            )
-        return ids
-
     def _put(self, cmd) -> None:
         if not self.healthy():
             raise RuntimeError(f"engine is not running: {self._error!r}")
         self._commands.put(cmd)
 
-    # -- the engine thread ----------------------------------------------------------------------
+    # -- the engine thread --------------------------------------------------------------------------
     def _loop(self) -> None:
-        waiting: list[_Job] = []  # accepted, not yet added to vLLM
-        running: dict[str, _Job] = {}  # vLLM request id -> job
-        updates: list[_Update] = []
-        step_failures = 0
+        waiting: list[Job] = []  # accepted, not yet added to vLLM
+        updates: list[Update] = []
+        failures = 0
         try:
             while True:
-                block = not running and not waiting and not updates
-                try:
-                    cmd = self._commands.get(block=block, timeout=None if block else 0)
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    kind, obj = cmd
-                    if kind == "stop":
-                        self._fail_all(waiting, running, updates, RuntimeError("engine closed"))
-                        return
-                    if kind == "call":
-                        fn, fut = obj
-                        try:
-                            fut.set_result(fn(self._llm))
-                        except Exception as e:
-                            fut.set_exception(e)
-                    else:
-                        (waiting if kind == "generate" else updates).append(obj)
-                    try:
-                        cmd = self._commands.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if updates and not running:
+                block = not self._jobs and not waiting and not updates
+                if not self._drain_commands(block, waiting, updates):
+                    self._fail_all(waiting, updates, RuntimeError("engine closed"))
+                    return
+                if updates and not self._jobs:  # running requests finish on the old weights
                     self._apply_update(updates.pop(0))
                     continue
                 if not updates:
                     for job in waiting:
-                        self._start(job, running)
+                        self._jobs.start(job, self.weight_version)
                     waiting.clear()
-                if running:
-                    try:
-                        outputs = self._llm.step()
-                    except Exception as e:
-                        # A step failed (e.g. a worker error on one batch): the requests in it
-                        # fail cleanly and are aborted; the engine keeps serving new ones.
-                        # Several failures in a row mean the engine itself is broken.
-                        step_failures += 1
-                        self._fail_running(running, e)
-                        if step_failures >= 3:
-                            raise
-                        continue
-                    step_failures = 0
-                    for out in outputs:
-                        job = running.get(out.request_id)
-                        if job is not None and job.on_event is not None:
-                            self._stream(job, out)
-                        if out.finished:
-                            self._finish(out, running)
+                if self._jobs:
+                    failures = 0 if self._step() else failures + 1
+                    if failures >= MAX_STEP_FAILURES:
+                        raise EngineStepError(f"{failures} engine steps failed in a row")
         except BaseException as e:  # the engine itself failed: fail everything, stop serving
             self._error = e
-            self._fail_all(waiting, running, updates, e)
+            self._fail_all(waiting, updates, e)
 
-    def _start(self, job: _Job, running: dict[str, _Job]) -> None:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        s = job.sampling
-        job.version = self.weight_version
+    def _drain_commands(self, block: bool, waiting: list, updates: list) -> bool:
+        """Take every queued command (waiting for one if ``block``); False on "stop"."""
         try:
-            for i, ids in enumerate(job.prompts):
-                params = SamplingParams(
-                    n=s.n,
-                    temperature=s.temperature,
-                    top_p=s.top_p,
-                    top_k=s.top_k,
-                    max_tokens=s.max_tokens,
-                    seed=None if s.seed is None else s.seed + i * s.n,
-                    stop_token_ids=list(s.stop_token_ids),
-                    ignore_eos=s.ignore_eos,
-                    logprobs=0 if job.return_logprobs else None,
-                    # all n samples in one final output; streaming: only what is new
-                    output_kind=RequestOutputKind.DELTA
-                    if job.on_event
-                    else RequestOutputKind.FINAL_ONLY,
-                    detokenize=False,  # rollouts are token ids; text costs ~10% on small models
-                    extra_args=_extra_args(job, i),
-                )
-                # Outputs (all n samples together) come back under this external id.
-                rid = f"{job.key}.{i}"
-                self._llm.add_request(rid, TokensPrompt(prompt_token_ids=ids), params)
-                running[rid] = job
-                job.pending.add(rid)
-                job.outputs[i] = rid
+            cmd = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while cmd is not None:
+            kind, obj = cmd
+            if kind == "stop":
+                return False
+            if kind == "call":
+                fn, fut = obj
+                try:
+                    fut.set_result(fn(self._llm))
+                except Exception as e:
+                    fut.set_exception(e)
+            else:
+                (waiting if kind == "generate" else updates).append(obj)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+        return True
+
+    def _step(self) -> bool:
+        """One vLLM step. A failed step (e.g. a worker error on one batch) fails the requests in
+        it cleanly; the engine keeps serving new ones."""
+        try:
+            outputs = self._llm.step()
         except Exception as e:
-            self._abort(job, running)
-            job.future.set_exception(e if isinstance(e, ValueError) else RequestRejected(str(e)))
+            self._jobs.fail_running(e)
+            return False
+        for out in outputs:
+            self._jobs.on_output(out)
+        return True
 
-    def _abort(self, job: _Job, running: dict[str, _Job]) -> None:
-        ids = [rid for rid in job.pending]
-        for rid in ids:
-            running.pop(rid, None)
-        if ids:
-            self._llm.abort_request(ids)
-        job.pending.clear()
-
-    def _finish(self, out, running: dict[str, _Job]) -> None:
-        job = running.pop(out.request_id, None)
-        if job is None:
-            return
-        prompt_index = int(out.request_id.rsplit(".", 1)[1])
-        job.outputs[prompt_index] = out
-        job.pending.discard(out.request_id)
-        if job.pending:
-            return
+    def _apply_update(self, upd: Update) -> None:
         try:
-            job.future.set_result([] if job.on_event else self._rollouts(job))
-        except Exception as e:
-            job.future.set_exception(e)
-
-    def _rollouts(self, job: _Job) -> list[Rollout]:
-        rollouts = []
-        wanted = []
-        for i in range(len(job.prompts)):
-            out = job.outputs[i]
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                rows = len(out.prompt_token_ids) + len(c.token_ids) - 1
-                wanted.append((f"{job.key}.{i}/{c.index}", rows))
-                logprobs = None
-                if job.return_logprobs:
-                    logprobs = [
-                        lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)
-                    ]
-                rollouts.append(
-                    Rollout(
-                        prompt_index=i,
-                        sample_index=c.index,
-                        prompt_token_ids=list(out.prompt_token_ids),
-                        output_token_ids=list(c.token_ids),
-                        logprobs=logprobs,
-                        routes=None,
-                        finish_reason=c.finish_reason or "length",
-                        weight_version=job.version,
-                    )
-                )
-        if job.return_routes:
-            got = self._llm.collective_rpc("pr2_take_routes", args=(wanted,))[0]
-            for r, (key, rows) in zip(rollouts, wanted, strict=True):
-                if key not in got:
-                    raise RuntimeError(f"routes missing for {key}")
-                data, shape = got[key]
-                if shape[0] != rows:
-                    raise RuntimeError(f"routes for {key} have {shape[0]} rows, expected {rows}")
-                r.routes = np.frombuffer(data, dtype=self._route_dtype).reshape(shape)
-        return rollouts
-
-    def _stream(self, job: _Job, out) -> None:
-        """Emit the step's new tokens of a streaming job, with the route rows now known."""
-        i = int(out.request_id.rsplit(".", 1)[1])
-        peeks, events = [], []
-        for c in out.outputs:
-            sent = job.streamed.setdefault((i, c.index), [0, 0])
-            first = sent[0] == 0
-            sent[0] += len(c.token_ids)
-            rows_known = len(out.prompt_token_ids) + sent[0] - 1
-            key = f"{job.key}.{i}/{c.index}"
-            logprobs = None
-            if job.return_logprobs:
-                logprobs = [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)]
-            ev = StreamEvent(
-                i,
-                c.index,
-                list(out.prompt_token_ids) if first else None,
-                list(c.token_ids),
-                logprobs,
-                None,
-                sent[1],
-                c.finish_reason,
-                job.version,
-            )
-            if job.return_routes:
-                peeks.append((key, sent[1], rows_known, c.finish_reason is not None))
-                sent[1] = rows_known
-            events.append(ev)
-        if peeks:
-            got = self._llm.collective_rpc("pr2_stream_routes", args=(peeks,))[0]
-            for ev, (key, *_rest) in zip(events, peeks, strict=True):
-                data, shape = got[key]
-                ev.routes = np.frombuffer(data, dtype=self._route_dtype).reshape(shape)
-        for ev in events:
-            job.on_event(ev)
-
-    def _apply_update(self, upd: _Update) -> None:
-        try:
-            if upd.version <= self.weight_version:
-                raise WeightValidationError(
-                    f"weight version {upd.version} must be greater than {self.weight_version}"
-                )
+            require_newer(upd.version, self.weight_version)
             files = {**self._files, **upd.files}
             reload_s = self._llm.collective_rpc("pr2_reload_weights", args=(files,))[0]
             if not self._llm.reset_prefix_cache():
@@ -594,101 +308,23 @@ class RolloutEngine:
             self._files = files
             self.weight_version = upd.version
             self._llm.set_weight_version(str(upd.version))
+            seconds = time.perf_counter() - upd.submitted
             upd.future.set_result(
                 UpdateResult(
-                    upd.version,
-                    upd.num_tensors,
-                    time.perf_counter() - upd.submitted,
-                    reload_s,
+                    weight_version=upd.version,
+                    num_tensors=upd.num_tensors,
+                    seconds=seconds,
+                    reload_seconds=reload_s,
                 )
             )
         except WeightValidationError as e:
             upd.future.set_exception(e)
 
-    def _fail_running(self, running: dict[str, _Job], exc: Exception) -> None:
-        jobs = {id(j): j for j in running.values()}.values()
-        self._llm.abort_request(list(running))
-        running.clear()
-        err = EngineStepError(f"the engine step failed: {exc!r}")
+    def _fail_all(self, waiting: list[Job], updates: list[Update], exc: BaseException) -> None:
+        jobs = waiting + (self._jobs.jobs() if self._jobs is not None else [])
         for job in jobs:
-            job.pending.clear()
-            if not job.future.done():
-                job.future.set_exception(err)
-
-    def _fail_all(self, waiting, running, updates, exc: BaseException) -> None:
-        for job in {id(j): j for j in [*waiting, *running.values()]}.values():
             if not job.future.done():
                 job.future.set_exception(exc)
         for upd in updates:
             if not upd.future.done():
                 upd.future.set_exception(exc)
-
-
-def _extra_args(job: _Job, i: int) -> dict | None:
-    extra: dict[str, Any] = {}
-    if job.return_routes:
-        extra["pr2_route_key"] = f"{job.key}.{i}"
-    if job.sampling.fault:
-        extra["pr2_fault"] = job.sampling.fault
-    return extra or None
-
-
-def _stock_facts(config: dict) -> dict[str, Any]:
-    from .checkpoint import moe_layer_indices
-
-    experts = int(config.get("num_experts") or config["num_local_experts"])
-    layers = moe_layer_indices(config)
-    return {
-        "num_moe_layers": len(layers),
-        "num_experts": experts,
-        "top_k": int(config["num_experts_per_tok"]),
-        "moe_layer_indices": layers,
-        "route_dtype": route_dtype(experts).name,
-    }
-
-
-def _build_llm_engine(
-    model_dir: str,
-    config: dict,
-    *,
-    dtype,
-    max_model_len,
-    seed,
-    enable_prefix_caching,
-    kv_cache_gib,
-    plugin,
-    engine_kwargs,
-):
-    """vLLM ``LLMEngine`` for the PR2 variant of the checkpoint's architecture."""
-    # The engine core runs in this process (the engine thread drives it); on one device the
-    # worker does too (fast start, no IPC); several devices use vLLM's multiprocess executor.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
-    from vllm import EngineArgs
-    from vllm.platforms import current_platform
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    from .plugin import pr2_architecture, register
-
-    register()  # in case the entry point is not installed (running from a source tree)
-    arch = pr2_architecture(config["architectures"][0]) if plugin else config["architectures"][0]
-    on_cpu = current_platform.is_cpu()
-    tp = int(engine_kwargs.get("tensor_parallel_size", 1))
-    if max_model_len is None:
-        max_model_len = min(int(config.get("max_position_embeddings", 4096)), 4096)
-    args = EngineArgs(
-        model=model_dir,
-        dtype=dtype,
-        seed=seed,
-        max_model_len=max_model_len,
-        hf_overrides={"architectures": [arch]},
-        worker_extension_cls=WORKER_EXTENSION if plugin else "",
-        enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=engine_kwargs.pop("enforce_eager", on_cpu),
-        distributed_executor_backend=engine_kwargs.pop(
-            "distributed_executor_backend", "uni" if tp == 1 else "mp"
-        ),
-        disable_log_stats=True,
-        **engine_kwargs,
-    )
-    return LLMEngine.from_engine_args(args)

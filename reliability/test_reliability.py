@@ -6,7 +6,6 @@ Figures are printed (run with ``-s``) and written to ``runs/reliability/figures.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import signal
@@ -22,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pr2_serve.client import AsyncGrpcClient, AsyncHttpClient, HttpClient, ServerError
+from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.engine import RolloutEngine, Sampling
 from tests.helpers import API_KEY, start_server
 from pr2_serve.tiny_model import make_tiny_model
@@ -134,8 +133,8 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
     http = HttpClient(server.http, api_key=API_KEY)
     v0 = http.info()["weight_version"]
 
-    async def client(i: int):
-        c = AsyncHttpClient(server.http) if i % 2 else AsyncGrpcClient(server.grpc)
+    def client(i: int):
+        c = HttpClient(server.http) if i % 2 else GrpcClient(server.grpc)
         r = np.random.default_rng(i)
         try:
             while not stop.is_set():
@@ -147,7 +146,7 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
                 try:
                     # greedy: temperature 0 for n = 1; top_k = 1 for n > 1 (vLLM samples a
                     # temperature-0 request once), so every sample is checkable below
-                    res = await c.generate(
+                    res = c.generate(
                         [p],
                         n=n,
                         temperature=0.0 if n == 1 else 1.0,
@@ -164,14 +163,12 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
                     assert (s.routes is not None) == routes
                     results.append((p, len(s.output_token_ids), s))
         finally:
-            await c.aclose()
+            c.close()
 
-    async def run():
-        await asyncio.gather(*(client(i) for i in range(clients)))
-
-    t = threading.Thread(target=lambda: asyncio.run(run()))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
-    t.start()
+    for t in threads:
+        t.start()
     pushed = {}
     k = 0
     while time.perf_counter() - t0 < duration - 5:
@@ -180,7 +177,8 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
         pushed[v0 + k] = predictors(1000 + k)
         http.push_weights(pushed[v0 + k], v0 + k)
     stop.set()
-    t.join(180)
+    for t in threads:
+        t.join(180)
     wall = time.perf_counter() - t0
     lat = sorted(latencies)
     record(

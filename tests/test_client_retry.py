@@ -3,7 +3,6 @@ race: a pooled connection closed by the server just as the client reuses it)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from pr2_serve.client import KEEPALIVE_EXPIRY_S, AsyncHttpClient, HttpClient
+from pr2_serve.client import KEEPALIVE_EXPIRY_S, HttpClient
 from pr2_serve.server import KEEP_ALIVE_S
 
 
@@ -84,16 +83,3 @@ def test_sync_client_retries_a_dropped_connection(flaky):
         "GET /v1/info",
         "PUT /v1/weights/3",
     ]
-
-
-def test_async_client_retries_a_dropped_connection(flaky):
-    async def run():
-        c = AsyncHttpClient(flaky, api_key="k")
-        try:
-            assert (await c.generate([[1, 2, 3]])).weight_version == 2
-            assert (await c.push_weights({"w": torch.zeros(2)}, 3))["weight_version"] == 3
-        finally:
-            await c.aclose()
-
-    asyncio.run(run())
-    assert Flaky.seen.count("PUT /v1/weights/3") == 2 and "GET /v1/info" in Flaky.seen

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import socket
 import threading
@@ -16,8 +15,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pr2_serve.client import (
-    AsyncGrpcClient,
-    AsyncHttpClient,
     GrpcClient,
     HttpClient,
     ServerError,
@@ -402,23 +399,21 @@ def test_concurrent_clients_during_pushes(server, http, tiny_random):
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(3, 30, size=16)]
 
-    async def client_task(i: int):
-        client = AsyncHttpClient(server.http) if i % 2 else AsyncGrpcClient(server.grpc)
+    def client_task(i: int):
+        client = HttpClient(server.http) if i % 2 else GrpcClient(server.grpc)
         try:
             while not stop.is_set():
                 try:
-                    res = await client.generate([prompts[i]], temperature=0.0, max_tokens=8)
+                    res = client.generate([prompts[i]], temperature=0.0, max_tokens=8)
                     results.append((prompts[i], res.samples[0]))
                 except Exception as e:  # every failure is counted
                     errors.append(repr(e))
         finally:
-            await client.aclose()
+            client.close()
 
-    async def run_clients():
-        await asyncio.gather(*(client_task(i) for i in range(16)))
-
-    t = threading.Thread(target=lambda: asyncio.run(run_clients()))
-    t.start()
+    threads = [threading.Thread(target=client_task, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
     updates = {}
     for k in range(1, 4):
         updates[start_version + k] = predictor_update(100 + k)
@@ -426,7 +421,8 @@ def test_concurrent_clients_during_pushes(server, http, tiny_random):
         http.push_weights(updates[start_version + k], start_version + k)
     threading.Event().wait(1.0)
     stop.set()
-    t.join(120)
+    for t in threads:
+        t.join(120)
     assert not errors, errors[:5]
     seen = {r.weight_version for _, r in results}
     assert len(seen) >= 3, seen

@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from pr2_serve.routes import capture_dtype
 from pr2_serve.routing import pr2_route
 
 from .compat import PR2ConfigError
@@ -47,7 +48,7 @@ class RouteCapture:
     """One step's routed expert ids, ``[rows, num_moe_layers, top_k]`` on the model's device."""
 
     def __init__(self, max_tokens: int, num_moe_layers: int, top_k: int, num_experts: int):
-        dtype = torch.int16 if num_experts <= 32767 else torch.int32
+        dtype = capture_dtype(num_experts)
         self.buffer = torch.zeros(max_tokens, num_moe_layers, top_k, dtype=dtype)
         self.num_experts = num_experts
 

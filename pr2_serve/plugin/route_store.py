@@ -131,15 +131,8 @@ class RouteStore:
         stop = req.length if end is None else min(end, req.length)
         return req.rows[start:stop].copy()
 
-    def length(self, key: str) -> int:
-        req = self._requests.get(key)
-        return 0 if req is None else req.length
-
     def __len__(self) -> int:
         return len(self._requests)
-
-    def clear(self) -> None:
-        self._requests.clear()
 
     # -- internals ------------------------------------------------------------------------------
     def _read_slots(self, block_row: np.ndarray, start: int, end: int) -> np.ndarray:

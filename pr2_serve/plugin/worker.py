@@ -5,8 +5,8 @@ vLLM mixes this class into its worker class; the engine calls the ``pr2_*`` meth
 
 - :meth:`pr2_setup` wraps the model runner's ``execute_model`` so that after each step the rows
   captured by the PR2 routers are mapped to requests (:class:`RouteStore`). Requests opt in with
-  ``SamplingParams.extra_args = {"pr2_route_key": key}``; a child ``i`` of an ``n > 1`` request
-  is stored under ``f"{key}/{i}"`` (vLLM names children ``f"{i}_{parent_id}"``).
+  ``SamplingParams.extra_args = {"pr2_route_key": key}``; each of the ``n`` samples is stored
+  under the key the route protocol gives it (:mod:`pr2_serve.routes`).
 - :meth:`pr2_reload_weights` reloads all weights in place from safetensors files and proves the
   CPU build's MoE weight layout is rebuilt (vLLM 0.32 skips the CPU prepack on reloads).
 """
@@ -19,18 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from pr2_serve.routes import route_dtype
+from pr2_serve.jobs import ROUTE_KEY
+from pr2_serve.routes import child_index, route_dtype, store_key
 
 from .route_store import RouteStore
 
-ROUTE_KEY = "pr2_route_key"
-
 
 def route_key_for(internal_request_id: str, key: str) -> str:
-    """Store key of a worker request: ``key/child_index`` (child 0 when ``n == 1``)."""
-    head, sep, _ = internal_request_id.partition("_")
-    child = int(head) if sep and head.isdigit() else 0
-    return f"{key}/{child}"
+    """Store key of a worker request (see :mod:`pr2_serve.routes`: ``key/child``)."""
+    return store_key(key, child_index(internal_request_id))
 
 
 class PR2WorkerExtension:
@@ -202,7 +199,3 @@ def _request_key(req_state) -> str | None:
         return None
     extra = req_state.sampling_params.extra_args
     return None if not extra else extra.get(ROUTE_KEY)
-
-
-def decode_route_bytes(data: bytes, shape: tuple, dtype: str) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)

@@ -1,0 +1,170 @@
+"""gRPC client of ``pr2.rollout.v1.Rollout`` (code generated from ``protos/`` by the build)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..routes import EncodedRoutes, decode_routes
+from ..types import Rollout, StreamEvent
+from .common import GenerateResult, ServerError, file_chunks, push_result, sha256_file, weights_file
+
+GRPC_CHUNK = 2 << 20
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 8 << 20),
+]
+
+
+class GrpcClient:
+    """Synchronous gRPC client (same methods as :class:`HttpClient`)."""
+
+    def __init__(self, target: str, api_key: str | None = None, timeout: float = 600.0):
+        import grpc
+
+        from ..api.proto import load
+
+        self._pb2, pb2_grpc = load()
+        self._grpc = grpc
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = pb2_grpc.RolloutStub(self._channel)
+        self.api_key, self.timeout = api_key, timeout
+
+    def info(self) -> dict:
+        try:
+            m = self._stub.GetInfo(self._pb2.GetInfoRequest(), timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
+
+    def generate(self, prompts, **sampling) -> GenerateResult:
+        samples, version = [], 0
+        for m in self._responses(prompts, sampling, stream=False):
+            if m.end:
+                version = m.weight_version
+                break
+            samples.append(_rollout(m))
+        if samples:
+            version = samples[0].weight_version
+        return GenerateResult(version, samples)
+
+    def stream(self, prompts, **sampling) -> Iterator[StreamEvent]:
+        for m in self._responses(prompts, sampling, stream=True):
+            if m.end:
+                return
+            yield _event(m)
+
+    def _responses(self, prompts, sampling: dict, stream: bool):
+        request = _request(self._pb2, prompts, stream=stream, **sampling)
+        try:
+            yield from self._stub.Generate(request, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+
+    def push_weights(self, weights, version: int) -> dict:
+        path, temp = weights_file(weights)
+        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        try:
+            res = self._stub.UpdateWeights(
+                _upload_messages(self._pb2, path, version), metadata=meta, timeout=self.timeout
+            )
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        finally:
+            if temp:
+                path.unlink(missing_ok=True)
+        return push_result(res)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _request(
+    pb2,
+    prompts,
+    n=None,
+    temperature=None,
+    top_p=None,
+    top_k=None,
+    max_tokens=None,
+    seed=None,
+    stop_token_ids=(),
+    return_logprobs=True,
+    return_routes=True,
+    routes_from=0,
+    min_weight_version=0,
+    stream=False,
+):
+    msg = pb2.GenerateRequest(
+        n=n or 0,
+        top_p=top_p or 0.0,
+        top_k=top_k or 0,
+        max_tokens=max_tokens or 0,
+        stop_token_ids=list(stop_token_ids or ()),
+        skip_logprobs=not return_logprobs,
+        skip_routes=not return_routes,
+        routes_from=routes_from,
+        min_weight_version=min_weight_version,
+        stream=stream,
+    )
+    if temperature is not None:
+        msg.temperature, msg.has_temperature = temperature, True
+    if seed is not None:
+        msg.seed = seed
+    for p in prompts:
+        if isinstance(p, str):
+            msg.prompts.add(text=p)
+        else:
+            msg.prompts.add().token_ids.ids.extend(int(t) for t in p)
+    return msg
+
+
+def _routes(r):
+    if not r.dtype:
+        return None
+    return decode_routes(EncodedRoutes(r.dtype, tuple(r.shape), r.data))
+
+
+def _rollout(m) -> Rollout:
+    return Rollout(
+        prompt_index=m.prompt_index,
+        sample_index=m.sample_index,
+        prompt_token_ids=list(m.prompt_token_ids),
+        output_token_ids=list(m.output_token_ids),
+        logprobs=list(m.logprobs),
+        routes=_routes(m.routes),
+        finish_reason=m.finish_reason,
+        weight_version=m.weight_version,
+    )
+
+
+def _event(m) -> StreamEvent:
+    return StreamEvent(
+        prompt_index=m.prompt_index,
+        sample_index=m.sample_index,
+        prompt_token_ids=list(m.prompt_token_ids) or None,
+        token_ids=list(m.output_token_ids),
+        logprobs=list(m.logprobs),
+        routes=_routes(m.routes),
+        routes_start=m.routes.start,
+        finish_reason=m.finish_reason or None,
+        weight_version=m.weight_version,
+    )
+
+
+def _grpc_error(e) -> ServerError:
+    """The server's refusal; the field at fault travels in trailing metadata."""
+    from ..api.errors import FIELD_METADATA_KEY
+
+    trailing = dict(e.trailing_metadata() or ())
+    return ServerError(e.code().name, e.details(), trailing.get(FIELD_METADATA_KEY))
+
+
+def _upload_messages(pb2, path: Path, version: int) -> Iterator:
+    yield pb2.UpdateWeightsRequest(
+        header=pb2.UpdateWeightsHeader(
+            version=version, sha256=sha256_file(path), total_size=path.stat().st_size
+        )
+    )
+    for block in file_chunks(path, GRPC_CHUNK):
+        yield pb2.UpdateWeightsRequest(chunk=block)

@@ -1,0 +1,149 @@
+"""HTTP client (httpx) of ``/v1/generate``, ``/v1/generate/stream``, ``/v1/info`` and
+``PUT /v1/weights/{version}``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..routes import EncodedRoutes, decode_routes
+from ..types import Rollout, StreamEvent
+from .common import GenerateResult, ServerError, file_chunks, push_result, sha256_file, weights_file
+
+#: Idle pooled HTTP connections are dropped after this long, well before the server's
+#: keep-alive timeout (75 s): reusing a connection the server is closing fails the request.
+KEEPALIVE_EXPIRY_S = 30.0
+
+
+class HttpClient:
+    """Synchronous HTTP client; a request whose connection dropped before any response is
+    re-sent once (a push only after ``/v1/info`` shows its version is not committed)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        self.api_key = api_key
+        limits = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, limits=limits)
+        # the connection dropped before any response: safe to re-send once
+        self._retryable = (httpx.RemoteProtocolError, httpx.ConnectError)
+
+    def info(self) -> dict:
+        r = self._http.get("/v1/info")
+        _raise_http(r)
+        return r.json()
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except Exception:
+            return False
+
+    def generate(self, prompts, **sampling) -> GenerateResult:
+        body = _request(prompts, **sampling)
+        try:
+            r = self._http.post("/v1/generate", json=body)
+        except self._retryable:  # connection dropped before a response: safe to send again
+            r = self._http.post("/v1/generate", json=body)
+        _raise_http(r)
+        body = r.json()
+        return GenerateResult(body["weight_version"], [_rollout(s) for s in body["samples"]])
+
+    def stream(self, prompts, **sampling) -> Iterator[StreamEvent]:
+        body = _request(prompts, **sampling)
+        with self._http.stream("POST", "/v1/generate/stream", json=body) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_http(r)
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                obj = json.loads(line)
+                if "error" in obj:
+                    err = obj["error"]
+                    raise ServerError("stream", err["message"], err.get("field"))
+                if obj.get("end"):
+                    return
+                yield _event(obj)
+
+    def push_weights(self, weights, version: int) -> dict:
+        path, temp = weights_file(weights)
+        try:
+            headers = _push_headers(path, self.api_key)
+            url = f"/v1/weights/{version}"
+            try:
+                r = self._http.put(url, content=file_chunks(path), headers=headers)
+            except self._retryable:
+                # no response: committed only if the server now serves that version
+                if self.info()["weight_version"] == version:
+                    return {"weight_version": version}
+                r = self._http.put(url, content=file_chunks(path), headers=headers)
+            _raise_http(r)
+            return push_result(r.json())
+        finally:
+            if temp:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _request(prompts, **kw) -> dict:
+    body = {"prompts": [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]}
+    body.update({k: v for k, v in kw.items() if v is not None})
+    return body
+
+
+def _push_headers(path: Path, api_key: str | None) -> dict[str, str]:
+    """Headers of ``PUT /v1/weights/{version}`` for the safetensors file at ``path``."""
+    headers = {
+        "X-Content-SHA256": sha256_file(path),
+        "Content-Length": str(path.stat().st_size),
+        "Content-Type": "application/octet-stream",
+    }
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def _raise_http(resp) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        err = resp.json()["error"]
+    except Exception:
+        raise ServerError(resp.status_code, resp.text[:500]) from None
+    raise ServerError(resp.status_code, err.get("message", ""), err.get("field"))
+
+
+def _routes(obj: dict | None):
+    return None if obj is None else decode_routes(EncodedRoutes.from_json(obj))
+
+
+def _rollout(s: dict) -> Rollout:
+    return Rollout(
+        prompt_index=s["prompt_index"],
+        sample_index=s["sample_index"],
+        prompt_token_ids=s["prompt_token_ids"],
+        output_token_ids=s["output_token_ids"],
+        logprobs=s["logprobs"],
+        routes=_routes(s.get("routes")),
+        finish_reason=s["finish_reason"],
+        weight_version=s["weight_version"],
+    )
+
+
+def _event(e: dict) -> StreamEvent:
+    routes = e.get("routes")
+    return StreamEvent(
+        prompt_index=e["prompt_index"],
+        sample_index=e["sample_index"],
+        prompt_token_ids=e.get("prompt_token_ids"),
+        token_ids=e["token_ids"],
+        logprobs=e.get("logprobs"),
+        routes=_routes(routes),
+        routes_start=routes["start"] if routes else 0,
+        finish_reason=e.get("finish_reason"),
+        weight_version=e["weight_version"],
+    )
