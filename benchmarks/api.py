@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import base64
 import statistics
 import sys
 import tempfile
@@ -27,35 +27,16 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import BENCH_SPEC, tokens_per_s, workload, write_results
 from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.engine import RolloutEngine, Sampling
-from tests.helpers import API_KEY, start_server
 from pr2_serve.routes import encode_routes
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
-
-BIG = TinySpec(
-    hidden_size=512,
-    num_heads=8,
-    num_kv_heads=2,
-    head_dim=64,
-    num_experts=16,
-    moe_intermediate_size=512,
-    num_layers=4,
-)
-
-
-def workload(batch: int):
-    rng = np.random.default_rng(0)
-    return [rng.integers(0, 256, size=int(n)).tolist() for n in rng.integers(16, 64, size=batch)]
+from pr2_serve.tiny_model import make_tiny_model
+from tests.helpers import API_KEY, start_server
 
 
 def tps(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        samples = fn()
-        out.append(sum(len(s.output_token_ids) for s in samples) / (time.perf_counter() - t))
-    return out
+    return [tokens_per_s(fn) for _ in range(repeats)]
 
 
 def peak_rss_during(pid: int, fn):
@@ -79,83 +60,61 @@ def peak_rss_during(pid: int, fn):
     return result, (peak[0] - base) / 2**20
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--out", default="benchmarks/results/api.json")
-    ap.add_argument("--workdir", default="runs", help="model + server state (a fast disk)")
-    args = ap.parse_args()
-    results: dict = {}
-    prompts = workload(args.batch)
-    kw = {"temperature": 1.0, "max_tokens": args.max_tokens, "seed": 0}
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        tmp = Path(tmp)
-        model = make_tiny_model(tmp / "model", seed=0, spec=BIG, predictor="random")
-        size = (model / "model.safetensors").stat().st_size
-        # -- in-process baseline ---------------------------------------------------------------
-        with RolloutEngine(model, max_model_len=512) as engine:
-            engine.generate(prompts[:2], Sampling(max_tokens=4))
-            local = tps(lambda: engine.generate(prompts, Sampling(**kw)), args.repeats)
-            sample = engine.generate(prompts[:1], Sampling(max_tokens=32, seed=0))[0]
-        # -- route bytes ------------------------------------------------------------------------
-        r = sample.routes
-        cells = r.shape[0] * r.shape[1]
-        raw = len(encode_routes(r).data)
-        b64 = len(encode_routes(r).to_json()["data"])
-        int32_b64 = len(__import__("base64").b64encode(r.astype("<i4").tobytes()))
-        results["route_bytes_per_token_layer"] = {
-            "ours_raw_grpc": raw / cells,
-            "ours_base64_json": b64 / cells,
-            "int32_base64": int32_b64 / cells,
-            "ratio_json": b64 / int32_b64,
-            "ratio_grpc": raw / int32_b64,
-        }
-        # -- server -----------------------------------------------------------------------------
-        srv = start_server(model, tmp / "state", "--max-upload-bytes", str(4 << 30))
-        try:
-            http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
-            http.generate(prompts[:2], max_tokens=4)
-            over_http, over_grpc = [], []
-            for _ in range(args.repeats):  # alternate protocols
-                over_http += tps(lambda: http.generate(prompts, **kw).samples, 1)
-                over_grpc += tps(lambda: rpc.generate(prompts, **kw).samples, 1)
-            med = {
-                k: statistics.median(v)
-                for k, v in {"in_process": local, "http": over_http, "grpc": over_grpc}.items()
+def route_bytes(r: np.ndarray) -> dict:
+    """Bytes per (token, layer) of our encodings vs SGLang-style base64 of int32."""
+    cells = r.shape[0] * r.shape[1]
+    raw = len(encode_routes(r).data)
+    b64 = len(encode_routes(r).to_json()["data"])
+    int32_b64 = len(base64.b64encode(r.astype("<i4").tobytes()))
+    return {
+        "ours_raw_grpc": raw / cells,
+        "ours_base64_json": b64 / cells,
+        "int32_base64": int32_b64 / cells,
+        "ratio_json": b64 / int32_b64,
+        "ratio_grpc": raw / int32_b64,
+    }
+
+
+def protocol_tokens_per_s(http, rpc, prompts, kw: dict, local: list[float], repeats: int):
+    """Tokens/s over HTTP and gRPC (alternating) against the in-process figures ``local``."""
+    http.generate(prompts[:2], max_tokens=4)
+    over_http, over_grpc = [], []
+    for _ in range(repeats):
+        over_http += tps(lambda: http.generate(prompts, **kw).samples, 1)
+        over_grpc += tps(lambda: rpc.generate(prompts, **kw).samples, 1)
+    runs = {"in_process": local, "http": over_http, "grpc": over_grpc}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {
+        **med,
+        "http_ratio": med["http"] / med["in_process"],
+        "grpc_ratio": med["grpc"] / med["in_process"],
+    }
+
+
+def weight_pushes(srv, http, rpc, file: Path) -> dict:
+    """Push the whole checkpoint twice per protocol: MB/s end to end and for the transfer,
+    apply seconds, the server's peak extra RSS (medians)."""
+    size = file.stat().st_size
+    pushes: dict[str, list[dict]] = {}
+    for version, (name, client) in enumerate([("http", http), ("grpc", rpc)] * 2, 1):
+        t = time.perf_counter()
+        res, rss = peak_rss_during(
+            srv.proc.pid, lambda c=client, v=version: c.push_weights(str(file), v)
+        )
+        wall = time.perf_counter() - t
+        pushes.setdefault(name, []).append(
+            {
+                "end_to_end_MBps": size / wall / 1e6,
+                "transfer_MBps": size / res["receive_seconds"] / 1e6,
+                "apply_s": res["apply_seconds"],
+                "peak_extra_rss_MiB": rss,
             }
-            results["tokens_per_s"] = {
-                **med,
-                "http_ratio": med["http"] / med["in_process"],
-                "grpc_ratio": med["grpc"] / med["in_process"],
-            }
-            pushes = {}
-            file = model / "model.safetensors"
-            for version, (name, client) in enumerate([("http", http), ("grpc", rpc)] * 2, 1):
-                t = time.perf_counter()
-                res, rss = peak_rss_during(
-                    srv.proc.pid, lambda c=client, v=version: c.push_weights(str(file), v)
-                )
-                wall = time.perf_counter() - t
-                pushes.setdefault(name, []).append(
-                    {
-                        "end_to_end_MBps": size / wall / 1e6,
-                        "transfer_MBps": size / res["receive_seconds"] / 1e6,
-                        "apply_s": res["apply_seconds"],
-                        "peak_extra_rss_MiB": rss,
-                    }
-                )
-            results["weight_push"] = {
-                "checkpoint_MB": size / 1e6,
-                **{
-                    k: {m: statistics.median(p[m] for p in v) for m in v[0]}
-                    for k, v in pushes.items()
-                },
-            }
-        finally:
-            srv.stop()
+        )
+    medians = {k: {m: statistics.median(p[m] for p in v) for m in v[0]} for k, v in pushes.items()}
+    return {"checkpoint_MB": size / 1e6, **medians}
+
+
+def report(results: dict, args) -> None:
     rb, tp, wp = (
         results["route_bytes_per_token_layer"],
         results["tokens_per_s"],
@@ -178,9 +137,38 @@ def main() -> None:
             f"{p['end_to_end_MBps']:.0f} MB/s, transfer {p['transfer_MBps']:.0f} MB/s, "
             f"apply {p['apply_s']:.2f} s, peak extra server RSS {p['peak_extra_rss_MiB']:.0f} MiB"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    print(f"wrote {args.out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default="benchmarks/results/api.json")
+    ap.add_argument("--workdir", default="runs", help="model + server state (a fast disk)")
+    args = ap.parse_args()
+    results: dict = {}
+    prompts = workload(args.batch)
+    kw = {"temperature": 1.0, "max_tokens": args.max_tokens, "seed": 0}
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        model = make_tiny_model(Path(tmp) / "model", seed=0, spec=BENCH_SPEC, predictor="random")
+        with RolloutEngine(model, max_model_len=512) as engine:  # the in-process baseline
+            engine.generate(prompts[:2], Sampling(max_tokens=4))
+            local = tps(lambda: engine.generate(prompts, Sampling(**kw)), args.repeats)
+            sample = engine.generate(prompts[:1], Sampling(max_tokens=32, seed=0))[0]
+        results["route_bytes_per_token_layer"] = route_bytes(sample.routes)
+        srv = start_server(model, Path(tmp) / "state", "--max-upload-bytes", str(4 << 30))
+        try:
+            http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
+            results["tokens_per_s"] = protocol_tokens_per_s(
+                http, rpc, prompts, kw, local, args.repeats
+            )
+            results["weight_push"] = weight_pushes(srv, http, rpc, model / "model.safetensors")
+        finally:
+            srv.stop()
+    report(results, args)
+    write_results(args.out, args, results)
 
 
 if __name__ == "__main__":

@@ -13,49 +13,33 @@ noisy: compare ratios, not absolute tokens/s) and written to ``benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BENCH_SPEC, tokens_per_s, workload, write_results
 from pr2_serve.engine import RolloutEngine, Sampling
 from pr2_serve.tiny_model import TinySpec, make_tiny_model
 
-MODELS = {
-    "tiny (h64, 8e, top-2)": TinySpec(),
-    "bench (h512, 16e, top-2)": TinySpec(
-        hidden_size=512,
-        num_heads=8,
-        num_kv_heads=2,
-        head_dim=64,
-        num_experts=16,
-        top_k=2,
-        moe_intermediate_size=512,
-        num_layers=4,
-    ),
-}
+MODELS = {"tiny (h64, 8e, top-2)": TinySpec(), "bench (h512, 16e, top-2)": BENCH_SPEC}
 
 
-def tokens_per_s(engine: RolloutEngine, prompts, sampling: Sampling, routes: bool) -> float:
-    t = time.perf_counter()
-    out = engine.generate(prompts, sampling, return_routes=routes, return_logprobs=True)
-    dt = time.perf_counter() - t
-    return sum(len(r.output_token_ids) for r in out) / dt
+def run_tokens_per_s(engine: RolloutEngine, prompts, sampling: Sampling, routes: bool) -> float:
+    return tokens_per_s(
+        lambda: engine.generate(prompts, sampling, return_routes=routes, return_logprobs=True)
+    )
 
 
 def bench_model(name: str, spec: TinySpec, args, console: Console) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_tiny_model(Path(tmp) / "m", seed=0, spec=spec)
-        rng = np.random.default_rng(0)
-        prompts = [
-            rng.integers(0, 256, size=int(n)).tolist()
-            for n in rng.integers(16, 64, size=args.batch)
-        ]
+        prompts = workload(args.batch)
         sampling = Sampling(temperature=1.0, max_tokens=args.max_tokens, ignore_eos=True)
         runs: dict[str, list[float]] = {"stock": [], "pr2 routes off": [], "pr2 routes on": []}
         for rnd in range(args.rounds):
@@ -63,15 +47,17 @@ def bench_model(name: str, spec: TinySpec, args, console: Console) -> dict:
                 with RolloutEngine(
                     model_dir, plugin=plugin, max_model_len=512, enable_prefix_caching=False
                 ) as engine:
-                    tokens_per_s(engine, prompts[:4], sampling, routes=False)  # warm-up
+                    run_tokens_per_s(engine, prompts[:4], sampling, routes=False)  # warm-up
                     for _ in range(args.repeats):
                         if not plugin:
-                            runs["stock"].append(tokens_per_s(engine, prompts, sampling, False))
+                            runs["stock"].append(run_tokens_per_s(engine, prompts, sampling, False))
                             continue
                         runs["pr2 routes off"].append(
-                            tokens_per_s(engine, prompts, sampling, False)
+                            run_tokens_per_s(engine, prompts, sampling, False)
                         )
-                        runs["pr2 routes on"].append(tokens_per_s(engine, prompts, sampling, True))
+                        runs["pr2 routes on"].append(
+                            run_tokens_per_s(engine, prompts, sampling, True)
+                        )
             console.print(f"[dim]{name}: round {rnd + 1}/{args.rounds} done[/dim]")
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {
@@ -117,10 +103,7 @@ def main() -> None:
             f"{r['ratio_routes_on']:.3f}",
         )
     console.print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    console.print(f"wrote {out}")
+    write_results(args.out, args, results)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,7 @@ class RolloutEngine:
             raise RuntimeError(f"engine is not running: {self._error!r}")
         self._commands.put(cmd)
 
-    # -- the engine thread --------------------------------------------------------------------------
+    # -- the engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:
         waiting: list[Job] = []  # accepted, not yet added to vLLM
         updates: list[Update] = []

@@ -64,10 +64,7 @@ def check_prompt(
     tokenize: Callable[[str], list[int]],
 ) -> list[int]:
     """A prompt's token ids (text through ``tokenize``), checked against the model."""
-    if isinstance(prompt, str):
-        ids = tokenize(prompt)
-    else:
-        ids = [int(t) for t in prompt]
+    ids = tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
     if not ids:
         raise ValueError("empty prompt")
     bad = [t for t in ids if not 0 <= t < info.vocab_size]

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+
 @dataclass
 class Server:
     proc: subprocess.Popen
@@ -57,7 +58,28 @@ def start_server(
     env.pop("PR2_API_KEY", None)
     if api_key:
         env["PR2_API_KEY"] = api_key
-    cmd = [
+
+    def limit_files() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    proc = subprocess.Popen(
+        server_command(model_dir, state_dir, dtype, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        preexec_fn=limit_files if file_size_limit else None,
+    )
+    log: list[str] = []
+    http, grpc = _wait_ready(proc, log, timeout)
+    return Server(proc, f"http://{http}", grpc, Path(state_dir), log)
+
+
+def server_command(model_dir, state_dir, dtype: str, *extra: str) -> list[str]:
+    """``pr2-serve`` on OS-chosen loopback ports with its own state directory."""
+    return [
         sys.executable,
         "-m",
         "pr2_serve.server",
@@ -76,20 +98,9 @@ def start_server(
         *extra,
     ]
 
-    def limit_files() -> None:
-        import resource
 
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=limit_files if file_size_limit else None,
-    )
-    log: list[str] = []
+def _wait_ready(proc: subprocess.Popen, log: list[str], timeout: float) -> tuple[str, str]:
+    """Collect the server's output into ``log`` until its ready line; its (http, grpc) ports."""
     ready = threading.Event()
     ports: dict[str, str] = {}
 
@@ -107,4 +118,4 @@ def start_server(
         if proc.poll() is not None or time.time() - t0 > timeout:
             proc.kill()
             raise RuntimeError("pr2-serve did not become ready:\n" + "".join(log[-60:]))
-    return Server(proc, f"http://{ports['http']}", ports["grpc"], Path(state_dir), log)
+    return ports["http"], ports["grpc"]

@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.engine import RolloutEngine, Sampling
-from tests.helpers import API_KEY, start_server
 from pr2_serve.tiny_model import make_tiny_model
+from tests.helpers import API_KEY, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES: dict = {}
