@@ -43,6 +43,10 @@ def build_llm_engine(
     # The engine core runs in this process (the engine thread drives it); on one device the
     # worker does too (fast start, no IPC); several devices use vLLM's multiprocess executor.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # Route capture reads the V1 model runner's step bookkeeping; on CUDA vLLM 0.32 defaults to
+    # Model Runner V2 (config/vllm.py use_v2_model_runner). Set explicitly, it is the user's
+    # choice, and the worker refuses a runner it cannot read (plugin/worker.py check_runner).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
     from vllm import EngineArgs
     from vllm.platforms import current_platform

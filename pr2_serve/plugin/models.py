@@ -19,6 +19,7 @@ Each class subclasses the stock vLLM class and changes three things:
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -27,9 +28,10 @@ import torch
 from torch import nn
 
 from pr2_serve.routes import capture_dtype
-from pr2_serve.routing import pr2_route
+from pr2_serve.routing import compiled_pr2_route, pr2_route
 
 from .compat import PR2ConfigError
+from .refusals import SIMULATION_ENV, check_engine_config
 
 PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
 
@@ -70,6 +72,13 @@ class PR2Router:
         self.moe_layer = -1
         self.predictor: PR2Predictor | None = None
         self.capture: RouteCapture | None = None
+        self._route = None
+
+    def _choose_route(self, hidden_states: torch.Tensor):
+        """Compiled routing on CUDA (``PR2_COMPILE_ROUTING=0``: eager), eager elsewhere."""
+        compile_ = hidden_states.is_cuda and os.environ.get("PR2_COMPILE_ROUTING", "1") != "0"
+        self._route = compiled_pr2_route() if compile_ else pr2_route
+        return self._route
 
     def __call__(
         self,
@@ -79,7 +88,8 @@ class PR2Router:
         renormalize: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         predictor = self.predictor.weight if self.predictor is not None else None
-        weights, ids = pr2_route(hidden_states, gating_output, predictor, topk, renormalize)
+        route = self._route or self._choose_route(hidden_states)
+        weights, ids = route(hidden_states, gating_output, predictor, topk, renormalize)
         if self.capture is not None:
             self.capture.record(self.moe_layer, ids)
         return weights, ids
@@ -116,6 +126,7 @@ class PR2MoEMixin:
     _stock_module: ModuleType
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        check_engine_config(vllm_config)
         routers: dict[int, PR2Router] = {}
         with _pr2_moe_factory(self._stock_module, routers):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -144,6 +155,8 @@ class PR2MoEMixin:
             self.pr2_predictors[layer_index] = block.predictor
         self.pr2_moe_layer_indices = sorted(routers)
         self._pr2_check_router_not_bypassed()
+        for layer_index, router in routers.items():
+            check_router_is_pr2(self._pr2_moe_block(layer_index).experts, router, layer_index)
 
     def _pr2_moe_block(self, layer_index: int) -> nn.Module:
         layer = self.model.layers[layer_index]
@@ -197,6 +210,18 @@ class PR2MoEMixin:
         loaded |= {n for n, _ in self.named_parameters() if n.endswith(".predictor.weight")}
         self._pr2_check_router_not_bypassed()
         return loaded
+
+
+def check_router_is_pr2(moe_runner, pr2_router: PR2Router, layer_index: int) -> None:
+    """The MoE layer's router must call our PR2 router (vLLM builds other routers in some
+    configurations, e.g. its routing simulator, which would silently bypass ours)."""
+    router = getattr(moe_runner, "router", None)
+    if getattr(router, "custom_routing_function", None) is not pr2_router:
+        raise PR2ConfigError(
+            f"layer {layer_index}: the MoE layer routes with {type(router).__name__}, not the "
+            f"PR2 router: the predictor would be ignored and routes not captured (is "
+            f"{SIMULATION_ENV} set?)"
+        )
 
 
 def _make(stock_module_path: str, stock_class: str) -> type:

@@ -22,7 +22,25 @@ import numpy as np
 from pr2_serve.jobs import ROUTE_KEY
 from pr2_serve.routes import child_index, route_dtype, store_key
 
+from .compat import PR2ConfigError
+from .refusals import RUNNER_ENV
 from .route_store import RouteStore
+from .step_rows import StepRows
+
+#: What route bookkeeping reads from vLLM's V1 model runner (the V2 runner has none of them).
+RUNNER_ATTRIBUTES = ("input_batch", "requests", "positions", "query_start_loc", "execute_model")
+
+
+def check_runner(runner) -> None:
+    """Refuse a model runner whose step bookkeeping we do not read (vLLM's Model Runner V2)."""
+    missing = [a for a in RUNNER_ATTRIBUTES if not hasattr(runner, a)]
+    if missing:
+        raise PR2ConfigError(
+            f"PR2 route capture supports vLLM's V1 model runner; this worker runs "
+            f"{type(runner).__module__}.{type(runner).__name__}, which has no "
+            f"{', '.join(missing)}. Start the engine with {RUNNER_ENV}=0 "
+            f"(RolloutEngine sets it unless it is already set)."
+        )
 
 
 def route_key_for(internal_request_id: str, key: str) -> str:
@@ -36,6 +54,7 @@ class PR2WorkerExtension:
     def pr2_setup(self) -> dict[str, Any]:
         """Install route bookkeeping (idempotent); return the model's routing facts."""
         runner = self.model_runner
+        check_runner(runner)
         model = runner.get_model()
         capture = getattr(model, "pr2_capture", None)
         if capture is None:
@@ -59,6 +78,7 @@ class PR2WorkerExtension:
             block_size=block_table.block_size,
         )
         self._pr2_key_cache: dict[str, str | None] = {}  # vLLM request id -> store key
+        self._pr2_rows = StepRows(len(capture.buffer), capture.buffer)
         stock_execute = runner.execute_model
 
         inject = os.environ.get("PR2_ENABLE_FAULT_INJECTION") == "1"
@@ -69,6 +89,7 @@ class PR2WorkerExtension:
             # Finished requests leave runner.requests inside execute_model: resolve them first.
             finished = self._pr2_keys(scheduler_output.finished_req_ids)
             out = stock_execute(scheduler_output, *args, **kwargs)
+            self._pr2_rows.flush(self._pr2_store)  # the previous step's rows (queued earlier)
             self._pr2_after_step(scheduler_output)
             if finished:
                 self._pr2_store.on_finished(finished)
@@ -79,27 +100,32 @@ class PR2WorkerExtension:
         return info
 
     def _pr2_after_step(self, scheduler_output) -> None:
-        store: RouteStore = self._pr2_store
+        """Queue the step's rows for the host (read at the next step or on demand)."""
         runner = self.model_runner
         n = scheduler_output.total_num_scheduled_tokens
         if not n:
             return
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        capture = runner.get_model().pr2_capture
-        rows = capture.buffer[:n].cpu().numpy()
-        positions = runner.positions[:n].cpu().numpy()
         block_table = batch.block_table[0]
-        slots = block_table.slot_mapping.gpu[:n].cpu().numpy()
-        qsl = runner.query_start_loc.np[: num_reqs + 1]
         cache = self._pr2_key_cache
-        keys = []
-        for rid in batch.req_ids[:num_reqs]:
-            if rid not in cache:
+        keys, block_rows = [], {}
+        for j, rid in enumerate(batch.req_ids[:num_reqs]):
+            if rid not in cache:  # new request: a prefix-cache hit reads its cached slots
                 key = _request_key(runner.requests.get(rid))
                 cache[rid] = None if key is None else route_key_for(rid, key)
+                if cache[rid] is not None:
+                    block_rows[j] = block_table.block_table.np[j].copy()
             keys.append(cache[rid])
-        store.on_step(rows, slots, positions, keys, qsl, lambda j: block_table.block_table.np[j])
+        self._pr2_rows.record(
+            runner.get_model().pr2_capture.buffer,
+            runner.positions,
+            block_table.slot_mapping.gpu,
+            n,
+            runner.query_start_loc.np[: num_reqs + 1],
+            keys,
+            block_rows,
+        )
 
     def _pr2_keys(self, request_ids) -> list[str]:
         keys = []
@@ -112,6 +138,7 @@ class PR2WorkerExtension:
 
     def pr2_take_routes(self, keys: list[tuple[str, int]]) -> dict[str, tuple[bytes, tuple]]:
         """Pop finished requests' routes: ``{key: (raw bytes, shape)}`` for ``(key, rows)``."""
+        self._pr2_rows.flush(self._pr2_store)
         out = {}
         for key, num_rows in keys:
             arr = self._pr2_store.take(key, num_rows)
@@ -126,6 +153,7 @@ class PR2WorkerExtension:
         rows are released."""
         out = {}
         store = self._pr2_store
+        self._pr2_rows.flush(store)
         for key, start, end, done in parts:
             arr = store.take(key, end) if done else store.peek(key, 0, end)
             arr = None if arr is None else arr[start:]
@@ -137,6 +165,7 @@ class PR2WorkerExtension:
     def pr2_route_stats(self) -> dict[str, int]:
         """Counters: steps, rows, prefix-cache rows read back, recomputed (preempted) rows,
         requests tracked now."""
+        self._pr2_rows.flush(self._pr2_store)
         return {**self._pr2_store.stats, "tracked": len(self._pr2_store)}
 
     def pr2_reload_weights(self, files: dict[str, str]) -> float:
@@ -152,6 +181,7 @@ class PR2WorkerExtension:
         # Routes recorded in KV slots belong to the old weights: prefix cache is flushed by the
         # engine; drop per-slot routes too so nothing stale can be read back.
         if getattr(self, "_pr2_store", None) is not None:
+            self._pr2_rows.flush(self._pr2_store)
             self._pr2_store.slots[:] = 0
         return time.perf_counter() - t0
 
