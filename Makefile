@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
 
-.PHONY: venv test test-fast demo experiment report reliability lint bench clean
+.PHONY: venv test test-fast gpu-check demo experiment report reliability lint bench clean
 
 venv: $(STAMP)
 
@@ -19,10 +19,18 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 	$(BIN)/python -m pr2_serve.api.proto --force
 	@touch $(STAMP)
 
+# The GPU check's tests run once, through the script (so the script cannot rot).
+GPU_CHECK_TESTS := tests/test_routing.py tests/test_cuda_readiness.py tests/test_gpu_graph.py
+
 test: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/python -m pytest -q
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu
+	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(GPU_CHECK_TESTS))
+
+# On a GPU host: needs only python3 with torch, pytest, transformers (no venv, no vLLM).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 # Pure tests only (no vLLM engine): seconds.
 test-fast: $(STAMP)

@@ -7,7 +7,8 @@ captured in a CUDA graph per token count and replayed, as vLLM's CUDA build runs
 Checks: zero predictor -> PR2 ids == plain ids; compiled ids == eager ids. Goal: PR2 costs at
 most +1 us per layer over plain when compiled.
 
-    python benchmarks/gpu_routing.py                      # CUDA (H100: ~1 minute)
+    bash benchmarks/gpu_check.sh                          # the whole GPU check, this included
+    PYTHONPATH=. python benchmarks/gpu_routing.py         # CUDA (H100: ~1 minute)
     python benchmarks/gpu_routing.py --device cpu --tokens 1 64 --hidden 256 --experts 16
 """
 
@@ -84,8 +85,9 @@ def main() -> None:
     variants = {"eager": (plain, pr2)}
     if not args.no_compile:
         variants["compiled"] = (
-            torch.compile(plain, fullgraph=True, dynamic=False),
-            torch.compile(pr2, fullgraph=True, dynamic=False),
+            # dynamic shapes, as the plugin compiles its routing (one graph for all sizes)
+            torch.compile(plain, fullgraph=True, dynamic=True),
+            torch.compile(pr2, fullgraph=True, dynamic=True),
         )
     rows = []
     print(f"{'tokens':>7} {'mode':>9} {'plain us':>9} {'pr2 us':>9} {'delta us':>9}  checks")

@@ -19,7 +19,6 @@ Each class subclasses the stock vLLM class and changes three things:
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterable, Iterator
 from types import ModuleType
@@ -27,72 +26,11 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from pr2_serve.routes import capture_dtype
-from pr2_serve.routing import compiled_pr2_route, pr2_route
-
 from .compat import PR2ConfigError
 from .refusals import SIMULATION_ENV, check_engine_config
+from .router import PR2Predictor, PR2Router, RouteCapture
 
 PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
-
-
-class PR2Predictor(nn.Module):
-    """``Linear(hidden, num_experts, bias=False)`` weight holder, zero at start (PR2 == R3)."""
-
-    def __init__(self, num_experts: int, hidden_size: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(
-            torch.zeros(num_experts, hidden_size, dtype=dtype), requires_grad=False
-        )
-
-
-class RouteCapture:
-    """One step's routed expert ids, ``[rows, num_moe_layers, top_k]`` on the model's device."""
-
-    def __init__(self, max_tokens: int, num_moe_layers: int, top_k: int, num_experts: int):
-        dtype = capture_dtype(num_experts)
-        self.buffer = torch.zeros(max_tokens, num_moe_layers, top_k, dtype=dtype)
-        self.num_experts = num_experts
-
-    def record(self, moe_layer: int, ids: torch.Tensor) -> None:
-        n = ids.shape[0]
-        if n > self.buffer.shape[0]:
-            raise RuntimeError(
-                f"route capture got {n} rows for a step but holds {self.buffer.shape[0]} "
-                "(data parallel with naive dispatch is not supported with routes)"
-            )
-        self.buffer[:n, moe_layer].copy_(ids)
-
-
-class PR2Router:
-    """vLLM ``custom_routing_function`` for one MoE layer (bound to its predictor after init)."""
-
-    def __init__(self, layer_index: int) -> None:
-        self.layer_index = layer_index
-        self.moe_layer = -1
-        self.predictor: PR2Predictor | None = None
-        self.capture: RouteCapture | None = None
-        self._route = None
-
-    def _choose_route(self, hidden_states: torch.Tensor):
-        """Compiled routing on CUDA (``PR2_COMPILE_ROUTING=0``: eager), eager elsewhere."""
-        compile_ = hidden_states.is_cuda and os.environ.get("PR2_COMPILE_ROUTING", "1") != "0"
-        self._route = compiled_pr2_route() if compile_ else pr2_route
-        return self._route
-
-    def __call__(
-        self,
-        hidden_states: torch.Tensor,
-        gating_output: torch.Tensor,
-        topk: int,
-        renormalize: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        predictor = self.predictor.weight if self.predictor is not None else None
-        route = self._route or self._choose_route(hidden_states)
-        weights, ids = route(hidden_states, gating_output, predictor, topk, renormalize)
-        if self.capture is not None:
-            self.capture.record(self.moe_layer, ids)
-        return weights, ids
 
 
 @contextlib.contextmanager
