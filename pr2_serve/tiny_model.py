@@ -1,6 +1,7 @@
-"""Tiny MoE checkpoints made locally (no model hub here): config, safetensors, byte tokenizer.
+"""Tiny MoE checkpoints made locally (no model hub here): config, safetensors, tokenizer.
 
-``pr2-tiny-model DIR [--seed N] [--predictor zero|random] [--arch qwen3_moe|...]`` writes a real
+``pr2-tiny-model DIR [--seed N] [--predictor zero|random] [--arch qwen3_moe|...]
+[--tokenizer byte|bpe]`` writes a real
 Hugging Face checkpoint that both transformers and vLLM's CPU build load: head_dim 32 (a size the
 CPU attention supports), hidden a multiple of 32 (the CPU MoE kernel's need), fp32 weights. The
 same seed gives the same bytes.
@@ -20,14 +21,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import moe_layer_indices, predictor_name
+from .tiny_tokenizers import TOKENIZERS, make_byte_tokenizer, make_tokenizer
 
 __all__ = ["ARCHS", "TinySpec", "make_byte_tokenizer", "make_tiny_model", "predictor_name"]
+__all__ += ["TOKENIZERS"]
 
 ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
-
-# The byte tokenizer: ids 0..255 are the bytes themselves, then the specials.
-EOS_ID, PAD_ID, BOS_ID = 256, 257, 258
-SPECIALS = {"<|endoftext|>": EOS_ID, "<|pad|>": PAD_ID, "<|bos|>": BOS_ID}
 
 
 @dataclass(slots=True)
@@ -56,11 +55,11 @@ class TinySpec:
             raise ValueError("hidden_size must be a multiple of 32 (vLLM CPU MoE kernel)")
         if self.head_dim not in (32, 64, 80, 96, 112, 128, 256):
             raise ValueError("head_dim must be one the vLLM CPU attention supports, e.g. 32")
-        if self.vocab_size < len(SPECIALS) + 256:
+        if self.vocab_size < 260:
             raise ValueError("vocab_size must hold the 256 bytes and the special tokens")
 
 
-def _hf_config(spec: TinySpec):
+def _hf_config(spec: TinySpec, tokenizer):
     import transformers
 
     common = dict(
@@ -73,9 +72,9 @@ def _hf_config(spec: TinySpec):
         # vLLM 0.32's OLMoE hard-codes eps 1e-5 (OLMoE's own value) and ignores the config
         rms_norm_eps=1e-5 if spec.arch == "olmoe" else 1e-6,
         tie_word_embeddings=False,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
     if spec.arch == "qwen3_moe":
@@ -119,46 +118,6 @@ def _hf_config(spec: TinySpec):
     )
 
 
-def make_byte_tokenizer():
-    """A byte-level ``PreTrainedTokenizerFast``: token id == byte value, plus the specials."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_to_char = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins
-    # GPT-2's bytes_to_unicode order: map each byte to its stand-in character.
-    chars = _bytes_to_unicode()
-    vocab = {chars[b]: b for b in range(256)}
-    assert set(vocab) == set(byte_to_char)
-    vocab.update(SPECIALS)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIALS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|pad|>",
-        bos_token="<|bos|>",
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = printable[:]
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
-
-
 def make_tiny_model(
     out_dir: str | Path,
     *,
@@ -166,6 +125,7 @@ def make_tiny_model(
     predictor: str = "zero",
     spec: TinySpec | None = None,
     predictor_std: float | None = None,
+    tokenizer: str = "byte",
 ) -> Path:
     """Write a tiny MoE checkpoint to ``out_dir`` and return its path.
 
@@ -175,6 +135,9 @@ def make_tiny_model(
             as PR2 does); ``"random"`` writes random ones, for tests that need a live predictor.
         spec: model sizes and family.
         predictor_std: std of random predictor weights; default ``spec.router_std``.
+        tokenizer: ``"byte"`` (token id == byte) or ``"bpe"`` (a byte-level BPE trained here,
+            ChatML specials and chat template; ``generation_config.json`` stops on
+            ``<|im_end|>`` and ``<|endoftext|>``), see :mod:`pr2_serve.tiny_tokenizers`.
 
     Example:
         >>> make_tiny_model("/tmp/tiny", seed=0, predictor="random")  # doctest: +SKIP
@@ -188,7 +151,8 @@ def make_tiny_model(
         raise ValueError(f"predictor must be 'zero' or 'random', got {predictor!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = _hf_config(spec)
+    tok = make_tokenizer(tokenizer, spec.vocab_size)
+    config = _hf_config(spec, tok)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -196,8 +160,11 @@ def make_tiny_model(
         for name, p in model.named_parameters():
             if name.endswith((".gate.weight", ".router.weight")) and p.shape[0] == spec.num_experts:
                 p.copy_(torch.randn(p.shape, generator=gen) * spec.router_std)
+    if tokenizer == "bpe":  # a chat model stops at the end of its turn, or of the text
+        stops = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+        model.generation_config.eos_token_id = stops
     model.save_pretrained(out, safe_serialization=True)
-    make_byte_tokenizer().save_pretrained(out)
+    tok.save_pretrained(out)
 
     if predictor == "random":
         std = spec.router_std if predictor_std is None else predictor_std
@@ -209,7 +176,15 @@ def make_tiny_model(
             )
         save_file(tensors, weights_file, metadata={"format": "pt"})
     (out / "pr2_tiny.json").write_text(
-        json.dumps({"seed": seed, "predictor": predictor, "spec": _spec_dict(spec)}, indent=1)
+        json.dumps(
+            {
+                "seed": seed,
+                "predictor": predictor,
+                "tokenizer": tokenizer,
+                "spec": _spec_dict(spec),
+            },
+            indent=1,
+        )
     )
     return out
 
@@ -224,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dir", help="output directory")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--predictor", choices=["zero", "random"], default="zero")
+    ap.add_argument("--tokenizer", choices=TOKENIZERS, default="byte")
     ap.add_argument("--arch", choices=ARCHS, default="qwen3_moe")
     ap.add_argument("--hidden-size", type=int, default=64)
     ap.add_argument("--num-layers", type=int, default=4)
@@ -239,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         top_k=args.top_k,
         moe_intermediate_size=args.moe_intermediate_size,
     )
-    path = make_tiny_model(args.dir, seed=args.seed, predictor=args.predictor, spec=spec)
+    path = make_tiny_model(
+        args.dir, seed=args.seed, predictor=args.predictor, spec=spec, tokenizer=args.tokenizer
+    )
     print(
         f"wrote {spec.arch} ({spec.num_layers} MoE layers, {spec.num_experts} experts, "
         f"top-{spec.top_k}, predictor={args.predictor}) to {path}"

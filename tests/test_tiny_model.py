@@ -41,3 +41,25 @@ def test_byte_tokenizer_roundtrip():
     assert ids == list("héllo\n".encode())
     assert tok.decode(ids) == "héllo\n"
     assert tok.eos_token_id == 256
+
+
+def test_bpe_tokenizer_is_subword_with_a_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    d = make_tiny_model(tmp_path, tokenizer="bpe")
+    tok = AutoTokenizer.from_pretrained(d)
+    text = "Ann has 12 apples and gets 30 more. How many apples does Ann have now?"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(text.encode()) // 2  # real merges, not bytes
+    assert max(ids) < json.loads((d / "config.json").read_text())["vocab_size"]
+    assert tok.decode(ids) == text
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    assert chat == f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    gen = json.loads((d / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [
+        tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")
+    ]
+    again = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "b", tokenizer="bpe"))
+    assert again(text)["input_ids"] == tok(text)["input_ids"]  # same corpus, same tokenizer
