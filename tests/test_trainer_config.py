@@ -33,7 +33,8 @@ def test_file_then_flags(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_trainer_step_on_cuda(tiny_random):
     from trainer.distributed import synthetic_batch
-    from trainer.loop import Policy, train_batch
+    from trainer.policy import Policy
+    from trainer.train_step import train_batch
 
     policy = Policy(str(tiny_random), device="cuda")
     batch = synthetic_batch(policy)

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from pr2_serve.engine import RolloutEngine, Sampling
+from trainer.batch import make_batch
 from trainer.config import TrainConfig
-from trainer.loop import Policy, forward_logprobs, make_batch, train_batch
+from trainer.policy import Policy, forward_logprobs
 from trainer.replay import RoutingControl
+from trainer.train_step import train_batch
 
 pytestmark = pytest.mark.vllm
 

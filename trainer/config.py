@@ -15,9 +15,14 @@ import textwrap
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-REPLAY_MODES = ("none", "r2", "r3", "pr2")
+ReplayMode = Literal["none", "r2", "r3", "pr2"]
+PredictorLoss = Literal["kl-post", "l2"]
+Parallel = Literal["ddp", "fsdp2"]
+
+#: The routing replay modes, in the order tables and plots list them.
+REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
 
 
 @dataclass
@@ -31,7 +36,7 @@ class TrainConfig:
     """Task family (``addition``, ``sort``, ``count``, or a comma-separated mix)."""
     task_digits: int = 2
     """Task difficulty (operand digits)."""
-    replay: str = "pr2"
+    replay: ReplayMode = "pr2"
     """Routing in training forwards: ``none`` (plain GRPO), ``r2`` (trainer's old-pass
     routes), ``r3`` (server routes), ``pr2`` (server routes chosen with the predictor)."""
     off_policy_steps: int = 2
@@ -52,7 +57,7 @@ class TrainConfig:
     """PPO clip range."""
     grad_clip: float = 1.0
     """Max global grad norm of the policy (0: off)."""
-    predictor_loss: str = "kl-post"
+    predictor_loss: PredictorLoss = "kl-post"
     """Predictor objective: ``kl-post`` (paper) or ``l2``."""
     predictor_lr_multiplier: float = 1e3
     """Predictor lr = ``lr`` x this (paper 1e4, verl default 1e3)."""
@@ -70,22 +75,19 @@ class TrainConfig:
     """Where ``metrics.jsonl`` (and checkpoints) go."""
     api_key: str | None = None
     """Servers' API key (default: ``$PR2_API_KEY``)."""
-    parallel: str = "ddp"
+    parallel: Parallel = "ddp"
     """Under ``torchrun``: ``ddp`` (the policy replicated on every rank) or ``fsdp2``
     (``fully_shard`` per decoder layer: parameters, gradients and optimizer state sharded
     across ranks; predictors stay replicated). Ignored in a single process."""
 
     def __post_init__(self) -> None:
-        if self.replay not in REPLAY_MODES:
-            raise ValueError(f"replay must be one of {REPLAY_MODES}, got {self.replay!r}")
+        for name, choices in literal_choices(TrainConfig).items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.off_policy_steps < 1 or self.prompts_per_batch % self.off_policy_steps:
             raise ValueError("off_policy_steps must be >= 1 and divide prompts_per_batch")
-        if self.predictor_loss not in ("kl-post", "l2"):
-            raise ValueError("predictor_loss must be 'kl-post' or 'l2'")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
-        if self.parallel not in ("ddp", "fsdp2"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {self.parallel!r}")
         if not self.servers:
             raise ValueError("at least one server is needed")
         if self.api_key is None:
@@ -95,6 +97,15 @@ class TrainConfig:
         d = asdict(self)
         d["api_key"] = "***" if self.api_key else None
         return d
+
+
+def literal_choices(cls: type) -> dict[str, tuple]:
+    """The allowed values of each ``Literal[...]`` field of a dataclass."""
+    return {
+        name: get_args(typ)
+        for name, typ in get_type_hints(cls).items()
+        if get_origin(typ) is Literal
+    }
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -126,6 +137,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """``TrainConfig`` from ``--config FILE`` (YAML/TOML) and per-field flags."""
     docs = field_docs(TrainConfig)
     hints = get_type_hints(TrainConfig)
+    choices = literal_choices(TrainConfig)
     ap = argparse.ArgumentParser(
         prog="pr2-train",
         description="PPO/GRPO with routing replay "
@@ -135,12 +147,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else f.default_factory()
+        kw: dict[str, Any] = {"default": None, "help": f"{docs[f.name]} [{default}]"}
         if f.name == "servers":
-            ap.add_argument(flag, nargs="+", default=None, help=f"{docs[f.name]} [{default}]")
+            kw["nargs"] = "+"
+        elif f.name in choices:  # the value is checked by TrainConfig: a ValueError naming it
+            kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         else:
-            typ = hints[f.name]
-            conv = str if typ in (str, str | None) else typ
-            ap.add_argument(flag, type=conv, default=None, help=f"{docs[f.name]} [{default}]")
+            kw["type"] = str if hints[f.name] in (str, str | None) else hints[f.name]
+        ap.add_argument(flag, **kw)
     args = ap.parse_args(argv)
     values: dict[str, Any] = load_file(args.config) if args.config else {}
     unknown = set(values) - {f.name for f in fields(TrainConfig)}

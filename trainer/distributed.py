@@ -11,20 +11,28 @@ on a fixed synthetic batch and saves the updated weights: the test compares 1 an
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import sys
-from dataclasses import fields
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from .batch import Batch
 from .config import TrainConfig
-from .loop import Batch, Policy, train_batch
+from .policy import Policy
+from .train_step import Learner
 
-#: The batch tensors broadcast from rank 0, in order.
-BATCH_FIELDS = tuple(f.name for f in fields(Batch) if f.name != "group_size")
+#: The batch tensors broadcast from rank 0, in order, and their dtypes.
+BATCH_FIELDS = Batch.tensor_names()
+BATCH_DTYPES = {
+    name: torch.long if name in ("input_ids", "targets", "routes") else torch.float32
+    for name in BATCH_FIELDS
+}
 
 
 def setup() -> tuple[int, int, str]:
@@ -86,81 +94,87 @@ def full_state_dict(policy: Policy, parallel: str) -> dict[str, torch.Tensor] | 
     return sd if dist.get_rank() == 0 else None
 
 
-def broadcast_batch(batch: Batch | None, rank: int, group_size: int) -> Batch:
-    """Rank 0's batch on every rank: shapes first, then each tensor."""
-    shapes = torch.zeros(len(BATCH_FIELDS), 4, dtype=torch.long)
+def broadcast_batch(batch: Batch | None, rank: int, group_size: int) -> Batch | None:
+    """Rank 0's batch (or None) on every rank: presence and shapes first, then each tensor."""
+    names = list(BATCH_FIELDS)
+    shapes = torch.full((len(names) + 1, 4), -1, dtype=torch.long)  # last row: batch present
     if rank == 0:
-        for i, name in enumerate(BATCH_FIELDS):
-            s = getattr(batch, name).shape
-            shapes[i, : len(s)] = torch.tensor(s)
-            shapes[i, len(s) :] = -1
+        shapes[-1, 0] = int(batch is not None)
+        for i, t in enumerate(batch.tensors().values() if batch is not None else ()):
+            shapes[i, : t.dim()] = torch.tensor(t.shape)
     dist.broadcast(shapes, 0)
+    if shapes[-1, 0] == 0:
+        return None
     tensors = {}
-    for i, name in enumerate(BATCH_FIELDS):
+    for i, name in enumerate(names):
         shape = [int(x) for x in shapes[i] if x >= 0]
-        dtype = torch.long if name in ("input_ids", "targets", "routes") else torch.float32
+        dtype = BATCH_DTYPES[name]
         t = getattr(batch, name).contiguous() if rank == 0 else torch.empty(shape, dtype=dtype)
         dist.broadcast(t, 0)
         tensors[name] = t
     return Batch(**tensors, group_size=group_size)
 
 
+class ShardedLearner(Learner):
+    """One rank's learner in a ``torchrun`` job: the policy wrapped for DDP / FSDP2, trained on
+    this rank's share of each mini-step of rank 0's batch.
+
+    Every method is a collective: rank 0's :meth:`Trainer.step` calls :meth:`train` and
+    :meth:`state_dict` once per step, the other ranks call :meth:`follow_step`, which makes the
+    same calls in the same order."""
+
+    def __init__(self, policy: Policy, cfg: TrainConfig) -> None:
+        model = wrap(policy, cfg.parallel)  # before the optimizers: FSDP2 swaps the parameters
+        super().__init__(policy, cfg, model, shard=(dist.get_rank(), dist.get_world_size()))
+
+    def train(self, batch: Batch | None) -> dict:
+        return super().train(broadcast_batch(batch, self.shard[0], self.cfg.samples_per_prompt))
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return full_state_dict(self.policy, self.cfg.parallel)
+
+    def follow_step(self) -> None:
+        """A rank other than 0: the collectives of one of rank 0's steps."""
+        self.train(None)
+        self.state_dict()
+
+
 def run_distributed(cfg: TrainConfig) -> None:
-    """``pr2-train`` under torchrun."""
-    rank, world, device = setup()
-    if rank == 0:
-        from .loop import Trainer
+    """``pr2-train`` under torchrun: rank 0 runs the :class:`Trainer` (rollouts, pushes,
+    evaluation, metrics) with a :class:`ShardedLearner`; the other ranks follow its steps."""
+    from .loop import Trainer
 
-        trainer = Trainer(cfg)
-        policy = trainer.policy
-    else:
-        policy = Policy(cfg.model_dir, seed=cfg.seed, device=device)
-    ddp = wrap(policy, cfg.parallel)
-    from .loop import make_policy_optimizer
-
-    opt = make_policy_optimizer(policy, cfg)
-    pred_opt = (
-        torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)
-        if cfg.replay == "pr2"
-        else None
-    )
-    info = policy.replay
-    for step in range(1, cfg.steps + 1):
-        batch, head = None, {}
+    rank, _, device = setup()
+    learner = ShardedLearner(Policy(cfg.model_dir, seed=cfg.seed, device=device), cfg)
+    try:
         if rank == 0:
-            from .loop import make_batch
-
-            samples, rewards, _ = trainer.rollout(step)
-            head = {
-                "step": step,
-                "rollout_versions": sorted({s.weight_version for s in samples}),
-                "reward_mean": float(rewards.mean()) if len(rewards) else None,
-            }
-            batch = make_batch(
-                samples, rewards, cfg.samples_per_prompt, info.num_moe_layers, info.top_k
+            keys = ("step", "loss", "pushed_version")
+            Trainer(cfg, learner=learner).run(
+                on_step=lambda m: print(json.dumps({k: m.get(k) for k in keys}), flush=True)
             )
-        batch = broadcast_batch(batch, rank, cfg.samples_per_prompt)
-        m = train_batch(policy, batch, cfg, opt, pred_opt, model=ddp, shard=(rank, world))
-        state_dict = full_state_dict(policy, cfg.parallel)  # every rank (FSDP2 gathers)
-        if rank == 0:
-            m = {**head, **m}
-            m["time_push"] = trainer.push(state_dict)
-            m["pushed_version"] = trainer.version
-            with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
-            print(json.dumps({k: m[k] for k in ("step", "loss", "pushed_version")}), flush=True)
-        dist.barrier()
+        else:
+            for _ in range(cfg.steps):
+                learner.follow_step()
+    finally:
+        teardown(learner)
+
+
+def teardown(learner: Learner | None) -> None:
+    """Leave the job together, then destroy the process group. DOCSTRING-TBD"""
+    dist.barrier()  # no rank tears down while another still works (rank 0 exports last)
+    if learner is not None:  # the DDP reducer / FSDP2 hooks hold the process group
+        learner.model = learner.opt = learner.pred_opt = None
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
     """One training step on a fixed synthetic batch; rank 0 saves loss and weights (the
-    checkpoint the trainer would push, through the same export)."""
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1:
-        rank, world, _ = setup()
+    checkpoint the trainer would push, through the same export). Under torchrun the step goes
+    through :class:`ShardedLearner` (rank 0's batch broadcast, as in training)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = setup()[0] if distributed else 0
     policy = Policy(model_dir, seed=0)
     batch = synthetic_batch(policy)
     cfg = TrainConfig(
@@ -168,36 +182,30 @@ def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
         off_policy_steps=2,
         prompts_per_batch=4,
         lr=1e-3,
+        predictor_lr_multiplier=10,
         samples_per_prompt=2,
         servers=["http://unused"],
+        parallel=parallel,
     )
-    model = wrap(policy, parallel) if world > 1 else None
-    opt = torch.optim.Adam(policy.policy_parameters(), lr=cfg.lr)
-    pred_opt = torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * 10)
-    m = train_batch(policy, batch, cfg, opt, pred_opt, model=model, shard=(rank, world))
-    loss = torch.tensor(m["loss"])
-    if world > 1:
-        dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
-        loss /= world
-    state_dict = full_state_dict(policy, parallel) if world > 1 else None
-    if rank == 0:
-        import shutil
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
-            shutil.copy(path, f"{out}.safetensors")
-        Path(f"{out}.json").write_text(
-            json.dumps(
-                {
-                    "loss": float(loss),
-                    "predictor_loss": m["predictor_loss"],
-                    "grad_norm": m["grad_norm"],
-                }
+    learner = ShardedLearner(policy, cfg) if distributed else Learner(policy, cfg)
+    try:
+        m = learner.train(batch)
+        loss = torch.tensor(m["loss"])
+        if distributed:
+            dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
+            loss /= dist.get_world_size()
+        state_dict = learner.state_dict()
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
+                shutil.copy(path, f"{out}.safetensors")
+            keys = ("predictor_loss", "grad_norm")
+            Path(f"{out}.json").write_text(
+                json.dumps({"loss": float(loss), **{k: m[k] for k in keys}})
             )
-        )
-    if world > 1:
-        dist.destroy_process_group()
+    finally:
+        if distributed:
+            teardown(learner)
 
 
 def synthetic_batch(policy: Policy) -> Batch:

@@ -23,10 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .config import TrainConfig
+from .config import REPLAY_MODES, TrainConfig
 from .tasks import Task
-
-MODES = ("none", "r2", "r3", "pr2")
 
 
 def instability_events(rows: list[dict]) -> dict[str, int]:
@@ -81,7 +79,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
     out = []
     keys = sorted(
         {(c["replay"], c["off_policy_steps"]) for c in cells},
-        key=lambda k: (k[1], MODES.index(k[0])),
+        key=lambda k: (k[1], REPLAY_MODES.index(k[0])),
     )
     for mode, off in keys:
         group = [c for c in cells if (c["replay"], c["off_policy_steps"]) == (mode, off)]
@@ -240,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--modes", nargs="+", choices=REPLAY_MODES, default=list(REPLAY_MODES))
     ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)

@@ -1,0 +1,117 @@
+"""The policy: the HF model of the served checkpoint with routing control and evolution
+predictors, its two optimizers, and its export in the checkpoint format the servers load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .ppo import token_logprobs
+from .replay import MoEReplay, RoutingControl
+
+__all__ = [
+    "Policy",
+    "forward_logprobs",
+    "full_tensor",
+    "make_policy_optimizer",
+    "make_predictor_optimizer",
+]
+
+
+class Policy:
+    """The HF model of the served checkpoint, with routing control and predictors."""
+
+    def __init__(self, model_dir: str, seed: int = 0, device: str = "cpu") -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        torch.manual_seed(seed)
+        self.model_dir = model_dir
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # HF calls the predictors "unexpected": we load them
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.model.to(device)
+        self.replay = MoEReplay(self.model)
+        tensors = {}
+        for f in Path(model_dir).glob("*.safetensors"):
+            tensors.update(load_file(str(f)))
+        self.replay.load_predictors(tensors)
+        self.device = device
+        self.last_router_delta: list[torch.Tensor] | None = None  # the previous batch's update
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        pred = {id(p) for m in self.replay.predictors for p in m.parameters()}
+        return [p for p in self.model.parameters() if id(p) not in pred]
+
+    def predictor_parameters(self) -> list[torch.nn.Parameter]:
+        return [m.weight for m in self.replay.predictors]
+
+    def router_weights(self) -> list[torch.Tensor]:
+        """Each MoE router's weight as a whole tensor (gathered when FSDP2 shards it: a
+        collective, so every rank calls this at the same point)."""
+        return [full_tensor(r.weight) for r in self.replay.routers]
+
+    def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
+        """The weights as a checkpoint-format safetensors file (HF's own save conversion).
+
+        ``state_dict``: the full (gathered) state dict when the model is sharded."""
+        from safetensors.torch import load_file, save_file
+
+        self.model.save_pretrained(
+            out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size="1000GB"
+        )
+        path = out_dir / "model.safetensors"
+        t = load_file(str(path))
+        # the predictor's name is `mlp.predictor` in every family (HF renames Mixtral's `mlp`)
+        t = {
+            k.replace(".block_sparse_moe.predictor.", ".mlp.predictor."): v
+            for k, v in t.items()
+            if with_predictor or ".predictor." not in k
+        }
+        save_file(t, str(path), metadata={"format": "pt"})
+        return path
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor when ``t`` is a (sharded) DTensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def forward_logprobs(
+    policy: Policy, batch, ctl: RoutingControl, model: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Per-position log-probs of ``batch.targets`` under ``ctl``'s routing, ``[B, T]``.
+
+    ``model``: the module the forward goes through (a DDP wrapper); default the policy's."""
+    with policy.replay.control(ctl):
+        logits = (model or policy.model)(input_ids=batch.input_ids.to(policy.device)).logits
+    return token_logprobs(logits, batch.targets.to(policy.device))
+
+
+def make_policy_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the policy; router weights at ``lr x router_lr_multiplier``.
+
+    Built after any DDP/FSDP2 wrapping (FSDP2 replaces the parameters by sharded ones)."""
+    routers = {id(r.weight) for r in policy.replay.routers}
+    params = policy.policy_parameters()
+    groups = [
+        {"params": [p for p in params if id(p) not in routers], "lr": cfg.lr},
+        {
+            "params": [p for p in params if id(p) in routers],
+            "lr": cfg.lr * cfg.router_lr_multiplier,
+        },
+    ]
+    return torch.optim.Adam(groups)
+
+
+def make_predictor_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer | None:
+    """Adam over the predictors at ``lr x predictor_lr_multiplier`` (pr2 only, else None)."""
+    if cfg.replay != "pr2":
+        return None
+    return torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)

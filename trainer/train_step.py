@@ -1,0 +1,337 @@
+"""Training on one rollout batch, as named phases (see ``shared/notes/pr2-method.md``):
+
+1. :func:`old_pass` -- log-probs at theta_old (no grad): replaying the server's routes (r3,
+   pr2), recording its own routes (r2), natural routing (none); keeps the router inputs and
+   logits (``h_old``, ``z_old``) per MoE layer;
+2. ``off_policy_steps`` x :func:`mini_step` -- the clipped objective on a slice of the groups,
+   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) towards the moved
+   router, inside the same mini-step (before the next policy update: the reference code's
+   order);
+3. :func:`batch_metrics` -- PPO health, routing deviation, predictor hit rates, router drift.
+
+:func:`train_batch` composes them. It is a pure function of the batch and the model, so
+data-parallel training (``torchrun``) is the same code on a shard of each mini-step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pr2_serve.routing import deviation_counts, deviation_histogram
+
+from .batch import Batch, flat_routes
+from .config import TrainConfig
+from .policy import (
+    Policy,
+    forward_logprobs,
+    full_tensor,
+    make_policy_optimizer,
+    make_predictor_optimizer,
+)
+from .ppo import PPOStats, ppo_loss
+from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .replay import RoutingControl
+
+REPLAYS_SERVER_ROUTES = ("r3", "pr2")
+
+
+# -- how a batch is split --------------------------------------------------------------------------
+def mini_step_groups(batch: Batch, off_policy_steps: int) -> tuple[torch.Tensor, ...]:
+    """The GRPO groups of each mini-step (group indices, in order)."""
+    groups = batch.input_ids.shape[0] // batch.group_size
+    return torch.arange(groups).chunk(off_policy_steps)
+
+
+def group_rows(batch: Batch, gidx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of groups ``gidx`` and their rows in the flat ``[B * T]`` token order."""
+    t = batch.input_ids.shape[1]
+    gidx = gidx.to(device)
+    arange_g = torch.arange(batch.group_size, device=device)
+    idx = (gidx[:, None] * batch.group_size + arange_g).reshape(-1)
+    return idx, (idx[:, None] * t + torch.arange(t, device=device)).reshape(-1)
+
+
+# -- 1. old pass -----------------------------------------------------------------------------------
+@dataclass
+class OldPass:
+    logprobs: torch.Tensor  # [B, T] at theta_old
+    hidden: list[torch.Tensor]  # h_old per MoE layer, [B * T, H]
+    logits: list[torch.Tensor]  # z_old per MoE layer, [B * T, E]
+    routes: torch.Tensor | None  # r2: the routes the old pass chose, [B * T, L, k]
+
+
+@torch.no_grad()
+def old_pass(
+    policy: Policy, batch: Batch, mode: str, order: tuple[torch.Tensor, ...], world: int
+) -> OldPass:
+    """Log-probs at theta_old, router inputs/logits (and r2's routes) of the whole batch.
+
+    Run in the same pieces (mini-step x rank shard) as the training forwards: equal shapes give
+    bit-identical kernels, so mini-step 1's ratio is exactly 1 when replaying."""
+    server_routes = flat_routes(batch.routes)
+    b, t = batch.input_ids.shape
+    old_lp = torch.zeros(b, t, device=policy.device)
+    h_old = z_old = None
+    old_routes = torch.zeros_like(server_routes) if mode == "r2" else None
+    for gidx in order:
+        for r in range(world):
+            idx, rows = group_rows(batch, gidx[r::world], policy.device)
+            if len(idx) == 0:
+                continue
+            forced = server_routes[rows] if mode in REPLAYS_SERVER_ROUTES else None
+            ctl = RoutingControl(forced_ids=forced, record=True)
+            old_lp[idx] = forward_logprobs(policy, batch.select(idx), ctl)
+            if h_old is None:
+                h_old = [h.new_zeros(b * t, h.shape[-1]) for h in ctl.hidden]
+                z_old = [z.new_zeros(b * t, z.shape[-1]) for z in ctl.logits]
+            for layer in range(len(ctl.hidden)):
+                h_old[layer][rows] = ctl.hidden[layer]
+                z_old[layer][rows] = ctl.logits[layer]
+            if old_routes is not None:
+                old_routes[rows] = ctl.recorded_routes()
+    return OldPass(old_lp, h_old, z_old, old_routes)
+
+
+def train_infer_metrics(batch: Batch, old_lp: torch.Tensor) -> dict:
+    """Trainer (old pass) vs server log-probs on the generated tokens: mean |dlogp| and the KL
+    estimate ``E[(r - 1) - log r]`` with ``r = pi_trainer / pi_server``."""
+    lm = batch.loss_mask
+    diff = (old_lp - batch.server_logprobs) * lm
+    n_tok = lm.sum().clamp(min=1)
+    log_r = old_lp - batch.server_logprobs  # trainer / server, on server samples
+    return {
+        "train_infer_abs_dlogp": float(diff.abs().sum() / n_tok),
+        "train_infer_kl": float((((log_r.exp() - 1) - log_r) * lm).sum() / n_tok),
+    }
+
+
+# -- 2. mini-steps ---------------------------------------------------------------------------------
+@dataclass
+class MiniStepLog:
+    """What the mini-steps of one batch report."""
+
+    stats: list[PPOStats] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    predictor_losses: list[float] = field(default_factory=list)
+    hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
+    hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
+    first_ratio_max_dev: float | None = None
+
+
+def mini_step(
+    policy: Policy,
+    mb: Batch,
+    old_lp: torch.Tensor,
+    forced: torch.Tensor | None,
+    normalizer: torch.Tensor,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    model: torch.nn.Module | None,
+) -> tuple[torch.Tensor, PPOStats, float, RoutingControl]:
+    """One update of the clipped objective on ``mb``; returns its log-probs, PPO stats, the
+    policy's grad norm and the routing record of its forward."""
+    ctl = RoutingControl(forced_ids=forced, record=True)
+    lp = forward_logprobs(policy, mb, ctl, model)
+    loss, st = ppo_loss(
+        lp, old_lp, mb.advantages.to(lp.device), mb.loss_mask, cfg.clip_eps, normalizer
+    )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = policy.policy_parameters()
+    # (max_norm inf: only measures; DTensor grads under FSDP2 give a DTensor norm)
+    gn = torch.nn.utils.clip_grad_norm_(
+        [p for p in params if p.grad is not None],
+        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+    )
+    opt.step()
+    return lp.detach(), st, float(full_tensor(gn)), ctl
+
+
+@torch.no_grad()
+def route_deviation(
+    used: torch.Tensor, logits: list[torch.Tensor], valid: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Histogram (0..k, summed over layers) of how many experts of the route used
+    (``[rows, L, k]``: replayed, or the rollout's for ``none``) are not in the router's fresh
+    top-k in this forward, over real positions."""
+    used = used[valid]
+    hist = torch.zeros(k + 1, dtype=torch.long, device=used.device)
+    for layer, z in enumerate(logits):
+        hist += deviation_histogram(deviation_counts(used[:, layer], z.detach()[valid]), k)
+    return hist
+
+
+def predictor_step(
+    policy: Policy, old: OldPass, batch: Batch, cfg: TrainConfig, pred_opt: torch.optim.Optimizer
+) -> float:
+    """One predictor update towards where the router has moved (``cfg.predictor_loss``)."""
+    pl = predictor_loss(
+        cfg.predictor_loss,
+        old.hidden,
+        old.logits,
+        policy.router_weights(),
+        policy.predictor_parameters(),
+        batch.valid.reshape(-1),
+    )
+    pred_opt.zero_grad(set_to_none=True)
+    pl.backward()
+    pred_opt.step()
+    return float(pl)
+
+
+def mini_steps(
+    policy: Policy,
+    batch: Batch,
+    old: OldPass,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    pred_opt: torch.optim.Optimizer | None,
+    model: torch.nn.Module | None,
+    shard: tuple[int, int],
+) -> MiniStepLog:
+    """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
+    of it), its loss scaled so that DDP's gradient average equals the single-process gradient
+    of the mini-step's token mean; a predictor step after each from mini-step 2 on (pr2)."""
+    rank, world = shard
+    mode, k = cfg.replay, policy.replay.top_k
+    server_routes = flat_routes(batch.routes)
+    replayed = {"r3": server_routes, "pr2": server_routes, "r2": old.routes}.get(mode)
+    reference = old.routes if mode == "r2" else server_routes  # for the deviation metric
+    valid_flat = batch.valid.reshape(-1).bool()
+    log = MiniStepLog()
+    log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
+    log.hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
+    for step, gidx in enumerate(mini_step_groups(batch, cfg.off_policy_steps), start=1):
+        all_idx, _ = group_rows(batch, gidx, policy.device)
+        normalizer = batch.loss_mask[all_idx].sum().clamp(min=1) / world  # the mini-step's
+        idx, rows = group_rows(batch, gidx[rank::world], policy.device)
+        mb = batch.select(idx)
+        forced = None if replayed is None else replayed[rows]
+        lp, st, gn, ctl = mini_step(
+            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model
+        )
+        if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
+            log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
+        log.stats.append(st)
+        log.grad_norms.append(gn)
+        hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
+        log.hist += hist
+        if step > 1:
+            log.hist_off += hist
+        if mode == "pr2" and pred_opt is not None and step > 1:
+            log.predictor_losses.append(predictor_step(policy, old, batch, cfg, pred_opt))
+    return log
+
+
+# -- 3. metrics ------------------------------------------------------------------------------------
+def batch_metrics(
+    policy: Policy,
+    batch: Batch,
+    old: OldPass,
+    log: MiniStepLog,
+    routers_before: list[torch.Tensor],
+    predictor_at_rollout: list[torch.Tensor],
+) -> dict:
+    """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
+    ``policy.last_router_delta`` := this batch's router update, for the next drift cosine)."""
+    k, valid = policy.replay.top_k, batch.valid.reshape(-1)
+    m = {
+        "loss": float(np.mean([s.loss for s in log.stats])),  # this rank's share when sharded
+        "clip_fraction": float(np.mean([s.clip_fraction for s in log.stats])),
+        "approx_kl": float(np.mean([s.approx_kl for s in log.stats])),
+        "first_ratio_mean": log.stats[0].ratio_mean,
+        "grad_norm": float(np.mean(log.grad_norms)),
+        "deviation_hist": log.hist.tolist(),
+        "zero_deviation": float(log.hist[0] / log.hist.sum().clamp(min=1)),
+        "zero_deviation_offpolicy": (
+            float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
+        ),
+    }
+    routers = policy.router_weights()
+    predictors = policy.predictor_parameters()
+    h_old, z_old = old.hidden, old.logits
+    m["predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, predictors, k, valid)
+    m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
+    # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
+    m["server_route_agreement"] = predicted_route_agreement(
+        flat_routes(batch.routes), h_old, z_old, predictor_at_rollout or None, valid
+    )
+    # out of sample: the predictor the server used for this rollout (trained on earlier batches)
+    m["rollout_predictor_hit_rate"] = predictor_hit_rate(
+        h_old, z_old, routers, predictor_at_rollout, k, valid
+    )
+    delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
+    m["router_drift_rel"] = float(
+        torch.cat([d.reshape(-1) for d in delta]).norm()
+        / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
+    )
+    m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
+    policy.last_router_delta = delta
+    m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
+    return m
+
+
+# -- one batch -------------------------------------------------------------------------------------
+def train_batch(
+    policy: Policy,
+    batch: Batch,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    pred_opt: torch.optim.Optimizer | None,
+    model: torch.nn.Module | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
+    """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
+
+    Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
+    compute the gradient of its share of each mini-step's groups. ``model`` is the module
+    training forwards go through (the DDP wrapper). The old pass and the predictor loss are
+    computed on the whole batch on every rank (identical results, no communication).
+    """
+    batch = batch.to(policy.device)
+    t0 = time.perf_counter()
+    order = mini_step_groups(batch, cfg.off_policy_steps)
+    old = old_pass(policy, batch, cfg.replay, order, world=shard[1])
+    m = train_infer_metrics(batch, old.logprobs)
+    m["time_old_pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    routers_before = [w.detach().clone() for w in policy.router_weights()]
+    predictor_at_rollout = [w.detach().clone() for w in policy.predictor_parameters()]
+    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard)
+    m["first_ratio_max_dev"] = log.first_ratio_max_dev
+    m["time_train"] = time.perf_counter() - t0
+    m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
+    return m
+
+
+class Learner:
+    """The policy, its optimizers and how a batch is trained: the whole job in one process
+    (this class), or one rank of a data-parallel job (:class:`trainer.distributed.ShardedLearner`,
+    whose methods are collectives)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        cfg: TrainConfig,
+        model: torch.nn.Module | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        self.policy, self.cfg, self.model, self.shard = policy, cfg, model, shard
+        self.opt = make_policy_optimizer(policy, cfg)
+        self.pred_opt = make_predictor_optimizer(policy, cfg)
+
+    def train(self, batch: Batch | None) -> dict:
+        """Metrics of training on ``batch`` (nothing when there is none)."""
+        if batch is None:
+            return {}
+        return train_batch(
+            self.policy, batch, self.cfg, self.opt, self.pred_opt, self.model, self.shard
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole state dict to export, or None: the export reads the model itself."""
+        return None
