@@ -118,6 +118,9 @@ class WeightTable:
     def predictor_names(self) -> list[str]:
         return [n for n in self.specs if n.endswith(".mlp.predictor.weight")]
 
+    def predictor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: self.specs[n].shape for n in self.predictor_names()}
+
     def check(self, name: str, shape: Iterable[int], dtype) -> None:
         """Raise :class:`WeightValidationError` unless ``name`` may take this shape/dtype."""
         spec = self.specs.get(name)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .checkpoint import WeightTable, WeightValidationError, checkpoint_files, require_newer
+from .fingerprint import FileDigests
 from .jobs import Job, Jobs, Update, check_prompt
 from .routes import route_dtype
 from .types import (
@@ -106,6 +107,7 @@ class RolloutEngine:
         self.info = engine_info(self._llm, config, self.model_dir, plugin)
         self._jobs = Jobs(self._llm, route_dtype(self.info.num_experts))
         self._tokenizer = None
+        self._digests, self._fp, self._fp_lock = FileDigests(), None, threading.Lock()
         self._commands: queue.Queue = queue.Queue()
         self._closed = False
         self._error: BaseException | None = None
@@ -195,6 +197,18 @@ class RolloutEngine:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a text prompt (no special tokens added): the one rule for text."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fingerprints(self) -> dict:
+        """Content fingerprints of the weights being served (:mod:`pr2_serve.fingerprint`),
+        ``{"weight_version", "policy", "predictor", "predictor_norm"}``; computed once per
+        version, on first request (a pass over the tensors that changed)."""
+        with self._fp_lock:
+            version, files = self.weight_version, dict(self._files)
+            if self._fp is None or self._fp["weight_version"] != version:
+                shapes = self._weights.predictor_shapes()
+                fp = self._digests.fingerprints(files, shapes)
+                self._fp = {"weight_version": version, **fp, "predictor_norm": _norm(files, shapes)}
+            return dict(self._fp)
 
     def route_stats(self) -> dict[str, int]:
         """Route bookkeeping counters from the worker (see ``RouteStore.stats``)."""
@@ -328,3 +342,15 @@ class RolloutEngine:
         for upd in updates:
             if not upd.future.done():
                 upd.future.set_exception(exc)
+
+
+def _norm(files: dict[str, str], predictor_shapes: dict) -> float:
+    """L2 norm of all predictor weights (0: the server routes as plain R3)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for name in predictor_shapes:
+        if name in files:
+            with safe_open(files[name], framework="pt") as f:
+                total += float(f.get_tensor(name).double().pow(2).sum())
+    return total**0.5

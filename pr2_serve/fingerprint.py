@@ -1,0 +1,91 @@
+"""Content fingerprints of a model's weights: the same function on the server (over the files it
+serves) and in the trainer (over the tensors it would push), so both can tell whether they hold
+the same weights -- not only the same version number.
+
+A tensor's digest covers its checkpoint name, shape and values as float32 (a bf16 checkpoint and
+an fp32 trainer loaded from it agree); the fingerprint of a set is a hash of its digests in name
+order. Policy and predictor are fingerprinted apart, and a predictor the checkpoint does not hold
+counts as zeros of its shape (what the plugin serves then), so "no predictor" and "zero
+predictor" agree. The server hashes a tensor once per file it comes from (cached), so a commit
+costs one pass over the tensors it changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+
+PREDICTOR_SUFFIX = ".mlp.predictor.weight"
+
+
+def is_predictor(name: str) -> bool:
+    return name.endswith(PREDICTOR_SUFFIX)
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
+    """Digest of one tensor: name, shape and float32 values."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(name.encode())
+    h.update(repr(tuple(tensor.shape)).encode())
+    h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def combine(digests: Mapping[str, bytes]) -> str:
+    """Fingerprint of a set of tensors from their digests (hex, 32 characters)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(digests):
+        h.update(digests[name])
+    return h.hexdigest()
+
+
+def fingerprints(digests: Mapping[str, bytes]) -> dict[str, str]:
+    """``{"policy": ..., "predictor": ...}`` of a whole model's digests."""
+    policy = {n: d for n, d in digests.items() if not is_predictor(n)}
+    predictor = {n: d for n, d in digests.items() if is_predictor(n)}
+    return {"policy": combine(policy), "predictor": combine(predictor)}
+
+
+def tensors_fingerprints(
+    tensors: Mapping[str, torch.Tensor], predictor_shapes: Mapping[str, Iterable[int]]
+) -> dict[str, str]:
+    """Fingerprints of in-memory tensors in checkpoint names (the trainer's side); predictors
+    missing from ``tensors`` count as zeros of their shape."""
+    digests = {n: tensor_digest(n, t) for n, t in tensors.items()}
+    for name, shape in predictor_shapes.items():
+        if name not in digests:
+            digests[name] = tensor_digest(name, torch.zeros(tuple(shape)))
+    return fingerprints(digests)
+
+
+class FileDigests:
+    """Digests of tensors read from safetensors files, cached per (file, name) (server side)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], bytes] = {}
+
+    def digests(
+        self, files: Mapping[str, str], predictor_shapes: Mapping[str, Iterable[int]]
+    ) -> dict[str, bytes]:
+        from safetensors import safe_open
+
+        out: dict[str, bytes] = {}
+        by_file: dict[str, list[str]] = {}
+        for name, path in files.items():
+            by_file.setdefault(path, []).append(name)
+        for path, names in by_file.items():
+            missing = [n for n in names if (path, n) not in self._cache]
+            if missing:
+                with safe_open(path, framework="pt") as f:
+                    for n in missing:
+                        self._cache[(path, n)] = tensor_digest(n, f.get_tensor(n))
+            out.update({n: self._cache[(path, n)] for n in names})
+        for name, shape in predictor_shapes.items():
+            if name not in out:
+                out[name] = tensor_digest(name, torch.zeros(tuple(shape)))
+        return out
+
+    def fingerprints(self, files, predictor_shapes) -> dict[str, str]:
+        return fingerprints(self.digests(files, predictor_shapes))
