@@ -91,21 +91,21 @@ def test_protocols_agree_with_each_other_and_the_engine(server, http, rpc, tiny_
 
 
 def _collect_stream(events):
-    from pr2_serve.engine import Rollout
+    from pr2_serve.types import Rollout
 
     out: dict = {}
     for ev in events:
         r = out.setdefault(
             (ev.prompt_index, ev.sample_index),
             Rollout(
-                ev.prompt_index,
-                ev.sample_index,
-                ev.prompt_token_ids,
-                [],
-                [],
-                None,
-                "",
-                ev.weight_version,
+                prompt_index=ev.prompt_index,
+                sample_index=ev.sample_index,
+                prompt_token_ids=ev.prompt_token_ids,
+                output_token_ids=[],
+                logprobs=[],
+                routes=None,
+                finish_reason="",
+                weight_version=ev.weight_version,
             ),
         )
         r.output_token_ids += ev.token_ids
@@ -198,7 +198,7 @@ def test_bad_generate_over_grpc(server, rpc):
     ]:
         with pytest.raises(ServerError) as e:
             rpc.generate(prompts, **kw)
-        assert e.value.status == "INVALID_ARGUMENT" and field in e.value.message
+        assert e.value.status == "INVALID_ARGUMENT" and e.value.field == field, e.value
     assert rpc.generate([[1, 2, 3]], max_tokens=2).samples  # still serving
 
 

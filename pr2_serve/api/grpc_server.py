@@ -14,9 +14,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from ..types import Rollout, StreamEvent
+from .errors import FIELD_METADATA_KEY, ApiError, from_validation
 from .proto import load
-from .schemas import ApiError, GenerateRequest
+from .schemas import MIN_WEIGHT_VERSION, GenerateRequest
 from .service import RolloutService
+from .wire import route_window, sample_fields
 
 pb2, pb2_grpc = load()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Rollout"].full_name
@@ -59,14 +62,32 @@ def request_from_proto(msg) -> GenerateRequest:
     return GenerateRequest(**fields)
 
 
-def routes_proto(routes, start_row: int, start_pos: int):
-    part = routes[start_row:]
-    return pb2.Routes(
-        dtype=routes.dtype.name,
-        shape=list(part.shape),
-        data=part.astype(routes.dtype.newbyteorder("<")).tobytes(),
-        start=start_pos,
+def routes_proto(routes, routes_from: int, routes_start: int = 0):
+    """``pb2.Routes`` of the requested rows."""
+    enc, start = route_window(routes, routes_from, routes_start)
+    return pb2.Routes(dtype=enc.dtype, shape=list(enc.shape), data=enc.data, start=start)
+
+
+def sample_proto(r: Rollout, routes_from: int):
+    msg = pb2.GenerateResponse(**{**sample_fields(r), "logprobs": r.logprobs or []})
+    if r.routes is not None:
+        msg.routes.CopyFrom(routes_proto(r.routes, routes_from))
+    return msg
+
+
+def event_proto(ev: StreamEvent, routes_from: int):
+    msg = pb2.GenerateResponse(
+        prompt_index=ev.prompt_index,
+        sample_index=ev.sample_index,
+        prompt_token_ids=ev.prompt_token_ids or [],
+        output_token_ids=ev.token_ids,
+        logprobs=ev.logprobs or [],
+        finish_reason=ev.finish_reason or "",
+        weight_version=ev.weight_version,
     )
+    if ev.routes is not None:
+        msg.routes.CopyFrom(routes_proto(ev.routes, routes_from, ev.routes_start))
+    return msg
 
 
 class RolloutServicer(pb2_grpc.RolloutServicer):
@@ -74,76 +95,41 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
         self.service = service
 
     async def _abort(self, context, e: ApiError):
+        """The error's code and message; its field in the trailing metadata."""
         self.service.metrics.errors.labels(kind=e.kind).inc()
-        msg = f"{e.field}: {e.message}" if e.field else e.message
-        await context.abort(STATUS_TO_CODE.get(e.status, grpc.StatusCode.INTERNAL), msg)
+        trailing = ((FIELD_METADATA_KEY, e.field),) if e.field is not None else ()
+        code = STATUS_TO_CODE.get(e.status, grpc.StatusCode.INTERNAL)
+        await context.abort(code, e.message, trailing_metadata=trailing)
 
     async def Generate(self, request, context):
-        metrics = self.service.metrics
         try:
             req = request_from_proto(request)
         except ValidationError as e:
-            first = e.errors()[0]
-            loc = [str(x) for x in first["loc"]]
-            field = loc[0] + "".join(f"[{x}]" for x in loc[1:])
-            await self._abort(context, ApiError(400, "invalid_argument", first["msg"], field))
+            await self._abort(context, from_validation(e.errors()))
             return
         nbytes = 0
         try:
             if request.stream:
                 async for ev in self.service.stream(req, "grpc"):
-                    msg = pb2.GenerateResponse(
-                        prompt_index=ev.prompt_index,
-                        sample_index=ev.sample_index,
-                        prompt_token_ids=ev.prompt_token_ids or [],
-                        output_token_ids=ev.token_ids,
-                        logprobs=ev.logprobs or [],
-                        finish_reason=ev.finish_reason or "",
-                        weight_version=ev.weight_version,
-                    )
-                    if ev.routes is not None:
-                        skip = min(max(0, req.routes_from - ev.routes_start), len(ev.routes))
-                        msg.routes.CopyFrom(routes_proto(ev.routes, skip, ev.routes_start + skip))
-                        nbytes += len(msg.routes.data)
+                    msg = event_proto(ev, req.routes_from)
+                    nbytes += len(msg.routes.data)
                     yield msg
             else:
                 for r in await self.service.generate(req, "grpc"):
-                    msg = pb2.GenerateResponse(
-                        prompt_index=r.prompt_index,
-                        sample_index=r.sample_index,
-                        prompt_token_ids=r.prompt_token_ids,
-                        output_token_ids=r.output_token_ids,
-                        logprobs=r.logprobs or [],
-                        finish_reason=r.finish_reason,
-                        weight_version=r.weight_version,
-                    )
-                    if r.routes is not None:
-                        start = min(req.routes_from, len(r.routes))
-                        msg.routes.CopyFrom(routes_proto(r.routes, start, start))
-                        nbytes += len(msg.routes.data)
+                    msg = sample_proto(r, req.routes_from)
+                    nbytes += len(msg.routes.data)
                     yield msg
             yield pb2.GenerateResponse(end=True, weight_version=self.service.engine.weight_version)
         except ApiError as e:
             await self._abort(context, e)
         finally:
-            metrics.route_bytes.labels(protocol="grpc").inc(nbytes)
+            self.service.metrics.route_bytes.labels(protocol="grpc").inc(nbytes)
 
     async def GetInfo(self, request, context):
-        if self.service.engine is None:
-            await self._abort(context, ApiError(503, "unavailable", "the model is still loading"))
-        i = self.service.engine.info
-        return pb2.Info(
-            model=i.model,
-            architecture=i.architecture,
-            num_moe_layers=i.num_moe_layers,
-            num_experts=i.num_experts,
-            top_k=i.top_k,
-            weight_version=self.service.engine.weight_version,
-            predictor=self.service.engine.plugin,
-            route_dtype=i.route_dtype,
-            max_model_len=i.max_model_len,
-            vocab_size=i.vocab_size,
-        )
+        try:
+            return pb2.Info(**self.service.info())
+        except ApiError as e:
+            await self._abort(context, e)
 
     async def UpdateWeights(self, request_iterator, context):
         try:
@@ -155,23 +141,28 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                     400, "invalid_argument", "the first message must be the header", "header"
                 )
             header = first.header
-            if header.version < 1:
-                raise ApiError(400, "invalid_argument", "version must be >= 1", "version")
-
-            async def chunks() -> AsyncIterator[bytes]:
-                async for m in request_iterator:
-                    if m.WhichOneof("part") != "chunk":
-                        raise ApiError(
-                            400, "invalid_argument", "only chunks after the header", "chunk"
-                        )
-                    yield m.chunk
-
+            if header.version < MIN_WEIGHT_VERSION:  # the schema's bound, as HTTP's path
+                raise ApiError(
+                    400, "invalid_argument", f"version must be >= {MIN_WEIGHT_VERSION}", "version"
+                )
             res = await self.service.push_weights(
-                header.version, chunks(), header.sha256, header.total_size or None, "grpc"
+                header.version,
+                _chunks(request_iterator),
+                header.sha256,
+                header.total_size or None,
+                "grpc",
             )
             return pb2.UpdateWeightsResponse(**res)
         except ApiError as e:
             await self._abort(context, e)
+
+
+async def _chunks(request_iterator) -> AsyncIterator[bytes]:
+    """The upload's bytes: every message after the header must be a chunk."""
+    async for m in request_iterator:
+        if m.WhichOneof("part") != "chunk":
+            raise ApiError(400, "invalid_argument", "only chunks after the header", "chunk")
+        yield m.chunk
 
 
 async def start_grpc(service: RolloutService, host: str, port: int):

@@ -1,4 +1,8 @@
-"""HTTP API (FastAPI): thin over :class:`RolloutService`. OpenAPI at ``/openapi.json``."""
+"""HTTP API (FastAPI): thin over :class:`RolloutService`. OpenAPI at ``/openapi.json``.
+
+Every refusal, ours or the framework's, is an :class:`ApiError` body
+``{"error": {"type", "message", "field"}}`` (see :mod:`.errors`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Rollout, StreamEvent
-from ..routes import encode_routes
+from ..types import Rollout, StreamEvent
+from .errors import ApiError, from_validation
 from .schemas import (
-    ApiError,
+    MAX_WEIGHT_VERSION,
+    MIN_WEIGHT_VERSION,
     ErrorBody,
     GenerateRequest,
     GenerateResponse,
@@ -20,28 +25,28 @@ from .schemas import (
     WeightsResponse,
 )
 from .service import RolloutService
+from .wire import route_window, sample_fields
 
 ERRORS = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 409, 411, 413, 422, 429, 500, 503, 507)
 }
+FRAMEWORK_KINDS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+OCTET_STREAM_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
-def routes_json(routes, start: int) -> tuple[dict, int]:
-    enc = encode_routes(routes, start)
-    return {**enc.to_json(), "start": min(start, len(routes))}, len(enc.data)
+def routes_json(routes, routes_from: int, routes_start: int = 0) -> tuple[dict, int]:
+    """``{"dtype", "shape", "data", "start"}`` of the requested rows, and their byte count."""
+    enc, start = route_window(routes, routes_from, routes_start)
+    return {**enc.to_json(), "start": start}, len(enc.data)
 
 
 def sample_json(r: Rollout, routes_from: int) -> tuple[dict, int]:
-    body = {
-        "prompt_index": r.prompt_index,
-        "sample_index": r.sample_index,
-        "prompt_token_ids": r.prompt_token_ids,
-        "output_token_ids": r.output_token_ids,
-        "logprobs": r.logprobs,
-        "finish_reason": r.finish_reason,
-        "weight_version": r.weight_version,
-        "routes": None,
-    }
+    body = {**sample_fields(r), "routes": None}
     nbytes = 0
     if r.routes is not None:
         body["routes"], nbytes = routes_json(r.routes, routes_from)
@@ -60,12 +65,14 @@ def event_json(ev: StreamEvent, routes_from: int) -> tuple[dict, int]:
         body["prompt_token_ids"] = ev.prompt_token_ids
     nbytes = 0
     if ev.routes is not None:
-        skip = max(0, routes_from - ev.routes_start)
-        body["routes"], nbytes = routes_json(ev.routes, skip)
-        body["routes"]["start"] = ev.routes_start + min(skip, len(ev.routes))
+        body["routes"], nbytes = routes_json(ev.routes, routes_from, ev.routes_start)
     if ev.finish_reason is not None:
         body["finish_reason"] = ev.finish_reason
     return body, nbytes
+
+
+def error_response(e: ApiError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
 
 
 def create_app(service: RolloutService) -> FastAPI:
@@ -74,67 +81,66 @@ def create_app(service: RolloutService) -> FastAPI:
         version="1",
         description="Rollouts with per-token MoE routes; versioned weight pushes.",
     )
-    limits = service.limits
-    metrics = service.metrics
+    add_error_handlers(app, service)
+    add_body_limit(app, service)
+    add_health_routes(app, service)
+    add_generate_routes(app, service)
+    add_weights_route(app, service)
+    add_metrics_route(app, service)
+    return app
+
+
+def add_error_handlers(app: FastAPI, service: RolloutService) -> None:
+    """Our refusals, framework errors and schema violations, all as :class:`ApiError`."""
+    errors = service.metrics.errors
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError):
-        metrics.errors.labels(kind=e.kind).inc()
-        return JSONResponse(e.to_json(), status_code=e.status)
+        errors.labels(kind=e.kind).inc()
+        return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException):
         """Framework errors (unparsable body, unknown route, wrong method) in our error shape."""
-        kind = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}.get(
-            e.status_code, "http_error"
+        err = ApiError(
+            e.status_code, FRAMEWORK_KINDS.get(e.status_code, "http_error"), str(e.detail)
         )
-        metrics.errors.labels(kind=kind).inc()
-        return JSONResponse(
-            {"error": {"type": kind, "message": str(e.detail)}},
-            status_code=e.status_code,
-            headers=getattr(e, "headers", None),
-        )
+        errors.labels(kind=err.kind).inc()
+        return error_response(err, headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        field = loc[0] + "".join(f"[{x}]" for x in loc[1:]) if loc else None
-        kind = "invalid_argument"
-        if first.get("type") == "json_invalid":
-            kind, field = "malformed_json", None
-            msg = f"malformed JSON body at byte {loc[0] if loc else '?'}"
-        else:
-            msg = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
-        metrics.errors.labels(kind=kind).inc()
-        body = {"error": {"type": kind, "message": msg}}
-        if field:
-            body["error"]["field"] = field
-        return JSONResponse(body, status_code=400 if kind == "malformed_json" else 422)
+        err = from_validation(e.errors())
+        errors.labels(kind=err.kind).inc()
+        return error_response(err)
+
+
+def add_body_limit(app: FastAPI, service: RolloutService) -> None:
+    """Refuse oversize bodies from their Content-Length, before reading them."""
+    limits = service.limits
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
-        """Refuse oversize bodies from their Content-Length, before reading them."""
         if request.method in ("POST", "PUT"):
             upload = request.url.path.startswith("/v1/weights/")
             limit = limits.max_upload_bytes if upload else limits.max_request_bytes
             length = request.headers.get("content-length")
             if length is None and not upload:
-                return JSONResponse(
-                    ApiError(411, "length_required", "Content-Length required").to_json(),
-                    status_code=411,
-                )
+                return error_response(ApiError(411, "length_required", "Content-Length required"))
             if length is not None and (not length.isdigit() or int(length) > limit):
-                metrics.errors.labels(kind="too_large").inc()
-                return JSONResponse(
+                service.metrics.errors.labels(kind="too_large").inc()
+                return error_response(
                     ApiError(
                         413,
                         "resource_exhausted",
                         f"body of {length} bytes exceeds the limit {limit}",
-                    ).to_json(),
-                    status_code=413,
+                    )
                 )
         return await call_next(request)
+
+
+def add_health_routes(app: FastAPI, service: RolloutService) -> None:
+    """Liveness, readiness and model info."""
 
     @app.get("/healthz", summary="Liveness", responses=ERRORS)
     async def healthz():
@@ -145,28 +151,18 @@ def create_app(service: RolloutService) -> FastAPI:
     async def readyz():
         """200 ``{"status": "ready", "weight_version": 3}`` once the engine has loaded and
         answered a warm-up request; 503 before (or if the engine failed)."""
-        if service.ready and service.engine is not None and service.engine.healthy():
+        if service.is_ready():
             return {"status": "ready", "weight_version": service.engine.weight_version}
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     @app.get("/v1/info", response_model=Info, responses=ERRORS)
     async def info():
         """Model facts and the weight version being served (see :class:`Info`)."""
-        if service.engine is None:
-            raise ApiError(503, "unavailable", "the model is still loading")
-        i = service.engine.info
-        return Info(
-            model=i.model,
-            architecture=i.architecture,
-            num_moe_layers=i.num_moe_layers,
-            num_experts=i.num_experts,
-            top_k=i.top_k,
-            weight_version=service.engine.weight_version,
-            predictor=service.engine.plugin,
-            route_dtype=i.route_dtype,
-            max_model_len=i.max_model_len,
-            vocab_size=i.vocab_size,
-        )
+        return Info(**service.info())
+
+
+def add_generate_routes(app: FastAPI, service: RolloutService) -> None:
+    route_bytes = service.metrics.route_bytes
 
     @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
     async def generate(
@@ -186,7 +182,7 @@ def create_app(service: RolloutService) -> FastAPI:
             body, n = sample_json(r, req.routes_from)
             samples.append(body)
             nbytes += n
-        metrics.route_bytes.labels(protocol="http").inc(nbytes)
+        route_bytes.labels(protocol="http").inc(nbytes)
         version = rollouts[0].weight_version if rollouts else service.engine.weight_version
         return JSONResponse({"weight_version": version, "samples": samples})
 
@@ -215,26 +211,21 @@ def create_app(service: RolloutService) -> FastAPI:
             except ApiError as e:
                 yield json.dumps({**e.to_json(), "end": True}) + "\n"
             finally:
-                metrics.route_bytes.labels(protocol="http").inc(nbytes)
+                route_bytes.labels(protocol="http").inc(nbytes)
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
 
+
+def add_weights_route(app: FastAPI, service: RolloutService) -> None:
     @app.put(
         "/v1/weights/{version}",
         response_model=WeightsResponse,
         responses=ERRORS,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-                },
-            }
-        },
+        openapi_extra=OCTET_STREAM_BODY,
     )
     async def put_weights(
         request: Request,
-        version: int = Path(ge=1, le=(1 << 63) - 1),
+        version: int = Path(ge=MIN_WEIGHT_VERSION, le=MAX_WEIGHT_VERSION),
         authorization: str | None = Header(None),
         x_content_sha256: str | None = Header(None),
     ):
@@ -255,10 +246,10 @@ def create_app(service: RolloutService) -> FastAPI:
             "http",
         )
 
+
+def add_metrics_route(app: FastAPI, service: RolloutService) -> None:
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics_route():
         """Prometheus text format: requests, tokens, latency, route bytes, weight version,
         weight updates and their duration, errors by kind."""
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    return app
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")

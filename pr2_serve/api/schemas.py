@@ -12,22 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_PROMPTS = 1024
 MAX_N = 64
+MIN_WEIGHT_VERSION = 1  # pushed versions; 0 is the checkpoint as loaded
+MAX_WEIGHT_VERSION = (1 << 63) - 1  # int64 on the gRPC wire
 
 TokenIds = Annotated[list[StrictInt], Field(max_length=1 << 20)]
-
-
-class ApiError(Exception):
-    """A request the server refuses: ``status`` (HTTP) maps to a gRPC code in the gRPC layer."""
-
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.message, self.field = status, kind, message, field
-
-    def to_json(self) -> dict:
-        err = {"type": self.kind, "message": self.message}
-        if self.field is not None:
-            err["field"] = self.field
-        return {"error": err}
 
 
 class GenerateRequest(BaseModel):

@@ -1,0 +1,173 @@
+"""``pr2-serve`` configuration: one dataclass whose fields, each with its help, are the flags.
+
+:class:`ServerConfig` holds every option of the server (``--http-port`` is the field
+``http_port``); :func:`parse_args` builds the argparse parser from its fields. :class:`Limits`
+are the service's per-request limits; their defaults are written here once and are the
+flags' defaults. :func:`validate_parallelism` refuses vLLM parallelism flags this deployment
+cannot honour; :func:`engine_kwargs` turns the config into the engine's arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from types import UnionType
+from typing import Any, get_args, get_type_hints
+
+__all__ = [
+    "KEEP_ALIVE_S",
+    "Limits",
+    "ServerConfig",
+    "engine_kwargs",
+    "parse_args",
+    "validate_parallelism",
+]
+
+KEEP_ALIVE_S = 75.0  # idle HTTP keep-alive, seconds
+VLLM_GROUP = "vLLM pass-through"
+
+
+@dataclass(slots=True)
+class Limits:
+    """What one request may ask of the service (refused with 4xx beyond)."""
+
+    max_request_bytes: int = 16 << 20  # generate bodies
+    max_upload_bytes: int = 64 << 30  # weight files
+    max_queued_jobs: int = 256
+    max_samples_per_request: int = 4096  # prompts x n
+    max_tokens_per_request: int = 1 << 22  # prompts x n x max_tokens
+
+
+_LIMITS = Limits()
+
+
+def option(default: Any = MISSING, help: str = "", group: str | None = None) -> Any:
+    """A :class:`ServerConfig` field: its default, its ``--help`` text, its argparse group."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """Every ``pr2-serve`` option; the flag of field ``x_y`` is ``--x-y``."""
+
+    model: str = option(help="HF checkpoint directory")
+    host: str = option("127.0.0.1", "bind address (default: loopback)")
+    http_port: int = option(8000, "HTTP port (0: any free port)")
+    grpc_port: int = option(50051, "gRPC port (0: any free port)")
+    api_key_file: str | None = option(None, "file holding the API key (else $PR2_API_KEY)")
+    state_dir: str | None = option(
+        None, "pushed weights + committed version (default: <model>/.pr2-state)"
+    )
+    dtype: str = option("auto", "model dtype (vLLM's --dtype)")
+    seed: int = option(0, "engine seed (requests without a seed draw from it)")
+    max_upload_bytes: int = option(_LIMITS.max_upload_bytes, "largest weight upload, bytes")
+    keep_alive_timeout: float = option(
+        KEEP_ALIVE_S,
+        "seconds an idle HTTP keep-alive connection stays open (clients must expire "
+        "pooled connections sooner; pr2_serve.client does, after 30 s)",
+    )
+    max_request_bytes: int = option(_LIMITS.max_request_bytes, "largest generate body, bytes")
+    max_samples_per_request: int = option(_LIMITS.max_samples_per_request, "prompts x n")
+    max_tokens_per_request: int = option(_LIMITS.max_tokens_per_request, "prompts x n x max_tokens")
+    no_prefix_caching: bool = option(False, "turn vLLM's prefix caching off")
+    kv_cache_gib: int = option(1, "CPU build: KV cache size")
+    max_model_len: int | None = option(None, "context length", VLLM_GROUP)
+    tensor_parallel_size: int = option(1, "GPUs per engine (tensor parallel)", VLLM_GROUP)
+    data_parallel_size: int = option(
+        1, "refused above 1: run one pr2-serve per replica", VLLM_GROUP
+    )
+    enable_expert_parallel: bool = option(
+        False, "shard experts across the tensor-parallel GPUs", VLLM_GROUP
+    )
+    gpu_memory_utilization: float | None = option(None, "GPU memory share, (0, 1]", VLLM_GROUP)
+    max_num_seqs: int | None = option(None, "sequences per engine step", VLLM_GROUP)
+    max_num_batched_tokens: int | None = option(None, "tokens per engine step", VLLM_GROUP)
+
+    def limits(self) -> Limits:
+        """The service limits set by this config (the others at their defaults)."""
+        names = {f.name for f in fields(self)}
+        return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits) if f.name in names})
+
+
+def _flag_type(hint: Any) -> type:
+    """``int`` for ``int`` and ``int | None`` (argparse's converter)."""
+    if isinstance(hint, UnionType):
+        return next(t for t in get_args(hint) if t is not type(None))
+    return hint
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The ``pr2-serve`` parser: one flag per :class:`ServerConfig` field."""
+    ap = argparse.ArgumentParser(prog="pr2-serve", description=description)
+    groups: dict[str | None, Any] = {None: ap}
+    hints = get_type_hints(ServerConfig)
+    for f in fields(ServerConfig):
+        group = f.metadata["group"]
+        if group not in groups:
+            groups[group] = ap.add_argument_group(group)
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"help": f.metadata["help"]}
+        if hints[f.name] is bool:
+            kw["action"] = "store_true"
+        elif f.default is MISSING:
+            kw.update(required=True, type=_flag_type(hints[f.name]))
+        else:
+            kw.update(default=f.default, type=_flag_type(hints[f.name]))
+        groups[group].add_argument(flag, **kw)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> ServerConfig:
+    """The :class:`ServerConfig` of a command line (``sys.argv[1:]`` by default)."""
+    return ServerConfig(**vars(build_parser(description).parse_args(argv)))
+
+
+def validate_parallelism(cfg: ServerConfig, on_cpu: bool) -> None:
+    """Clear errors for vLLM parallelism flags this deployment cannot honour."""
+    if cfg.data_parallel_size != 1:
+        raise SystemExit(
+            "--data-parallel-size > 1: start one pr2-serve per replica and give "
+            "the trainer every address (route capture is per engine)"
+        )
+    if cfg.tensor_parallel_size < 1:
+        raise SystemExit("--tensor-parallel-size must be >= 1")
+    if on_cpu:
+        if cfg.tensor_parallel_size > 1:
+            raise SystemExit(
+                "--tensor-parallel-size > 1 needs GPUs: the CPU build serves on one "
+                "socket; run several pr2-serve processes instead"
+            )
+        if cfg.enable_expert_parallel:
+            raise SystemExit(
+                "--enable-expert-parallel needs GPUs (it shards experts across "
+                "devices); not available on the CPU build"
+            )
+        if cfg.gpu_memory_utilization is not None:
+            raise SystemExit(
+                "--gpu-memory-utilization has no meaning on the CPU build: size the "
+                "KV cache with --kv-cache-gib"
+            )
+    elif cfg.enable_expert_parallel and cfg.tensor_parallel_size < 2:
+        raise SystemExit("--enable-expert-parallel needs --tensor-parallel-size >= 2")
+    if cfg.gpu_memory_utilization is not None and not 0 < cfg.gpu_memory_utilization <= 1:
+        raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
+
+
+def engine_kwargs(cfg: ServerConfig) -> dict:
+    """:class:`RolloutEngine` keyword arguments (after :func:`validate_parallelism`)."""
+    kw: dict = {
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
+        "kv_cache_gib": cfg.kv_cache_gib,
+        "enable_prefix_caching": not cfg.no_prefix_caching,
+        "max_model_len": cfg.max_model_len,
+    }
+    if cfg.tensor_parallel_size != 1:
+        kw["tensor_parallel_size"] = cfg.tensor_parallel_size
+    for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(cfg, name)
+        if value is not None:
+            kw[name] = value
+    if cfg.enable_expert_parallel:
+        kw["enable_expert_parallel"] = True
+    return kw

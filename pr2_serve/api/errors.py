@@ -1,0 +1,71 @@
+"""The one error path of the rollout API, for HTTP and gRPC alike; no fastapi, grpc or torch.
+
+- :class:`ApiError` is every refusal: an HTTP status, a kind (``invalid_argument``...), a
+  message and, where one field of the request is at fault, that field (``prompts[0][3]``).
+  Over HTTP it is the body ``{"error": {"type", "message", "field"}}`` (:meth:`ApiError.to_json`);
+  over gRPC the status maps to a canonical code, the message is the details and the field
+  travels in the trailing metadata under :data:`FIELD_METADATA_KEY`.
+- :func:`from_engine` maps what the engine raises to an :class:`ApiError`;
+  :func:`from_validation` maps a pydantic validation error (its ``errors()`` list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..checkpoint import StaleVersionError, WeightValidationError
+from ..types import EngineStepError
+
+__all__ = ["ENGINE_ERRORS", "FIELD_METADATA_KEY", "ApiError", "from_engine", "from_validation"]
+
+FIELD_METADATA_KEY = "pr2-error-field"
+"""gRPC trailing-metadata key carrying :attr:`ApiError.field` (clients read it back)."""
+
+ENGINE_ERRORS = (EngineStepError, ValueError)
+"""What :func:`from_engine` maps (catch these around engine calls)."""
+
+
+class ApiError(Exception):
+    """A request the server refuses: ``status`` (HTTP) maps to a gRPC code in the gRPC layer."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.field = status, kind, message, field
+
+    def to_json(self) -> dict:
+        err = {"type": self.kind, "message": self.message}
+        if self.field is not None:
+            err["field"] = self.field
+        return {"error": err}
+
+
+def from_engine(e: BaseException) -> ApiError:
+    """The API error for an exception of :data:`ENGINE_ERRORS`.
+
+    A failed model step is a 500 ``engine_error`` (the engine serves on); a stale weight
+    version a 409 on ``version``; a refused weight file a 400 on ``weights``; any other
+    ``ValueError`` (the engine's own request checks) a 400.
+    """
+    if isinstance(e, EngineStepError):
+        return ApiError(500, "engine_error", str(e))
+    if isinstance(e, StaleVersionError):
+        return ApiError(409, "failed_precondition", str(e), "version")
+    if isinstance(e, WeightValidationError):
+        return ApiError(400, "invalid_argument", str(e), "weights")
+    if isinstance(e, ValueError):
+        return ApiError(400, "invalid_argument", str(e))
+    raise TypeError(f"not an engine error: {e!r}")
+
+
+def from_validation(errors: Sequence[dict]) -> ApiError:
+    """The API error for pydantic's ``errors()`` of a request: the first error, its location
+    as the field (``prompts[0][2]``; a leading ``body`` is dropped). Unparsable JSON is a
+    400 ``malformed_json``, anything else a 422 ``invalid_argument``."""
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        at = loc[0] if loc else "?"
+        return ApiError(400, "malformed_json", f"malformed JSON body at byte {at}")
+    field = loc[0] + "".join(f"[{x}]" for x in loc[1:]) if loc else None
+    msg = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+    return ApiError(422, "invalid_argument", msg, field)

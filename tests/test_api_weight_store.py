@@ -1,0 +1,105 @@
+"""Pushed weights on disk (``pr2_serve.api.weight_store``): uploads, commits, restart. No engine."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+
+import pytest
+
+from pr2_serve.api.errors import ApiError
+from pr2_serve.api.weight_store import COMMITTED, WeightStore, storage_error
+
+BLOB = bytes(range(256)) * 40_000  # ~10 MiB: several writer batches
+SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+async def _chunks(data: bytes, size: int = 1 << 20, fail_after: int | None = None):
+    for i in range(0, len(data), size):
+        if fail_after is not None and i >= fail_after:
+            raise RuntimeError("client went away")  # e.g. ClientDisconnect
+        yield data[i : i + size]
+
+
+def receive(store: WeightStore, version: int, data: bytes = BLOB, sha: str = SHA, **kw):
+    declared = kw.pop("declared", len(data))
+    return asyncio.run(store.receive(_chunks(data, **kw), version, sha, declared))
+
+
+def files(store: WeightStore) -> set[str]:
+    return {p.name for p in store.weights_dir.iterdir()}
+
+
+def test_upload_commit_restore(tmp_path):
+    store = WeightStore(tmp_path, 64 << 20)
+    assert store.committed() is None
+    path, size = receive(store, 1, sha=SHA.upper())
+    assert (path.name, size, path.read_bytes() == BLOB) == ("v1.safetensors", len(BLOB), True)
+    store.commit({"a": str(path), "b": str(path)}, 1)
+    path2, _ = receive(store, 2, b"x" * 10, hashlib.sha256(b"x" * 10).hexdigest())
+    store.commit({"b": str(path2)}, 2)  # on top of v1: a still from v1
+    record = json.loads((tmp_path / COMMITTED).read_text())
+    assert record == {"version": 2, "files": {"a": "v1.safetensors", "b": "v2.safetensors"}}
+    again = WeightStore(tmp_path, 64 << 20)  # a restarted server
+    assert again.committed() == (
+        {
+            "a": str(again.weights_dir / "v1.safetensors"),
+            "b": str(again.weights_dir / "v2.safetensors"),
+        },
+        2,
+    )
+    path3, _ = receive(store, 3)
+    store.commit({"a": str(path3), "b": str(path3)}, 3)
+    assert files(store) == {"v3.safetensors"}  # nothing refers to v1, v2 any more
+
+
+@pytest.mark.parametrize(
+    "kw, status, kind, field",
+    [
+        ({"sha": "0" * 64}, 400, "invalid_argument", "sha256"),
+        ({"declared": len(BLOB) + 1}, 400, "invalid_argument", "body"),
+        ({"fail_after": 3 << 20}, 400, "upload_interrupted", "body"),
+        ({"data": BLOB * 7}, 413, "resource_exhausted", None),
+    ],
+)
+def test_a_refused_upload_leaves_no_file(tmp_path, kw, status, kind, field):
+    store = WeightStore(tmp_path, 64 << 20)
+    with pytest.raises(ApiError) as e:
+        receive(store, 1, **kw)
+    assert (e.value.status, e.value.kind, e.value.field) == (status, kind, field)
+    assert files(store) == set()
+
+
+def test_refused_from_the_headers(tmp_path):
+    store = WeightStore(tmp_path, 100)
+    for sha in (None, "", "abc"):
+        with pytest.raises(ApiError) as e:
+            store.check_declared(sha, 10)
+        assert (e.value.status, e.value.field) == (400, "sha256")
+    with pytest.raises(ApiError) as e:
+        store.check_declared(SHA, 101)
+    assert e.value.status == 413
+    store.check_declared(SHA, 100)
+    store.check_declared(SHA, None)
+
+
+def test_clean_removes_partial_and_uncommitted_files(tmp_path):
+    store = WeightStore(tmp_path, 64 << 20)
+    path, _ = receive(store, 1)
+    store.commit({"a": str(path)}, 1)
+    (store.weights_dir / ".v2-1234abcd.part").write_bytes(b"half")  # killed mid-upload
+    (store.weights_dir / "v2.safetensors").write_bytes(b"x")  # killed mid-apply
+    WeightStore(tmp_path, 64 << 20).clean()
+    assert files(store) == {"v1.safetensors"}
+    store.discard(1)  # discard is only ever called for an uncommitted version
+    assert files(store) == set()
+
+
+def test_storage_errors():
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        e = storage_error(OSError(code, "No space left on device"))
+        assert isinstance(e, ApiError) and (e.status, e.kind) == (507, "insufficient_storage")
+    other = OSError(errno.EIO, "I/O error")
+    assert storage_error(other) is other
