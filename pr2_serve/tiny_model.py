@@ -77,45 +77,33 @@ def _hf_config(spec: TinySpec, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
-    if spec.arch == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(
-            **common,
-            head_dim=spec.head_dim,
-            num_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            moe_intermediate_size=spec.moe_intermediate_size,
-            intermediate_size=4 * spec.hidden_size,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
-    if spec.arch == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(
-            **common,
-            num_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            moe_intermediate_size=spec.moe_intermediate_size,
-            shared_expert_intermediate_size=spec.moe_intermediate_size,
-            intermediate_size=4 * spec.hidden_size,
-            norm_topk_prob=False,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
-    if spec.arch == "mixtral":
-        return transformers.MixtralConfig(
-            **common,
-            head_dim=spec.head_dim,
-            num_local_experts=spec.num_experts,
-            num_experts_per_tok=spec.top_k,
-            intermediate_size=spec.moe_intermediate_size,
-        )
-    return transformers.OlmoeConfig(
-        **common,
-        num_experts=spec.num_experts,
-        num_experts_per_tok=spec.top_k,
-        intermediate_size=spec.moe_intermediate_size,
-        norm_topk_prob=False,
-    )
+    cls, fields = _family_fields(spec)
+    return getattr(transformers, cls)(**common, num_experts_per_tok=spec.top_k, **fields)
+
+
+def _family_fields(spec: TinySpec) -> tuple[str, dict]:
+    """The family's config class and its MoE fields (each family names them its own way)."""
+    e, i = spec.num_experts, spec.moe_intermediate_size
+    dense = {"intermediate_size": 4 * spec.hidden_size, "decoder_sparse_step": 1}
+    qwen = {"num_experts": e, "moe_intermediate_size": i, "mlp_only_layers": [], **dense}
+    return {
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            {**qwen, "head_dim": spec.head_dim, "norm_topk_prob": True},
+        ),
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            {**qwen, "shared_expert_intermediate_size": i, "norm_topk_prob": False},
+        ),
+        "mixtral": (
+            "MixtralConfig",
+            {"head_dim": spec.head_dim, "num_local_experts": e, "intermediate_size": i},
+        ),
+        "olmoe": (
+            "OlmoeConfig",
+            {"num_experts": e, "intermediate_size": i, "norm_topk_prob": False},
+        ),
+    }[spec.arch]
 
 
 def make_tiny_model(
@@ -143,7 +131,6 @@ def make_tiny_model(
         >>> make_tiny_model("/tmp/tiny", seed=0, predictor="random")  # doctest: +SKIP
         PosixPath('/tmp/tiny')
     """
-    from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
     spec = spec or TinySpec()
@@ -168,13 +155,7 @@ def make_tiny_model(
 
     if predictor == "random":
         std = spec.router_std if predictor_std is None else predictor_std
-        weights_file = out / "model.safetensors"
-        tensors = load_file(weights_file)
-        for i in moe_layer_indices(config.to_dict()):
-            tensors[predictor_name(i)] = (
-                torch.randn(spec.num_experts, spec.hidden_size, generator=gen) * std
-            )
-        save_file(tensors, weights_file, metadata={"format": "pt"})
+        _add_random_predictors(out / "model.safetensors", config.to_dict(), spec, gen, std)
     (out / "pr2_tiny.json").write_text(
         json.dumps(
             {
@@ -187,6 +168,17 @@ def make_tiny_model(
         )
     )
     return out
+
+
+def _add_random_predictors(weights_file: Path, config: dict, spec: TinySpec, gen, std: float):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights_file)
+    for i in moe_layer_indices(config):
+        tensors[predictor_name(i)] = (
+            torch.randn(spec.num_experts, spec.hidden_size, generator=gen) * std
+        )
+    save_file(tensors, weights_file, metadata={"format": "pt"})
 
 
 def _spec_dict(spec: TinySpec) -> dict:
