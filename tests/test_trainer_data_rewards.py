@@ -1,0 +1,131 @@
+"""Datasets in TRL's formats and reward functions with TRL's signature (pure, no engine)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from trainer.data import (
+    DatasetError,
+    batch_indices,
+    encode_all,
+    load_examples,
+    prompt_ids,
+    split_eval,
+)
+from trainer.rewards import RewardError, load_reward, load_rewards, score
+
+ROWS = [
+    {"prompt": [{"role": "user", "content": "Ann has 3 apples and gets 4 more."}], "answer": "7"},
+    {"prompt": [{"role": "user", "content": "Bob has 10 pens and gets 5 more."}], "answer": "15"},
+]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_formats_load_with_columns(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        _jsonl(path, ROWS)
+    elif suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    else:
+        import datasets
+
+        datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    ex = load_examples(str(path))
+    assert [e.columns["answer"] for e in ex] == ["7", "15"]
+    assert ex[0].prompt[0]["role"] == "user"
+
+
+def test_standard_format_and_toy_tasks_go_the_same_way(tmp_path):
+    ex = load_examples(str(_jsonl(tmp_path / "s.jsonl", [{"prompt": "2+3=", "answer": "5"}])))
+    assert ex[0].prompt == "2+3=" and ex[0].columns == {"answer": "5"}
+    toy = load_examples("toy:addition", toy_size=8)
+    assert len(toy) == 8 and all(isinstance(e.prompt, str) and "answer" in e.columns for e in toy)
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ([{"question": "x"}], r"row 0: missing field 'prompt'"),
+        ([{"prompt": "ok"}, {"prompt": "  "}], r"row 1: field 'prompt' is an empty prompt"),
+        ([{"prompt": []}], r"row 0: field 'prompt' is an empty conversation"),
+        ([{"prompt": [{"content": "hi"}]}], r"row 0: prompt\[0\] must be"),
+    ],
+)
+def test_bad_rows_name_file_row_and_field(tmp_path, rows, words):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DatasetError, match=rf"bad.jsonl: {words}"):
+        load_examples(str(path))
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"nope\.jsonl: no such file"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "d.csv").write_text("prompt\nx\n")
+    with pytest.raises(DatasetError, match=r"d.csv: unknown format '.csv'"):
+        load_examples(str(tmp_path / "d.csv"))
+    with pytest.raises(DatasetError, match="toy:nope: unknown toy task"):
+        load_examples("toy:nope")
+
+
+def test_chat_prompts_use_the_checkpoint_template_and_long_prompts_are_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pr2_serve.tiny_model import make_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "m", tokenizer="bpe"))
+    ex = load_examples(str(_jsonl(tmp_path / "c.jsonl", ROWS)))
+    ids = prompt_ids(ex[0], tok)
+    want = tok.apply_chat_template(ROWS[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids) == want
+    with pytest.raises(DatasetError, match=r"c.jsonl: row 0: prompt of \d+ tokens exceeds"):
+        encode_all(ex, lambda e: prompt_ids(e, tok), "c.jsonl", limit=5)
+
+
+def test_split_and_epochs_are_seeded_and_cover_every_row():
+    ex = load_examples("toy:addition", toy_size=20)
+    train, ev = split_eval(ex, 0.25, seed=1)
+    assert len(ev) == 5 and len(train) == 15 and split_eval(ex, 0.25, 1)[1] == ev
+    rows = [i for step in (1, 2, 3) for i in batch_indices(15, 5, step, seed=0)]
+    assert sorted(rows) == list(range(15))  # one epoch = every row once
+    assert batch_indices(15, 5, 4, seed=0) != batch_indices(15, 5, 1, seed=0)  # reshuffled
+
+
+def test_math_reward_uses_math_verify():
+    r = load_reward("math")
+    completions = ["The answer is $\\frac{1}{2}$.", "I think it is 3."]
+    values = r.fn(["q1", "q2"], completions, [[1], [2]], answer=["0.5", "4"])
+    assert values == [1.0, 0.0]
+
+
+def test_user_reward_gets_columns_and_failures_name_the_function(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "seen = {}\n"
+        "def by_len(prompts, completions, completion_ids, answer, difficulty, **kw):\n"
+        "    seen['difficulty'] = difficulty\n"
+        "    return [float(len(c)) for c in completions]\n"
+        "def broken(prompts, completions, completion_ids, **kw):\n"
+        "    raise KeyError('oops')\n"
+        "def short(prompts, completions, completion_ids, **kw):\n"
+        "    return [1.0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = load_rewards(["my_rewards:by_len", "exact"], [0.5, 2.0])
+    cols = {"answer": ["ab", "x"], "difficulty": [1, 2]}
+    totals, means = score(rewards, ["p", "q"], ["ab", "xyz"], [[1], [2]], cols)
+    assert totals == [0.5 * 2 + 2.0, 0.5 * 3]
+    assert means == {"my_rewards:by_len": 2.5, "exact": 0.5}
+    assert sys.modules["my_rewards"].seen["difficulty"] == [1, 2]
+    for name, words in [("broken", "raised KeyError"), ("short", "returned 1 values for 2")]:
+        with pytest.raises(RewardError, match=rf"'my_rewards:{name}' {words}"):
+            score(load_rewards([f"my_rewards:{name}"]), ["p", "q"], ["a", "b"], [[1], [2]], {})
+    with pytest.raises(RewardError, match="cannot import"):
+        load_reward("no_such_module:fn")
