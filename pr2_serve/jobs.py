@@ -24,6 +24,7 @@ from .types import (
     Rollout,
     Sampling,
     StreamEvent,
+    TopLogprobs,
 )
 
 ROUTE_KEY = "pr2_route_key"  # SamplingParams.extra_args key the worker reads (plugin/worker.py)
@@ -169,6 +170,8 @@ class Jobs:
                         routes=None,
                         finish_reason=c.finish_reason or "length",
                         weight_version=job.version,
+                        prompt_logprobs=_prompt_logprobs(out, job.sampling),
+                        **_extras(c, job),
                     )
                 )
         if job.return_routes:
@@ -200,6 +203,7 @@ class Jobs:
                     routes_start=sent[1],
                     finish_reason=c.finish_reason,
                     weight_version=job.version,
+                    **_extras(c, job),
                 )
             )
             if job.return_routes:
@@ -225,6 +229,34 @@ def _logprobs(completion) -> list[float]:
     return [lp[t].logprob for lp, t in pairs]
 
 
+def _top(position) -> TopLogprobs | None:
+    """One position's vLLM ``{id: Logprob}`` as ``{id: (logprob, rank)}`` (order kept)."""
+    if position is None:
+        return None
+    return {int(t): (float(lp.logprob), lp.rank) for t, lp in position.items()}
+
+
+def _extras(completion, job: Job) -> dict[str, Any]:
+    """The dialect fields of a completion (or its delta): text, stop reason, top log-probs."""
+    s = job.sampling
+    top = job.return_logprobs and s.top_logprobs > 0
+    return {
+        "text": completion.text if _detokenize(s) else None,
+        "stop_reason": completion.stop_reason,
+        "top_logprobs": [_top(p) for p in completion.logprobs] if top else None,
+    }
+
+
+def _prompt_logprobs(out, s: Sampling) -> list[TopLogprobs | None] | None:
+    if s.prompt_logprobs is None or out.prompt_logprobs is None:
+        return None
+    return [_top(p) for p in out.prompt_logprobs]
+
+
+def _detokenize(s: Sampling) -> bool:
+    return s.detokenize or bool(s.stop)  # vLLM matches stop strings on the text
+
+
 def _sampling_params(job: Job, i: int):
     """vLLM ``SamplingParams`` of prompt ``i`` of ``job`` (seeds differ per prompt)."""
     from vllm import SamplingParams
@@ -241,13 +273,18 @@ def _sampling_params(job: Job, i: int):
         temperature=s.temperature,
         top_p=s.top_p,
         top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty,
         max_tokens=s.max_tokens,
         seed=None if s.seed is None else s.seed + i * s.n,
+        stop=list(s.stop) or None,
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
-        logprobs=0 if job.return_logprobs else None,
+        logprobs=s.top_logprobs if job.return_logprobs else None,
+        prompt_logprobs=s.prompt_logprobs,
         # all n samples in one final output; streaming: only what is new
         output_kind=RequestOutputKind.DELTA if job.on_event else RequestOutputKind.FINAL_ONLY,
-        detokenize=False,  # rollouts are token ids; text costs ~10% on small models
+        # rollouts are token ids unless text is asked for; text costs ~10% on small models
+        detokenize=_detokenize(s),
         extra_args=extra or None,
     )

@@ -1,6 +1,6 @@
 """The whole route protocol: which request a row belongs to, how many rows, their dtype, their
-encoding on the wire, and what a valid route array is. Pure numpy (torch only for the capture
-buffer's dtype, imported lazily).
+encodings on the wires (ours, vLLM's ``.npy``, SGLang's int32), and what a valid route array is.
+Pure numpy (torch only for the capture buffer's dtype, imported lazily).
 
 **Keys.** The engine submits prompt ``i`` of a job as vLLM request ``request_id(job, i)``
 (``"<job>.<i>"``); vLLM names the ``n`` children of that request ``"<child>_<request id>"``;
@@ -18,6 +18,7 @@ dtype and shape (4x smaller than base64 of int32, SGLang's format, before base64
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,8 @@ __all__ = [
     "child_index",
     "decode_routes",
     "encode_routes",
+    "int32_base64",
+    "npy_base64",
     "prompt_index",
     "request_id",
     "route_dtype",
@@ -128,6 +131,23 @@ def decode_routes(enc: EncodedRoutes) -> np.ndarray:
             f"route data has {len(enc.data)} bytes, shape {enc.shape} needs {expected}"
         )
     return np.frombuffer(enc.data, dtype=dtype).reshape(enc.shape).astype(dtype.newbyteorder("="))
+
+
+def npy_base64(routes: np.ndarray, start: int = 0) -> str:
+    """vLLM's ``routed_experts``: base64 of ``np.save(rows[start:], allow_pickle=False)`` (the
+    array's own dtype and shape; decode with ``np.load(io.BytesIO(b64decode(s)),
+    allow_pickle=False)``)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(routes[max(start, 0) :]), allow_pickle=False)
+    return base64.b64encode(buf.getbuffer()).decode("ascii")
+
+
+def int32_base64(routes: np.ndarray, start: int = 0) -> str:
+    """SGLang's ``routed_experts`` (what slime and miles decode): base64 of rows ``start:`` as
+    flat little-endian int32, to be reshaped by the reader to ``(rows, layers, top_k)``."""
+    return base64.b64encode(np.ascontiguousarray(routes[max(start, 0) :], "<i4").tobytes()).decode(
+        "ascii"
+    )
 
 
 def validate_routes(

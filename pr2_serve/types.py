@@ -18,8 +18,14 @@ __all__ = [
     "Rollout",
     "Sampling",
     "StreamEvent",
+    "TopLogprobs",
     "UpdateResult",
 ]
+
+
+TopLogprobs = dict[int, tuple[float, int | None]]
+"""Log-probs at one position: ``{token id: (log-prob, rank)}`` in vLLM's order (the scored
+token first, then the most likely ones; rank 1 = most likely)."""
 
 
 class RequestRejected(ValueError):
@@ -42,6 +48,13 @@ class Sampling:
     seed: int | None = None
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    # for the OpenAI / SGLang dialects (defaults: off, as /v1/generate always had them)
+    stop: Sequence[str] = ()  # stop strings (need text: detokenized)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    top_logprobs: int = 0  # alternatives per sampled token (Rollout.top_logprobs), <= 20
+    prompt_logprobs: int | None = None  # score the prompt: this many alternatives per position
+    detokenize: bool = False  # text of the output (Rollout.text); off: ids only (faster)
     fault: str | None = None  # test-only fault injection (PR2_ENABLE_FAULT_INJECTION=1)
 
 
@@ -58,6 +71,10 @@ class Rollout:
     routes: np.ndarray | None
     finish_reason: str
     weight_version: int
+    text: str | None = None  # with Sampling.detokenize (or stop strings)
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+    top_logprobs: list[TopLogprobs] | None = None  # with Sampling.top_logprobs > 0
+    prompt_logprobs: list[TopLogprobs | None] | None = None  # Sampling.prompt_logprobs; [0] None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -74,6 +91,9 @@ class StreamEvent:
     routes_start: int
     finish_reason: str | None
     weight_version: int
+    text: str | None = None  # the new text (Sampling.detokenize)
+    stop_reason: int | str | None = None
+    top_logprobs: list[TopLogprobs] | None = None
 
 
 @dataclass(slots=True, kw_only=True)

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 KEEP_ALIVE_S = 75.0  # idle HTTP keep-alive, seconds
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (--logprobs-mode)
 VLLM_GROUP = "vLLM pass-through"
 
 
@@ -36,6 +37,8 @@ class Limits:
     max_queued_jobs: int = 256
     max_samples_per_request: int = 4096  # prompts x n
     max_tokens_per_request: int = 1 << 22  # prompts x n x max_tokens
+    # OpenAI routes: routed_experts on every choice, not only when a request asks (vLLM's flag)
+    enable_return_routed_experts: bool = False
 
 
 _LIMITS = Limits()
@@ -70,6 +73,17 @@ class ServerConfig:
     max_samples_per_request: int = option(_LIMITS.max_samples_per_request, "prompts x n")
     max_tokens_per_request: int = option(_LIMITS.max_tokens_per_request, "prompts x n x max_tokens")
     no_prefix_caching: bool = option(False, "turn vLLM's prefix caching off")
+    logprobs_mode: str = option(
+        "raw_logprobs",
+        "log-probs returned: raw_logprobs (the model's, before temperature/top-k/top-p: what "
+        "pr2-train recomputes) or processed_logprobs (after them: what TRL expects)",
+        VLLM_GROUP,
+    )
+    enable_return_routed_experts: bool = option(
+        False,
+        'OpenAI routes: routed_experts on every choice (else only with "return_routed_experts": '
+        "true in the request)",
+    )
     kv_cache_gib: int = option(1, "CPU build: KV cache size")
     max_model_len: int | None = option(None, "context length", VLLM_GROUP)
     tensor_parallel_size: int = option(1, "GPUs per engine (tensor parallel)", VLLM_GROUP)
@@ -161,7 +175,10 @@ def engine_kwargs(cfg: ServerConfig) -> dict:
         "kv_cache_gib": cfg.kv_cache_gib,
         "enable_prefix_caching": not cfg.no_prefix_caching,
         "max_model_len": cfg.max_model_len,
+        "logprobs_mode": cfg.logprobs_mode,
     }
+    if cfg.logprobs_mode not in LOGPROBS_MODES:
+        raise SystemExit(f"--logprobs-mode must be one of {', '.join(LOGPROBS_MODES)}")
     if cfg.tensor_parallel_size != 1:
         kw["tensor_parallel_size"] = cfg.tensor_parallel_size
     for name in ("gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens"):

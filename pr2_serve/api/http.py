@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..types import Rollout, StreamEvent
 from .errors import ApiError, from_validation
+from .openai_api import add_openai_routes
 from .schemas import (
     MAX_WEIGHT_VERSION,
     MIN_WEIGHT_VERSION,
@@ -25,6 +26,7 @@ from .schemas import (
     WeightsResponse,
 )
 from .service import RolloutService
+from .sglang_api import add_sglang_routes
 from .wire import route_window, sample_fields
 
 ERRORS = {
@@ -87,6 +89,8 @@ def create_app(service: RolloutService) -> FastAPI:
     add_generate_routes(app, service)
     add_weights_route(app, service)
     add_metrics_route(app, service)
+    add_openai_routes(app, service)  # the OpenAI-compatible dialect (vLLM's shapes)
+    add_sglang_routes(app, service)  # the SGLang-compatible /generate (slime, miles)
     return app
 
 

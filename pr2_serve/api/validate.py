@@ -9,6 +9,7 @@ through :func:`validate`, so they refuse the same requests with the same field.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 from ..types import EngineInfo, Sampling
 from .config import Limits
@@ -25,7 +26,6 @@ __all__ = [
 ]
 
 Tokenize = Callable[[str], list[int]]
-SAMPLING_FIELDS = ("n", "temperature", "top_p", "top_k", "max_tokens", "seed")
 
 
 def _invalid(message: str, field: str) -> ApiError:
@@ -106,9 +106,11 @@ def prompt_ids(req: GenerateRequest, info: EngineInfo, tokenize: Tokenize) -> li
 
 
 def sampling(req: GenerateRequest) -> Sampling:
-    """The engine's sampling settings of a request (the fields of the same names)."""
-    same = req.model_dump(include=set(SAMPLING_FIELDS))
-    return Sampling(**same, stop_token_ids=tuple(req.stop_token_ids))
+    """The engine's sampling settings of a request: its fields named like :class:`Sampling`'s
+    (a dialect's subclass of the request adds some, e.g. ``stop`` and ``min_p``)."""
+    names = {f.name for f in fields(Sampling)} & set(type(req).model_fields)
+    same = req.model_dump(include=names)
+    return Sampling(**{k: tuple(v) if isinstance(v, list) else v for k, v in same.items()})
 
 
 def validate(

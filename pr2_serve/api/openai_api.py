@@ -1,0 +1,464 @@
+"""OpenAI-compatible routes in vLLM 0.32's shapes, thin over :class:`RolloutService`:
+``GET /v1/models``, ``GET /health``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``POST /tokenize``, ``POST /detokenize``.
+
+Each request becomes a :class:`~.dialect.DialectRequest` served by ``service.generate`` /
+``service.stream`` (same admission, limits, metrics -- protocol ``openai`` -- and versions as
+``/v1/generate``). Refusals are OpenAI-shaped, ``{"error": {"message", "type", "param",
+"code"}}``, so the ``openai`` client raises ``BadRequestError`` with ``.param`` naming the field.
+``routed_experts`` is vLLM's encoding (:func:`~pr2_serve.routes.npy_base64`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute, APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from .dialect import SSE_DONE, build_request, rename_field, sse
+from .errors import ApiError, from_validation
+from .openai_render import Render, usage
+from .openai_schemas import (
+    UNSUPPORTED,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
+from .service import RolloutService
+
+__all__ = ["add_openai_routes", "openai_error", "route_class"]
+
+PROTOCOL = "openai"
+ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+# our field names -> the OpenAI parameters they come from
+COMPLETION_NAMES = {
+    "prompts": "prompt",
+    "top_logprobs": "logprobs",
+    "routes_from": "routed_experts_prompt_start",
+    "return_routes": "return_routed_experts",
+}
+CHAT_NAMES = {**COMPLETION_NAMES, "prompts": "messages", "top_logprobs": "top_logprobs"}
+
+
+class OpenAIError(BaseModel):
+    """Every refusal of these routes. Example: ``{"error": {"message": "temperature: Input
+    should be less than or equal to 2", "type": "BadRequestError", "param": "temperature",
+    "code": 400}}``"""
+
+    model_config = ConfigDict(extra="allow")
+    error: dict
+
+
+class OpenAIBody(BaseModel):
+    """A response body in vLLM's shape (see the route's description)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+RESPONSES = {code: {"model": OpenAIError} for code in (400, 404, 409, 429, 500, 503)}
+STREAMING = {**RESPONSES, 200: {"content": SSE}}
+
+
+def error_body(e: ApiError, names: dict | None = None) -> dict:
+    """An :class:`ApiError` in OpenAI's shape (its field renamed by ``names``)."""
+    param = rename_field(e.field, names or {})
+    kind = ERROR_TYPES.get(e.status) or HTTPStatus(e.status).phrase.replace(" ", "") + "Error"
+    return {"error": {"message": e.message, "type": kind, "param": param, "code": e.status}}
+
+
+def openai_error(e: ApiError, names: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(e, names), status_code=e.status)
+
+
+def route_class(service: RolloutService, names_by_path: dict[str, dict]) -> type[APIRoute]:
+    """Routes whose refusals (ours, and the schema's: 400 like vLLM) are OpenAI-shaped, the
+    field renamed by ``names_by_path[route path]`` (SGLang's routes answer in the same shape)."""
+    errors = service.metrics.errors
+
+    class OpenAIRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            handler = super().get_route_handler()
+            names = names_by_path.get(self.path, {})
+
+            async def handle(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError as e:
+                    err = from_validation(e.errors())
+                    err = ApiError(400, err.kind, err.message, err.field)
+                except ApiError as e:
+                    err = e
+                errors.labels(kind=err.kind).inc()
+                return openai_error(err, names)
+
+            return handle
+
+    return OpenAIRoute
+
+
+def add_openai_routes(app: FastAPI, service: RolloutService) -> None:
+    """Register the OpenAI-compatible routes on ``app``."""
+    names = {"/v1/completions": COMPLETION_NAMES, "/v1/chat/completions": CHAT_NAMES}
+    router = APIRouter(route_class=route_class(service, names), tags=["OpenAI-compatible"])
+    add_model_routes(router, service)
+    add_completion_route(router, service)
+    add_chat_route(router, service)
+    add_tokenizer_routes(router, service)
+    app.include_router(router)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def engine_of(service: RolloutService):
+    if service.engine is None:
+        raise ApiError(503, "unavailable", "the model is still loading")
+    return service.engine
+
+
+def check_model(req, service: RolloutService) -> str:
+    """The served model's id; 404 naming ``model`` when the request names another."""
+    served = service.info()["model"]
+    if getattr(req, "model", None) not in (None, served):
+        raise ApiError(404, "not_found", f"The model `{req.model}` does not exist.", "model")
+    return served
+
+
+def check_supported(req: BaseModel) -> None:
+    """400 naming a vLLM field pr2-serve does not implement, when set to anything but off."""
+    for name in UNSUPPORTED:
+        value = (req.model_extra or {}).get(name)
+        if value not in (None, False, 0, 0.0, "", [], {}):
+            raise ApiError(400, "invalid_argument", f"{name} is not supported by pr2-serve", name)
+
+
+def sampling_fields(req: SamplingFields, service: RolloutService) -> dict:
+    """The :class:`DialectRequest` fields every OpenAI request sets the same way."""
+    want_routes = req.return_routed_experts
+    if want_routes is None:
+        want_routes = getattr(service.limits, "enable_return_routed_experts", False)
+    return {
+        "n": req.n,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "top_k": -1 if not req.top_k else req.top_k,
+        "min_p": req.min_p or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "seed": req.seed,
+        "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        "stop_token_ids": list(req.stop_token_ids or []),
+        "return_routes": want_routes,
+        "routes_from": req.routed_experts_prompt_start,
+        "min_weight_version": req.min_weight_version,
+        "detokenize": bool(req.stream),  # else the text is decoded here, off the engine thread
+    }
+
+
+def render_for(kind: str, req, model: str, tokenizer, num_top: int | None) -> Render:
+    return Render(
+        kind,
+        model,
+        tokenizer,
+        num_top=num_top,
+        as_ids=bool(req.return_tokens_as_token_ids),
+        token_ids=bool(req.return_token_ids),
+        routes_from=req.routed_experts_prompt_start
+        if req.return_routed_experts is not False
+        else None,
+    )
+
+
+async def event_stream(
+    render: Render, events: AsyncIterator, n: int, req, prompt_tokens: int
+) -> StreamingResponse:
+    """SSE of a stream job: one chunk per event, the usage chunk if asked, then ``[DONE]``.
+    The first event is awaited here, so a refused request is a 4xx, not a broken stream."""
+    first = await anext(events, None)
+    opts = req.stream_options
+    include_usage = bool(opts and opts.include_usage)
+
+    async def body():
+        out_tokens, ev = 0, first
+        try:
+            while ev is not None:
+                out_tokens += len(ev.token_ids)
+                choice = render.chunk(ev.prompt_index * n + ev.sample_index, ev)
+                if render.kind == "chat" and ev.prompt_token_ids is not None:
+                    choice["delta"]["role"] = "assistant"
+                chunk = {
+                    **render.envelope([choice], stream=True),
+                    "weight_version": ev.weight_version,
+                }
+                if render.kind == "chat" and render.token_ids and ev.prompt_token_ids is not None:
+                    chunk["prompt_token_ids"] = ev.prompt_token_ids
+                yield sse(chunk)
+                ev = await anext(events, None)
+            if include_usage:
+                yield sse(
+                    {**render.envelope([], stream=True), "usage": usage(prompt_tokens, out_tokens)}
+                )
+        except ApiError as e:  # after the 200: the error is the stream's last event
+            yield sse(error_body(e))
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+# -- routes ----------------------------------------------------------------------------------------
+def add_model_routes(router: APIRouter, service: RolloutService) -> None:
+    @router.get("/v1/models", response_model=OpenAIBody, responses=RESPONSES)
+    async def models():
+        """The served model: ``{"object": "list", "data": [{"id": "<model dir>", "object":
+        "model", "owned_by": "pr2", "max_model_len": 2048, ...}]}``."""
+        info = service.info()
+        card = {
+            "id": info["model"],
+            "object": "model",
+            "created": 0,
+            "owned_by": "pr2",
+            "root": info["model"],
+            "parent": None,
+            "max_model_len": info["max_model_len"],
+            "permission": [],
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @router.get("/health", response_class=Response, responses={503: {}})
+    async def health():
+        """vLLM's health check: 200 (empty) when serving, else 503."""
+        return Response(status_code=200 if service.is_ready() else 503)
+
+
+def add_completion_route(router: APIRouter, service: RolloutService) -> None:
+    @router.post("/v1/completions", response_model=OpenAIBody, responses=STREAMING)
+    async def completions(req: CompletionRequest):
+        """vLLM's ``CompletionResponse`` (or SSE chunks with ``stream``): ``choices[i]`` =
+        ``{"index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
+        "prompt_token_ids", "routed_experts", "weight_version"}``, ``usage``; choices are
+        prompt-major (``n`` per prompt)."""
+        check_supported(req)
+        model = check_model(req, service)
+        engine = engine_of(service)
+        tok = engine.tokenizer
+        raw = (
+            req.prompt
+            if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
+            else [req.prompt]
+        )
+        ids = [
+            tok(p, add_special_tokens=req.add_special_tokens)["input_ids"]
+            if isinstance(p, str)
+            else list(p)
+            for p in raw
+        ]
+        echo = bool(req.echo)
+        if req.max_tokens == 0 and not echo:
+            raise ApiError(400, "invalid_argument", "max_tokens 0 needs echo", "max_tokens")
+        if req.stream and (echo or req.prompt_logprobs is not None):
+            field = "echo" if echo else "prompt_logprobs"
+            raise ApiError(400, "invalid_argument", f"{field} is not supported with stream", field)
+        prompt_lps = req.prompt_logprobs
+        if echo and req.logprobs is not None and prompt_lps is None:
+            prompt_lps = req.logprobs
+        dreq = build_request(
+            COMPLETION_NAMES,
+            prompts=ids,
+            max_tokens=req.max_tokens or 1,  # echo with 0: score the prompt, one token drawn
+            return_logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            prompt_logprobs=prompt_lps,
+            **sampling_fields(req, service),
+        )
+        render = render_for("completion", dreq_opts(req, dreq), model, tok, req.logprobs)
+        if req.stream:
+            events = service.stream(dreq, PROTOCOL)
+            return await event_stream(render, events, req.n, req, sum(map(len, ids)))
+        rollouts = await service.generate(dreq, PROTOCOL)
+        choices = []
+        for i, r in enumerate(rollouts):
+            prompt_text = (
+                ""
+                if req.return_token_ids
+                else (
+                    raw[r.prompt_index]
+                    if isinstance(raw[r.prompt_index], str)
+                    else tok.decode(r.prompt_token_ids)
+                )
+            )
+            echoed = (
+                (prompt_text, list(r.prompt_logprobs or [None] * len(r.prompt_token_ids)))
+                if echo
+                else None
+            )
+            if echo and req.max_tokens == 0:
+                r.output_token_ids, r.logprobs, r.top_logprobs, r.text = (
+                    [],
+                    [],
+                    [] if r.top_logprobs else None,
+                    "",
+                )
+            choices.append(render.choice(i, r, echoed))
+        return completion_body(render, choices, rollouts, ids, req.prompt_logprobs is not None)
+
+
+def dreq_opts(req, dreq):
+    """The request with ``return_routed_experts`` resolved (server flag or request)."""
+    return req.model_copy(update={"return_routed_experts": dreq.return_routes})
+
+
+def completion_body(
+    render: Render, choices, rollouts, ids, with_prompt_logprobs: bool
+) -> JSONResponse:
+    out = sum(len(r.output_token_ids) for r in rollouts)
+    body = {**render.envelope(choices), "usage": usage(sum(map(len, ids)), out)}
+    if with_prompt_logprobs:
+        for c, r in zip(choices, rollouts, strict=True):
+            c["prompt_logprobs"] = prompt_logprobs_json(render.tokenizer, r.prompt_logprobs)
+    body["weight_version"] = rollouts[0].weight_version if rollouts else None
+    return JSONResponse(body)
+
+
+def prompt_logprobs_json(tokenizer, pos) -> list | None:
+    """vLLM's ``prompt_logprobs``: per position ``{"<id>": {"logprob", "rank",
+    "decoded_token"}}`` (``None`` for the first)."""
+    if pos is None:
+        return None
+    return [
+        None
+        if p is None
+        else {
+            str(t): {
+                "logprob": max(lp, -9999.0),
+                "rank": rank,
+                "decoded_token": tokenizer.decode([t]),
+            }
+            for t, (lp, rank) in p.items()
+        }
+        for p in pos
+    ]
+
+
+def add_chat_route(router: APIRouter, service: RolloutService) -> None:
+    @router.post("/v1/chat/completions", response_model=OpenAIBody, responses=STREAMING)
+    async def chat(req: ChatRequest):
+        """vLLM's ``ChatCompletionResponse`` (or SSE chunks with ``stream``): ``choices[i]`` =
+        ``{"index", "message": {"role": "assistant", "content"}, "logprobs": {"content":
+        [...]}, "finish_reason", "token_ids", "routed_experts", "weight_version"}``,
+        ``prompt_token_ids``, ``usage``. The prompt is the tokenizer's chat template."""
+        check_supported(req)
+        model = check_model(req, service)
+        engine = engine_of(service)
+        ids = chat_prompt(engine, req.messages, req)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, engine.info.max_model_len - len(ids))
+        num_top = (req.top_logprobs or 0) if req.logprobs else None
+        dreq = build_request(
+            CHAT_NAMES,
+            prompts=[ids],
+            max_tokens=max_tokens,
+            return_logprobs=bool(req.logprobs),
+            top_logprobs=num_top or 0,
+            **sampling_fields(req, service),
+        )
+        render = render_for("chat", dreq_opts(req, dreq), model, engine.tokenizer, num_top)
+        if req.stream:
+            return await event_stream(render, service.stream(dreq, PROTOCOL), req.n, req, len(ids))
+        rollouts = await service.generate(dreq, PROTOCOL)
+        choices = [render.choice(i, r) for i, r in enumerate(rollouts)]
+        out = sum(len(r.output_token_ids) for r in rollouts)
+        body = {**render.envelope(choices), "usage": usage(len(ids), out)}
+        if req.return_token_ids:
+            body["prompt_token_ids"] = ids
+        body["weight_version"] = rollouts[0].weight_version
+        return JSONResponse(body)
+
+
+TEMPLATE_ARGS = (
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tools",
+    "conversation",
+)
+
+
+def chat_prompt(engine, messages, req) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template; 400 on ``messages``
+    when the template refuses them."""
+    convo = []
+    for m in messages:
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            msg["content"] = "\n".join(p.text for p in m.content)
+        convo.append(msg)
+    kwargs = {
+        k: v
+        for k, v in (getattr(req, "chat_template_kwargs", None) or {}).items()
+        if k not in TEMPLATE_ARGS
+    }
+    try:
+        text = engine.tokenizer.apply_chat_template(
+            convo,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            tools=getattr(req, "tools", None),
+            **kwargs,
+        )
+    except Exception as e:  # a template error is the request's messages at fault
+        raise ApiError(400, "invalid_argument", f"chat template: {e}", "messages") from e
+    return engine.tokenize(text)
+
+
+def add_tokenizer_routes(router: APIRouter, service: RolloutService) -> None:
+    @router.post("/tokenize", response_model=OpenAIBody, responses=RESPONSES)
+    async def tokenize(req: TokenizeRequest):
+        """``{"count", "max_model_len", "tokens", "token_strs"}`` of ``prompt`` (special
+        tokens added unless ``add_special_tokens`` is false) or of ``messages`` (chat
+        template)."""
+        check_model(req, service)
+        engine = engine_of(service)
+        tok = engine.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "invalid_argument", "give prompt or messages", "prompt")
+        if req.prompt is not None:
+            ids = tok(req.prompt, add_special_tokens=req.add_special_tokens is not False)[
+                "input_ids"
+            ]
+        else:
+            ids = chat_prompt(engine, req.messages, req)
+        strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(
+            {
+                "count": len(ids),
+                "max_model_len": engine.info.max_model_len,
+                "tokens": ids,
+                "token_strs": strs,
+            }
+        )
+
+    @router.post("/detokenize", response_model=OpenAIBody, responses=RESPONSES)
+    async def detokenize(req: DetokenizeRequest):
+        """``{"prompt": "<text of tokens>"}``."""
+        check_model(req, service)
+        engine = engine_of(service)
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < engine.info.vocab_size:
+                raise ApiError(
+                    400, "invalid_argument", f"token id {t} outside the vocabulary", f"tokens[{i}]"
+                )
+        return JSONResponse({"prompt": engine.tokenizer.decode(req.tokens)})
