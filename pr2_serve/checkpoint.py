@@ -3,8 +3,10 @@
 Pure (safetensors headers + json, no vLLM). :class:`WeightTable` knows every tensor the model
 accepts -- the checkpoint's own (HF names) plus one predictor per MoE layer -- with shape and
 dtype; :meth:`WeightTable.check` refuses an update with an unknown name, a wrong shape or a
-non-floating dtype, naming the tensor. Floating dtypes other than the checkpoint's are accepted
-and cast by the loader (a trainer in fp32 may push to a bf16 server).
+non-floating dtype, naming the tensor; :func:`check_finite` refuses NaN/±Inf values, naming the
+tensor and how many values are bad (every way weights arrive goes through
+:meth:`WeightTable.stage`, which runs both). Floating dtypes other than the checkpoint's are
+accepted and cast by the loader (a trainer in fp32 may push to a bf16 server).
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ class WeightValidationError(ValueError):
     """An update that must not be applied; the message names the offending tensor."""
 
 
+class NonFiniteWeightsError(WeightValidationError):
+    """An update with NaN or ±Inf values (the message names each bad tensor and its count)."""
+
+
+class CanaryError(WeightValidationError):
+    """Applied weights failed the canary generate (non-finite log-probs, invalid routes...):
+    the previous weights were restored and the update refused."""
+
+
 class StaleVersionError(WeightValidationError):
     """An update whose version is not greater than the one being served (HTTP 409 /
     gRPC FAILED_PRECONDITION): versions only ever increase."""
@@ -48,6 +59,50 @@ def require_newer(version: int, current: int) -> None:
     """The version rule, for every way weights arrive: ``version`` must exceed ``current``."""
     if version <= current:
         raise StaleVersionError(f"weight version {version} must be greater than {current}")
+
+
+FINITE_CHUNK = 1 << 24  # elements checked at once (bounds the temporary mask)
+
+
+def non_finite_counts(t) -> tuple[int, int]:
+    """``(NaN count, ±Inf count)`` of a tensor, in chunks; ``(0, 0)`` after one pass when the
+    tensor is finite (the common case)."""
+    import torch
+
+    flat = t.detach().reshape(-1)
+    if not flat.is_floating_point():
+        return 0, 0
+    nan = inf = 0
+    for chunk in flat.split(FINITE_CHUNK):
+        if bool(torch.isfinite(chunk).all()):
+            continue
+        n = int(torch.isnan(chunk).sum())
+        nan, inf = nan + n, inf + int((~torch.isfinite(chunk)).sum()) - n
+    return nan, inf
+
+
+def check_finite(tensors) -> None:
+    """Raise :class:`NonFiniteWeightsError` naming every ``(name, tensor)`` with NaN/±Inf
+    values and how many (all are checked, so one refusal lists them all)."""
+    bad = []
+    for name, t in tensors:
+        nan, inf = non_finite_counts(t)
+        if nan or inf:
+            bad.append(
+                f"{name}: {nan + inf} of {t.numel()} values are not finite ({nan} NaN, {inf} Inf)"
+            )
+    if bad:
+        more = f" (and {len(bad) - 3} more tensors)" if len(bad) > 3 else ""
+        raise NonFiniteWeightsError("; ".join(bad[:3]) + more)
+
+
+def file_tensors(path: str | Path, names: Iterable[str]):
+    """``(name, tensor)`` of ``names`` in a safetensors file, one at a time (memory-mapped)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for name in names:
+            yield name, f.get_tensor(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +176,27 @@ class WeightTable:
     def predictor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: self.specs[n].shape for n in self.predictor_names()}
 
+    def with_zero_predictors(self, files: dict[str, str], folder: Path) -> dict[str, str]:
+        """``files`` with every predictor it lacks mapped to a file of zeros (written once into
+        ``folder``): a complete weight set to reload, where "absent" must mean zero."""
+        missing = [n for n in self.predictor_names() if n not in files]
+        if not missing:
+            return dict(files)
+        import torch
+        from safetensors.torch import save_file
+
+        path = Path(folder) / "zero-predictors.safetensors"
+        if not path.exists():
+            dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+            zeros = {
+                n: torch.zeros(self.specs[n].shape, dtype=dtypes.get(self.specs[n].dtype))
+                for n in self.predictor_names()
+            }
+            tmp = path.with_suffix(".tmp")
+            save_file(zeros, str(tmp))
+            tmp.replace(path)
+        return {**files, **dict.fromkeys(missing, str(path))}
+
     def check(self, name: str, shape: Iterable[int], dtype) -> None:
         """Raise :class:`WeightValidationError` unless ``name`` may take this shape/dtype."""
         spec = self.specs.get(name)
@@ -156,15 +232,19 @@ class WeightTable:
         return names
 
     def stage(self, weights, staging_dir: Path, version: int) -> dict[str, str]:
-        """Check an update (``{name: tensor}`` or a safetensors file) and return ``{name: file}``
-        (tensors are written to a file in ``staging_dir`` first)."""
+        """Check an update (``{name: tensor}`` or a safetensors file: names, shapes, dtypes,
+        then every value finite) and return ``{name: file}`` (tensors are written to a file in
+        ``staging_dir`` first)."""
         if not isinstance(weights, Mapping):
             path = str(Path(weights).resolve())
-            return dict.fromkeys(self.check_file(path), path)
+            names = self.check_file(path)
+            check_finite(file_tensors(path, names))
+            return dict.fromkeys(names, path)
         if not weights:
             raise WeightValidationError("empty update")
         for name, t in weights.items():
             self.check(name, t.shape, t.dtype)
+        check_finite(weights.items())
         from safetensors.torch import save_file
 
         path = Path(staging_dir) / f"update-v{version}-{uuid.uuid4().hex[:8]}.safetensors"

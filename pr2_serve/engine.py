@@ -28,12 +28,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import WeightTable, WeightValidationError, checkpoint_files, require_newer
+from .checkpoint import (
+    CanaryError,
+    WeightTable,
+    WeightValidationError,
+    checkpoint_files,
+    require_newer,
+)
 from .fingerprint import FileDigests
 from .jobs import Job, Jobs, Update, check_prompt
 from .routes import route_dtype
@@ -53,6 +60,17 @@ __all__ = ["EngineInfo", "EngineStepError", "RequestRejected", "Rollout", "Rollo
 __all__ += ["Sampling", "StreamEvent", "UpdateResult"]
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps mean the engine itself is broken
+CANARY_MAX_STEPS = 256  # a canary job (a few short greedy prompts) finishes well within this
+
+
+@dataclass
+class _CheckedUpdate(Update):
+    """An update with a canary (``prompts``, ``sampling``, ``check(rollouts) -> problem``,
+    ``seconds``) run after it is applied, and/or applied on the checkpoint's own files
+    (``replace``) rather than on top of the current ones."""
+
+    canary: Any = None
+    replace: bool = False
 
 
 class RolloutEngine:
@@ -88,6 +106,7 @@ class RolloutEngine:
         config = json.loads((Path(self.model_dir) / "config.json").read_text())
         self._weights = WeightTable.from_checkpoint(self.model_dir)
         self._files = checkpoint_files(self.model_dir)
+        self._base_files = dict(self._files)  # the checkpoint's own (``replace`` updates)
         self._own_state_dir = state_dir is None
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="pr2-weights-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -178,9 +197,19 @@ class RolloutEngine:
         require_newer(version, self.weight_version)
         return self._weights.stage(weights, self.state_dir, version)
 
-    def commit_update(self, update_files: dict[str, str], version: int) -> cf.Future:
-        """Apply a prepared update (future of :class:`UpdateResult`)."""
-        upd = Update(update_files, version, len(update_files), cf.Future())
+    def commit_update(
+        self, update_files: dict[str, str], version: int, *, canary=None, replace: bool = False
+    ) -> cf.Future:
+        """Apply a prepared update (future of :class:`UpdateResult`).
+
+        ``canary`` (see :class:`pr2_serve.api.canary.Canary`): once the weights are applied, its
+        prompts are generated before anything else runs; if ``canary.check`` finds a problem,
+        the previous weights are restored and the future fails with :class:`CanaryError`.
+        ``replace``: ``update_files`` go on top of the checkpoint's files, not the current ones
+        (going back to an earlier version's complete set).
+        """
+        upd = _CheckedUpdate(update_files, version, len(update_files), cf.Future())
+        upd.canary, upd.replace = canary, replace
         self._put(("update", upd))
         return upd.future
 
@@ -314,11 +343,16 @@ class RolloutEngine:
     def _apply_update(self, upd: Update) -> None:
         try:
             require_newer(upd.version, self.weight_version)
-            files = {**self._files, **upd.files}
-            reload_s = self._llm.collective_rpc("pr2_reload_weights", args=(files,))[0]
-            if not self._llm.reset_prefix_cache():
-                # Never serve KV computed by the old weights; nothing runs now, so this is a bug.
-                raise RuntimeError("prefix cache could not be flushed after a weight update")
+            base = self._base_files if upd.replace else self._files
+            files = {**base, **upd.files}
+            if upd.replace:  # predictors the set lacks are zero, not left as they are
+                files = self._weights.with_zero_predictors(files, self.state_dir)
+            reload_s = self._reload(files)
+            problem = self._run_canary(upd.canary, upd.version) if upd.canary else None
+            if problem is not None:  # back to the previous weights (a complete set)
+                self._files = self._weights.with_zero_predictors(self._files, self.state_dir)
+                self._reload(self._files)
+                raise CanaryError(f"the canary generate failed on the new weights: {problem}")
             self._files = files
             self.weight_version = upd.version
             self._llm.set_weight_version(str(upd.version))
@@ -334,6 +368,39 @@ class RolloutEngine:
         except WeightValidationError as e:
             upd.future.set_exception(e)
 
+    def _reload(self, files: dict[str, str]) -> float:
+        """Reload every weight from ``files``, flush the prefix cache and zero the KV cache;
+        the seconds it took."""
+        t0 = time.perf_counter()
+        self._llm.collective_rpc("pr2_reload_weights", args=(files,))
+        if not self._llm.reset_prefix_cache():
+            # Never serve KV computed by the old weights; nothing runs now, so this is a bug.
+            raise RuntimeError("prefix cache could not be flushed after a weight update")
+        # Weights that made NaN/Inf leave them in KV slots; attention reads stale slots of a
+        # reused block (masked, but NaN x 0 is NaN), so later requests would come out NaN.
+        self._llm.collective_rpc(_zero_kv_caches)
+        return time.perf_counter() - t0
+
+    def _run_canary(self, canary, version: int) -> str | None:
+        """Generate the canary's prompts on the weights just loaded, before any other request
+        starts (none is running); the problem ``canary.check`` finds, or None."""
+        t0 = time.perf_counter()
+        job = Job(list(canary.prompts), canary.sampling, True, True, cf.Future())
+        self._jobs.start(job, version)
+        for _ in range(CANARY_MAX_STEPS):
+            if job.future.done():
+                break
+            self._step()
+        if not job.future.done():
+            self._jobs.abort(job)
+            problem = f"it did not finish in {CANARY_MAX_STEPS} steps"
+        elif (exc := job.future.exception()) is not None:
+            problem = f"generate failed: {exc}"
+        else:
+            problem = canary.check(job.future.result())
+        canary.seconds = time.perf_counter() - t0
+        return problem
+
     def _fail_all(self, waiting: list[Job], updates: list[Update], exc: BaseException) -> None:
         jobs = waiting + (self._jobs.jobs() if self._jobs is not None else [])
         for job in jobs:
@@ -342,6 +409,12 @@ class RolloutEngine:
         for upd in updates:
             if not upd.future.done():
                 upd.future.set_exception(exc)
+
+
+def _zero_kv_caches(worker) -> None:
+    """Zero every KV-cache tensor of a worker (runs inside it, between steps)."""
+    for t in worker.model_runner.kv_caches:
+        t.zero_()
 
 
 def _norm(files: dict[str, str], predictor_shapes: dict) -> float:

@@ -1,13 +1,20 @@
 """``pr2-serve``: one PR2 engine behind HTTP (FastAPI/uvicorn) and gRPC, in one process.
 
     PR2_API_KEY=... pr2-serve --model DIR [--host 127.0.0.1] [--http-port 8000]
-        [--grpc-port 50051] [--dtype auto] [--state-dir DIR] [vLLM flags...]
+        [--grpc-port 50051] [--dtype auto] [--state-dir DIR] [--fresh] [vLLM flags...]
+
+The model directory is only read; the server's state (pushed weights, the committed version,
+the versions kept for rollback) lives in ``--state-dir`` (default: a per-user directory, see
+:func:`~pr2_serve.api.config.default_state_dir`). Both are checked before anything loads: a
+problem is one line on stderr naming the path and the flag, and exit code 2.
 
 Liveness (``/healthz``) answers at once; the model loads in the background; readiness
-(``/readyz``, gRPC health SERVING) comes after the last committed weights are restored and a
-warm-up request has been answered. A line ``pr2-serve ready http=HOST:PORT grpc=HOST:PORT`` is
-printed then (ports resolved when 0 was asked). SIGINT/SIGTERM stop both servers and the engine.
-Every flag is a field of :class:`pr2_serve.api.config.ServerConfig`.
+(``/readyz``, gRPC health SERVING) comes after the last committed weights are restored (one
+log line says which) and the canary has passed on them. A line ``pr2-serve ready
+http=HOST:PORT grpc=HOST:PORT weight_version=N`` is printed then (ports resolved when 0 was
+asked); if the restored weights fail the canary, ``pr2-serve not ready ...`` instead (the
+server listens and takes pushes and rollbacks). SIGINT/SIGTERM stop both servers and the
+engine. Every flag is a field of :class:`pr2_serve.api.config.ServerConfig`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from .api import config
 from .api.config import KEEP_ALIVE_S, ServerConfig, engine_kwargs, validate_parallelism
 from .api.service import RolloutService
+from .api.startup import StartupError, preflight
 
 __all__ = [
     "KEEP_ALIVE_S",
@@ -70,26 +78,40 @@ def http_server(service: RolloutService, cfg: ServerConfig):
 
 async def load_engine(service: RolloutService, cfg: ServerConfig, state_dir: Path) -> None:
     """Start the engine and attach it (then it is ``service.engine``, closed by
-    :func:`serve`), restore the committed weights, warm up."""
+    :func:`serve`), restore the committed weights (``--fresh``: forget them), warm up."""
     from .engine import RolloutEngine
 
-    engine = await asyncio.to_thread(
-        RolloutEngine, cfg.model, state_dir=state_dir / "engine", **engine_kwargs(cfg)
-    )
+    try:
+        engine = await asyncio.to_thread(
+            RolloutEngine, cfg.model, state_dir=state_dir / "engine", **engine_kwargs(cfg)
+        )
+    except (ValueError, OSError) as e:  # our refusals (architecture, router...) and I/O
+        raise StartupError(f"cannot serve the model in {cfg.model}: {e} (--model)") from e
     service.attach(engine)
-    await asyncio.to_thread(service.restore_committed)
+    said = await asyncio.to_thread(service.restore_committed, cfg.fresh)
+    print(f"pr2-serve: {said}", file=sys.stderr, flush=True)
     await asyncio.to_thread(service.warm_up)
 
 
-async def serve(cfg: ServerConfig) -> None:
+def ready_line(service: RolloutService, host: str, http_port: int, grpc_port: int) -> str:
+    """What ``pr2-serve`` prints once it serves (or why it does not)."""
+    where = f"http={host}:{http_port} grpc={host}:{grpc_port}"
+    version = service.engine.weight_version
+    if service.is_ready():
+        return f"pr2-serve ready {where} weight_version={version}"
+    return f"pr2-serve not ready {where} weight_version={version}: {service.readiness()[1]}"
+
+
+async def serve(cfg: ServerConfig, state_dir: Path) -> None:
     from vllm.platforms import current_platform
 
     from .api.grpc_server import set_serving, start_grpc
 
     validate_parallelism(cfg, on_cpu=current_platform.is_cpu())
-    state_dir = Path(cfg.state_dir or Path(cfg.model) / ".pr2-state")
     api_key = read_api_key(cfg)
-    service = RolloutService(None, state_dir, api_key, cfg.limits())
+    service = RolloutService(
+        None, state_dir, api_key, cfg.limits(), keep_versions=cfg.keep_versions
+    )
     if not api_key:
         print("pr2-serve: no API key: weight pushes are refused", file=sys.stderr)
     http = http_server(service, cfg)
@@ -105,14 +127,10 @@ async def serve(cfg: ServerConfig) -> None:
                 http_task.result()  # raises the bind error
             await asyncio.sleep(0.05)
         await load_engine(service, cfg, state_dir)
-        await set_serving(grpc_server)
+        if service.is_ready():
+            await set_serving(grpc_server)
         http_port = http.servers[0].sockets[0].getsockname()[1]
-        version = service.engine.weight_version
-        print(
-            f"pr2-serve ready http={cfg.host}:{http_port} "
-            f"grpc={cfg.host}:{grpc_server.pr2_port} weight_version={version}",
-            flush=True,
-        )
+        print(ready_line(service, cfg.host, http_port, grpc_server.pr2_port), flush=True)
         await stop.wait()
     finally:
         http.should_exit = True
@@ -123,7 +141,13 @@ async def serve(cfg: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_args(argv)))
+    cfg = parse_args(argv)
+    try:
+        state_dir = preflight(cfg)  # before anything heavy is imported
+        asyncio.run(serve(cfg, state_dir))
+    except StartupError as e:
+        print(f"pr2-serve: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

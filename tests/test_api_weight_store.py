@@ -33,7 +33,7 @@ def files(store: WeightStore) -> set[str]:
 
 
 def test_upload_commit_restore(tmp_path):
-    store = WeightStore(tmp_path, 64 << 20)
+    store = WeightStore(tmp_path, 64 << 20, keep_versions=1)
     assert store.committed() is None
     path, size = receive(store, 1, sha=SHA.upper())
     assert (path.name, size, path.read_bytes() == BLOB) == ("v1.safetensors", len(BLOB), True)
@@ -41,8 +41,9 @@ def test_upload_commit_restore(tmp_path):
     path2, _ = receive(store, 2, b"x" * 10, hashlib.sha256(b"x" * 10).hexdigest())
     store.commit({"b": str(path2)}, 2)  # on top of v1: a still from v1
     record = json.loads((tmp_path / COMMITTED).read_text())
-    assert record == {"version": 2, "files": {"a": "v1.safetensors", "b": "v2.safetensors"}}
-    again = WeightStore(tmp_path, 64 << 20)  # a restarted server
+    assert record["version"] == 2 and record["history"] == []
+    assert record["files"] == {"a": "v1.safetensors", "b": "v2.safetensors"}
+    again = WeightStore(tmp_path, 64 << 20, keep_versions=1)  # a restarted server
     assert again.committed() == (
         {
             "a": str(again.weights_dir / "v1.safetensors"),
@@ -53,6 +54,51 @@ def test_upload_commit_restore(tmp_path):
     path3, _ = receive(store, 3)
     store.commit({"a": str(path3), "b": str(path3)}, 3)
     assert files(store) == {"v3.safetensors"}  # nothing refers to v1, v2 any more
+
+
+def _push(store: WeightStore, version: int, names: list[str]) -> None:
+    data = f"v{version}".encode()
+    path, _ = receive(store, version, data, hashlib.sha256(data).hexdigest())
+    store.commit(dict.fromkeys(names, str(path)), version)
+
+
+def test_keeps_the_last_n_versions_and_rolls_back_to_one(tmp_path):
+    store = WeightStore(tmp_path, 64 << 20)  # default: the committed version + 1 before it
+    _push(store, 1, ["a", "b"])
+    _push(store, 2, ["b"])
+    _push(store, 3, ["a"])
+    assert [v for v, _ in store.kept()] == [3, 2]
+    w = store.weights_dir
+    assert dict(store.kept())[2] == {"a": str(w / "v1.safetensors"), "b": str(w / "v2.safetensors")}
+    assert files(store) == {"v1.safetensors", "v2.safetensors", "v3.safetensors"}
+    # a rollback: version 4 is exactly version 2's set (replace), v3 stays kept
+    store.commit(dict(store.kept())[2], 4, replace=True, source="rollback to 2")
+    assert [v for v, _ in store.kept()] == [4, 3]
+    assert store.committed() == (dict(store.kept())[4], 4)
+    assert dict(store.kept())[4] == dict(WeightStore(tmp_path, 1).kept())[4]
+    assert json.loads((tmp_path / COMMITTED).read_text())["source"] == "rollback to 2"
+    _push(store, 5, ["b"])  # v3 falls out: its file goes
+    assert [v for v, _ in store.kept()] == [5, 4]
+    assert files(store) == {"v1.safetensors", "v2.safetensors", "v5.safetensors"}
+    store3 = WeightStore(tmp_path, 64 << 20, keep_versions=3)
+    _push(store3, 6, ["a"])
+    assert [v for v, _ in store3.kept()] == [6, 5, 4]
+
+
+def test_reset_forgets_every_commit(tmp_path):
+    store = WeightStore(tmp_path, 64 << 20)
+    _push(store, 1, ["a"])
+    store.reset()
+    assert store.committed() is None and store.kept() == [] and files(store) == set()
+
+
+def test_an_old_record_without_history_still_restores(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "v1.safetensors").write_bytes(b"x")
+    (tmp_path / COMMITTED).write_text(json.dumps({"version": 1, "files": {"a": "v1.safetensors"}}))
+    store = WeightStore(tmp_path, 64 << 20)
+    store.clean()
+    assert store.committed() == ({"a": str(store.weights_dir / "v1.safetensors")}, 1)
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,18 @@
 ``http_port``); :func:`parse_args` builds the argparse parser from its fields. :class:`Limits`
 are the service's per-request limits; their defaults are written here once and are the
 flags' defaults. :func:`validate_parallelism` refuses vLLM parallelism flags this deployment
-cannot honour; :func:`engine_kwargs` turns the config into the engine's arguments.
+cannot honour; :func:`engine_kwargs` turns the config into the engine's arguments;
+:func:`default_state_dir` is where a server keeps its state unless ``--state-dir`` says.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 from types import UnionType
 from typing import Any, get_args, get_type_hints
 
@@ -18,6 +23,7 @@ __all__ = [
     "KEEP_ALIVE_S",
     "Limits",
     "ServerConfig",
+    "default_state_dir",
     "engine_kwargs",
     "parse_args",
     "validate_parallelism",
@@ -59,7 +65,16 @@ class ServerConfig:
     grpc_port: int = option(50051, "gRPC port (0: any free port)")
     api_key_file: str | None = option(None, "file holding the API key (else $PR2_API_KEY)")
     state_dir: str | None = option(
-        None, "pushed weights + committed version (default: <model>/.pr2-state)"
+        None,
+        "the server's own writable directory: pushed weights, the committed version and the "
+        "versions kept for rollback (default: $XDG_STATE_HOME/pr2/<model name>-<hash of its "
+        "path>, else ~/.local/state/pr2/...; never inside the model directory, which is only read)",
+    )
+    fresh: bool = option(
+        False, "start on the model directory's weights: forget the state directory's commits"
+    )
+    keep_versions: int = option(
+        2, "committed weight versions kept in the state directory (rollback targets), >= 1"
     )
     dtype: str = option("auto", "model dtype (vLLM's --dtype)")
     seed: int = option(0, "engine seed (requests without a seed draw from it)")
@@ -101,6 +116,18 @@ class ServerConfig:
         """The service limits set by this config (the others at their defaults)."""
         names = {f.name for f in fields(self)}
         return Limits(**{f.name: getattr(self, f.name) for f in fields(Limits) if f.name in names})
+
+
+def default_state_dir(model: str | os.PathLike, env: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/pr2/<model name>-<8 hex of the resolved model path>`` (XDG unset or
+    relative: ``~/.local/state``): one directory per user and model, outside the model."""
+    env = os.environ if env is None else env
+    resolved = Path(model).expanduser().resolve()
+    xdg = env.get("XDG_STATE_HOME", "")
+    home = Path(env.get("HOME") or Path.home())
+    root = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "state"
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    return root / "pr2" / f"{resolved.name or 'model'}-{digest}"
 
 
 def _flag_type(hint: Any) -> type:

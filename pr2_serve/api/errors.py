@@ -3,23 +3,40 @@
 - :class:`ApiError` is every refusal: an HTTP status, a kind (``invalid_argument``...), a
   message and, where one field of the request is at fault, that field (``prompts[0][3]``).
   Over HTTP it is the body ``{"error": {"type", "message", "field"}}`` (:meth:`ApiError.to_json`);
-  over gRPC the status maps to a canonical code, the message is the details and the field
-  travels in the trailing metadata under :data:`FIELD_METADATA_KEY`.
+  over gRPC the status maps to a canonical code, the message is the details, and the type and
+  field travel in the trailing metadata under :data:`TYPE_METADATA_KEY` and
+  :data:`FIELD_METADATA_KEY`.
 - :func:`from_engine` maps what the engine raises to an :class:`ApiError`;
-  :func:`from_validation` maps a pydantic validation error (its ``errors()`` list).
+  :func:`from_validation` maps a pydantic validation error (its ``errors()`` list);
+  :func:`internal` is every other exception: a 500 ``internal`` in the same shape (no bare 500s).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..checkpoint import StaleVersionError, WeightValidationError
+from ..checkpoint import (
+    CanaryError,
+    NonFiniteWeightsError,
+    StaleVersionError,
+    WeightValidationError,
+)
 from ..types import EngineStepError
 
-__all__ = ["ENGINE_ERRORS", "FIELD_METADATA_KEY", "ApiError", "from_engine", "from_validation"]
+__all__ = [
+    "ENGINE_ERRORS",
+    "FIELD_METADATA_KEY",
+    "TYPE_METADATA_KEY",
+    "ApiError",
+    "from_engine",
+    "from_validation",
+    "internal",
+]
 
 FIELD_METADATA_KEY = "pr2-error-field"
 """gRPC trailing-metadata key carrying :attr:`ApiError.field` (clients read it back)."""
+TYPE_METADATA_KEY = "pr2-error-type"
+"""gRPC trailing-metadata key carrying :attr:`ApiError.kind` (``canary_failed``...)."""
 
 ENGINE_ERRORS = (EngineStepError, ValueError)
 """What :func:`from_engine` maps (catch these around engine calls)."""
@@ -43,18 +60,32 @@ def from_engine(e: BaseException) -> ApiError:
     """The API error for an exception of :data:`ENGINE_ERRORS`.
 
     A failed model step is a 500 ``engine_error`` (the engine serves on); a stale weight
-    version a 409 on ``version``; a refused weight file a 400 on ``weights``; any other
-    ``ValueError`` (the engine's own request checks) a 400.
+    version a 409 on ``version``; weights that failed the canary a 409 ``canary_failed`` on
+    ``weights`` (the previous weights serve on); NaN/Inf weights a 400 ``non_finite_weights``;
+    any other refused weight file a 400 on ``weights``; any other ``ValueError`` (the engine's
+    own request checks) a 400.
     """
     if isinstance(e, EngineStepError):
         return ApiError(500, "engine_error", str(e))
     if isinstance(e, StaleVersionError):
         return ApiError(409, "failed_precondition", str(e), "version")
+    if isinstance(e, CanaryError):
+        return ApiError(409, "canary_failed", str(e), "weights")
+    if isinstance(e, NonFiniteWeightsError):
+        return ApiError(400, "non_finite_weights", str(e), "weights")
     if isinstance(e, WeightValidationError):
         return ApiError(400, "invalid_argument", str(e), "weights")
     if isinstance(e, ValueError):
         return ApiError(400, "invalid_argument", str(e))
     raise TypeError(f"not an engine error: {e!r}")
+
+
+def internal(e: BaseException) -> ApiError:
+    """Any exception no rule above covers: a 500 ``internal`` naming its type (the server
+    logs the traceback and serves on)."""
+    if isinstance(e, ApiError):
+        return e
+    return ApiError(500, "internal", f"internal error: {type(e).__name__}: {e}"[:2000])
 
 
 def from_validation(errors: Sequence[dict]) -> ApiError:

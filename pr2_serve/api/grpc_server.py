@@ -2,7 +2,9 @@
 
 Also serves the standard ``grpc.health.v1`` health service (SERVING once ready) and server
 reflection. Errors map to canonical codes: INVALID_ARGUMENT, UNAUTHENTICATED,
-PERMISSION_DENIED, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE.
+PERMISSION_DENIED, NOT_FOUND, FAILED_PRECONDITION, RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL;
+the error's type (``canary_failed``, ``internal``...) and field travel in the trailing metadata.
+Every unexpected error is an INTERNAL ``internal`` in that shape.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from ..types import Rollout, StreamEvent
-from .errors import FIELD_METADATA_KEY, ApiError, from_validation
+from .errors import FIELD_METADATA_KEY, TYPE_METADATA_KEY, ApiError, from_validation, internal
 from .proto import load
 from .schemas import MIN_WEIGHT_VERSION, GenerateRequest
 from .service import RolloutService
@@ -29,6 +31,7 @@ STATUS_TO_CODE = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -94,10 +97,13 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
     def __init__(self, service: RolloutService) -> None:
         self.service = service
 
-    async def _abort(self, context, e: ApiError):
-        """The error's code and message; its field in the trailing metadata."""
+    async def _abort(self, context, e: BaseException):
+        """The error's code and message; its type and field in the trailing metadata."""
+        e = internal(e)
         self.service.metrics.errors.labels(kind=e.kind).inc()
-        trailing = ((FIELD_METADATA_KEY, e.field),) if e.field is not None else ()
+        trailing = ((TYPE_METADATA_KEY, e.kind),)
+        if e.field is not None:
+            trailing += ((FIELD_METADATA_KEY, e.field),)
         code = STATUS_TO_CODE.get(e.status, grpc.StatusCode.INTERNAL)
         await context.abort(code, e.message, trailing_metadata=trailing)
 
@@ -107,6 +113,9 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
         except ValidationError as e:
             await self._abort(context, from_validation(e.errors()))
             return
+        except Exception as e:
+            await self._abort(context, e)
+            return
         nbytes = 0
         try:
             if request.stream:
@@ -115,12 +124,13 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                     nbytes += len(msg.routes.data)
                     yield msg
             else:
-                for r in await self.service.generate(req, "grpc"):
+                fault = dict(context.invocation_metadata()).get("x-pr2-fault")  # tests only
+                for r in await self.service.generate(req, "grpc", fault=fault):
                     msg = sample_proto(r, req.routes_from)
                     nbytes += len(msg.routes.data)
                     yield msg
             yield pb2.GenerateResponse(end=True, weight_version=self.service.engine.weight_version)
-        except ApiError as e:
+        except Exception as e:  # ours (ApiError) or unexpected (internal)
             await self._abort(context, e)
         finally:
             self.service.metrics.route_bytes.labels(protocol="grpc").inc(nbytes)
@@ -128,7 +138,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
     async def GetInfo(self, request, context):
         try:
             return pb2.Info(**self.service.info())
-        except ApiError as e:
+        except Exception as e:
             await self._abort(context, e)
 
     async def UpdateWeights(self, request_iterator, context):
@@ -153,7 +163,18 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                 "grpc",
             )
             return pb2.UpdateWeightsResponse(**res)
-        except ApiError as e:
+        except Exception as e:
+            await self._abort(context, e)
+
+    async def RollbackWeights(self, request, context):
+        try:
+            meta = dict(context.invocation_metadata())
+            self.service.check_auth(meta.get("authorization"))
+            if request.version < 0:
+                raise ApiError(400, "invalid_argument", "version must be >= 0", "version")
+            res = await self.service.rollback(request.version, "grpc")
+            return pb2.UpdateWeightsResponse(**res)
+        except Exception as e:
             await self._abort(context, e)
 
 

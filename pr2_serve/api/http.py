@@ -1,7 +1,8 @@
 """HTTP API (FastAPI): thin over :class:`RolloutService`. OpenAPI at ``/openapi.json``.
 
 Every refusal, ours or the framework's, is an :class:`ApiError` body
-``{"error": {"type", "message", "field"}}`` (see :mod:`.errors`).
+``{"error": {"type", "message", "field"}}`` (see :mod:`.errors`); so is every unexpected error
+(a 500 ``internal``): no bare 500s.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..types import Rollout, StreamEvent
-from .errors import ApiError, from_validation
+from .errors import ApiError, from_validation, internal
 from .openai_api import add_openai_routes
 from .schemas import (
     MAX_WEIGHT_VERSION,
@@ -23,6 +24,7 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     Info,
+    Readiness,
     WeightsResponse,
 )
 from .service import RolloutService
@@ -30,7 +32,8 @@ from .sglang_api import add_sglang_routes
 from .wire import route_window, sample_fields
 
 ERRORS = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 411, 413, 422, 429, 500, 503, 507)
+    code: {"model": ErrorBody}
+    for code in (400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503, 507)
 }
 FRAMEWORK_KINDS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
 OCTET_STREAM_BODY = {
@@ -88,6 +91,7 @@ def create_app(service: RolloutService) -> FastAPI:
     add_health_routes(app, service)
     add_generate_routes(app, service)
     add_weights_route(app, service)
+    add_rollback_route(app, service)
     add_metrics_route(app, service)
     add_openai_routes(app, service)  # the OpenAI-compatible dialect (vLLM's shapes)
     add_sglang_routes(app, service)  # the SGLang-compatible /generate (slime, miles)
@@ -115,6 +119,13 @@ def add_error_handlers(app: FastAPI, service: RolloutService) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
         err = from_validation(e.errors())
+        errors.labels(kind=err.kind).inc()
+        return error_response(err)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, e: Exception):
+        """Anything else: a 500 ``internal`` in the same shape (the traceback is logged)."""
+        err = internal(e)
         errors.labels(kind=err.kind).inc()
         return error_response(err)
 
@@ -151,13 +162,18 @@ def add_health_routes(app: FastAPI, service: RolloutService) -> None:
         """Always ``{"status": "ok"}`` while the process serves HTTP."""
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness", responses=ERRORS)
+    @app.get(
+        "/readyz",
+        summary="Readiness",
+        response_model=Readiness,
+        responses={503: {"model": Readiness}},
+    )
     async def readyz():
         """200 ``{"status": "ready", "weight_version": 3}`` once the engine has loaded and
-        answered a warm-up request; 503 before (or if the engine failed)."""
-        if service.is_ready():
-            return {"status": "ready", "weight_version": service.engine.weight_version}
-        return JSONResponse({"status": "not ready"}, status_code=503)
+        the served weights pass the canary; 503 ``{"status": "not ready", "reason": ...}``
+        before, if the engine failed, or while the served weights fail the canary."""
+        ready, body = service.readiness()
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/v1/info", response_model=Info, responses=ERRORS)
     async def info():
@@ -212,8 +228,8 @@ def add_generate_routes(app: FastAPI, service: RolloutService) -> None:
                     yield json.dumps(obj) + "\n"
                     ev = await anext(events, None)
                 yield json.dumps({"end": True}) + "\n"
-            except ApiError as e:
-                yield json.dumps({**e.to_json(), "end": True}) + "\n"
+            except Exception as e:  # after the 200: the error is the stream's last line
+                yield json.dumps({**internal(e).to_json(), "end": True}) + "\n"
             finally:
                 route_bytes.labels(protocol="http").inc(nbytes)
 
@@ -249,6 +265,23 @@ def add_weights_route(app: FastAPI, service: RolloutService) -> None:
             int(length) if length is not None else None,
             "http",
         )
+
+
+def add_rollback_route(app: FastAPI, service: RolloutService) -> None:
+    @app.post("/v1/weights/rollback/{version}", response_model=WeightsResponse, responses=ERRORS)
+    async def rollback_weights(
+        version: int = Path(ge=0, le=MAX_WEIGHT_VERSION),
+        authorization: str | None = Header(None),
+    ):
+        """Serve a kept version again (``GET /v1/info`` lists ``kept_versions``; 0 is the
+        model directory) as the next version number; the canary runs as for a push.
+
+        Header: ``Authorization: Bearer <key>``. Response: ``{"weight_version": 6,
+        "rolled_back_to": 4, "num_tensors": 139, "seconds": 0.2, ...}``; 404 on a version
+        that is not kept.
+        """
+        service.check_auth(authorization)
+        return await service.rollback(version, "http")
 
 
 def add_metrics_route(app: FastAPI, service: RolloutService) -> None:

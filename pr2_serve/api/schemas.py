@@ -82,7 +82,9 @@ class Info(BaseModel):
     Example:
         ``{"model": "/models/tiny", "architecture": "Qwen3MoeForCausalLM", "num_moe_layers": 4,
         "num_experts": 8, "top_k": 2, "weight_version": 0, "predictor": true,
-        "route_dtype": "uint8", "max_model_len": 2048, "vocab_size": 512}``
+        "route_dtype": "uint8", "max_model_len": 2048, "vocab_size": 512,
+        "kept_versions": [3, 2, 0]}`` (``kept_versions``: what ``POST
+        /v1/weights/rollback/{version}`` can go back to; 0 is the model directory)
     """
 
     model: str
@@ -95,18 +97,34 @@ class Info(BaseModel):
     route_dtype: Literal["uint8", "uint16"]
     max_model_len: int
     vocab_size: int
+    kept_versions: list[int]
 
 
 class WeightsResponse(BaseModel):
-    """``PUT /v1/weights/{version}`` response. Example: ``{"weight_version": 4,
-    "num_tensors": 139, "seconds": 0.31, "receive_seconds": 0.12, "apply_seconds": 0.17}``
-    (upload streamed to disk + sha256; in-place reload in the workers)."""
+    """``PUT /v1/weights/{version}`` and ``POST /v1/weights/rollback/{version}`` response.
+    Example: ``{"weight_version": 4, "num_tensors": 139, "seconds": 0.31,
+    "receive_seconds": 0.12, "check_seconds": 0.01, "apply_seconds": 0.17,
+    "canary_seconds": 0.02}`` (upload streamed to disk + sha256; names, shapes, dtypes and
+    finite values checked; in-place reload in the workers; the canary generate). A rollback
+    also has ``"rolled_back_to": 2``."""
 
     weight_version: int
     num_tensors: int
     seconds: float
     receive_seconds: float
+    check_seconds: float = 0.0
     apply_seconds: float
+    canary_seconds: float = 0.0
+    rolled_back_to: int | None = None
+
+
+class Readiness(BaseModel):
+    """``GET /readyz``: ``{"status": "ready", "weight_version": 3}``, or (503)
+    ``{"status": "not ready", "reason": "loading"}``."""
+
+    status: Literal["ready", "not ready"]
+    weight_version: int | None = None
+    reason: str | None = None
 
 
 class ErrorBody(BaseModel):

@@ -7,9 +7,16 @@ them:
   flight), checked against the model and the limits (:mod:`.validate`, errors naming the
   field), then submitted to the engine thread; engine errors map through :mod:`.errors`.
 - **Weight push:** the upload is streamed to disk, hashed and size-limited by the
-  :class:`WeightStore`, checked by the engine (every tensor's name, shape, dtype) and only then
-  applied between steps; the store records the committed version, so a restarted server comes
-  back serving it. A failed push leaves no file and no change.
+  :class:`WeightStore`, checked by the engine (every tensor's name, shape, dtype, and every
+  value finite) and only then applied between steps; the :class:`Canary` then runs on the new
+  weights before any request does, and on a problem the engine restores the previous weights
+  and the push is refused. Only then does the store record the committed version, so a
+  restarted server comes back serving it. A failed push leaves no file and no change.
+- **Rollback:** the store keeps the last ``keep_versions`` committed versions; going back to
+  one (or to 0, the model directory) applies its files as a new, higher version.
+- **Fitness:** the served weights must pass the canary (at start, after each change, and again
+  whenever a sample comes out non-finite); until they do the service is not ready and refuses
+  generates with 503, while pushes and rollbacks are still taken.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from ..checkpoint import require_newer
-from ..types import Rollout, Sampling, StreamEvent
+from ..types import Rollout, StreamEvent
+from .canary import Canary, output_problem
 from .config import Limits
 from .errors import ENGINE_ERRORS, ApiError, from_engine
 from .metrics import Metrics
@@ -47,14 +55,17 @@ class RolloutService:
         api_key: str | None,
         limits: Limits | None = None,
         metrics: Metrics | None = None,
+        keep_versions: int = 2,
     ) -> None:
         self.engine = engine
         self.api_key = api_key
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
-        self.store = WeightStore(state_dir, self.limits.max_upload_bytes)
-        self.ready = False
+        self.store = WeightStore(state_dir, self.limits.max_upload_bytes, keep_versions)
+        self.ready = False  # loaded, restored, warm-up answered
+        self.unfit: str | None = None  # why the served weights fail the canary
         self._push_lock = asyncio.Lock()
+        self._recheck: asyncio.Task | None = None
         self._inflight = 0
         self.store.clean()
 
@@ -63,23 +74,53 @@ class RolloutService:
         """Serve ``engine`` (the server starts answering liveness before the model loads)."""
         self.engine = engine
 
-    def restore_committed(self) -> int:
-        """Re-apply the last committed weights (if any) and return the serving version."""
+    def restore_committed(self, fresh: bool = False) -> str:
+        """Re-apply the last committed weights (if any; ``fresh``: forget them) and say which
+        state the server starts from (one log line)."""
+        where = self.store.state_dir
         committed = self.store.committed()
-        if committed is not None:
-            files, version = committed
-            self.engine.commit_update(files, version).result()
+        if fresh and committed is not None:
+            self.store.reset()
+            said = f"--fresh: forgot committed version {committed[1]} in {where}; "
+            return said + "serving the model directory (version 0)"
+        if committed is None:
+            return f"no committed weights in {where}: serving the model directory (version 0)"
+        files, version = committed
+        self.engine.commit_update(files, version).result()
         self.metrics.weight_version.set(self.engine.weight_version)
-        return self.engine.weight_version
+        kept = ", ".join(str(v) for v, _ in self.store.kept())
+        return f"restored weight version {version} from {where} (kept for rollback: {kept}, 0)"
+
+    def canary(self) -> Canary:
+        """A fresh canary for the served model."""
+        return Canary(self.engine.info)
 
     def warm_up(self) -> None:
-        """Answer one request end to end; the server is ready after this."""
-        self.engine.generate([[0]], Sampling(max_tokens=2, temperature=0.0))
+        """Answer the canary end to end; the server is ready after this (not ready while the
+        served weights fail it)."""
+        c = self.canary()
+        rollouts = self.engine.generate(c.prompts, c.sampling)
+        self._set_fitness(c.check(rollouts))
         self.ready = True
 
+    def _set_fitness(self, problem: str | None) -> None:
+        version = self.engine.weight_version
+        self.unfit = None if problem is None else f"weight version {version}: {problem}"
+
     def is_ready(self) -> bool:
-        """Loaded, warmed up and healthy: serving."""
-        return self.ready and self.engine is not None and self.engine.healthy()
+        """Loaded, warmed up, healthy and the served weights pass the canary: serving."""
+        return self.ready and self.unfit is None and self.engine.healthy()
+
+    def readiness(self) -> tuple[bool, dict]:
+        """``/readyz``: whether serving, and the body saying so (or why not)."""
+        if self.is_ready():
+            return True, {"status": "ready", "weight_version": self.engine.weight_version}
+        if not self.ready or self.engine is None:
+            return False, {"status": "not ready", "reason": "loading"}
+        if not self.engine.healthy():
+            return False, {"status": "not ready", "reason": "the engine has failed"}
+        reason = f"the served weights fail the canary ({self.unfit}): push or roll back"
+        return False, {"status": "not ready", "reason": reason}
 
     def info(self) -> dict:
         """Model facts and the weight version being served: the fields of ``Info`` (HTTP
@@ -98,6 +139,7 @@ class RolloutService:
             "route_dtype": i.route_dtype,
             "max_model_len": i.max_model_len,
             "vocab_size": i.vocab_size,
+            "kept_versions": [v for v, _ in self.store.kept()] + [0],
         }
 
     # -- auth -----------------------------------------------------------------------------------
@@ -114,14 +156,20 @@ class RolloutService:
             raise ApiError(401, "unauthenticated", "missing or wrong bearer token")
 
     # -- generate -------------------------------------------------------------------------------
-    def _require_ready(self) -> None:
+    def _require_loaded(self) -> None:
         if not self.ready or self.engine is None:
             raise ApiError(503, "unavailable", "the engine is not ready")
 
     def _admit(self) -> None:
-        self._require_ready()
+        self._require_loaded()
         if not self.engine.healthy():
             raise ApiError(503, "unavailable", "the engine has failed")
+        if self.unfit is not None:
+            raise ApiError(
+                503,
+                "unavailable",
+                f"the served weights fail the canary ({self.unfit}): push or roll back",
+            )
         if self._inflight >= self.limits.max_queued_jobs:
             raise ApiError(429, "resource_exhausted", "too many requests in flight")
 
@@ -169,8 +217,29 @@ class RolloutService:
             raise from_engine(e) from e
         finally:
             self._inflight -= 1
+        self._refuse_non_finite(rollouts)
         self.metrics.observe_generate(protocol, rollouts, time.perf_counter() - t0)
         return rollouts
+
+    def _refuse_non_finite(self, samples: list) -> None:
+        """A non-finite log-prob is never sent: a 500 ``non_finite_output`` instead, and the
+        canary runs again (not ready if the served weights fail it)."""
+        problem = output_problem(samples)
+        if problem is None:
+            return
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.get_running_loop().create_task(self._run_canary())
+        raise ApiError(500, "non_finite_output", f"the model produced {problem}")
+
+    async def _run_canary(self) -> None:
+        async with self._push_lock:  # the weights the canary sees are the served ones
+            c = self.canary()
+            try:
+                rollouts = await asyncio.wrap_future(self.engine.submit(c.prompts, c.sampling))
+            except ENGINE_ERRORS as e:
+                self._set_fitness(f"the canary generate failed: {e}")
+                return
+            self._set_fitness(c.check(rollouts))
 
     async def stream(self, req: GenerateRequest, protocol: str) -> AsyncIterator[StreamEvent]:
         """Events as the engine produces them; cancelling the consumer aborts nothing already
@@ -184,6 +253,7 @@ class RolloutService:
             fut.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, f))
             while isinstance(item := await queue.get(), StreamEvent):
                 tokens += len(item.token_ids)
+                self._refuse_non_finite([item])
                 yield item
             item.result()  # raises the engine's error, if any
         except ENGINE_ERRORS as e:
@@ -192,7 +262,7 @@ class RolloutService:
             self._inflight -= 1
         self.metrics.observe_stream(protocol, tokens, time.perf_counter() - t0)
 
-    # -- weight push ----------------------------------------------------------------------------
+    # -- weight push and rollback -----------------------------------------------------------------
     async def push_weights(
         self,
         version: int,
@@ -201,9 +271,11 @@ class RolloutService:
         declared_size: int | None,
         protocol: str,
     ) -> dict:
-        """Stream an upload to disk, verify it, apply it as ``version``."""
+        """Stream an upload to disk, verify it, apply it as ``version`` if it passes the canary.
+        The result has the time split: receive, check (names, shapes, dtypes, finite values),
+        apply (the reload), canary."""
         self.store.check_declared(sha256, declared_size)
-        self._require_ready()
+        self._require_loaded()
         async with self._push_lock:
             try:
                 require_newer(version, self.engine.weight_version)
@@ -213,12 +285,17 @@ class RolloutService:
             try:
                 path, size = await self.store.receive(chunks, version, sha256, declared_size)
                 received = time.perf_counter() - t0
-                result = await self._apply(path, version)
+                t1 = time.perf_counter()
+                prepare = asyncio.to_thread(self.engine.prepare_update, path, version)
+                files = await self._engine_call(prepare)
+                checked = time.perf_counter() - t1
+                result, canary = await self._apply(files, version, replace=False)
             except BaseException:
                 if self.engine.weight_version != version:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
+            self.store.commit(files, version)
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
             return {
@@ -226,15 +303,56 @@ class RolloutService:
                 "num_tensors": result.num_tensors,
                 "seconds": seconds,
                 "receive_seconds": received,
+                "check_seconds": checked,
                 "apply_seconds": result.reload_seconds,
+                "canary_seconds": canary.seconds,
             }
 
-    async def _apply(self, path, version: int):
-        """Check the received file in the engine, apply it between steps, record the commit."""
+    async def rollback(self, target: int, protocol: str) -> dict:
+        """Serve kept version ``target`` (0: the model directory) again, as the next version
+        number (versions never go back; samples report the new number)."""
+        self._require_loaded()
+        async with self._push_lock:
+            kept = dict(self.store.kept())
+            if target != 0 and target not in kept:
+                have = ", ".join(str(v) for v in [*kept, 0])
+                raise ApiError(
+                    404,
+                    "not_found",
+                    f"weight version {target} is not kept (kept: {have}; --keep-versions "
+                    "sets how many)",
+                    "version",
+                )
+            files, version = kept.get(target, {}), self.engine.weight_version + 1
+            t0 = time.perf_counter()
+            result, canary = await self._apply(files, version, replace=True)
+            self.store.commit(files, version, replace=True, source=f"rollback to {target}")
+            seconds = time.perf_counter() - t0
+            self.metrics.observe_push(protocol, version, 0, seconds)
+            return {
+                "weight_version": version,
+                "rolled_back_to": target,
+                "num_tensors": len(files),
+                "seconds": seconds,
+                "receive_seconds": 0.0,
+                "check_seconds": 0.0,
+                "apply_seconds": result.reload_seconds,
+                "canary_seconds": canary.seconds,
+            }
+
+    async def _apply(self, files: dict[str, str], version: int, replace: bool):
+        """Apply ``files`` between steps with the canary; the engine restores the previous
+        weights if it fails. ``(UpdateResult, Canary)``; the served weights pass it now."""
+        canary = self.canary()
+        fut = self.engine.commit_update(files, version, canary=canary, replace=replace)
+        result = await self._engine_call(asyncio.wrap_future(fut))
+        self._set_fitness(None)
+        self.metrics.weight_version.set(version)
+        return result, canary
+
+    @staticmethod
+    async def _engine_call(awaitable):
         try:
-            files = self.engine.prepare_update(path, version)
-            result = await asyncio.wrap_future(self.engine.commit_update(files, version))
+            return await awaitable
         except ENGINE_ERRORS as e:
             raise from_engine(e) from e
-        self.store.commit(files, version)
-        return result

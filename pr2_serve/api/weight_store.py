@@ -4,7 +4,13 @@ An upload is written to ``weights/.v<version>-<id>.part`` while it is hashed (on
 thread, never held in memory), size-limited as it arrives, checked against its declared size
 and sha256, and only then renamed to ``weights/v<version>.safetensors``. The committed version
 and its files are recorded in ``committed.json`` (written atomically), so a restarted server
-comes back serving them; files no commit refers to are removed (on start and on each commit).
+comes back serving them, with the files of the ``keep_versions - 1`` versions committed before
+it (``history``, newest first: what a rollback can go back to); files no kept version refers to
+are removed (on start and on each commit).
+
+``committed.json``: ``{"version": 5, "files": {tensor name: file name}, "source": "push",
+"history": [{"version": 4, "files": {...}, "source": "push"}]}``; ``files`` are the tensors
+pushed on top of the checkpoint (all of them, cumulated over pushes).
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ COMMITTED = "committed.json"
 class WeightStore:
     """The weight files of one server under ``state_dir`` (see module docstring)."""
 
-    def __init__(self, state_dir: str | os.PathLike, max_upload_bytes: int) -> None:
+    def __init__(
+        self, state_dir: str | os.PathLike, max_upload_bytes: int, keep_versions: int = 2
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.weights_dir = self.state_dir / "weights"
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
+        self.keep_versions = max(1, keep_versions)
 
     # -- the commit record ----------------------------------------------------------------------
     def _record(self) -> dict | None:
@@ -45,30 +54,66 @@ class WeightStore:
 
     def committed(self) -> tuple[dict[str, str], int] | None:
         """``({tensor name: file}, version)`` of the last commit, or None (never pushed)."""
+        kept = self.kept()
+        return (kept[0][1], kept[0][0]) if kept else None
+
+    def kept(self) -> list[tuple[int, dict[str, str]]]:
+        """``(version, {tensor name: file})`` of every kept version, the committed one first."""
         record = self._record()
         if record is None:
-            return None
-        files = {n: str(self.weights_dir / f) for n, f in record["files"].items()}
-        return files, int(record["version"])
+            return []
+        entries = [record, *record.get("history", [])]
+        return [(int(e["version"]), self._paths(e["files"])) for e in entries]
 
-    def commit(self, update_files: dict[str, str], version: int) -> None:
-        """Record ``version`` (its files on top of the previous commit's) atomically; remove
-        the files no longer referred to."""
+    def _paths(self, files: dict[str, str]) -> dict[str, str]:
+        return {n: str(self.weights_dir / f) for n, f in files.items()}
+
+    def commit(
+        self, update_files: dict[str, str], version: int, replace: bool = False, source="push"
+    ) -> None:
+        """Record ``version`` atomically: its files on top of the previous commit's (or, with
+        ``replace``, exactly ``update_files``: a rollback); the previous commit joins the
+        history; remove the files no kept version refers to."""
         record = self._record()
-        prev = record["files"] if record is not None else {}
+        prev = record["files"] if record is not None and not replace else {}
         files = {**prev, **{n: Path(f).name for n, f in update_files.items()}}
+        history = []
+        if record is not None:
+            history = [{k: record[k] for k in ("version", "files", "source") if k in record}]
+            history += record.get("history", [])
+        new = {
+            "version": version,
+            "files": files,
+            "source": source,
+            "history": history[: self.keep_versions - 1],
+        }
         path = self.state_dir / COMMITTED
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": version, "files": files}, indent=1))
+        tmp.write_text(json.dumps(new, indent=1))
         os.replace(tmp, path)
-        self._remove_unreferenced(set(files.values()))
+        self._remove_unreferenced(self._live(new))
+
+    def reset(self) -> None:
+        """Forget every commit and remove its files (``pr2-serve --fresh``)."""
+        (self.state_dir / COMMITTED).unlink(missing_ok=True)
+        self._remove_unreferenced(set())
 
     def clean(self) -> None:
         """Remove partial uploads and files renamed but never committed (killed mid-apply)."""
         for f in self.weights_dir.glob(".v*.part"):
             f.unlink(missing_ok=True)
-        record = self._record()
-        self._remove_unreferenced(set(record["files"].values()) if record is not None else set())
+        self._remove_unreferenced(self._live(self._record()))
+
+    @staticmethod
+    def _live(record: dict | None) -> set[str]:
+        """File names any kept version of ``record`` refers to."""
+        if record is None:
+            return set()
+        return {f for e in [record, *record.get("history", [])] for f in e["files"].values()}
+
+    def live_files(self) -> set[str]:
+        """Names of the files in ``weights/`` that kept versions refer to."""
+        return self._live(self._record())
 
     def _remove_unreferenced(self, live: set[str]) -> None:
         for f in self.weights_dir.glob("v*.safetensors"):

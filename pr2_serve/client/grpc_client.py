@@ -75,6 +75,16 @@ class GrpcClient:
                 path.unlink(missing_ok=True)
         return push_result(res)
 
+    def rollback(self, version: int) -> dict:
+        """Serve kept ``version`` again (0: the model directory) as the next version number."""
+        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        request = self._pb2.RollbackWeightsRequest(version=version)
+        try:
+            res = self._stub.RollbackWeights(request, metadata=meta, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        return {f.name: getattr(res, f.name) for f in res.DESCRIPTOR.fields}
+
     def close(self) -> None:
         self._channel.close()
 

@@ -1,5 +1,5 @@
 """HTTP client (httpx) of ``/v1/generate``, ``/v1/generate/stream``, ``/v1/info`` and
-``PUT /v1/weights/{version}``."""
+``PUT /v1/weights/{version}``, ``POST /v1/weights/rollback/{version}``."""
 
 from __future__ import annotations
 
@@ -84,6 +84,14 @@ class HttpClient:
         finally:
             if temp:
                 path.unlink(missing_ok=True)
+
+    def rollback(self, version: int) -> dict:
+        """Serve kept ``version`` again (0: the model directory) as the next version number;
+        the server's result (``weight_version``, ``rolled_back_to``, timings)."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = self._http.post(f"/v1/weights/rollback/{version}", headers=headers)
+        _raise_http(r)
+        return r.json()
 
     def close(self) -> None:
         self._http.close()
