@@ -36,14 +36,14 @@ __all__ = ["add_sglang_routes"]
 PROTOCOL = "sglang"
 NAMES = {
     "prompts": "input_ids",
-    "max_tokens": "sampling_params.max_new_tokens",
-    "n": "sampling_params.n",
-    "temperature": "sampling_params.temperature",
-    "top_p": "sampling_params.top_p",
-    "top_k": "sampling_params.top_k",
-    "min_p": "sampling_params.min_p",
-    "stop": "sampling_params.stop",
-    "stop_token_ids": "sampling_params.stop_token_ids",
+    "max_tokens": "sampling_params[max_new_tokens]",
+    "n": "sampling_params[n]",
+    "temperature": "sampling_params[temperature]",
+    "top_p": "sampling_params[top_p]",
+    "top_k": "sampling_params[top_k]",
+    "min_p": "sampling_params[min_p]",
+    "stop": "sampling_params[stop]",
+    "stop_token_ids": "sampling_params[stop_token_ids]",
     "top_logprobs": "top_logprobs_num",
     "routes_from": "routed_experts_start_len",
 }
