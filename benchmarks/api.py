@@ -3,7 +3,9 @@
 1. Route bytes per (token, layer): ours (uint8 raw / base64 in JSON) vs SGLang-style base64 of
    int32.
 2. End-to-end tokens/s over HTTP and gRPC (a real ``pr2-serve`` on loopback) vs the in-process
-   engine on the same model and batch. Goal >= 0.9.
+   engine on the same model and batch. Goal >= 0.9. And the OpenAI-compatible
+   ``/v1/completions`` (the ``openai`` client; token ids, log-probs and ``routed_experts``, the
+   same payload) vs ``/v1/generate`` in the same run. Goal >= 0.9.
 3. Weight push MB/s over HTTP and gRPC for a >= 200 MB checkpoint (goal >= 1 GB/s on loopback),
    split into transfer (upload streamed to disk + sha256) and apply (in-place reload), and the
    server's peak extra RSS during the push.
@@ -21,6 +23,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import psutil
@@ -75,19 +78,46 @@ def route_bytes(r: np.ndarray) -> dict:
     }
 
 
-def protocol_tokens_per_s(http, rpc, prompts, kw: dict, local: list[float], repeats: int):
-    """Tokens/s over HTTP and gRPC (alternating) against the in-process figures ``local``."""
+def openai_completions(base_url: str):
+    """``generate(prompts, **kw)`` through the ``openai`` client on ``/v1/completions``, asking
+    for what ``/v1/generate`` sends: token ids, raw log-probs and routes."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="-", max_retries=0)
+    model = client.models.list().data[0].id
+
+    def generate(prompts, temperature, max_tokens, seed):
+        res = client.completions.create(
+            model=model,
+            prompt=prompts,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            seed=seed,
+            logprobs=0,
+            extra_body={"return_token_ids": True, "return_routed_experts": True},
+        )
+        return [SimpleNamespace(output_token_ids=c.model_extra["token_ids"]) for c in res.choices]
+
+    return generate
+
+
+def protocol_tokens_per_s(http, rpc, oai, prompts, kw: dict, local: list[float], repeats: int):
+    """Tokens/s over HTTP, gRPC and the OpenAI route (alternating) against the in-process
+    figures ``local`` (and the OpenAI route against HTTP ``/v1/generate``)."""
     http.generate(prompts[:2], max_tokens=4)
-    over_http, over_grpc = [], []
+    oai(prompts[:2], temperature=1.0, max_tokens=4, seed=0)
+    over_http, over_grpc, over_openai = [], [], []
     for _ in range(repeats):
         over_http += tps(lambda: http.generate(prompts, **kw).samples, 1)
         over_grpc += tps(lambda: rpc.generate(prompts, **kw).samples, 1)
-    runs = {"in_process": local, "http": over_http, "grpc": over_grpc}
+        over_openai += tps(lambda: oai(prompts, **kw), 1)
+    runs = {"in_process": local, "http": over_http, "grpc": over_grpc, "openai": over_openai}
     med = {k: statistics.median(v) for k, v in runs.items()}
     return {
         **med,
         "http_ratio": med["http"] / med["in_process"],
         "grpc_ratio": med["grpc"] / med["in_process"],
+        "openai_vs_http_ratio": med["openai"] / med["http"],
     }
 
 
@@ -128,7 +158,8 @@ def report(results: dict, args) -> None:
     print(
         f"tokens/s (batch {args.batch} x {args.max_tokens}): in-process {tp['in_process']:.0f}, "
         f"HTTP {tp['http']:.0f} ({tp['http_ratio']:.3f}), gRPC {tp['grpc']:.0f} "
-        f"({tp['grpc_ratio']:.3f})"
+        f"({tp['grpc_ratio']:.3f}); OpenAI /v1/completions {tp['openai']:.0f} "
+        f"({tp['openai_vs_http_ratio']:.3f} x /v1/generate)"
     )
     for proto in ("http", "grpc"):
         p = wp[proto]
@@ -161,8 +192,9 @@ def main() -> None:
         srv = start_server(model, Path(tmp) / "state", "--max-upload-bytes", str(4 << 30))
         try:
             http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
+            oai = openai_completions(srv.http)
             results["tokens_per_s"] = protocol_tokens_per_s(
-                http, rpc, prompts, kw, local, args.repeats
+                http, rpc, oai, prompts, kw, local, args.repeats
             )
             results["weight_push"] = weight_pushes(srv, http, rpc, model / "model.safetensors")
         finally:

@@ -11,17 +11,16 @@ Each request becomes a :class:`~.dialect.DialectRequest` served by ``service.gen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from http import HTTPStatus
+from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute, APIRouter
-from pydantic import BaseModel, ConfigDict
+from fastapi.routing import APIRouter
+from pydantic import BaseModel
 
-from .dialect import SSE_DONE, build_request, rename_field, sse
-from .errors import ApiError, from_validation
+from .dialect import SSE_DONE, build_request, sse
+from .errors import ApiError
+from .openai_errors import RESPONSES, STREAMING, OpenAIBody, error_body, route_class
 from .openai_render import Render, usage
 from .openai_schemas import (
     UNSUPPORTED,
@@ -33,17 +32,9 @@ from .openai_schemas import (
 )
 from .service import RolloutService
 
-__all__ = ["add_openai_routes", "openai_error", "route_class"]
+__all__ = ["add_openai_routes"]
 
 PROTOCOL = "openai"
-ERROR_TYPES = {
-    400: "BadRequestError",
-    404: "NotFoundError",
-    409: "ConflictError",
-    429: "RateLimitError",
-    500: "InternalServerError",
-    503: "ServiceUnavailableError",
-}
 # our field names -> the OpenAI parameters they come from
 COMPLETION_NAMES = {
     "prompts": "prompt",
@@ -52,63 +43,6 @@ COMPLETION_NAMES = {
     "return_routes": "return_routed_experts",
 }
 CHAT_NAMES = {**COMPLETION_NAMES, "prompts": "messages", "top_logprobs": "top_logprobs"}
-
-
-class OpenAIError(BaseModel):
-    """Every refusal of these routes. Example: ``{"error": {"message": "temperature: Input
-    should be less than or equal to 2", "type": "BadRequestError", "param": "temperature",
-    "code": 400}}``"""
-
-    model_config = ConfigDict(extra="allow")
-    error: dict
-
-
-class OpenAIBody(BaseModel):
-    """A response body in vLLM's shape (see the route's description)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
-RESPONSES = {code: {"model": OpenAIError} for code in (400, 404, 409, 429, 500, 503)}
-STREAMING = {**RESPONSES, 200: {"content": SSE}}
-
-
-def error_body(e: ApiError, names: dict | None = None) -> dict:
-    """An :class:`ApiError` in OpenAI's shape (its field renamed by ``names``)."""
-    param = rename_field(e.field, names or {})
-    kind = ERROR_TYPES.get(e.status) or HTTPStatus(e.status).phrase.replace(" ", "") + "Error"
-    return {"error": {"message": e.message, "type": kind, "param": param, "code": e.status}}
-
-
-def openai_error(e: ApiError, names: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(e, names), status_code=e.status)
-
-
-def route_class(service: RolloutService, names_by_path: dict[str, dict]) -> type[APIRoute]:
-    """Routes whose refusals (ours, and the schema's: 400 like vLLM) are OpenAI-shaped, the
-    field renamed by ``names_by_path[route path]`` (SGLang's routes answer in the same shape)."""
-    errors = service.metrics.errors
-
-    class OpenAIRoute(APIRoute):
-        def get_route_handler(self) -> Callable:
-            handler = super().get_route_handler()
-            names = names_by_path.get(self.path, {})
-
-            async def handle(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except RequestValidationError as e:
-                    err = from_validation(e.errors())
-                    err = ApiError(400, err.kind, err.message, err.field)
-                except ApiError as e:
-                    err = e
-                errors.labels(kind=err.kind).inc()
-                return openai_error(err, names)
-
-            return handle
-
-    return OpenAIRoute
 
 
 def add_openai_routes(app: FastAPI, service: RolloutService) -> None:

@@ -27,7 +27,7 @@ from ..routes import int32_base64
 from ..types import Rollout, TopLogprobs
 from .dialect import MAX_LOGPROBS, MAX_STOP, SSE_DONE, build_request, sse
 from .errors import ApiError
-from .openai_api import RESPONSES, STREAMING, OpenAIBody, error_body, route_class
+from .openai_errors import RESPONSES, STREAMING, OpenAIBody, error_body, route_class
 from .schemas import MAX_N, MAX_PROMPTS, TokenIds
 from .service import RolloutService
 
