@@ -11,6 +11,7 @@ on a fixed synthetic batch and saves the updated weights: the test compares 1 an
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -36,6 +37,15 @@ BATCH_DTYPES = {
 
 
 def setup() -> tuple[int, int, str]:
+    """Join the ``torchrun`` job: ``(rank, world, device)``."""
+    # Before the process group exists (see `teardown`): these modules give their functions
+    # `group=dist.group.WORLD` as a default argument, evaluated on import; imported after
+    # init_process_group (DDP imports torch._dynamo, which imports torch.distributed.nn) the
+    # defaults hold the live default group forever and destroy_process_group cannot free it.
+    import torch._dynamo
+    import torch.distributed.fsdp
+    import torch.distributed.nn
+
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -146,27 +156,50 @@ def run_distributed(cfg: TrainConfig) -> None:
 
     rank, _, device = setup()
     learner = ShardedLearner(Policy(cfg.model_dir, seed=cfg.seed, device=device), cfg)
-    try:
-        if rank == 0:
-            keys = ("step", "loss", "pushed_version")
-            Trainer(cfg, learner=learner).run(
-                on_step=lambda m: print(json.dumps({k: m.get(k) for k in keys}), flush=True)
-            )
-        else:
-            for _ in range(cfg.steps):
-                learner.follow_step()
-    finally:
-        teardown(learner)
+    if rank == 0:
+        keys = ("step", "loss", "pushed_version")
+        with Trainer(cfg, learner=learner) as trainer:
+            trainer.run(lambda m: print(json.dumps({k: m.get(k) for k in keys}), flush=True))
+    else:
+        for _ in range(cfg.steps):
+            learner.follow_step()
+    teardown(learner)  # not on an error: the other ranks may be inside a collective
 
 
-def teardown(learner: Learner | None) -> None:
-    """Leave the job together, then destroy the process group. DOCSTRING-TBD"""
-    dist.barrier()  # no rank tears down while another still works (rank 0 exports last)
-    if learner is not None:  # the DDP reducer / FSDP2 hooks hold the process group
-        learner.model = learner.opt = learner.pred_opt = None
-    gc.collect()
+def teardown(learner: Learner) -> None:
+    """Leave the job together and free the process group while the interpreter is alive.
+
+    The race this fixes (``terminate called without an active exception``, SIGABRT, seen on
+    rank 1 of the DDP self-test while rank 0 was still exporting): the gloo backend was never
+    freed. ``destroy_process_group`` only drops torch's own references; the default group was
+    also held by DDP's reducer and -- for good -- by the ``group=dist.group.WORLD`` default
+    arguments of ``torch.distributed.nn`` (imported through torch._dynamo when DDP was built,
+    after init_process_group). So gloo's worker and TCP-loop threads stayed alive into
+    interpreter shutdown, exactly as if the group had never been destroyed (pytorch#190489):
+    a worker still releasing the last collective's work (tensors with Python objects) then
+    needs the GIL while Python finalizes, and the thread is torn down inside a noexcept
+    destructor -> std::terminate. It only showed when a rank exited right after its last
+    collective on a loaded machine, hence flaky (the abort did not reproduce here in ~45
+    runs; the leaked backend does, every time). Fix: `setup` imports those modules before
+    the group exists; here a barrier (no rank tears down while another still works, and every
+    rank's last collective is done), then the DDP wrapper and the optimizers are released
+    (and collected) before the group is destroyed, so under DDP the backend's threads are
+    joined here (the self-test checks that no gloo thread is left). Under FSDP2, something
+    inside ``fully_shard`` (not found: invisible to ``gc``) still holds the group, so its
+    threads live on until exit; the barrier still makes every rank leave together."""
     dist.barrier()
+    learner.model = learner.opt = learner.pred_opt = None  # DDP's reducer holds the group
+    gc.collect()
     dist.destroy_process_group()
+
+
+def native_threads() -> list[str]:
+    """This process's OS threads by name (Linux ``/proc``; empty elsewhere)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):
+            names.append(task.read_text().strip())
+    return sorted(names)
 
 
 def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
@@ -188,24 +221,22 @@ def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
         parallel=parallel,
     )
     learner = ShardedLearner(policy, cfg) if distributed else Learner(policy, cfg)
-    try:
-        m = learner.train(batch)
-        loss = torch.tensor(m["loss"])
-        if distributed:
-            dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
-            loss /= dist.get_world_size()
-        state_dict = learner.state_dict()
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
-                shutil.copy(path, f"{out}.safetensors")
-            keys = ("predictor_loss", "grad_norm")
-            Path(f"{out}.json").write_text(
-                json.dumps({"loss": float(loss), **{k: m[k] for k in keys}})
-            )
-    finally:
-        if distributed:
-            teardown(learner)
+    m = learner.train(batch)
+    loss = torch.tensor(m["loss"])
+    if distributed:
+        dist.all_reduce(loss)  # each rank's loss is world x its share of the token sum
+        loss /= dist.get_world_size()
+    state_dict = learner.state_dict()
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
+            shutil.copy(path, f"{out}.safetensors")
+        keys = ("predictor_loss", "grad_norm")
+        Path(f"{out}.json").write_text(json.dumps({"loss": float(loss), **{k: m[k] for k in keys}}))
+    if distributed:
+        teardown(learner)
+        # what is still running as this rank exits (the test wants no gloo thread left)
+        Path(f"{out}.rank{rank}.threads.json").write_text(json.dumps(native_threads()))
 
 
 def synthetic_batch(policy: Policy) -> Batch:

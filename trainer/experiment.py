@@ -162,23 +162,29 @@ def run_cell(
 
 
 #: The investigation grid (off-policy 8, one seed): router drift size, predictor lr, loss type.
-INVESTIGATION = (
-    # (mode, router lr x, predictor lr x, predictor loss, prompts per batch, experts)
-    ("none", 1.0, 0.0, "kl-post", 32, 8),
-    ("pr2", 1.0, 10.0, "kl-post", 32, 8),
-    ("none", 30.0, 0.0, "kl-post", 32, 8),
-    ("pr2", 30.0, 1.0, "kl-post", 32, 8),
-    ("pr2", 30.0, 10.0, "kl-post", 32, 8),
-    ("pr2", 30.0, 100.0, "kl-post", 32, 8),
-    ("pr2", 30.0, 10.0, "l2", 32, 8),
-    ("pr2", 30.0, 100.0, "l2", 32, 8),
-    # 4x the batch: less gradient noise, so (maybe) more consistent drift between batches
-    ("none", 30.0, 0.0, "kl-post", 128, 8),
-    ("pr2", 30.0, 10.0, "kl-post", 128, 8),
-    ("pr2", 30.0, 10.0, "l2", 128, 8),
-    # 4x the experts (32, top-2): its own base model, warmed up the same way
-    ("none", 30.0, 0.0, "kl-post", 32, 32),
-    ("pr2", 30.0, 10.0, "kl-post", 32, 32),
+#: One run a row: (mode, router lr x, predictor lr x, predictor loss, prompts per batch, experts).
+INVESTIGATION_TABLE = """
+none  1   0    kl-post  32   8
+pr2   1   10   kl-post  32   8
+none  30  0    kl-post  32   8
+pr2   30  1    kl-post  32   8
+pr2   30  10   kl-post  32   8
+pr2   30  100  kl-post  32   8
+pr2   30  10   l2       32   8
+pr2   30  100  l2       32   8
+none  30  0    kl-post  128  8
+pr2   30  10   kl-post  128  8
+pr2   30  10   l2       128  8
+none  30  0    kl-post  32   32
+pr2   30  10   kl-post  32   32
+"""
+# rows 9-11: 4x the batch (less gradient noise, so maybe more consistent drift between
+# batches); rows 12-13: 4x the experts (32, top-2: its own base model, warmed up the same way)
+INVESTIGATION = tuple(
+    (mode, float(router), float(pred), loss, int(prompts), int(experts))
+    for mode, router, pred, loss, prompts, experts in map(
+        str.split, INVESTIGATION_TABLE.strip().splitlines()
+    )
 )
 
 

@@ -95,7 +95,7 @@ def screen_groups(
     other samples' advantages would be wrong without it."""
     samples, rewards, kept = [], [], []
     out = Rollouts(samples, torch.tensor([]), kept)
-    for group, problem in zip(groups, problems, strict=True):
+    for i, (group, problem) in enumerate(zip(groups, problems, strict=True)):
         if any(version - s.weight_version > max_staleness for s in group):
             out.dropped_stale += len(group)
             continue
@@ -103,7 +103,7 @@ def screen_groups(
         if bad:
             s, why = bad[0]
             log(
-                f"dropped the group of prompt {s.prompt_index} ({len(group)} samples): "
+                f"dropped the group of prompt {i} ({len(group)} samples): "
                 f"sample {s.sample_index}: bad routes: {why}"
             )
             out.dropped_bad_routes += len(group)
@@ -241,6 +241,18 @@ class Trainer:
         if cfg.eval_every and step % cfg.eval_every == 0:
             m["eval_accuracy"] = self.evaluate()
         return m
+
+    def close(self) -> None:
+        """Stop the request threads and close the clients (no thread outlives the trainer)."""
+        self.pool.shutdown()
+        for c in self.clients:
+            c.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def run(self, on_step=None) -> list[dict]:
         history = []

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pr2_serve.routing import selection_scores
+
 __all__ = ["drift_cosine", "predicted_route_agreement", "predictor_hit_rate", "predictor_loss"]
 
 
@@ -33,7 +35,7 @@ def predictor_loss(
     for h, z, w_r, w_p in zip(h_old, z_old, router_weights, predictor_weights, strict=True):
         h, z = h.detach().float(), z.detach().float()
         target = F.linear(h, w_r.detach().float())
-        pred = z + F.linear(h, w_p.float())
+        pred = selection_scores(z, h, w_p.float())
         if kind == "kl-post":
             per_tok = F.kl_div(
                 F.log_softmax(pred, -1),
@@ -63,7 +65,8 @@ def predictor_hit_rate(
     hits, count = 0.0, 0.0
     for i, (h, z, w_r) in enumerate(zip(h_old, z_old, router_weights, strict=True)):
         h, z = h.float(), z.float()
-        pred = z if predictor_weights is None else z + F.linear(h, predictor_weights[i].float())
+        w_p = None if predictor_weights is None else predictor_weights[i].float()
+        pred = selection_scores(z, h, w_p)
         a = torch.topk(pred, top_k, -1).indices.sort(-1).values
         b = torch.topk(F.linear(h, w_r.float()), top_k, -1).indices.sort(-1).values
         same = (a == b).all(-1).float()
@@ -91,9 +94,8 @@ def predicted_route_agreement(
     k = routes.shape[-1]
     hits, count = 0.0, 0.0
     for i, (h, z) in enumerate(zip(h_old, z_old, strict=True)):
-        pred = z.float()
-        if predictor_weights is not None:
-            pred = pred + F.linear(h.float(), predictor_weights[i].float())
+        w_p = None if predictor_weights is None else predictor_weights[i].float()
+        pred = selection_scores(z.float(), h.float(), w_p)
         a = torch.topk(pred, k, -1).indices.sort(-1).values
         b = routes[:, i].long().sort(-1).values
         same = (a == b).all(-1).float()
