@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TrainConfig, field_docs, parse_config
+from trainer.config import REPLAY_MODES, TrainConfig, field_docs, literal_choices, parse_config
 
 
 def test_every_field_has_a_docstring():
@@ -27,6 +27,24 @@ def test_file_then_flags(tmp_path):
     (tmp_path / "bad.yaml").write_text("nope: 1\n")
     with pytest.raises(SystemExit):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_literal_fields_are_the_choices(capsys):
+    """``replay``, ``predictor_loss``, ``parallel`` are ``Literal`` types: the one list of their
+    values, shown by ``--help`` and checked by ``TrainConfig`` (a ValueError naming the field)."""
+    choices = literal_choices(TrainConfig)
+    assert choices == {
+        "replay": ("none", "r2", "r3", "pr2"),
+        "predictor_loss": ("kl-post", "l2"),
+        "parallel": ("ddp", "fsdp2"),
+    }
+    assert choices["replay"] == REPLAY_MODES
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = capsys.readouterr().out
+    assert "--replay {none,r2,r3,pr2}" in out and "--parallel {ddp,fsdp2}" in out
+    with pytest.raises(ValueError, match="predictor_loss"):
+        parse_config(["--predictor-loss", "l1"])
 
 
 @pytest.mark.cuda

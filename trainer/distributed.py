@@ -1,9 +1,11 @@
 """Data-parallel training under ``torchrun`` (DDP or FSDP2; gloo on CPU, nccl on GPU).
 
-Rank 0 talks to the servers (rollouts, eval, pushes) and broadcasts each batch as tensors (no
-pickling); every rank holds the whole batch and trains on its share of each mini-step
-(:func:`trainer.loop.train_batch` with ``shard``); DDP averages the gradients, so all ranks keep
-identical weights and the result equals one process on the same data.
+Rank 0 runs the same :class:`trainer.loop.Trainer` as a single process (rollouts, eval,
+pushes, metrics) with a :class:`ShardedLearner`: it broadcasts each batch as tensors (no
+pickling), every rank holds the whole batch and trains on its share of each mini-step
+(:func:`trainer.train_step.train_batch` with ``shard``); DDP averages the gradients, so all
+ranks keep identical weights and the result equals one process on the same data. The other
+ranks make the matching collectives (:meth:`ShardedLearner.follow_step`).
 
 ``python -m trainer.distributed selftest OUT`` (under torchrun or alone) runs one training step
 on a fixed synthetic batch and saves the updated weights: the test compares 1 and 2 processes.
@@ -19,12 +21,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.distributed as dist
 
 from .batch import Batch
-from .config import TrainConfig
+from .config import Parallel, TrainConfig
 from .policy import Policy
 from .train_step import Learner
 
@@ -72,8 +75,8 @@ def wrap(policy: Policy, parallel: str = "ddp") -> torch.nn.Module:
             fully_shard(layer, mesh=mesh, ignored_params=predictors & set(layer.parameters()))
         fully_shard(policy.model, mesh=mesh, ignored_params=predictors)
         return policy.model
-    if parallel != "ddp":
-        raise ValueError(f"parallel must be 'ddp' or 'fsdp2', got {parallel!r}")
+    if parallel not in get_args(Parallel):
+        raise ValueError(f"parallel must be one of {get_args(Parallel)}, got {parallel!r}")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     policy.model._ddp_params_and_buffers_to_ignore = [

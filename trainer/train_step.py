@@ -36,8 +36,6 @@ from .ppo import PPOStats, ppo_loss
 from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
 from .replay import RoutingControl
 
-REPLAYS_SERVER_ROUTES = ("r3", "pr2")
-
 
 # -- how a batch is split --------------------------------------------------------------------------
 def mini_step_groups(batch: Batch, off_policy_steps: int) -> tuple[torch.Tensor, ...]:
@@ -53,6 +51,16 @@ def group_rows(batch: Batch, gidx: torch.Tensor, device) -> tuple[torch.Tensor, 
     arange_g = torch.arange(batch.group_size, device=device)
     idx = (gidx[:, None] * batch.group_size + arange_g).reshape(-1)
     return idx, (idx[:, None] * t + torch.arange(t, device=device)).reshape(-1)
+
+
+def replayed_routes(
+    mode: str, server_routes: torch.Tensor, old_routes: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The routes a forward forces, per mode: the server's (r3, pr2), the old pass's own (r2:
+    None in the old pass itself, which records them), none (``none``: natural routing)."""
+    if mode in ("r3", "pr2"):
+        return server_routes
+    return old_routes if mode == "r2" else None
 
 
 # -- 1. old pass -----------------------------------------------------------------------------------
@@ -77,12 +85,13 @@ def old_pass(
     old_lp = torch.zeros(b, t, device=policy.device)
     h_old = z_old = None
     old_routes = torch.zeros_like(server_routes) if mode == "r2" else None
+    replayed = replayed_routes(mode, server_routes, None)
     for gidx in order:
         for r in range(world):
             idx, rows = group_rows(batch, gidx[r::world], policy.device)
             if len(idx) == 0:
                 continue
-            forced = server_routes[rows] if mode in REPLAYS_SERVER_ROUTES else None
+            forced = None if replayed is None else replayed[rows]
             ctl = RoutingControl(forced_ids=forced, record=True)
             old_lp[idx] = forward_logprobs(policy, batch.select(idx), ctl)
             if h_old is None:
@@ -199,7 +208,7 @@ def mini_steps(
     rank, world = shard
     mode, k = cfg.replay, policy.replay.top_k
     server_routes = flat_routes(batch.routes)
-    replayed = {"r3": server_routes, "pr2": server_routes, "r2": old.routes}.get(mode)
+    replayed = replayed_routes(mode, server_routes, old.routes)
     reference = old.routes if mode == "r2" else server_routes  # for the deviation metric
     valid_flat = batch.valid.reshape(-1).bool()
     log = MiniStepLog()
