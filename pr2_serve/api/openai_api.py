@@ -187,17 +187,7 @@ def add_completion_route(router: APIRouter, service: RolloutService) -> None:
         model = check_model(req, service)
         engine = engine_of(service)
         tok = engine.tokenizer
-        raw = (
-            req.prompt
-            if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int)
-            else [req.prompt]
-        )
-        ids = [
-            tok(p, add_special_tokens=req.add_special_tokens)["input_ids"]
-            if isinstance(p, str)
-            else list(p)
-            for p in raw
-        ]
+        raw, ids = completion_prompts(req, tok)
         echo = bool(req.echo)
         if req.max_tokens == 0 and not echo:
             raise ApiError(400, "invalid_argument", "max_tokens 0 needs echo", "max_tokens")
@@ -221,31 +211,37 @@ def add_completion_route(router: APIRouter, service: RolloutService) -> None:
             events = service.stream(dreq, PROTOCOL)
             return await event_stream(render, events, req.n, req, sum(map(len, ids)))
         rollouts = await service.generate(dreq, PROTOCOL)
-        choices = []
-        for i, r in enumerate(rollouts):
-            prompt_text = (
-                ""
-                if req.return_token_ids
-                else (
-                    raw[r.prompt_index]
-                    if isinstance(raw[r.prompt_index], str)
-                    else tok.decode(r.prompt_token_ids)
-                )
-            )
-            echoed = (
-                (prompt_text, list(r.prompt_logprobs or [None] * len(r.prompt_token_ids)))
-                if echo
-                else None
-            )
-            if echo and req.max_tokens == 0:
-                r.output_token_ids, r.logprobs, r.top_logprobs, r.text = (
-                    [],
-                    [],
-                    [] if r.top_logprobs else None,
-                    "",
-                )
-            choices.append(render.choice(i, r, echoed))
+        choices = [render.choice(i, *echoed(req, r, raw, tok)) for i, r in enumerate(rollouts)]
         return completion_body(render, choices, rollouts, ids, req.prompt_logprobs is not None)
+
+
+def completion_prompts(req: CompletionRequest, tok) -> tuple[list, list[list[int]]]:
+    """The prompts as given (a list) and as token ids (text: special tokens added unless
+    ``add_special_tokens`` is false, as vLLM does)."""
+    p = req.prompt
+    raw = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+    ids = [
+        tok(x, add_special_tokens=req.add_special_tokens)["input_ids"]
+        if isinstance(x, str)
+        else list(x)
+        for x in raw
+    ]
+    return raw, ids
+
+
+def echoed(req: CompletionRequest, r, raw: list, tok) -> tuple:
+    """``(rollout, echo)`` for :meth:`Render.choice`: with ``echo``, the prompt's text (empty
+    with ``return_token_ids``, as vLLM) and log-prob positions; ``max_tokens`` 0 drops the
+    one token drawn."""
+    if not req.echo:
+        return r, None
+    given = raw[r.prompt_index]
+    text = "" if req.return_token_ids else given if isinstance(given, str) else tok.decode(given)
+    pos = list(r.prompt_logprobs or [None] * len(r.prompt_token_ids))
+    if req.max_tokens == 0:
+        top = [] if r.top_logprobs is not None else None
+        r.output_token_ids, r.logprobs, r.top_logprobs, r.text = [], [], top, ""
+    return r, (text, pos)
 
 
 def dreq_opts(req, dreq):

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema
 
 from .dialect import MAX_LOGPROBS, MAX_STOP
 from .schemas import MAX_N, MAX_PROMPTS, TokenIds
 
 __all__ = [
+    "REQUEST_CONFIG",
     "UNSUPPORTED",
     "ChatRequest",
     "CompletionRequest",
@@ -26,6 +27,22 @@ __all__ = [
     "TokenizeRequest",
 ]
 
+# Unknown fields are accepted and ignored, as vLLM does; the spec lists only the known ones
+# (closed objects: the schema fuzzing then draws bodies of known fields, not arbitrary JSON).
+REQUEST_CONFIG = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
+Scalar = StrictStr | StrictBool | StrictInt | float | None
+# tool objects hold JSON schemas: documented as closed objects (see REQUEST_CONFIG)
+Tools = Annotated[
+    list[dict[str, Any]],
+    Field(max_length=256),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "maxItems": 256,
+            "items": {"type": "object", "additionalProperties": False},
+        }
+    ),
+]
 Stop = StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None
 # fields of vLLM's requests that pr2-serve does not implement: refused unless left at "off"
 UNSUPPORTED = (
@@ -46,6 +63,8 @@ UNSUPPORTED = (
 
 
 class StreamOptions(BaseModel):
+    model_config = REQUEST_CONFIG
+
     include_usage: StrictBool | None = False
     continuous_usage_stats: StrictBool | None = False
 
@@ -53,7 +72,7 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """What completions and chat requests share (vLLM's names and ranges)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     model: StrictStr | None = Field(None, description="the served model's id (GET /v1/models)")
     n: StrictInt = Field(1, ge=1, le=MAX_N)
@@ -103,14 +122,14 @@ class CompletionRequest(SamplingFields):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     type: Literal["text"]
     text: StrictStr
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
@@ -128,15 +147,15 @@ class ChatRequest(SamplingFields):
     top_logprobs: StrictInt | None = Field(0, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = Field(None, max_length=256)
+    chat_template_kwargs: dict[str, Scalar] | None = Field(None, max_length=64)
+    tools: Tools | None = Field(None, description="rendered by the chat template (OpenAI tools)")
     tool_choice: Literal["none"] | None = Field(None, description='only "none" (no tool parsing)')
 
 
 class TokenizeRequest(BaseModel):
     """``POST /tokenize``: ``{"prompt": "text"}`` or ``{"messages": [...]}`` (chat template)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     model: StrictStr | None = None
     prompt: StrictStr | None = None
@@ -150,7 +169,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     """``POST /detokenize``: ``{"tokens": [1, 2, 3]}`` -> ``{"prompt": "text"}``."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     model: StrictStr | None = None
     tokens: TokenIds

@@ -21,13 +21,14 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from ..routes import int32_base64
 from ..types import Rollout, TopLogprobs
 from .dialect import MAX_LOGPROBS, MAX_STOP, SSE_DONE, build_request, sse
 from .errors import ApiError
 from .openai_errors import RESPONSES, STREAMING, OpenAIBody, error_body, route_class
+from .openai_schemas import REQUEST_CONFIG
 from .schemas import MAX_N, MAX_PROMPTS, TokenIds
 from .service import RolloutService
 
@@ -52,7 +53,7 @@ NAMES = {
 class SamplingParams(BaseModel):
     """SGLang's ``sampling_params`` (the fields pr2-serve honours; others are ignored)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     max_new_tokens: StrictInt | None = Field(128, ge=1, le=1 << 20)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -71,7 +72,7 @@ class GenerateInput(BaseModel):
     {"max_new_tokens": 8, "temperature": 0}, "return_logprob": true,
     "return_routed_experts": true}``"""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = REQUEST_CONFIG
 
     text: (
         StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_PROMPTS)] | None
