@@ -41,23 +41,14 @@ from .checkpoint import (
     checkpoint_files,
     require_newer,
 )
-from .fingerprint import FileDigests
+from .fingerprint import ServedFingerprints
 from .jobs import Job, Jobs, Update, check_prompt
 from .routes import route_dtype
-from .types import (
-    EngineInfo,
-    EngineStepError,
-    RequestRejected,
-    Rollout,
-    Sampling,
-    StreamEvent,
-    UpdateResult,
-)
+from .types import EngineStepError, Rollout, Sampling, StreamEvent, UpdateResult
 from .vllm_setup import build_llm_engine, engine_info
 
-# the values it takes and returns live in .types; re-exported for ``from pr2_serve.engine import``
-__all__ = ["EngineInfo", "EngineStepError", "RequestRejected", "Rollout", "RolloutEngine"]
-__all__ += ["Sampling", "StreamEvent", "UpdateResult"]
+# the values it takes and returns live in .types (``Sampling`` re-exported for convenience)
+__all__ = ["RolloutEngine", "Sampling"]
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps mean the engine itself is broken
 CANARY_MAX_STEPS = 256  # a canary job (a few short greedy prompts) finishes well within this
@@ -126,7 +117,7 @@ class RolloutEngine:
         self.info = engine_info(self._llm, config, self.model_dir, plugin)
         self._jobs = Jobs(self._llm, route_dtype(self.info.num_experts))
         self._tokenizer = None
-        self._digests, self._fp, self._fp_lock = FileDigests(), None, threading.Lock()
+        self._served_fp = ServedFingerprints(self._weights.predictor_shapes())
         self._commands: queue.Queue = queue.Queue()
         self._closed = False
         self._error: BaseException | None = None
@@ -228,16 +219,8 @@ class RolloutEngine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def fingerprints(self) -> dict:
-        """Content fingerprints of the weights being served (:mod:`pr2_serve.fingerprint`),
-        ``{"weight_version", "policy", "predictor", "predictor_norm"}``; computed once per
-        version, on first request (a pass over the tensors that changed)."""
-        with self._fp_lock:
-            version, files = self.weight_version, dict(self._files)
-            if self._fp is None or self._fp["weight_version"] != version:
-                shapes = self._weights.predictor_shapes()
-                fp = self._digests.fingerprints(files, shapes)
-                self._fp = {"weight_version": version, **fp, "predictor_norm": _norm(files, shapes)}
-            return dict(self._fp)
+        """Content fingerprints of the weights being served (:mod:`pr2_serve.fingerprint`)."""
+        return self._served_fp.get(self.weight_version, self._files)
 
     def route_stats(self) -> dict[str, int]:
         """Route bookkeeping counters from the worker (see ``RouteStore.stats``)."""
@@ -378,7 +361,7 @@ class RolloutEngine:
             raise RuntimeError("prefix cache could not be flushed after a weight update")
         # Weights that made NaN/Inf leave them in KV slots; attention reads stale slots of a
         # reused block (masked, but NaN x 0 is NaN), so later requests would come out NaN.
-        self._llm.collective_rpc(_zero_kv_caches)
+        self._llm.collective_rpc("pr2_zero_kv_caches")
         return time.perf_counter() - t0
 
     def _run_canary(self, canary, version: int) -> str | None:
@@ -409,21 +392,3 @@ class RolloutEngine:
         for upd in updates:
             if not upd.future.done():
                 upd.future.set_exception(exc)
-
-
-def _zero_kv_caches(worker) -> None:
-    """Zero every KV-cache tensor of a worker (runs inside it, between steps)."""
-    for t in worker.model_runner.kv_caches:
-        t.zero_()
-
-
-def _norm(files: dict[str, str], predictor_shapes: dict) -> float:
-    """L2 norm of all predictor weights (0: the server routes as plain R3)."""
-    from safetensors import safe_open
-
-    total = 0.0
-    for name in predictor_shapes:
-        if name in files:
-            with safe_open(files[name], framework="pt") as f:
-                total += float(f.get_tensor(name).double().pow(2).sum())
-    return total**0.5

@@ -13,6 +13,7 @@ costs one pass over the tensors it changed.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -89,3 +90,34 @@ class FileDigests:
 
     def fingerprints(self, files, predictor_shapes) -> dict[str, str]:
         return fingerprints(self.digests(files, predictor_shapes))
+
+
+class ServedFingerprints:
+    """The fingerprints of what a server serves, computed once per weight version, on first
+    request: ``{"weight_version", "policy", "predictor", "predictor_norm"}``."""
+
+    def __init__(self, predictor_shapes: Mapping[str, Iterable[int]]) -> None:
+        self._shapes = dict(predictor_shapes)
+        self._digests = FileDigests()
+        self._lock = threading.Lock()
+        self._last: dict | None = None
+
+    def get(self, version: int, files: Mapping[str, str]) -> dict:
+        with self._lock:
+            if self._last is None or self._last["weight_version"] != version:
+                fp = self._digests.fingerprints(dict(files), self._shapes)
+                norm = predictor_norm(files, self._shapes)
+                self._last = {"weight_version": version, **fp, "predictor_norm": norm}
+            return dict(self._last)
+
+
+def predictor_norm(files: Mapping[str, str], predictor_shapes: Iterable[str]) -> float:
+    """L2 norm of all predictor weights held in ``files`` (0: the server routes as plain R3)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for name in predictor_shapes:
+        if name in files:
+            with safe_open(files[name], framework="pt") as f:
+                total += float(f.get_tensor(name).double().pow(2).sum())
+    return total**0.5

@@ -168,6 +168,13 @@ class PR2WorkerExtension:
         self._pr2_rows.flush(self._pr2_store)
         return {**self._pr2_store.stats, "tracked": len(self._pr2_store)}
 
+    def pr2_zero_kv_caches(self) -> None:
+        """Zero every KV-cache tensor (after a reload: weights that made NaN/Inf leave them in
+        KV slots, and attention reads stale slots of a reused block -- masked, but NaN x 0 is
+        NaN -- so later requests would come out NaN)."""
+        for t in self.model_runner.kv_caches:
+            t.zero_()
+
     def pr2_reload_weights(self, files: dict[str, str]) -> float:
         """Reload every weight in place from ``{hf_name: safetensors file}``; return seconds.
 
