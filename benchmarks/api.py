@@ -7,8 +7,9 @@
    ``/v1/completions`` (the ``openai`` client; token ids, log-probs and ``routed_experts``, the
    same payload) vs ``/v1/generate`` in the same run. Goal >= 0.9.
 3. Weight push MB/s over HTTP and gRPC for a >= 200 MB checkpoint (goal >= 1 GB/s on loopback),
-   split into transfer (upload streamed to disk + sha256) and apply (in-place reload), and the
-   server's peak extra RSS during the push.
+   split into transfer (upload streamed to disk + sha256), check (names, shapes, dtypes and
+   finite values), apply (in-place reload + KV cache zeroed) and canary (a short greedy
+   generate on the new weights), and the server's peak extra RSS during the push.
 
     .venv/bin/python benchmarks/api.py [--repeats 3]
 """
@@ -136,7 +137,9 @@ def weight_pushes(srv, http, rpc, file: Path) -> dict:
             {
                 "end_to_end_MBps": size / wall / 1e6,
                 "transfer_MBps": size / res["receive_seconds"] / 1e6,
+                "check_s": res["check_seconds"],  # names, shapes, dtypes, finite values
                 "apply_s": res["apply_seconds"],
+                "canary_s": res["canary_seconds"],  # the canary generate on the new weights
                 "peak_extra_rss_MiB": rss,
             }
         )
@@ -166,7 +169,8 @@ def report(results: dict, args) -> None:
         print(
             f"weight push over {proto} ({wp['checkpoint_MB']:.0f} MB): end-to-end "
             f"{p['end_to_end_MBps']:.0f} MB/s, transfer {p['transfer_MBps']:.0f} MB/s, "
-            f"apply {p['apply_s']:.2f} s, peak extra server RSS {p['peak_extra_rss_MiB']:.0f} MiB"
+            f"check {p['check_s']:.2f} s, apply {p['apply_s']:.2f} s, "
+            f"canary {p['canary_s']:.2f} s, peak extra server RSS {p['peak_extra_rss_MiB']:.0f} MiB"
         )
 
 

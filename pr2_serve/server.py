@@ -127,8 +127,8 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
                 http_task.result()  # raises the bind error
             await asyncio.sleep(0.05)
         await load_engine(service, cfg, state_dir)
-        if service.is_ready():
-            await set_serving(grpc_server)
+        await set_serving(grpc_server, service.is_ready())
+        service.on_fitness = lambda ok: loop.create_task(set_serving(grpc_server, ok))
         http_port = http.servers[0].sockets[0].getsockname()[1]
         print(ready_line(service, cfg.host, http_port, grpc_server.pr2_port), flush=True)
         await stop.wait()

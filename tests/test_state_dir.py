@@ -190,6 +190,28 @@ def test_full_disk_at_start(tmp_path):
     assert_one_line_error(out, str(state.resolve()), "is full", "--state-dir")
 
 
+def test_unreadable_weights(tmp_path):
+    """Model files the server's user cannot read (e.g. 0600, owned by another user)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to run the server as another user")
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="pr2-unreadable-"))
+    try:
+        work.chmod(0o755)
+        model, state = _model(work / "m"), work / "state"
+        model.chmod(0o755)
+        (model / "config.json").chmod(0o644)
+        (model / "model.safetensors").chmod(0o600)
+        state.mkdir()
+        os.chown(state, 65534, 65534)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        out = run_start([*cmd, *serve_cmd(model, "--state-dir", str(state))])
+        assert_one_line_error(out, str(model / "model.safetensors"), "permission denied", "--model")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def test_state_dir_inside_the_model_and_bad_keep_versions(tmp_path):
     model = _model(tmp_path / "m")
     out = run_start(serve_cmd(model, "--state-dir", str(model / "state")))

@@ -248,12 +248,15 @@ def test_restored_weights_that_fail_the_canary_are_not_ready(server, tiny_zero, 
         assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", r.text
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        with grpc.insecure_channel(target) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
-            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        def health():
+            with grpc.insecure_channel(target) as ch:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest()).status
+
+        assert health() == health_pb2.HealthCheckResponse.NOT_SERVING
         c = HttpClient(url, api_key=API_KEY)
         assert c.rollback(0)["weight_version"] == 4
         assert httpx.get(f"{url}/readyz").status_code == 200
+        assert health() == health_pb2.HealthCheckResponse.SERVING
         assert_same(c.generate(PROMPTS, **GREEDY).samples, server.base)
     finally:
         proc.terminate()

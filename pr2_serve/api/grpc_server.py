@@ -214,6 +214,9 @@ async def start_grpc(service: RolloutService, host: str, port: int):
     return server
 
 
-async def set_serving(server) -> None:
+async def set_serving(server, serving: bool = True) -> None:
+    """gRPC health of the server: SERVING, or NOT_SERVING (the served weights fail the
+    canary; the service calls this whenever that changes)."""
+    status = health_pb2.HealthCheckResponse
     for name in (SERVICE_NAME, ""):
-        await server.pr2_health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.pr2_health.set(name, status.SERVING if serving else status.NOT_SERVING)

@@ -64,6 +64,7 @@ class RolloutService:
         self.store = WeightStore(state_dir, self.limits.max_upload_bytes, keep_versions)
         self.ready = False  # loaded, restored, warm-up answered
         self.unfit: str | None = None  # why the served weights fail the canary
+        self.on_fitness: Callable[[bool], object] | None = None  # e.g. gRPC health
         self._push_lock = asyncio.Lock()
         self._recheck: asyncio.Task | None = None
         self._inflight = 0
@@ -99,13 +100,18 @@ class RolloutService:
         """Answer the canary end to end; the server is ready after this (not ready while the
         served weights fail it)."""
         c = self.canary()
-        rollouts = self.engine.generate(c.prompts, c.sampling)
-        self._set_fitness(c.check(rollouts))
+        try:
+            self._set_fitness(c.check(self.engine.generate(c.prompts, c.sampling)))
+        except ENGINE_ERRORS as e:  # a failed step: not servable, but pushes are taken
+            self._set_fitness(f"the canary generate failed: {e}")
         self.ready = True
 
     def _set_fitness(self, problem: str | None) -> None:
+        was = self.unfit is None
         version = self.engine.weight_version
         self.unfit = None if problem is None else f"weight version {version}: {problem}"
+        if self.on_fitness is not None and was != (self.unfit is None):
+            self.on_fitness(self.unfit is None)
 
     def is_ready(self) -> bool:
         """Loaded, warmed up, healthy and the served weights pass the canary: serving."""

@@ -48,8 +48,12 @@ def check_model_dir(model: str | os.PathLike) -> Path:
         raise StartupError(f"{path} is not a model directory: no config.json (--model)")
     if not isinstance(config, dict) or "model_type" not in config:
         raise StartupError(f"{path / 'config.json'} is not a model config: no model_type (--model)")
-    if not any(n.endswith(".safetensors") for n in names):
+    weights = sorted(n for n in names if n.endswith(".safetensors"))
+    if not weights:
         raise StartupError(f"{path} is not a model directory: no *.safetensors weights (--model)")
+    for name in ["config.json", *weights]:
+        if not os.access(path / name, os.R_OK):
+            raise StartupError(f"cannot read {path / name}: permission denied (--model)")
     return path.resolve()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
-from .common import GenerateResult, ServerError, file_chunks, push_result, sha256_file, weights_file
+from .common import GenerateResult, ServerError, file_chunks, sha256_file, weights_file
 
 GRPC_CHUNK = 2 << 20
 _CHANNEL_OPTIONS = [
@@ -73,7 +73,7 @@ class GrpcClient:
         finally:
             if temp:
                 path.unlink(missing_ok=True)
-        return push_result(res)
+        return _weights_result(res)
 
     def rollback(self, version: int) -> dict:
         """Serve kept ``version`` again (0: the model directory) as the next version number."""
@@ -83,7 +83,7 @@ class GrpcClient:
             res = self._stub.RollbackWeights(request, metadata=meta, timeout=self.timeout)
         except self._grpc.RpcError as e:
             raise _grpc_error(e) from None
-        return {f.name: getattr(res, f.name) for f in res.DESCRIPTOR.fields}
+        return _weights_result(res)
 
     def close(self) -> None:
         self._channel.close()
@@ -168,6 +168,15 @@ def _grpc_error(e) -> ServerError:
 
     trailing = dict(e.trailing_metadata() or ())
     return ServerError(e.code().name, e.details(), trailing.get(FIELD_METADATA_KEY))
+
+
+def _weights_result(res) -> dict:
+    """An ``UpdateWeightsResponse`` as a dict: every field the server set (the time split:
+    receive, check, apply, canary; ``rolled_back_to`` after a rollback)."""
+    out = {f.name: getattr(res, f.name) for f in res.DESCRIPTOR.fields}
+    if not res.HasField("rolled_back_to"):
+        out.pop("rolled_back_to")
+    return out
 
 
 def _upload_messages(pb2, path: Path, version: int) -> Iterator:
