@@ -39,6 +39,11 @@ def format_row(m: dict) -> list[str]:
     return out
 
 
+def format_line(m: dict) -> str:
+    """One step's metrics as ``name=value`` pairs (the table's columns that have a value)."""
+    return "  ".join(f"{c}={v}" for (c, _), v in zip(COLUMNS, format_row(m), strict=True) if v)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -50,17 +55,14 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console()
     console.print(f"[bold]pr2-train[/bold] {json.dumps(cfg.to_dict())}")
-    trainer = Trainer(cfg)
     table = Table(
         *[c for c, _ in COLUMNS], title=f"replay={cfg.replay} off-policy={cfg.off_policy_steps}"
     )
-    with console.status("training...") as status:
+    with Trainer(cfg) as trainer, console.status("training...") as status:
 
         def on_step(m: dict) -> None:
             status.update(f"step {m['step']}/{cfg.steps}  reward {m.get('reward_mean', 0):.3f}")
-            console.print(
-                "  ".join(f"{c}={v}" for (c, _), v in zip(COLUMNS, format_row(m), strict=True) if v)
-            )
+            console.print(format_line(m))
             table.add_row(*format_row(m))
 
         history = trainer.run(on_step)

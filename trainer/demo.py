@@ -19,28 +19,50 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .cli import COLUMNS, format_row
-from .config import TrainConfig
+from .cli import COLUMNS, format_line, format_row
+from .config import REPLAY_MODES, TrainConfig
 from .tasks import Task
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    console = Console()
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    model_dir = _warm_model(console, args, out, Task("addition", digits=2))
+
+    # 2. the server
+    from pr2_serve.launch import start_server
+
+    state = out / "server-state"
+    shutil.rmtree(state, ignore_errors=True)
+    key = secrets.token_hex(16)
+    with console.status("starting pr2-serve (vLLM CPU build + PR2 plugin)..."):
+        server = start_server(model_dir, state, api_key=key)
+    console.print(f"[bold]2.[/bold] pr2-serve ready at {server.http} (gRPC {server.grpc})")
+    try:
+        history, baseline = _train(console, args, server.http, key, model_dir, out)
+    finally:
+        server.stop()
+        console.print("   server stopped")
+    _summarize(console, args, out, history, baseline, t_start)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pr2-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--replay", default="pr2")
+    ap.add_argument("--replay", choices=REPLAY_MODES, default="pr2")
     ap.add_argument("--warmup-target", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
     ap.add_argument("--off-policy-steps", type=int, default=2)
-    args = ap.parse_args(argv)
-    console = Console()
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    task = Task("addition", digits=2)
+    return ap
 
-    # 1. model + warm-up (reused if a previous demo made it)
+
+def _warm_model(console: Console, args, out: Path, task: Task) -> Path:
+    """1. model + warm-up (reused if a previous demo made it)."""
     from pr2_serve.tiny_model import make_tiny_model
 
     model_dir = out / "model"
@@ -58,23 +80,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         console.print(f"[bold]1.[/bold] reusing the warmed-up checkpoint {model_dir}")
+    return model_dir
 
-    # 2. the server
-    from pr2_serve.launch import start_server
 
-    state = out / "server-state"
-    shutil.rmtree(state, ignore_errors=True)
-    key = secrets.token_hex(16)
-    with console.status("starting pr2-serve (vLLM CPU build + PR2 plugin)..."):
-        server = start_server(model_dir, state, api_key=key)
-    console.print(f"[bold]2.[/bold] pr2-serve ready at {server.http} (gRPC {server.grpc})")
-    try:
-        history, baseline = _train(console, args, server.http, key, model_dir, out)
-    finally:
-        server.stop()
-        console.print("   server stopped")
-
-    # 3. summary + plot
+def _summarize(
+    console: Console, args, out: Path, history: list[dict], baseline: float, t_start: float
+) -> None:
+    """3. summary + plot."""
     from .plots import plot_run
 
     png = plot_run(
@@ -131,23 +143,18 @@ def _train(
         api_key=key,
     )
     console.print(f"[bold]3.[/bold] pr2-train {json.dumps(cfg.to_dict())}")
-    trainer = Trainer(cfg)
-    baseline = trainer.evaluate()
-    console.print(f"   held-out accuracy before RL: {baseline:.3f}")
     table = Table(*[c for c, _ in COLUMNS], title="per step")
-    with console.status("training...") as status:
+    with Trainer(cfg) as trainer:
+        baseline = trainer.evaluate()
+        console.print(f"   held-out accuracy before RL: {baseline:.3f}")
+        with console.status("training...") as status:
 
-        def on_step(m: dict) -> None:
-            table.add_row(*format_row(m))
-            status.update(f"step {m['step']}/{cfg.steps}: reward {m['reward_mean']:.3f}")
-            console.print(
-                "   "
-                + "  ".join(
-                    f"{c}={v}" for (c, _), v in zip(COLUMNS, format_row(m), strict=True) if v
-                )
-            )
+            def on_step(m: dict) -> None:
+                table.add_row(*format_row(m))
+                status.update(f"step {m['step']}/{cfg.steps}: reward {m['reward_mean']:.3f}")
+                console.print("   " + format_line(m))
 
-        history = trainer.run(on_step)
+            history = trainer.run(on_step)
     console.print(table)
     return history, baseline
 

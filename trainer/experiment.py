@@ -149,7 +149,8 @@ def run_cell(
             output_dir=str(cell),
             api_key=key,
         )
-        rows = Trainer(cfg, log=lambda *a: None).run()
+        with Trainer(cfg, log=lambda *a: None) as trainer:
+            rows = trainer.run()
     finally:
         server.stop()
         shutil.rmtree(cell / "server-state", ignore_errors=True)
@@ -240,34 +241,7 @@ def investigate(out: Path, path: Path, steps: int, lr: float, off: int, router_s
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--modes", nargs="+", choices=REPLAY_MODES, default=list(REPLAY_MODES))
-    ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
-    ap.add_argument(
-        "--router-std",
-        type=float,
-        default=0.02,
-        help="router init std of the base model (HF's 0.02: routes that can drift)",
-    )
-    ap.add_argument(
-        "--router-lr-multiplier",
-        type=float,
-        default=30.0,
-        help="router lr = lr x this (a lever for router drift)",
-    )
-    ap.add_argument("--results", default=None, help="default: <out>/results.json")
-    ap.add_argument(
-        "--investigate",
-        metavar="PATH",
-        default=None,
-        help="instead of the grid, run the investigation runs (off-policy 8, seed 0) into PATH",
-    )
-    args = ap.parse_args(argv)
+    args = _parser().parse_args(argv)
     out = Path(args.out)
     if args.investigate:
         investigate(out, Path(args.investigate), args.steps, args.lr, 8, args.router_std)
@@ -308,6 +282,37 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {results_path}; regenerate the README with: python -m trainer.report "
         f"{results_path} README.md"
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--modes", nargs="+", choices=REPLAY_MODES, default=list(REPLAY_MODES))
+    ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
+    ap.add_argument(
+        "--router-std",
+        type=float,
+        default=0.02,
+        help="router init std of the base model (HF's 0.02: routes that can drift)",
+    )
+    ap.add_argument(
+        "--router-lr-multiplier",
+        type=float,
+        default=30.0,
+        help="router lr = lr x this (a lever for router drift)",
+    )
+    ap.add_argument("--results", default=None, help="default: <out>/results.json")
+    ap.add_argument(
+        "--investigate",
+        metavar="PATH",
+        default=None,
+        help="instead of the grid, run the investigation runs (off-policy 8, seed 0) into PATH",
+    )
+    return ap
 
 
 def _write(path: Path, args, cells: list[dict]) -> None:
