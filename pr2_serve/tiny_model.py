@@ -152,21 +152,11 @@ def make_tiny_model(
         model.generation_config.eos_token_id = stops
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-
     if predictor == "random":
         std = spec.router_std if predictor_std is None else predictor_std
         _add_random_predictors(out / "model.safetensors", config.to_dict(), spec, gen, std)
-    (out / "pr2_tiny.json").write_text(
-        json.dumps(
-            {
-                "seed": seed,
-                "predictor": predictor,
-                "tokenizer": tokenizer,
-                "spec": _spec_dict(spec),
-            },
-            indent=1,
-        )
-    )
+    meta = {"seed": seed, "predictor": predictor, "tokenizer": tokenizer}
+    (out / "pr2_tiny.json").write_text(json.dumps({**meta, "spec": _spec_dict(spec)}, indent=1))
     return out
 
 
