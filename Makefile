@@ -46,7 +46,8 @@ experiment: $(STAMP)
 	cp runs/experiment/*.png results/experiment/
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
-# Schema fuzzing, 32 clients x 60 s during weight pushes, faults, security (<= 10 min).
+# Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker
+# CPU recipe followed without Docker (~19 min here on 2 shared cores, ~9 of them the recipe).
 reliability: $(STAMP)
 	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider
 
