@@ -73,7 +73,7 @@ def start_server(
         preexec_fn=limit_files if file_size_limit else None,
     )
     log: list[str] = []
-    http, grpc = _wait_ready(proc, log, timeout)
+    http, grpc = wait_ready(proc, log, timeout)
     return Server(proc, f"http://{http}", grpc, Path(state_dir), log)
 
 
@@ -99,8 +99,9 @@ def server_command(model_dir, state_dir, dtype: str, *extra: str) -> list[str]:
     ]
 
 
-def _wait_ready(proc: subprocess.Popen, log: list[str], timeout: float) -> tuple[str, str]:
-    """Collect the server's output into ``log`` until its ready line; its (http, grpc) ports."""
+def wait_ready(proc: subprocess.Popen, log: list[str], timeout: float) -> tuple[str, str]:
+    """Collect the output of a ``pr2-serve`` process (stdout piped) into ``log`` until its
+    ready line; its (http, grpc) addresses. Any launcher can use it, not only this module's."""
     ready = threading.Event()
     ports: dict[str, str] = {}
 

@@ -10,17 +10,7 @@ import torch
 
 from pr2_serve.plugin.router import PR2Predictor, PR2Router, RouteCapture
 from pr2_serve.routing import pr2_route
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
+from tests.devices import DEVICES
 
 
 def _router(device, experts, hidden, k, dtype):

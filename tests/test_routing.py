@@ -13,17 +13,7 @@ from pr2_serve.routing import (
     select_experts,
     selection_scores,
 )
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.cuda,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-        ],
-    ),
-]
+from tests.devices import DEVICES
 
 
 def reference_route(h, w_r, w_p, k, renormalize):

@@ -8,14 +8,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from pr2_serve.api.config import default_state_dir, parse_args
 from pr2_serve.api.startup import StartupError, check_model_dir, check_state_dir
+from pr2_serve.launch import wait_ready
 from tests.helpers import API_KEY
 
 
@@ -231,22 +230,8 @@ def _serve(cmd: list[str], env: dict, timeout: float = 240.0):
         env={**os.environ, "PR2_API_KEY": API_KEY, **env},
     )
     log: list[str] = []
-    found: dict = {}
-
-    def pump():
-        for line in proc.stdout:
-            log.append(line)
-            if m := re.search(r"pr2-serve ready http=(\S+)", line):
-                found["http"] = f"http://{m.group(1)}"
-
-    threading.Thread(target=pump, daemon=True).start()
-    t0 = time.time()
-    while "http" not in found:
-        if proc.poll() is not None or time.time() - t0 > timeout:
-            proc.kill()
-            raise RuntimeError("".join(log[-40:]))
-        time.sleep(0.3)
-    return proc, found["http"], log
+    http, _grpc = wait_ready(proc, log, timeout)
+    return proc, f"http://{http}", log
 
 
 @pytest.mark.vllm
