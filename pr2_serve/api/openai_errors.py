@@ -47,7 +47,20 @@ class OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+# Before Open API 3.2 the ``schema`` of an event stream describes one event, as SSE parsers read
+# it (``data`` lines joined, ``event`` defaulting to "message"); each ``data`` is one JSON chunk
+# or ``[DONE]``.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data", "event"],
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
+SSE = {"text/event-stream": {"schema": SSE_EVENT}}
 RESPONSES = {code: {"model": OpenAIError} for code in (400, 404, 409, 429, 500, 503)}
 STREAMING = {**RESPONSES, 200: {"content": SSE}}
 
