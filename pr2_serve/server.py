@@ -110,7 +110,12 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
     validate_parallelism(cfg, on_cpu=current_platform.is_cpu())
     api_key = read_api_key(cfg)
     service = RolloutService(
-        None, state_dir, api_key, cfg.limits(), keep_versions=cfg.keep_versions
+        None,
+        state_dir,
+        api_key,
+        cfg.limits(),
+        keep_versions=cfg.keep_versions,
+        weights_dir=cfg.weights_dir,
     )
     if not api_key:
         print("pr2-serve: no API key: weight pushes are refused", file=sys.stderr)

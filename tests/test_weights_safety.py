@@ -179,6 +179,15 @@ def test_rollback_to_a_kept_version_gives_its_outputs(server, http, rpc):
     assert http.info()["weight_version"] == v + 5
 
 
+def test_loading_from_a_path_is_refused_without_weights_dir(server, http, rpc, tiny_zero):
+    v = http.info()["weight_version"]
+    for client in (http, rpc):
+        with pytest.raises(ServerError) as e:
+            client.load_weights(str(Path(tiny_zero) / "model.safetensors"), v + 1)
+        assert e.value.status in (403, "PERMISSION_DENIED") and "--weights-dir" in str(e.value)
+    assert http.info()["weight_version"] == v
+
+
 def test_engine_errors_answer_in_the_error_shape(server, http):
     r = httpx.post(
         f"{server.http}/v1/generate",

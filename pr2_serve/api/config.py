@@ -76,6 +76,11 @@ class ServerConfig:
     keep_versions: int = option(
         2, "committed weight versions kept in the state directory (rollback targets), >= 1"
     )
+    weights_dir: str | None = option(
+        None,
+        "allow POST /v1/weights/load/{version} (gRPC LoadWeights) to load checkpoints from "
+        "paths inside this directory (symlinks resolved; '..' refused); absent: disabled",
+    )
     dtype: str = option("auto", "model dtype (vLLM's --dtype)")
     seed: int = option(0, "engine seed (requests without a seed draw from it)")
     max_upload_bytes: int = option(_LIMITS.max_upload_bytes, "largest weight upload, bytes")

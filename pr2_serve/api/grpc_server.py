@@ -177,6 +177,19 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
         except Exception as e:
             await self._abort(context, e)
 
+    async def LoadWeights(self, request, context):
+        try:
+            meta = dict(context.invocation_metadata())
+            self.service.check_auth(meta.get("authorization"))
+            if request.version < MIN_WEIGHT_VERSION:
+                raise ApiError(
+                    400, "invalid_argument", f"version must be >= {MIN_WEIGHT_VERSION}", "version"
+                )
+            res = await self.service.load_weights(request.version, request.path, "grpc")
+            return pb2.UpdateWeightsResponse(**res)
+        except Exception as e:
+            await self._abort(context, e)
+
 
 async def _chunks(request_iterator) -> AsyncIterator[bytes]:
     """The upload's bytes: every message after the header must be a chunk."""

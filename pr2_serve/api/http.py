@@ -24,6 +24,7 @@ from .schemas import (
     GenerateRequest,
     GenerateResponse,
     Info,
+    LoadWeightsRequest,
     Readiness,
     WeightsResponse,
 )
@@ -92,6 +93,7 @@ def create_app(service: RolloutService) -> FastAPI:
     add_generate_routes(app, service)
     add_weights_route(app, service)
     add_rollback_route(app, service)
+    add_load_route(app, service)
     add_metrics_route(app, service)
     add_openai_routes(app, service)  # the OpenAI-compatible dialect (vLLM's shapes)
     add_sglang_routes(app, service)  # the SGLang-compatible /generate (slime, miles)
@@ -282,6 +284,23 @@ def add_rollback_route(app: FastAPI, service: RolloutService) -> None:
         """
         service.check_auth(authorization)
         return await service.rollback(version, "http")
+
+
+def add_load_route(app: FastAPI, service: RolloutService) -> None:
+    @app.post("/v1/weights/load/{version}", response_model=WeightsResponse, responses=ERRORS)
+    async def load_weights(
+        body: LoadWeightsRequest,
+        version: int = Path(ge=MIN_WEIGHT_VERSION, le=MAX_WEIGHT_VERSION),
+        authorization: str | None = Header(None),
+    ):
+        """Load a checkpoint from the server's own filesystem as ``version`` (SGLang's
+        ``update_weights_from_disk``): only paths inside ``--weights-dir`` (403 otherwise,
+        or when the flag is absent). Checked, applied and committed exactly as a push.
+
+        Header: ``Authorization: Bearer <key>``. Body: ``{"path": "step-40/model"}``.
+        """
+        service.check_auth(authorization)
+        return await service.load_weights(version, body.path, "http")
 
 
 def add_metrics_route(app: FastAPI, service: RolloutService) -> None:

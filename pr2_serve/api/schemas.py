@@ -118,6 +118,15 @@ class WeightsResponse(BaseModel):
     rolled_back_to: int | None = None
 
 
+class LoadWeightsRequest(BaseModel):
+    """``POST /v1/weights/load/{version}``: a checkpoint on the server's filesystem (a
+    ``.safetensors`` file or a directory of them), inside ``pr2-serve --weights-dir``
+    (relative paths are taken from it). Example: ``{"path": "step-40/model"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: StrictStr = Field(min_length=1, max_length=4096)
+
+
 class Readiness(BaseModel):
     """``GET /readyz``: ``{"status": "ready", "weight_version": 3}``, or (503)
     ``{"status": "not ready", "reason": "loading"}``."""

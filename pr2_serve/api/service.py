@@ -12,6 +12,7 @@ them:
   weights before any request does, and on a problem the engine restores the previous weights
   and the push is refused. Only then does the store record the committed version, so a
   restarted server comes back serving it. A failed push leaves no file and no change.
+  Loading a checkpoint from a path (``--weights-dir``) copies its files in and goes the same way.
 - **Rollback:** the store keeps the last ``keep_versions`` committed versions; going back to
   one (or to 0, the model directory) applies its files as a new, higher version.
 - **Fitness:** the served weights must pass the canary (at start, after each change, and again
@@ -27,6 +28,7 @@ import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import require_newer
@@ -34,6 +36,7 @@ from ..types import Rollout, StreamEvent
 from .canary import Canary, output_problem
 from .config import Limits
 from .errors import ENGINE_ERRORS, ApiError, from_engine
+from .load_path import checkpoint_files, resolve_load_path
 from .metrics import Metrics
 from .schemas import GenerateRequest
 from .validate import validate
@@ -56,9 +59,11 @@ class RolloutService:
         limits: Limits | None = None,
         metrics: Metrics | None = None,
         keep_versions: int = 2,
+        weights_dir: str | None = None,
     ) -> None:
         self.engine = engine
         self.api_key = api_key
+        self.weights_dir = weights_dir  # what POST /v1/weights/load may read (None: disabled)
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.store = WeightStore(state_dir, self.limits.max_upload_bytes, keep_versions)
@@ -281,6 +286,27 @@ class RolloutService:
         The result has the time split: receive, check (names, shapes, dtypes, finite values),
         apply (the reload), canary."""
         self.store.check_declared(sha256, declared_size)
+
+        async def receive() -> tuple[list[Path], int]:
+            path, size = await self.store.receive(chunks, version, sha256, declared_size)
+            return [path], size
+
+        return await self._update(version, receive, protocol, "push")
+
+    async def load_weights(self, version: int, path: str, protocol: str) -> dict:
+        """Load a checkpoint from the server's own filesystem (only inside ``--weights-dir``,
+        see :mod:`.load_path`) as ``version``: copied into the state directory (so a restart
+        restores it), then checked and applied exactly as a push."""
+        files = checkpoint_files(resolve_load_path(path, self.weights_dir))
+
+        async def receive() -> tuple[list[Path], int]:
+            return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
+
+        return await self._update(version, receive, protocol, f"load {path}")
+
+    async def _update(self, version: int, receive, protocol: str, source: str) -> dict:
+        """Receive ``version``'s files, check and apply them with the canary, commit; on any
+        failure the received files are removed and the previous weights serve on."""
         self._require_loaded()
         async with self._push_lock:
             try:
@@ -289,11 +315,13 @@ class RolloutService:
                 raise from_engine(e) from e
             t0 = time.perf_counter()
             try:
-                path, size = await self.store.receive(chunks, version, sha256, declared_size)
+                paths, size = await receive()
                 received = time.perf_counter() - t0
                 t1 = time.perf_counter()
-                prepare = asyncio.to_thread(self.engine.prepare_update, path, version)
-                files = await self._engine_call(prepare)
+                files = {}
+                for path in paths:
+                    prepare = asyncio.to_thread(self.engine.prepare_update, path, version)
+                    files.update(await self._engine_call(prepare))
                 checked = time.perf_counter() - t1
                 result, canary = await self._apply(files, version, replace=False)
             except BaseException:
@@ -301,7 +329,7 @@ class RolloutService:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
-            self.store.commit(files, version)
+            self.store.commit(files, version, source=source)
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
             return {

@@ -2,8 +2,9 @@
 
 An upload is written to ``weights/.v<version>-<id>.part`` while it is hashed (on a writer
 thread, never held in memory), size-limited as it arrives, checked against its declared size
-and sha256, and only then renamed to ``weights/v<version>.safetensors``. The committed version
-and its files are recorded in ``committed.json`` (written atomically), so a restarted server
+and sha256, and only then renamed to ``weights/v<version>.safetensors`` (a checkpoint loaded
+from a path is copied in as ``weights/v<version>-<k>.safetensors``). The committed version and
+its files are recorded in ``committed.json`` (written atomically), so a restarted server
 comes back serving them, with the files of the ``keep_versions - 1`` versions committed before
 it (``history``, newest first: what a rollback can go back to); files no kept version refers to
 are removed (on start and on each commit).
@@ -23,6 +24,7 @@ import hmac
 import json
 import os
 import queue
+import shutil
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -122,8 +124,10 @@ class WeightStore:
                     f.unlink()
 
     def discard(self, version: int) -> None:
-        """Remove the received (uncommitted) file of ``version``."""
+        """Remove the received or copied-in (uncommitted) files of ``version``."""
         self._final(version).unlink(missing_ok=True)
+        for f in self.weights_dir.glob(f"v{version}-*.safetensors"):
+            f.unlink(missing_ok=True)
 
     def _final(self, version: int) -> Path:
         return self.weights_dir / f"v{version}.safetensors"
@@ -170,6 +174,24 @@ class WeightStore:
             part.unlink(missing_ok=True)
             raise
         return final, size
+
+    async def copy_in(self, files: list[Path], version: int) -> list[Path]:
+        """Copy a checkpoint's files into the store as ``version``'s (a copy, not a link: the
+        owner may rewrite its files in place; the server must restore this version after a
+        restart); on any failure no file is left."""
+        parts = [self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part" for _ in files]
+        finals = [self.weights_dir / f"v{version}-{k}.safetensors" for k in range(len(files))]
+        try:
+            for src, part, final in zip(files, parts, finals, strict=True):
+                await asyncio.to_thread(shutil.copyfile, src, part)
+                part.replace(final)
+        except BaseException as e:
+            for f in [*parts, *finals]:
+                f.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise storage_error(e) from e
+            raise
+        return finals
 
     async def _write(self, chunks: AsyncIterator[bytes], part: Path) -> tuple[str, int]:
         """``(sha256, size)`` of ``chunks`` written to ``part``; hashing and disk writes run

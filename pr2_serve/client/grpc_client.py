@@ -85,6 +85,16 @@ class GrpcClient:
             raise _grpc_error(e) from None
         return _weights_result(res)
 
+    def load_weights(self, path: str, version: int) -> dict:
+        """Load a checkpoint from the server's filesystem (inside its ``--weights-dir``)."""
+        meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        request = self._pb2.LoadWeightsRequest(version=version, path=path)
+        try:
+            res = self._stub.LoadWeights(request, metadata=meta, timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        return _weights_result(res)
+
     def close(self) -> None:
         self._channel.close()
 

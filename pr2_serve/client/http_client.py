@@ -93,6 +93,14 @@ class HttpClient:
         _raise_http(r)
         return r.json()
 
+    def load_weights(self, path: str, version: int) -> dict:
+        """Load a checkpoint from the server's filesystem (inside its ``--weights-dir``) as
+        ``version``; the server's result as for a push."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = self._http.post(f"/v1/weights/load/{version}", json={"path": path}, headers=headers)
+        _raise_http(r)
+        return push_result(r.json())
+
     def close(self) -> None:
         self._http.close()
 

@@ -1,0 +1,108 @@
+"""Weights loaded from the server's own filesystem (``pr2-serve --weights-dir``; a real server,
+HTTP and gRPC): a loaded checkpoint serves exactly as the same tensors pushed, is copied into the
+state directory (restorable, independent of its source), and paths outside the directory --
+absolute, with ``..``, through a symlink -- are refused with the old version serving on."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pr2_serve.client import GrpcClient, HttpClient, ServerError
+from tests.helpers import API_KEY, start_server
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = [[5, 6, 7], list(range(40, 70))]
+GREEDY = {"temperature": 0.0, "max_tokens": 6}
+PRED = "model.layers.{}.mlp.predictor.weight"
+
+
+def predictors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {PRED.format(i): torch.randn(8, 64, generator=g) * 2.0 for i in range(4)}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_zero, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("load")
+    allowed, state = tmp / "allowed", tmp / "state"
+    (allowed / "step-1").mkdir(parents=True)
+    save_file(predictors(11), str(allowed / "step-1" / "model.safetensors"))
+    save_file(predictors(12), str(allowed / "b.safetensors"))
+    save_file(predictors(13), str(tmp / "outside.safetensors"))
+    os.symlink(tmp / "outside.safetensors", allowed / "escape.safetensors")
+    srv = start_server(tiny_zero, state, "--weights-dir", str(allowed))
+    http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, api_key=API_KEY)
+    yield srv, http, rpc, tmp
+    http.close()
+    rpc.close()
+    assert srv.stop() == 0, "".join(srv.log[-40:])
+
+
+def outputs(client) -> list:
+    return client.generate(PROMPTS, **GREEDY).samples
+
+
+def assert_same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert x.output_token_ids == y.output_token_ids
+        np.testing.assert_array_equal(np.array(x.logprobs), np.array(y.logprobs))
+        np.testing.assert_array_equal(x.routes, y.routes)
+
+
+def test_a_loaded_checkpoint_serves_as_the_same_tensors_pushed(setup):
+    _, http, rpc, tmp = setup
+    base = outputs(http)
+    assert http.load_weights("step-1", 1)["weight_version"] == 1  # relative to --weights-dir
+    loaded = outputs(http)
+    assert {s.weight_version for s in loaded} == {1}
+    assert any(a.output_token_ids != b.output_token_ids for a, b in zip(base, loaded, strict=True))
+    http.push_weights(predictors(11), 2)
+    assert_same(outputs(http), loaded)
+    src = tmp / "allowed" / "b.safetensors"
+    assert rpc.load_weights(str(src), 3)["weight_version"] == 3  # absolute, inside
+    served = outputs(rpc)
+    # copied in, not linked: the committed version keeps its tensors when the source changes
+    record = json.loads((tmp / "state" / "committed.json").read_text())
+    assert record["version"] == 3 and record["source"] == f"load {src}"
+    stored = tmp / "state" / "weights" / record["files"][PRED.format(0)]
+    assert stored.parent == tmp / "state" / "weights" and stored.exists()
+    save_file(predictors(99), str(src))
+    torch.testing.assert_close(
+        load_file(str(stored))[PRED.format(0)], predictors(12)[PRED.format(0)]
+    )
+    assert_same(outputs(http), served)
+
+
+def test_paths_outside_the_weights_dir_are_refused_and_nothing_changes(setup):
+    srv, http, rpc, tmp = setup
+    v = http.info()["weight_version"]
+    before = outputs(http)
+    cases = [
+        ("../outside.safetensors", 403),
+        (str(tmp / "outside.safetensors"), 403),
+        ("escape.safetensors", 403),  # a symlink leading out
+        ("missing.safetensors", 404),
+    ]
+    for client in (http, rpc):
+        for path, status in cases:
+            with pytest.raises(ServerError) as e:
+                client.load_weights(path, v + 1)
+            code = {403: "PERMISSION_DENIED", 404: "NOT_FOUND"}[status]
+            assert e.value.status in (status, code) and e.value.field == "path", (path, e.value)
+        with pytest.raises(ServerError) as e:
+            client.load_weights("b.safetensors", v)  # not newer
+        assert e.value.status in (409, "FAILED_PRECONDITION")
+    for client in (HttpClient(srv.http), GrpcClient(srv.grpc)):  # no key
+        with pytest.raises(ServerError) as e:
+            client.load_weights("b.safetensors", v + 1)
+        assert e.value.status in (401, "UNAUTHENTICATED")
+    assert http.info()["weight_version"] == v
+    assert_same(outputs(http), before)
+    assert sorted(p.name for p in (tmp / "state" / "weights").glob("*.part")) == []
