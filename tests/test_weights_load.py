@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -103,6 +104,12 @@ def test_paths_outside_the_weights_dir_are_refused_and_nothing_changes(setup):
         with pytest.raises(ServerError) as e:
             client.load_weights("b.safetensors", v + 1)
         assert e.value.status in (401, "UNAUTHENTICATED")
+    url, auth = f"{srv.http}/v1/weights/load/{v + 1}", {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.post(url, content=b"{").status_code == 401  # the token before the body
+    r = httpx.post(url, content=b"{", headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "malformed_json"
+    r = httpx.post(url, json={"path": "b.safetensors", "extra": 1}, headers=auth)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "extra"
     assert http.info()["weight_version"] == v
     assert_same(outputs(http), before)
     assert sorted(p.name for p in (tmp / "state" / "weights").glob("*.part")) == []

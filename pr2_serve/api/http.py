@@ -12,6 +12,7 @@ import json
 from fastapi import FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..types import Rollout, StreamEvent
@@ -287,9 +288,16 @@ def add_rollback_route(app: FastAPI, service: RolloutService) -> None:
 
 
 def add_load_route(app: FastAPI, service: RolloutService) -> None:
-    @app.post("/v1/weights/load/{version}", response_model=WeightsResponse, responses=ERRORS)
+    body_schema = {"application/json": {"schema": LoadWeightsRequest.model_json_schema()}}
+
+    @app.post(
+        "/v1/weights/load/{version}",
+        response_model=WeightsResponse,
+        responses=ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": body_schema}},
+    )
     async def load_weights(
-        body: LoadWeightsRequest,
+        request: Request,
         version: int = Path(ge=MIN_WEIGHT_VERSION, le=MAX_WEIGHT_VERSION),
         authorization: str | None = Header(None),
     ):
@@ -297,9 +305,14 @@ def add_load_route(app: FastAPI, service: RolloutService) -> None:
         ``update_weights_from_disk``): only paths inside ``--weights-dir`` (403 otherwise,
         or when the flag is absent). Checked, applied and committed exactly as a push.
 
-        Header: ``Authorization: Bearer <key>``. Body: ``{"path": "step-40/model"}``.
+        Header: ``Authorization: Bearer <key>``. Body: ``{"path": "step-40/model"}`` (read
+        only after the token is checked).
         """
         service.check_auth(authorization)
+        try:
+            body = LoadWeightsRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise from_validation(e.errors()) from None
         return await service.load_weights(version, body.path, "http")
 
 
