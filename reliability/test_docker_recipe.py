@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -33,6 +32,7 @@ import pytest
 import torch
 
 from pr2_serve.client import HttpClient
+from pr2_serve.launch import wait_ready
 from pr2_serve.tiny_model import make_tiny_model
 from reliability.dockerfile import local_command, run_steps, stage
 from reliability.test_reliability import record
@@ -144,22 +144,11 @@ def start(cmd: list[str], cwd: Path, env: dict, timeout: float = 300.0):
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     log: list[str] = []
-    found: dict = {}
-
-    def pump():
-        for line in proc.stdout:
-            log.append(line)
-            if m := re.search(r"pr2-serve ready http=(\S+)", line):
-                found["http"] = f"http://{m.group(1)}"
-
-    threading.Thread(target=pump, daemon=True).start()
-    t0 = time.time()
-    while "http" not in found:
-        if proc.poll() is not None or time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("pr2-serve did not become ready:\n" + "".join(log[-60:]))
-        time.sleep(0.3)
-    return proc, found["http"], log
+    try:
+        http, _ = wait_ready(proc, log, timeout)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
+    return proc, f"http://{http}", log
 
 
 def stop(proc) -> None:

@@ -77,6 +77,8 @@ def test_readme_commands_match_the_dockerfile():
     assert any(v.endswith(":/models:ro") for v in rollout["volumes"])
     assert any(v.split(":")[1] == "/state" for v in rollout["volumes"])
     assert compose["services"]["trainer"]["entrypoint"] == ["pr2-train"]
+    models = [v for v in compose["services"]["trainer"]["volumes"] if ":/models" in v]
+    assert models and all(v.endswith(":/models:ro") for v in models)  # the trainer only reads
 
 
 def test_the_recipe_test_can_follow_every_cpu_step():
