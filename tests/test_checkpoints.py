@@ -154,6 +154,12 @@ def test_resync_plan():
     assert ck.resync_plan([5, 5], 4) == (6, [0, 1])
 
 
+def test_config_changes():
+    saved = TrainConfig(servers=["http://a"], seed=1).to_dict()
+    now = TrainConfig(servers=["http://b"], seed=2, steps=99, resume=True).to_dict()
+    assert ck.config_changes(saved, now) == {"seed": (1, 2)}
+
+
 class FakeClient:
     def __init__(self, version: int) -> None:
         self.version, self.pushed = version, []

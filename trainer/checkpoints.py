@@ -268,18 +268,29 @@ def resync_servers(trainer, ckpt: Path, version: int) -> int:
     ``version`` (:func:`resync_plan`); the version the servers now serve."""
     versions = [c.info()["weight_version"] for c in trainer.clients]
     target, push = resync_plan(versions, version)
-    path = ckpt / "model.safetensors"
-    results = list(
-        trainer.pool.map(lambda i: trainer.clients[i].push_weights(str(path), target), push)
-    )
-    if any(r["weight_version"] != target for r in results):
-        raise RuntimeError(f"servers did not all commit version {target}: {results}")
+    push_file(trainer, ckpt / "model.safetensors", target, push)
     if push:
         trainer.log(
             f"resume: pushed {ckpt.name} as version {target} to "
             f"{[trainer.cfg.servers[i] for i in push]} (they served {[versions[i] for i in push]})"
         )
     return target
+
+
+def push_file(trainer, path: Path, version: int, servers: Sequence[int]) -> None:
+    """Push the weights file ``path`` as ``version`` to ``trainer``'s servers ``servers``
+    (indices), in parallel; raise unless each committed it."""
+    clients = trainer.clients
+    results = list(trainer.pool.map(lambda i: clients[i].push_weights(str(path), version), servers))
+    if any(r["weight_version"] != version for r in results):
+        raise RuntimeError(f"servers did not all commit version {version}: {results}")
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """The fields whose value differs between a checkpoint's config and this run's, as
+    ``{name: (saved, now)}`` (where a run may legitimately differ: left out)."""
+    free = {"steps", "servers", "output_dir", "api_key", "resume", "save_every", "keep_checkpoints"}
+    return {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -328,6 +339,8 @@ def resume(trainer) -> tuple[int, list[dict]]:
         raise CheckpointError(f"--resume: no {PREFIX}<step> directory in {out}")
     state = load_checkpoint(trainer, ckpt)
     step = state["step"]
+    if changed := config_changes(state["config"], trainer.cfg.to_dict()):
+        trainer.log(f"resume: this run's config differs from {ckpt.name}'s (was, now): {changed}")
     trainer.version = resync_servers(trainer, ckpt, state["weight_version"])
     rows = cut_metrics(out / "metrics.jsonl", step)
     trainer.log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
