@@ -151,7 +151,9 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
     output directory, atomically, and prune to ``cfg.keep_checkpoints``; the checkpoint.
 
     Also what a run that cannot go on (no server left) calls before it exits, so that
-    ``--resume`` continues it."""
+    ``--resume`` continues it. The state must be a step boundary: a step that failed before
+    its training (rollouts) is saved as the step before; one that failed after it (the push)
+    as itself (write its metrics row first; resume pushes the weights the servers lack)."""
     cfg = trainer.cfg
     step = getattr(trainer, "last_step", 0) if step is None else step
     state_dict = trainer.learner.state_dict()  # (a collective when sharded)
@@ -341,7 +343,7 @@ def resume(trainer) -> tuple[int, list[dict]]:
     step = state["step"]
     if changed := config_changes(state["config"], trainer.cfg.to_dict()):
         trainer.log(f"resume: this run's config differs from {ckpt.name}'s (was, now): {changed}")
+    trainer.log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
     trainer.version = resync_servers(trainer, ckpt, state["weight_version"])
     rows = cut_metrics(out / "metrics.jsonl", step)
-    trainer.log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
     return step + 1, rows
