@@ -79,6 +79,15 @@ class TrainConfig:
     """Under ``torchrun``: ``ddp`` (the policy replicated on every rank) or ``fsdp2``
     (``fully_shard`` per decoder layer: parameters, gradients and optimizer state sharded
     across ranks; predictors stay replicated). Ignored in a single process."""
+    # -- checkpoints and resume (trainer/checkpoints.py) --
+    save_every: int = 0
+    """Write a checkpoint (``output_dir/checkpoint-<step>``) every this many steps and after
+    the last one (0: none)."""
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints (0: all)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``output_dir``: its weights, optimizer and RNG
+    states; servers on another version get its weights first."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -150,6 +159,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         kw: dict[str, Any] = {"default": None, "help": f"{docs[f.name]} [{default}]"}
         if f.name == "servers":
             kw["nargs"] = "+"
+        elif hints[f.name] is bool:
+            kw["action"] = argparse.BooleanOptionalAction
         elif f.name in choices:  # the value is checked by TrainConfig: a ValueError naming it
             kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         else:

@@ -155,8 +155,10 @@ class ShardedLearner(Learner):
 def run_distributed(cfg: TrainConfig) -> None:
     """``pr2-train`` under torchrun: rank 0 runs the :class:`Trainer` (rollouts, pushes,
     evaluation, metrics) with a :class:`ShardedLearner`; the other ranks follow its steps."""
+    from .checkpoints import check_supported
     from .loop import Trainer
 
+    check_supported(cfg, distributed=True)  # (on every rank, before any collective)
     rank, _, device = setup()
     learner = ShardedLearner(Policy(cfg.model_dir, seed=cfg.seed, device=device), cfg)
     if rank == 0:

@@ -27,6 +27,7 @@ import torch
 
 from pr2_serve.routes import route_rows, validate_routes
 
+from . import checkpoints
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
@@ -128,9 +129,9 @@ class Trainer:
         self.task = Task(cfg.task, cfg.task_digits)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
         versions = {c.info()["weight_version"] for c in self.clients}
-        if len(versions) != 1:
+        if len(versions) != 1 and not cfg.resume:  # (resume re-syncs them: checkpoints.py)
             raise RuntimeError(f"servers disagree on the weight version: {versions}")
-        self.version = versions.pop()
+        self.version = max(versions)
         self.learner = learner or Learner(Policy(cfg.model_dir, seed=cfg.seed), cfg)
         self.policy = self.learner.policy
         replay = self.policy.replay
@@ -255,12 +256,20 @@ class Trainer:
         self.close()
 
     def run(self, on_step=None) -> list[dict]:
-        history = []
+        """The steps (from the newest checkpoint on with ``cfg.resume``), checkpoints every
+        ``cfg.save_every`` steps; the run's metrics rows (those kept from before a resume too)."""
+        cfg = self.cfg
+        checkpoints.check_supported(cfg, distributed=self.learner.shard[1] > 1)
+        start, history = checkpoints.resume(self) if cfg.resume else (1, [])
+        self.last_step = start - 1
         with open(self.out / "metrics.jsonl", "a") as f:
-            for step in range(1, self.cfg.steps + 1):
+            for step in range(start, cfg.steps + 1):
                 m = self.step(step)
                 f.write(json.dumps(m) + "\n")
                 f.flush()
+                self.last_step = step
+                if checkpoints.save_due(step, cfg.save_every, cfg.steps):
+                    checkpoints.save_checkpoint(self, step)
                 history.append(m)
                 if on_step:
                     on_step(m)

@@ -1,0 +1,216 @@
+"""Checkpoints without a server: atomic write, keep-last-N, the save/load round trip (weights,
+both Adam states, RNGs, counters), the server re-sync plan and the metrics cut."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import checkpoints as ck
+from trainer.config import TrainConfig, parse_config
+from trainer.distributed import synthetic_batch
+from trainer.policy import Policy
+from trainer.train_step import Learner
+
+
+def fill(tmp: Path) -> None:
+    (tmp / "a.json").write_text("{}")
+
+
+# -- the directory ---------------------------------------------------------------------------------
+def test_write_is_atomic(tmp_path):
+    first = ck.write_atomically(tmp_path, 1, fill)
+    assert first == tmp_path / "checkpoint-1" and (first / "a.json").exists()
+
+    def crash(tmp: Path) -> None:
+        fill(tmp)
+        raise KeyboardInterrupt  # dies half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        ck.write_atomically(tmp_path, 2, crash)
+    assert ck.latest_checkpoint(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    # a write killed before its rename (SIGKILL) leaves a temporary directory: never a
+    # checkpoint, removed by the next write
+    (tmp_path / f"{ck.TMP_PREFIX}3-x").mkdir()
+    assert ck.latest_checkpoint(tmp_path) == first
+    ck.write_atomically(tmp_path, 3, fill)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3"]
+    # the same step again replaces it
+    ck.write_atomically(tmp_path, 3, lambda t: (t / "b.json").write_text("{}"))
+    assert sorted(p.name for p in (tmp_path / "checkpoint-3").iterdir()) == ["b.json"]
+
+
+def test_keep_last_n(tmp_path):
+    for step in (1, 2, 10, 3, 4):
+        ck.write_atomically(tmp_path, step, fill)
+    (tmp_path / "checkpoint-x").mkdir()  # not a checkpoint name: ignored, kept
+    assert [s for s, _ in ck.checkpoint_dirs(tmp_path)] == [1, 2, 3, 4, 10]
+    assert ck.prune(tmp_path, 0) == []
+    gone = ck.prune(tmp_path, 2)
+    assert [p.name for p in gone] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert [s for s, _ in ck.checkpoint_dirs(tmp_path)] == [4, 10]
+    assert ck.latest_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+def test_save_due():
+    assert [s for s in range(1, 8) if ck.save_due(s, 3, 7)] == [3, 6, 7]
+    assert not any(ck.save_due(s, 0, 7) for s in range(1, 8))
+
+
+# -- the round trip --------------------------------------------------------------------------------
+def make_trainer(model_dir, out: Path, replay: str = "pr2") -> SimpleNamespace:
+    cfg = TrainConfig(
+        servers=["http://unused"],
+        model_dir=str(model_dir),
+        replay=replay,
+        off_policy_steps=2,
+        prompts_per_batch=4,
+        samples_per_prompt=2,
+        lr=1e-3,
+        predictor_lr_multiplier=10,
+        output_dir=str(out),
+        keep_checkpoints=2,
+    )
+    policy = Policy(str(model_dir), seed=0)
+    learner = Learner(policy, cfg)
+    return SimpleNamespace(
+        cfg=cfg,
+        learner=learner,
+        policy=policy,
+        version=0,
+        dropped_stale=0,
+        dropped_bad_routes=0,
+        log=print,
+    )
+
+
+def draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def assert_same_weights(a: Policy, b: Policy) -> None:
+    pa, pb = dict(a.model.named_parameters()), dict(b.model.named_parameters())
+    assert pa.keys() == pb.keys()
+    for name, p in pa.items():
+        assert torch.equal(p, pb[name]), name
+
+
+def test_round_trip(tiny_random, tmp_path):
+    a = make_trainer(tiny_random, tmp_path)
+    batch = synthetic_batch(a.policy)
+    a.learner.train(batch)  # Adam moments, and a router update to remember (drift cosine)
+    a.version, a.dropped_stale, a.dropped_bad_routes = 7, 3, 1
+    random.seed(1), np.random.seed(2), torch.manual_seed(3), draws()
+    path = ck.save_checkpoint(a, step=2)
+    assert path == tmp_path / "checkpoint-2"
+    names = sorted(p.name for p in path.iterdir())
+    assert {"config.json", "model.safetensors", "optimizer.pt", "predictor_optimizer.pt"} <= set(
+        names
+    )
+    expected = draws()
+
+    b = make_trainer(tiny_random, tmp_path)
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    state = ck.load_checkpoint(b, path)
+    assert draws() == expected
+    assert state["step"] == 2 and state["weight_version"] == 7
+    assert (b.dropped_stale, b.dropped_bad_routes) == (3, 1)
+    assert_same_weights(a.policy, b.policy)
+    # the same next step from both: equal weights only if both Adam states came back
+    ma, mb = a.learner.train(batch), b.learner.train(batch)
+    assert_same_weights(a.policy, b.policy)
+    assert ma["router_drift_cos_prev"] == mb["router_drift_cos_prev"] is not None
+    assert ma["predictor_loss"] == mb["predictor_loss"]
+
+    # a checkpoint of another replay mode does not fit (no predictor optimizer in r3)
+    c = make_trainer(tiny_random, tmp_path / "r3", replay="r3")
+    with pytest.raises(ck.CheckpointError, match=r"predictor_optimizer\.pt"):
+        ck.load_checkpoint(c, path)
+
+
+def test_keeps_the_newest(tiny_zero, tmp_path):
+    t = make_trainer(tiny_zero, tmp_path, replay="r3")
+    for step in (1, 2, 3):
+        t.last_step = step
+        ck.save_checkpoint(t)
+    assert [s for s, _ in ck.checkpoint_dirs(tmp_path)] == [2, 3]
+    assert not (tmp_path / "checkpoint-3" / "predictor_optimizer.pt").exists()
+    assert json.loads((tmp_path / "checkpoint-3" / ck.STATE_JSON).read_text())["step"] == 3
+
+
+# -- servers and metrics ---------------------------------------------------------------------------
+def test_resync_plan():
+    assert ck.resync_plan([4], 4) == (4, [])
+    assert ck.resync_plan([2, 4, 0], 4) == (4, [0, 2])  # behind: get the checkpoint's number
+    assert ck.resync_plan([5, 4], 4) == (6, [0, 1])  # one ahead: all to a new one
+    assert ck.resync_plan([5, 5], 4) == (6, [0, 1])
+
+
+def test_config_changes():
+    saved = TrainConfig(servers=["http://a"], seed=1).to_dict()
+    now = TrainConfig(servers=["http://b"], seed=2, steps=99, resume=True).to_dict()
+    assert ck.config_changes(saved, now) == {"seed": (1, 2)}
+
+
+class FakeClient:
+    def __init__(self, version: int) -> None:
+        self.version, self.pushed = version, []
+
+    def info(self) -> dict:
+        return {"weight_version": self.version}
+
+    def push_weights(self, path: str, version: int) -> dict:
+        self.pushed.append((Path(path).name, version))
+        self.version = version
+        return {"weight_version": version}
+
+
+def test_resync_servers(tmp_path):
+    clients = [FakeClient(4), FakeClient(2)]
+    log = []
+    with cf.ThreadPoolExecutor(2) as pool:
+        t = SimpleNamespace(
+            clients=clients, pool=pool, log=log.append, cfg=SimpleNamespace(servers=["a", "b"])
+        )
+        assert ck.resync_servers(t, tmp_path, 4) == 4
+        assert clients[0].pushed == [] and clients[1].pushed == [("model.safetensors", 4)]
+        clients[0].version = 5  # the dead run got one more push in
+        assert ck.resync_servers(t, tmp_path, 4) == 6
+    assert [c.version for c in clients] == [6, 6]
+    assert "version 6" in log[-1]
+
+
+def test_metrics_cut(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')  # torn
+    assert ck.cut_metrics(path, 2) == rows[:2]
+    assert path.read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    assert ck.cut_metrics(tmp_path / "none.jsonl", 2) == []
+
+
+# -- options ---------------------------------------------------------------------------------------
+def test_options():
+    assert parse_config(["--resume", "--save-every", "2"]).resume is True
+    assert parse_config(["--no-resume"]).resume is False
+    cfg = parse_config([])
+    assert (cfg.resume, cfg.save_every, cfg.keep_checkpoints) == (False, 0, 2)
+    ck.check_supported(cfg, distributed=True)  # no checkpoints: fine under torchrun
+    with pytest.raises(SystemExit, match="not supported under torchrun"):
+        ck.check_supported(parse_config(["--resume"]), distributed=True)
+    with pytest.raises(ValueError, match="save_every"):
+        ck.check_supported(parse_config(["--save-every", "-1"]), distributed=False)
+
+
+def test_resume_without_checkpoint(tmp_path):
+    t = SimpleNamespace(cfg=SimpleNamespace(output_dir=str(tmp_path)))
+    with pytest.raises(ck.CheckpointError, match="no checkpoint-<step> directory"):
+        ck.resume(t)

@@ -1,0 +1,349 @@
+"""Checkpoints of a training run, and ``pr2-train --resume``.
+
+A checkpoint is a directory ``OUTPUT_DIR/checkpoint-<step>`` (HF Trainer's naming):
+
+- ``config.json``, ``generation_config.json``, ``model.safetensors``: the policy in HF format
+  with the predictor tensors under the names the servers load (:meth:`Policy.export`, the file
+  a push sends: it is pushed as is on resume);
+- ``optimizer.pt``, ``predictor_optimizer.pt`` (pr2): the Adam states (``torch.save`` of our
+  own file, loaded with ``weights_only=True``);
+- ``trainer_state.safetensors``: torch (and CUDA) RNG states, the last router update (the next
+  drift cosine needs it);
+- ``trainer_state.json``: step, weight version, the python and numpy RNG states, the data
+  position, the drop counters, the run's config.
+
+It is written into a temporary directory inside ``OUTPUT_DIR`` (files fsynced), then renamed:
+a directory named ``checkpoint-<step>`` is always complete. The newest ``keep_checkpoints``
+are kept. On resume the newest one is loaded into the policy, optimizers and RNGs, its weights
+are pushed to every server whose version differs (:func:`resync_plan`), and ``metrics.jsonl``
+is cut after its step, so the run goes on as if it had not stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message names it."""
+
+
+# -- the directory: atomic write, newest, keep-last-N ----------------------------------------------
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """The complete checkpoints in ``out``, oldest first, as ``(step, path)``."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = re.fullmatch(re.escape(PREFIX) + r"(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint in ``out`` (None: there is none)."""
+    dirs = checkpoint_dirs(out)
+    return dirs[-1][1] if dirs else None
+
+
+def write_atomically(out: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """``out/checkpoint-<step>``, filled by ``write(tmp_dir)`` in a temporary directory of
+    ``out`` that is fsynced and renamed into place (replacing one of the same step).
+
+    A crash at any point leaves either no ``checkpoint-<step>`` or a complete one; temporary
+    directories of earlier crashed writes are removed first."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(TMP_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=out))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        final = out / f"{PREFIX}{step}"
+        if final.exists():  # (the same step again: set the old one aside, then drop it)
+            aside = out / f"{TMP_PREFIX}{step}-replaced"
+            final.rename(aside)
+            tmp.rename(final)
+            shutil.rmtree(aside)
+        else:
+            tmp.rename(final)
+        _fsync(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (0: keep all); the deleted ones."""
+    dirs = checkpoint_dirs(out)
+    gone = [p for _, p in dirs[:-keep]] if keep > 0 else []
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
+
+
+def save_due(step: int, save_every: int, steps: int) -> bool:
+    """Whether step ``step`` ends with a checkpoint: every ``save_every`` steps and the last."""
+    return save_every > 0 and (step % save_every == 0 or step == steps)
+
+
+# -- RNG states ------------------------------------------------------------------------------------
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The python, numpy, torch (and CUDA) RNG states as JSON and tensors."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    meta = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": has_gauss, "gauss": gauss},
+    }
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.from_numpy(keys)}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = meta["numpy"]
+    keys = tensors["rng.numpy_keys"].numpy()
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- save ------------------------------------------------------------------------------------------
+def save_checkpoint(trainer, step: int | None = None) -> Path:
+    """Write ``trainer``'s state after ``step`` (default: the last step it finished) into its
+    output directory, atomically, and prune to ``cfg.keep_checkpoints``; the checkpoint.
+
+    Also what a run that cannot go on (no server left) calls before it exits, so that
+    ``--resume`` continues it. The state must be a step boundary: a step that failed before
+    its training (rollouts) is saved as the step before; one that failed after it (the push)
+    as itself (write its metrics row first; resume pushes the weights the servers lack)."""
+    cfg = trainer.cfg
+    step = getattr(trainer, "last_step", 0) if step is None else step
+    state_dict = trainer.learner.state_dict()  # (a collective when sharded)
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        trainer.policy.export(tmp, with_predictor=cfg.replay == "pr2", state_dict=state_dict)
+        torch.save(trainer.learner.opt.state_dict(), tmp / "optimizer.pt")
+        if trainer.learner.pred_opt is not None:
+            torch.save(trainer.learner.pred_opt.state_dict(), tmp / "predictor_optimizer.pt")
+        meta, tensors = rng_state()
+        for i, d in enumerate(trainer.policy.last_router_delta or []):
+            tensors[f"router_delta.{i}"] = d.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        state = {
+            "format": FORMAT,
+            "step": step,
+            "weight_version": trainer.version,
+            # batches and sampling seeds are functions of (seed, step): the step is the position
+            "data_position": {"kind": "step", "step": step, "seed": cfg.seed},
+            "dropped_stale": trainer.dropped_stale,
+            "dropped_bad_routes": trainer.dropped_bad_routes,
+            "rng": meta,
+            "config": cfg.to_dict(),
+        }
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
+
+    path = write_atomically(Path(cfg.output_dir), step, write)
+    prune(Path(cfg.output_dir), cfg.keep_checkpoints)
+    return path
+
+
+# -- load ------------------------------------------------------------------------------------------
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json``."""
+    path = ckpt / STATE_JSON
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state: {e}") from e
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {state.get('format')!r}, expected {FORMAT}")
+    return state
+
+
+def load_model_weights(policy, ckpt: Path) -> None:
+    """The checkpoint's weights into ``policy`` (HF's own load conversion of
+    ``model.safetensors``; predictors only where the file has them)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # HF calls the predictors "unexpected": loaded below
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    res = policy.model.load_state_dict(loaded.state_dict(), strict=False)
+    predictors = set(policy.replay.predictor_state_dict())
+    wrong = [k for k in res.missing_keys if k not in predictors] + list(res.unexpected_keys)
+    if wrong:
+        raise CheckpointError(f"{ckpt}: the model does not fit the policy: {wrong[:5]}")
+    policy.replay.load_predictors(load_file(str(ckpt / "model.safetensors")))
+
+
+def load_optimizer(opt: torch.optim.Optimizer | None, path: Path) -> None:
+    """An optimizer's state from ``path`` (there must be one exactly when ``opt`` exists)."""
+    if (opt is None) != (not path.exists()):
+        have = "has" if path.exists() else "lacks"
+        raise CheckpointError(f"{path.parent}: {have} {path.name}, this run's replay mode does not")
+    if opt is not None:
+        opt.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+
+
+def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
+    """Load ``ckpt`` into ``trainer`` (weights, optimizers, counters, router update, RNGs
+    last); its trainer state."""
+    from safetensors.torch import load_file
+
+    state = read_state(ckpt)
+    learner = trainer.learner
+    load_model_weights(trainer.policy, ckpt)
+    load_optimizer(learner.opt, ckpt / "optimizer.pt")
+    load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer.pt")
+    tensors = load_file(str(ckpt / STATE_TENSORS))
+    delta = [tensors[f"router_delta.{i}"] for i in range(len(trainer.policy.replay.routers))]
+    trainer.policy.last_router_delta = delta if "router_delta.0" in tensors else None
+    trainer.dropped_stale = state["dropped_stale"]
+    trainer.dropped_bad_routes = state["dropped_bad_routes"]
+    set_rng_state(state["rng"], tensors)
+    return state
+
+
+# -- servers ---------------------------------------------------------------------------------------
+def resync_plan(server_versions: Sequence[int], version: int) -> tuple[int, list[int]]:
+    """The version to push the checkpoint's weights as, and to which servers (indices).
+
+    Servers on ``version`` hold its weights. Servers behind it get it as ``version``. When a
+    server is ahead (it got a push after the checkpoint), every server gets it as one new
+    version past the newest, so that they all serve the same version again.
+
+    >>> resync_plan([5, 5], 5), resync_plan([3, 5], 5), resync_plan([5, 6], 5)
+    ((5, []), (5, [0]), (7, [0, 1]))
+    """
+    if max(server_versions) <= version:
+        return version, [i for i, v in enumerate(server_versions) if v != version]
+    return max(server_versions) + 1, list(range(len(server_versions)))
+
+
+def resync_servers(trainer, ckpt: Path, version: int) -> int:
+    """Push ``ckpt``'s weights to every server of ``trainer`` whose version differs from
+    ``version`` (:func:`resync_plan`); the version the servers now serve."""
+    versions = [c.info()["weight_version"] for c in trainer.clients]
+    target, push = resync_plan(versions, version)
+    push_file(trainer, ckpt / "model.safetensors", target, push)
+    if push:
+        trainer.log(
+            f"resume: pushed {ckpt.name} as version {target} to "
+            f"{[trainer.cfg.servers[i] for i in push]} (they served {[versions[i] for i in push]})"
+        )
+    return target
+
+
+def push_file(trainer, path: Path, version: int, servers: Sequence[int]) -> None:
+    """Push the weights file ``path`` as ``version`` to ``trainer``'s servers ``servers``
+    (indices), in parallel; raise unless each committed it."""
+    clients = trainer.clients
+    results = list(trainer.pool.map(lambda i: clients[i].push_weights(str(path), version), servers))
+    if any(r["weight_version"] != version for r in results):
+        raise RuntimeError(f"servers did not all commit version {version}: {results}")
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
+    """The fields whose value differs between a checkpoint's config and this run's, as
+    ``{name: (saved, now)}`` (where a run may legitimately differ: left out)."""
+    free = {"steps", "servers", "output_dir", "api_key", "resume", "save_every", "keep_checkpoints"}
+    return {k: (saved.get(k), v) for k, v in current.items() if k not in free and saved.get(k) != v}
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def metrics_until(lines: Sequence[str], step: int) -> list[dict]:
+    """The metrics rows of steps up to ``step`` (a torn last line is dropped)."""
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", step + 1) <= step:
+            rows.append(row)
+    return rows
+
+
+def cut_metrics(path: Path, step: int) -> list[dict]:
+    """Rewrite ``path`` (``metrics.jsonl``) without the rows after ``step`` (atomically); the
+    rows kept."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    rows = metrics_until(lines, step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return rows
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def check_supported(cfg, distributed: bool) -> None:
+    """Checkpoint options that are valid here (torchrun: not supported yet)."""
+    if cfg.save_every < 0 or cfg.keep_checkpoints < 0:
+        raise ValueError("save_every and keep_checkpoints must be >= 0")
+    if distributed and (cfg.save_every or cfg.resume):
+        raise SystemExit(
+            "--save-every / --resume are not supported under torchrun yet "
+            "(the optimizer state is sharded under fsdp2 and every rank must load it)"
+        )
+
+
+def resume(trainer) -> tuple[int, list[dict]]:
+    """Continue ``trainer``'s run from the newest checkpoint in its output directory: load it,
+    re-sync the servers, cut ``metrics.jsonl``; the next step and the metrics rows kept."""
+    out = Path(trainer.cfg.output_dir)
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: no {PREFIX}<step> directory in {out}")
+    state = load_checkpoint(trainer, ckpt)
+    step = state["step"]
+    if changed := config_changes(state["config"], trainer.cfg.to_dict()):
+        trainer.log(f"resume: this run's config differs from {ckpt.name}'s (was, now): {changed}")
+    trainer.log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
+    trainer.version = resync_servers(trainer, ckpt, state["weight_version"])
+    rows = cut_metrics(out / "metrics.jsonl", step)
+    return step + 1, rows
