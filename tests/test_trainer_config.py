@@ -37,6 +37,8 @@ def test_literal_fields_are_the_choices(capsys):
         "replay": ("none", "r2", "r3", "pr2"),
         "predictor_loss": ("kl-post", "l2"),
         "parallel": ("ddp", "fsdp2"),
+        "dtype": ("float32", "bfloat16"),
+        "device": ("auto", "cpu", "cuda"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):

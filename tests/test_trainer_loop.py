@@ -159,3 +159,24 @@ def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
     assert rows[1]["train_infer_abs_dlogp"] < 1e-4, rows[1]
     assert rows[1]["server_route_agreement"] >= 0.999, rows[1]
     assert rows[1]["predictor_loss"] is not None
+
+
+def test_bf16_trainer_against_an_fp32_server(server, tiny_zero, tmp_path, monkeypatch, capsys):
+    """``--dtype bfloat16`` (autocast) against the fp32 server: the start-up line shows both
+    precisions, the run completes, and the engine mismatch is measured -- a train-infer KL > 0
+    even while replaying the server's routes (r3; 0 up to float noise for an fp32 trainer, see
+    above), and R2 != R3: some (token, layer) where the server's route is not the trainer's own
+    top-k (``r2_vs_r3_deviation_hist`` beyond bin 0)."""
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    out = tmp_path / "bf16"
+    args = ["--servers", server.http, "--model-dir", str(tiny_zero), "--replay", "r3"]
+    args += ["--dtype", "bfloat16", "--device", "cpu", "--off-policy-steps", "2"]
+    args += ["--prompts-per-batch", "8", "--samples-per-prompt", "2", "--max-tokens", "8"]
+    train_main([*args, "--steps", "2", "--eval-every", "0", "--output-dir", str(out)])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("precision:"))
+    assert "vs trainer bfloat16 autocast" in line, line
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["train_infer_kl"] > 0 for r in rows), rows
+    assert sum(sum(r["r2_vs_r3_deviation_hist"][1:]) for r in rows) > 0, rows
+    print({k: [r[k] for r in rows] for k in ("train_infer_kl", "r2_vs_r3_deviation_hist")})

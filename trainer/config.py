@@ -20,6 +20,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ReplayMode = Literal["none", "r2", "r3", "pr2"]
 PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
+TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.precision)
+TrainDevice = Literal["auto", "cpu", "cuda"]
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -88,6 +90,13 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest checkpoint in ``output_dir``: its weights, optimizer and RNG
     states; servers on another version get its weights first."""
+    # -- precision and device (trainer.precision) --
+    dtype: TrainDtype = "float32"
+    """Trainer precision: ``float32``, or ``bfloat16`` (autocast: bf16 matmuls, fp32 master
+    weights and optimizer state; the pushed weights are the fp32 ones)."""
+    device: TrainDevice = "auto"
+    """Trainer device: ``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``. Under
+    ``torchrun`` it picks the backend too (``cuda``: nccl, one GPU per local rank)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():

@@ -17,9 +17,7 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import get_args
 
@@ -29,6 +27,7 @@ import torch.distributed as dist
 from .batch import Batch
 from .config import Parallel, TrainConfig
 from .policy import Policy
+from .precision import resolve_device
 from .train_step import Learner
 
 #: The batch tensors broadcast from rank 0, in order, and their dtypes.
@@ -39,17 +38,18 @@ BATCH_DTYPES = {
 }
 
 
-def setup() -> tuple[int, int, str]:
-    """Join the ``torchrun`` job: ``(rank, world, device)``."""
+def setup(device: str = "auto") -> tuple[int, int, str]:
+    """Join the ``torchrun`` job: ``(rank, world, device)``. ``device`` (``--device``):
+    ``auto`` uses nccl and one GPU per local rank when CUDA is visible, else gloo on the CPU."""
     # Before the process group exists (see `teardown`): these modules give their functions
     # `group=dist.group.WORLD` as a default argument, evaluated on import; imported after
     # init_process_group (DDP imports torch._dynamo, which imports torch.distributed.nn) the
     # defaults hold the live default group forever and destroy_process_group cannot free it.
     import torch._dynamo
     import torch.distributed.fsdp
-    import torch.distributed.nn
+    import torch.distributed.nn  # noqa: F401 (imported for the reason above)
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if resolve_device(device).startswith("cuda") else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -159,8 +159,8 @@ def run_distributed(cfg: TrainConfig) -> None:
     from .loop import Trainer
 
     check_supported(cfg, distributed=True)  # (on every rank, before any collective)
-    rank, _, device = setup()
-    learner = ShardedLearner(Policy(cfg.model_dir, seed=cfg.seed, device=device), cfg)
+    rank, _, device = setup(cfg.device)
+    learner = ShardedLearner(Policy.from_config(cfg, device=device), cfg)
     if rank == 0:
         keys = ("step", "loss", "pushed_version")
         with Trainer(cfg, learner=learner) as trainer:
@@ -233,9 +233,9 @@ def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
         loss /= dist.get_world_size()
     state_dict = learner.state_dict()
     if rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = policy.export(Path(tmp), with_predictor=True, state_dict=state_dict)
-            shutil.copy(path, f"{out}.safetensors")
+        from safetensors.torch import save_file
+
+        save_file(policy.checkpoint_tensors(True, state_dict), f"{out}.safetensors")
         keys = ("predictor_loss", "grad_norm")
         Path(f"{out}.json").write_text(json.dumps({"loss": float(loss), **{k: m[k] for k in keys}}))
     if distributed:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pr2_serve.client.payload import weights_payload
 from pr2_serve.routes import route_rows, validate_routes
 
 from . import checkpoints
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
+from .precision import precision_line
 from .tasks import Problem, Task, encode, exact_match
 from .train_step import Learner
 
@@ -132,8 +133,10 @@ class Trainer:
         if len(versions) != 1 and not cfg.resume:  # (resume re-syncs them: checkpoints.py)
             raise RuntimeError(f"servers disagree on the weight version: {versions}")
         self.version = max(versions)
-        self.learner = learner or Learner(Policy(cfg.model_dir, seed=cfg.seed), cfg)
+        self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
+        served = [c.info().get("dtype") for c in self.clients]  # absent: "unknown"
+        self.log(precision_line(cfg.dtype, self.policy.device, served))
         replay = self.policy.replay
         self.route_shape = RouteShape(replay.num_moe_layers, replay.top_k, replay.num_experts)
         self.out = Path(cfg.output_dir)
@@ -184,16 +187,11 @@ class Trainer:
 
     def push(self, state_dict: dict | None = None) -> float:
         """Export (``state_dict``: the gathered weights of a sharded model) and push to every
-        server as the next version."""
+        server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
-            path = self.policy.export(
-                Path(tmp), with_predictor=self.cfg.replay == "pr2", state_dict=state_dict
-            )
-            version = self.version + 1
-            results = list(
-                self.pool.map(lambda c: c.push_weights(str(path), version), self.clients)
-            )
+        body = weights_payload(self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict))
+        version = self.version + 1
+        results = list(self.pool.map(lambda c: c.push_weights(body, version), self.clients))
         if {r["weight_version"] for r in results} != {version}:
             raise RuntimeError(f"servers did not all commit version {version}: {results}")
         self.version = version

@@ -1,5 +1,8 @@
 """The policy: the HF model of the served checkpoint with routing control and evolution
-predictors, its two optimizers, and its export in the checkpoint format the servers load."""
+predictors, its two optimizers, and its export in the checkpoint format the servers load.
+
+Precision (``dtype``) is bf16 autocast over fp32 master weights, or plain fp32: see
+:mod:`trainer.precision` for the choice and why. Export is in memory (:mod:`trainer.export`)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,9 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .export import checkpoint_tensors
 from .ppo import token_logprobs
+from .precision import autocast, resolve_device
 from .replay import MoEReplay, RoutingControl
 
 __all__ = [
@@ -21,9 +26,14 @@ __all__ = [
 
 
 class Policy:
-    """The HF model of the served checkpoint, with routing control and predictors."""
+    """The HF model of the served checkpoint, with routing control and predictors.
 
-    def __init__(self, model_dir: str, seed: int = 0, device: str = "cpu") -> None:
+    ``device``: ``cpu``, ``cuda[:i]`` or ``auto``; ``dtype``: the training forwards'
+    precision, ``float32`` or ``bfloat16`` (autocast; the weights stay fp32)."""
+
+    def __init__(
+        self, model_dir: str, seed: int = 0, device: str = "cpu", dtype: str = "float32"
+    ) -> None:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
@@ -36,13 +46,15 @@ class Policy:
             self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
+        device = resolve_device(device)
+        autocast(device, dtype)  # checks dtype before anything moves
         self.model.to(device)
         self.replay = MoEReplay(self.model)
         tensors = {}
         for f in Path(model_dir).glob("*.safetensors"):
             tensors.update(load_file(str(f)))
         self.replay.load_predictors(tensors)
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.last_router_delta: list[torch.Tensor] | None = None  # the previous batch's update
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
@@ -57,24 +69,34 @@ class Policy:
         collective, so every rank calls this at the same point)."""
         return [full_tensor(r.weight) for r in self.replay.routers]
 
-    def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
-        """The weights as a checkpoint-format safetensors file (HF's own save conversion).
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, device: str | None = None) -> Policy:
+        """The policy of ``cfg`` (``device``: a rank's own, overriding ``cfg.device``)."""
+        return cls(cfg.model_dir, seed=cfg.seed, device=device or cfg.device, dtype=cfg.dtype)
+
+    def autocast(self):
+        """The precision context of a training forward (see :mod:`trainer.precision`)."""
+        return autocast(self.device, self.dtype)
+
+    def checkpoint_tensors(
+        self, with_predictor: bool, state_dict: dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{checkpoint name: CPU tensor}`` of the weights, in memory (no file).
 
         ``state_dict``: the full (gathered) state dict when the model is sharded."""
-        from safetensors.torch import load_file, save_file
+        return checkpoint_tensors(self.model, state_dict, with_predictor)
 
-        self.model.save_pretrained(
-            out_dir, state_dict=state_dict, safe_serialization=True, max_shard_size="1000GB"
-        )
+    def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
+        """The weights as ``out_dir/model.safetensors`` (+ the model's config files): an HF
+        checkpoint directory, written in one pass."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(out_dir)
+        if self.model.can_generate():
+            self.model.generation_config.save_pretrained(out_dir)
+        from safetensors.torch import save_file
+
         path = out_dir / "model.safetensors"
-        t = load_file(str(path))
-        # the predictor's name is `mlp.predictor` in every family (HF renames Mixtral's `mlp`)
-        t = {
-            k.replace(".block_sparse_moe.predictor.", ".mlp.predictor."): v
-            for k, v in t.items()
-            if with_predictor or ".predictor." not in k
-        }
-        save_file(t, str(path), metadata={"format": "pt"})
+        save_file(self.checkpoint_tensors(with_predictor, state_dict), path, {"format": "pt"})
         return path
 
 
@@ -89,7 +111,7 @@ def forward_logprobs(
     """Per-position log-probs of ``batch.targets`` under ``ctl``'s routing, ``[B, T]``.
 
     ``model``: the module the forward goes through (a DDP wrapper); default the policy's."""
-    with policy.replay.control(ctl):
+    with policy.replay.control(ctl), policy.autocast():
         logits = (model or policy.model)(input_ids=batch.input_ids.to(policy.device)).logits
     return token_logprobs(logits, batch.targets.to(policy.device))
 

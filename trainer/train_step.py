@@ -259,6 +259,13 @@ def batch_metrics(
         "zero_deviation_offpolicy": (
             float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
         ),
+        # R2 vs R3 at theta_old: how many experts of the server's route (what R3 replays) are
+        # not in the trainer's own top-k (what R2 replays: exactly so in r2/none, given the
+        # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
+        # routing mismatch (e.g. a bf16 trainer vs an fp32 server)
+        "r2_vs_r3_deviation_hist": route_deviation(
+            flat_routes(batch.routes), old.logits, valid.bool(), k
+        ).tolist(),
     }
     routers = policy.router_weights()
     predictors = policy.predictor_parameters()

@@ -3,7 +3,7 @@
     c = HttpClient("http://127.0.0.1:8000", api_key="...")      # or GrpcClient("127.0.0.1:50051")
     res = c.generate([[1, 2, 3]], n=2, max_tokens=16, seed=0)   # GenerateResult
     res.weight_version, res.samples[0].routes.shape              # Rollout objects, as the engine
-    c.push_weights(model.state_dict() | "update.safetensors", version=4)
+    c.push_weights(model.state_dict() | safetensors_bytes | "update.safetensors", version=4)
     for ev in c.stream([[1, 2, 3]], max_tokens=16): ...          # StreamEvent objects
 
 Both are synchronous and thread-safe (the trainer and the load tests call one client from many

@@ -1,18 +1,10 @@
-"""What both clients share: the error and result types, and the weight file a push sends."""
+"""What both clients share: the error and result types (the body of a push: :mod:`.payload`)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from ..types import Rollout
-
-CHUNK = 4 << 20
 
 
 class ServerError(RuntimeError):
@@ -28,32 +20,6 @@ class ServerError(RuntimeError):
 class GenerateResult:
     weight_version: int
     samples: list[Rollout]
-
-
-def weights_file(weights: Mapping[str, Any] | str | os.PathLike) -> tuple[Path, bool]:
-    """A safetensors file for ``weights`` (written to a temp file for a state dict); the bool
-    says whether the caller must delete it."""
-    if isinstance(weights, (str, os.PathLike)):
-        return Path(weights), False
-    from safetensors.torch import save_file
-
-    fd, name = tempfile.mkstemp(suffix=".safetensors")
-    os.close(fd)
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, name)
-    return Path(name), True
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    for block in file_chunks(path):
-        h.update(block)
-    return h.hexdigest()
-
-
-def file_chunks(path: Path, size: int = CHUNK) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while block := f.read(size):
-            yield block
 
 
 def push_result(res) -> dict:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
-from .common import GenerateResult, ServerError, file_chunks, sha256_file, weights_file
+from .common import GenerateResult, ServerError
+from .payload import WeightsPayload, weights_payload
 
 GRPC_CHUNK = 2 << 20
 _CHANNEL_OPTIONS = [
@@ -62,17 +62,15 @@ class GrpcClient:
             raise _grpc_error(e) from None
 
     def push_weights(self, weights, version: int) -> dict:
-        path, temp = weights_file(weights)
+        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``."""
+        payload = weights_payload(weights)
         meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
         try:
             res = self._stub.UpdateWeights(
-                _upload_messages(self._pb2, path, version), metadata=meta, timeout=self.timeout
+                _upload_messages(self._pb2, payload, version), metadata=meta, timeout=self.timeout
             )
         except self._grpc.RpcError as e:
             raise _grpc_error(e) from None
-        finally:
-            if temp:
-                path.unlink(missing_ok=True)
         return _weights_result(res)
 
     def rollback(self, version: int) -> dict:
@@ -189,11 +187,11 @@ def _weights_result(res) -> dict:
     return out
 
 
-def _upload_messages(pb2, path: Path, version: int) -> Iterator:
+def _upload_messages(pb2, payload: WeightsPayload, version: int) -> Iterator:
     yield pb2.UpdateWeightsRequest(
         header=pb2.UpdateWeightsHeader(
-            version=version, sha256=sha256_file(path), total_size=path.stat().st_size
+            version=version, sha256=payload.sha256, total_size=payload.size
         )
     )
-    for block in file_chunks(path, GRPC_CHUNK):
-        yield pb2.UpdateWeightsRequest(chunk=block)
+    for block in payload.chunks(GRPC_CHUNK):
+        yield pb2.UpdateWeightsRequest(chunk=bytes(block))

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
-from .common import GenerateResult, ServerError, file_chunks, push_result, sha256_file, weights_file
+from .common import GenerateResult, ServerError, push_result
+from .payload import WeightsPayload, weights_payload
 
 #: Idle pooled HTTP connections are dropped after this long, well before the server's
 #: keep-alive timeout (75 s): reusing a connection the server is closing fails the request.
@@ -68,22 +68,19 @@ class HttpClient:
                 yield _event(obj)
 
     def push_weights(self, weights, version: int) -> dict:
-        path, temp = weights_file(weights)
+        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``."""
+        payload = weights_payload(weights)
+        headers = _push_headers(payload, self.api_key)
+        url = f"/v1/weights/{version}"
         try:
-            headers = _push_headers(path, self.api_key)
-            url = f"/v1/weights/{version}"
-            try:
-                r = self._http.put(url, content=file_chunks(path), headers=headers)
-            except self._retryable:
-                # no response: committed only if the server now serves that version
-                if self.info()["weight_version"] == version:
-                    return {"weight_version": version}
-                r = self._http.put(url, content=file_chunks(path), headers=headers)
-            _raise_http(r)
-            return push_result(r.json())
-        finally:
-            if temp:
-                path.unlink(missing_ok=True)
+            r = self._http.put(url, content=payload.chunks(), headers=headers)
+        except self._retryable:
+            # no response: committed only if the server now serves that version
+            if self.info()["weight_version"] == version:
+                return {"weight_version": version}
+            r = self._http.put(url, content=payload.chunks(), headers=headers)
+        _raise_http(r)
+        return push_result(r.json())
 
     def rollback(self, version: int) -> dict:
         """Serve kept ``version`` again (0: the model directory) as the next version number;
@@ -111,11 +108,11 @@ def _request(prompts, **kw) -> dict:
     return body
 
 
-def _push_headers(path: Path, api_key: str | None) -> dict[str, str]:
-    """Headers of ``PUT /v1/weights/{version}`` for the safetensors file at ``path``."""
+def _push_headers(payload: WeightsPayload, api_key: str | None) -> dict[str, str]:
+    """Headers of ``PUT /v1/weights/{version}`` for the safetensors ``payload``."""
     headers = {
-        "X-Content-SHA256": sha256_file(path),
-        "Content-Length": str(path.stat().st_size),
+        "X-Content-SHA256": payload.sha256,
+        "Content-Length": str(payload.size),
         "Content-Type": "application/octet-stream",
     }
     if api_key:
