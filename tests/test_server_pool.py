@@ -200,3 +200,15 @@ def test_server_timeout_flag():
     assert parse_config(["--server-timeout", "5"]).server_timeout == 5.0
     with pytest.raises(ValueError, match="server_timeout"):
         parse_config(["--server-timeout", "-1"])
+
+
+def test_pr2_train_exits_non_zero_with_the_message_when_no_server_is_left(monkeypatch):
+    import trainer.cli as cli
+
+    def no_server(cfg):
+        raise NoServerLeft("no rollout server left: a failed for more than 5 s")
+
+    monkeypatch.setattr(cli, "train", no_server)
+    with pytest.raises(SystemExit) as e:  # a string code: printed, exit status 1
+        cli.main([])
+    assert e.value.code == "pr2-train: no rollout server left: a failed for more than 5 s"

@@ -50,7 +50,8 @@ class Server:
 
 
 def probe(client) -> bool:
-    """Whether the server answers ready (``/readyz``; a gRPC client: ``GetInfo`` answers)."""
+    """Whether the server answers ready (``/readyz``, gRPC health; a client without
+    ``ready()``: ``info()`` answers)."""
     try:
         ready = getattr(client, "ready", None)
         return bool(ready()) if ready is not None else bool(client.info())
@@ -149,6 +150,8 @@ class ServerPool:
 
         def attempt() -> T:
             if srv.stale and resync_first:
+                if not probe(srv.client):  # loading: its version is not yet the restored one
+                    raise retry.NotReady(f"{srv.address} is not ready")
                 self.resync(srv.client)
             out = fn()
             srv.stale = False
