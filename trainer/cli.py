@@ -46,11 +46,20 @@ def format_line(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .distributed import run_distributed
+    from .distributed import run_distributed
+    from .servers import NoServerLeft
 
-        run_distributed(cfg)
-        return
+    try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            run_distributed(cfg)  # (torchrun stops the other ranks when rank 0 exits)
+        else:
+            train(cfg)
+    except NoServerLeft as e:  # a clear message and a non-zero exit, not a traceback
+        raise SystemExit(f"pr2-train: {e}") from None
+
+
+def train(cfg) -> None:
+    """One process: the run, a line per step, a table and a summary."""
     from .loop import Trainer
 
     console = Console()

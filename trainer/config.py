@@ -97,6 +97,11 @@ class TrainConfig:
     device: TrainDevice = "auto"
     """Trainer device: ``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``. Under
     ``torchrun`` it picks the backend too (``cuda``: nccl, one GPU per local rank)."""
+    # -- fault tolerance (trainer/servers.py) --
+    server_timeout: float = 300.0
+    """Seconds a server may fail transiently (refused, reset, 502/503, not ready) before it
+    is dropped from the rotation; each call retries with backoff meanwhile. With no server
+    left the run stops with a non-zero exit."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -108,6 +113,8 @@ class TrainConfig:
             raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
         if not self.servers:
             raise ValueError("at least one server is needed")
+        if self.server_timeout < 0:
+            raise ValueError("server_timeout must be >= 0 seconds")
         if self.api_key is None:
             self.api_key = os.environ.get("PR2_API_KEY")
 

@@ -14,7 +14,6 @@ Per rollout batch (see ``shared/notes/pr2-method.md``):
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from pr2_serve.client.payload import weights_payload
+from pr2_serve.client.retry import RetryPolicy
 from pr2_serve.routes import route_rows, validate_routes
 
 from . import checkpoints
@@ -32,6 +32,7 @@ from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
 from .precision import precision_line
+from .servers import ServerPool
 from .tasks import Problem, Task, encode, exact_match
 from .train_step import Learner
 
@@ -42,6 +43,15 @@ def make_client(address: str, api_key: str | None):
     if address.startswith("grpc://"):
         return GrpcClient(address.removeprefix("grpc://"), api_key=api_key)
     return HttpClient(address, api_key=api_key)
+
+
+def make_pool(clients, cfg: TrainConfig, version: int, out: Path, log) -> ServerPool:
+    """The run's servers, retrying for ``cfg.server_timeout`` s; the last pushed file is kept
+    in ``out/.servers`` for re-syncs."""
+    policy = RetryPolicy(budget_s=cfg.server_timeout)
+    return ServerPool(
+        clients, cfg.servers, version, policy=policy, keep_dir=out / ".servers", log=log
+    )
 
 
 # -- what a rollout must be to be trained on -------------------------------------------------------
@@ -141,7 +151,7 @@ class Trainer:
         self.route_shape = RouteShape(replay.num_moe_layers, replay.top_k, replay.num_experts)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.pool = cf.ThreadPoolExecutor(max_workers=max(2, len(self.clients)))
+        self.servers = make_pool(self.clients, cfg, self.version, self.out, log)
         self.dropped_stale = 0
         self.dropped_bad_routes = 0
 
@@ -149,25 +159,15 @@ class Trainer:
     def request_rollouts(self, prompts: list[list[int]], step: int) -> list[list]:
         """Every prompt's samples (a group, in sample order), spread over the servers."""
         cfg = self.cfg
-        parts = [list(range(i, len(prompts), len(self.clients))) for i in range(len(self.clients))]
-        futures = [
-            self.pool.submit(
-                c.generate,
-                [prompts[i] for i in part],
-                n=cfg.samples_per_prompt,
-                temperature=cfg.temperature,
-                max_tokens=cfg.max_tokens,
-                seed=cfg.seed * 7919 + step * 31 + j,
-                min_weight_version=self.version,
-            )
-            for j, (c, part) in enumerate(zip(self.clients, parts, strict=True))
-            if part
-        ]
-        by_prompt: dict[int, list] = {}
-        for part, fut in zip([p for p in parts if p], futures, strict=True):
-            for s in fut.result().samples:
-                by_prompt.setdefault(part[s.prompt_index], []).append(s)
-        return [sorted(by_prompt[i], key=lambda s: s.sample_index) for i in range(len(prompts))]
+        self.servers.take_back()
+        return self.servers.generate(
+            prompts,
+            seed=cfg.seed * 7919 + step * 31,
+            n=cfg.samples_per_prompt,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            min_weight_version=self.version,
+        )
 
     def rollout(self, step: int) -> Rollouts:
         cfg = self.cfg
@@ -191,7 +191,7 @@ class Trainer:
         t0 = time.perf_counter()
         body = weights_payload(self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict))
         version = self.version + 1
-        results = list(self.pool.map(lambda c: c.push_weights(body, version), self.clients))
+        results = self.servers.push(body, version)
         if {r["weight_version"] for r in results} != {version}:
             raise RuntimeError(f"servers did not all commit version {version}: {results}")
         self.version = version
@@ -200,7 +200,7 @@ class Trainer:
     def evaluate(self) -> float:
         cfg = self.cfg
         problems = self.task.batch(cfg.eval_size, seed=cfg.seed, split="eval")
-        res = self.clients[0].generate(
+        res = self.servers.generate_one(
             [encode(p.prompt) for p in problems], temperature=0.0, max_tokens=cfg.max_tokens
         )
         return float(
@@ -228,6 +228,7 @@ class Trainer:
         m["reward_std"] = float(rewards.std(unbiased=False)) if len(rewards) else None
         m["dropped_stale"] = self.dropped_stale
         m["dropped_bad_routes"] = self.dropped_bad_routes
+        m.update(self.servers.metrics())  # live_servers, resent_requests, outage_seconds
         batch = None
         if samples:
             shape = self.route_shape
@@ -243,7 +244,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the request threads and close the clients (no thread outlives the trainer)."""
-        self.pool.shutdown()
+        self.servers.close()
         for c in self.clients:
             c.close()
 

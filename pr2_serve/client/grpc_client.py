@@ -37,6 +37,18 @@ class GrpcClient:
             raise _grpc_error(e) from None
         return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
 
+    def ready(self) -> bool:
+        """Whether the server serves: its ``grpc.health.v1`` status is SERVING (loaded, the
+        committed weights restored, the canary passed) -- what ``/readyz`` says over HTTP."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        request = health_pb2.HealthCheckRequest(service="")
+        try:
+            res = health_pb2_grpc.HealthStub(self._channel).Check(request, timeout=10)
+        except self._grpc.RpcError:
+            return False
+        return res.status == health_pb2.HealthCheckResponse.SERVING
+
     def generate(self, prompts, **sampling) -> GenerateResult:
         samples, version = [], 0
         for m in self._responses(prompts, sampling, stream=False):

@@ -10,6 +10,7 @@ from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
 from .common import GenerateResult, ServerError, push_result
 from .payload import WeightsPayload, weights_payload
+from .retry import push_attempts
 
 #: Idle pooled HTTP connections are dropped after this long, well before the server's
 #: keep-alive timeout (75 s): reusing a connection the server is closing fails the request.
@@ -72,15 +73,18 @@ class HttpClient:
         payload = weights_payload(weights)
         headers = _push_headers(payload, self.api_key)
         url = f"/v1/weights/{version}"
+
+        def send() -> dict:
+            r = self._http.put(url, content=payload.chunks(), headers=headers)
+            _raise_http(r)
+            return push_result(r.json())
+
+        # no response: re-sent only if the server does not serve that version now
+        attempt = push_attempts(send, lambda: self.info()["weight_version"], version)
         try:
-            r = self._http.put(url, content=payload.chunks(), headers=headers)
+            return attempt()
         except self._retryable:
-            # no response: committed only if the server now serves that version
-            if self.info()["weight_version"] == version:
-                return {"weight_version": version}
-            r = self._http.put(url, content=payload.chunks(), headers=headers)
-        _raise_http(r)
-        return push_result(r.json())
+            return attempt()
 
     def rollback(self, version: int) -> dict:
         """Serve kept ``version`` again (0: the model directory) as the next version number;

@@ -1,0 +1,193 @@
+"""When a call to a rollout server is tried again, and how: one rule for every caller.
+
+* :func:`is_transient` -- which failures a retry can outlive: the connection refused, reset or
+  dropped before a response (a server restarting), HTTP 429/502/503/504, gRPC ``UNAVAILABLE``,
+  a server that answers but is not ready (:class:`NotReady`), and a server serving an older
+  version than the request needs (:func:`is_stale_server`: it restarted on an older state, a
+  re-sync fixes it). A 4xx refusal is never retried.
+* :class:`Backoff` -- exponential delays with jitter; :class:`RetryPolicy` -- a time budget
+  (``pr2-train --server-timeout``) and an optional attempt cap.
+* :func:`call` -- try ``fn`` until it succeeds, a failure is not transient, or the budget is
+  spent (then :class:`ServerDown`); one log line when an outage starts and one when it ends.
+* :func:`push_attempts` -- a weight push is re-sent only after the server says the version is
+  not committed (a push whose answer was lost may have been applied).
+
+Pure but for the clock, the sleep and the random source, all injectable (the tests use a
+fake clock).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .common import ServerError
+
+T = TypeVar("T")
+
+#: HTTP statuses and gRPC codes of a server that may answer later.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504, "UNAVAILABLE"})
+
+
+class NotReady(RuntimeError):
+    """The server answers but is not ready to serve (``/readyz`` is not 200)."""
+
+
+class ServerDown(RuntimeError):
+    """A server failed transiently for longer than the retry budget."""
+
+    def __init__(self, what: str, seconds: float, attempts: int, last: BaseException):
+        super().__init__(
+            f"{what}: the server failed for {seconds:.1f} s ({attempts} attempts; "
+            f"the budget is spent): last error {last!r}"
+        )
+        self.what, self.seconds, self.attempts, self.last = what, seconds, attempts, last
+
+
+def is_stale_server(exc: BaseException) -> bool:
+    """The server refused ``min_weight_version``: it serves an older version (a restart on an
+    older state) and must be re-synced before it is used."""
+    return (
+        isinstance(exc, ServerError)
+        and exc.status in (409, "FAILED_PRECONDITION")
+        and exc.field == "min_weight_version"
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry (after a re-sync) may succeed where ``exc`` failed."""
+    if isinstance(exc, (NotReady, ServerDown, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, ServerError):
+        return exc.status in TRANSIENT_STATUSES or is_stale_server(exc)
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - httpx is a dependency
+        return False
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.ProxyError)):
+        return False  # a wrong address, not an outage
+    return isinstance(exc, httpx.TransportError)  # refused, reset, dropped, timed out
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delay before retry ``attempt`` (1, 2, ...): ``first_s * factor ** (attempt - 1)``
+    capped at ``max_s``, minus up to ``jitter`` of it at random (callers do not retry in
+    lock-step)."""
+
+    first_s: float = 0.5
+    factor: float = 2.0
+    max_s: float = 10.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, u: float) -> float:
+        """``u``: a uniform draw in [0, 1)."""
+        base = min(self.max_s, self.first_s * self.factor ** (attempt - 1))
+        return base * (1.0 - self.jitter * u)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retry transient failures for up to ``budget_s`` seconds from the first failure (and at
+    most ``max_attempts`` tries, when set)."""
+
+    budget_s: float = 300.0
+    backoff: Backoff = field(default_factory=Backoff)
+    max_attempts: int | None = None
+    transient: Callable[[BaseException], bool] = is_transient
+
+
+@dataclass
+class RetryStats:
+    """What retrying cost, summed over calls: outages, re-sent requests, seconds in outage."""
+
+    outages: int = 0
+    resent: int = 0
+    outage_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"outages": self.outages, "resent": self.resent, "outage_s": self.outage_s}
+
+
+@dataclass
+class Clock:
+    """Time, sleep and randomness of :func:`call` (a fake in the tests)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    uniform: Callable[[], float] = random.random
+
+
+def call(
+    fn: Callable[[], T],
+    what: str,
+    policy: RetryPolicy,
+    *,
+    log: Callable[[str], None] = print,
+    clock: Clock | None = None,
+    stats: RetryStats | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+) -> T:
+    """``fn()``, tried again on transient failures until ``policy``'s budget is spent.
+
+    ``on_failure(exc)`` runs after each transient failure (e.g. to mark the server for a
+    re-sync that ``fn`` does before its next try). Raises the first non-transient error, or
+    :class:`ServerDown` once the budget is spent."""
+    clock = clock or Clock()
+    stats = stats if stats is not None else RetryStats()
+    start, attempts = None, 0
+    while True:
+        try:
+            out = fn()
+        except Exception as e:
+            if not policy.transient(e):
+                raise
+            attempts += 1
+            now = clock.now()
+            if start is None:
+                start = now
+                stats.outages += 1
+                log(f"outage: {what} failed ({e!r}); retrying for up to {policy.budget_s:g} s")
+            if on_failure is not None:
+                on_failure(e)
+            spent = now - start
+            if spent >= policy.budget_s or attempts == policy.max_attempts:
+                stats.outage_s += spent
+                log(f"outage: {what}: giving up after {spent:.1f} s and {attempts} attempts")
+                raise ServerDown(what, spent, attempts, e) from e
+            wait = policy.backoff.delay(attempts, clock.uniform())
+            clock.sleep(min(wait, policy.budget_s - spent))
+            stats.resent += 1
+            continue
+        if start is not None:
+            spent = clock.now() - start
+            stats.outage_s += spent
+            log(f"outage over: {what} succeeded after {spent:.1f} s ({attempts} re-sent)")
+        return out
+
+
+def push_attempts(
+    send: Callable[[], dict], served_version: Callable[[], int], version: int
+) -> Callable[[], dict]:
+    """A push as repeatable attempts: the first sends; each later one first asks the server
+    which version it serves -- ``version`` already: the lost push was committed, done (no
+    second upload); older: send again; newer: a :class:`ServerError` (someone else pushed)."""
+    sent = False
+
+    def attempt() -> dict:
+        nonlocal sent
+        if sent:
+            serving = served_version()
+            if serving == version:
+                return {"weight_version": version}
+            if serving > version:
+                raise ServerError(
+                    409, f"server serves version {serving}, newer than the push {version}"
+                )
+        sent = True
+        return send()
+
+    return attempt

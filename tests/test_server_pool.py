@@ -1,0 +1,214 @@
+"""The trainer's server pool (``trainer/servers.py``) with fake clients: rollouts spread over
+live servers, outages outlived with the same request, a restarted server re-synced before use,
+a dead server dropped (its prompts go to the others) and taken back, no server left."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from pr2_serve.client import GenerateResult, ServerError
+from pr2_serve.client.retry import Backoff, RetryPolicy
+from tests.test_retry_policy import FakeClock
+from trainer.config import parse_config
+from trainer.servers import RESPREAD_SEED, NoServerLeft, ServerPool
+
+
+class FakeServer:
+    """A rollout server in memory: ``down`` refuses connections; ``fail`` refuses the next
+    ``fail`` calls; ``restart_at`` (a version) is where it comes back after its next failure."""
+
+    def __init__(self, name: str, version: int = 0):
+        self.name, self.version = name, version
+        self.down, self.fail, self.restart_at = False, 0, None
+        self.generates: list[tuple] = []  # (prompts, seed) of every generate that answered
+        self.uploads: list[tuple[str, int]] = []
+        self.lock = threading.Lock()
+
+    def _gate(self) -> None:
+        with self.lock:
+            if self.down or self.fail:
+                self.fail = max(0, self.fail - 1)
+                if self.restart_at is not None:
+                    self.version, self.restart_at = self.restart_at, None
+                raise httpx.ConnectError(f"{self.name}: refused")
+
+    def info(self) -> dict:
+        self._gate()
+        return {"weight_version": self.version}
+
+    def ready(self) -> bool:
+        return not self.down
+
+    def generate(self, prompts, n=2, seed=None, min_weight_version=0, **_) -> GenerateResult:
+        self._gate()
+        if min_weight_version > self.version:
+            raise ServerError(409, "older", "min_weight_version")
+        self.generates.append(([list(p) for p in prompts], seed))
+        samples = [
+            SimpleNamespace(prompt_index=i, sample_index=k, weight_version=self.version, p=p)
+            for i, p in enumerate(prompts)
+            for k in range(n)
+        ]
+        return GenerateResult(self.version, samples)
+
+    def push_weights(self, path: str, version: int) -> dict:
+        self._gate()
+        if version <= self.version:
+            raise ServerError(409, "stale version", "version")
+        self.version = version
+        self.uploads.append((path, version))
+        return {"weight_version": version}
+
+
+def make_pool(servers, tmp_path, **kw) -> tuple[ServerPool, list[str], FakeClock]:
+    lines: list[str] = []
+    clock = FakeClock()
+    policy = RetryPolicy(budget_s=10, backoff=Backoff(first_s=1, jitter=0))
+    pool = ServerPool(
+        servers,
+        [s.name for s in servers],
+        servers[0].version,
+        policy=policy,
+        keep_dir=tmp_path / "keep",
+        log=lines.append,
+        clock=clock,
+        **kw,
+    )
+    return pool, lines, clock
+
+
+def weights(tmp_path, v: int) -> str:
+    path = tmp_path / f"w{v}.safetensors"
+    path.write_bytes(b"weights %d" % v)
+    return path
+
+
+PROMPTS = [[i, i + 1] for i in range(5)]
+
+
+def check_groups(groups, n=2):
+    assert [g[0].p for g in groups] == PROMPTS
+    assert all([s.sample_index for s in g] == list(range(n)) for g in groups)
+
+
+def test_prompts_are_spread_over_the_servers_with_a_seed_per_part(tmp_path):
+    a, b = FakeServer("a"), FakeServer("b")
+    pool, _, _ = make_pool([a, b], tmp_path)
+    check_groups(pool.generate(PROMPTS, seed=100))
+    assert a.generates == [([PROMPTS[0], PROMPTS[2], PROMPTS[4]], 100)]
+    assert b.generates == [([PROMPTS[1], PROMPTS[3]], 101)]
+    assert pool.metrics()["live_servers"] == 2 and pool.metrics()["resent_requests"] == 0
+
+
+def test_a_short_outage_resends_the_same_request(tmp_path):
+    a = FakeServer("a")
+    a.fail = 2
+    pool, lines, _clock = make_pool([a], tmp_path)
+    check_groups(pool.generate(PROMPTS, seed=7))
+    assert a.generates == [(PROMPTS, 7)]  # answered once, with the first request's seed
+    m = pool.metrics()
+    assert m["resent_requests"] == 2 and m["server_outages"] == 1 and m["outage_seconds"] == 3
+    assert any("outage over: generate on a" in line for line in lines)
+
+
+def test_a_server_restarted_on_an_older_state_is_resynced_before_use(tmp_path):
+    a = FakeServer("a")
+    pool, _lines, _ = make_pool([a], tmp_path)
+    pool.push(weights(tmp_path, 1), 1)
+    pool.push(weights(tmp_path, 2), 2)
+    a.fail, a.restart_at = 1, 1  # killed; back on version 1 (its state restored from a backup)
+    groups = pool.generate(PROMPTS, seed=0, min_weight_version=2)
+    assert {s.weight_version for g in groups for s in g} == {2}
+    kept = tmp_path / "keep" / "weights-v2.safetensors"
+    assert a.uploads[-1] == (str(kept), 2) and kept.read_bytes() == b"weights 2"
+    assert not (tmp_path / "keep" / "weights-v1.safetensors").exists()
+    assert pool.metrics()["resync_pushes"] == 1
+    assert len(a.generates) == 1  # nothing was generated on the old version
+
+
+def test_a_silently_older_server_is_resynced_on_its_refusal(tmp_path):
+    a = FakeServer("a")
+    pool, _, _ = make_pool([a], tmp_path)
+    pool.push(weights(tmp_path, 1), 1)
+    a.version = 0  # a 409 on min_weight_version: stale, re-synced, asked again
+    groups = pool.generate(PROMPTS, seed=0, min_weight_version=1)
+    assert {s.weight_version for g in groups for s in g} == {1}
+
+
+def test_a_dead_server_is_dropped_its_prompts_go_to_the_others_and_it_is_taken_back(tmp_path):
+    a, b = FakeServer("a"), FakeServer("b")
+    pool, lines, clock = make_pool([a, b], tmp_path)
+    pool.push(weights(tmp_path, 1), 1)
+    a.down = True
+    check_groups(pool.generate(PROMPTS, seed=100))
+    assert b.generates[-1] == ([PROMPTS[0], PROMPTS[2], PROMPTS[4]], 100 + RESPREAD_SEED)
+    assert pool.metrics()["live_servers"] == 1 and clock.t >= 10
+    assert any("server a dropped from the rotation" in line for line in lines)
+    pool.push(weights(tmp_path, 2), 2)  # only b
+    assert pool.take_back() == [] and b.version == 2 and a.version == 1
+    a.down = False  # back on its state: version 1
+    assert pool.take_back() == ["a"]
+    assert a.version == 2 and pool.metrics()["live_servers"] == 2
+    pool.generate(PROMPTS, seed=5, min_weight_version=2)
+    assert a.generates[-1][1] == 5
+
+
+def test_no_server_left_runs_the_hook_and_raises(tmp_path):
+    a = FakeServer("a")
+    said = []
+    pool, _, _ = make_pool([a], tmp_path, on_no_server=said.append)
+    a.down = True
+    with pytest.raises(NoServerLeft, match="no rollout server left: a failed for more than 10 s"):
+        pool.generate(PROMPTS, seed=0)
+    assert len(said) == 1 and "--server-timeout" in said[0]
+    with pytest.raises(NoServerLeft):
+        pool.push(weights(tmp_path, 1), 1)
+    assert len(said) == 2
+
+
+def test_a_push_whose_answer_was_lost_is_not_uploaded_twice(tmp_path):
+    a = FakeServer("a")
+    pool, _, _ = make_pool([a], tmp_path)
+    real = a.push_weights
+
+    def lose_answer(path, version):
+        real(path, version)
+        a.push_weights = real
+        raise httpx.RemoteProtocolError("no response")
+
+    a.push_weights = lose_answer
+    assert pool.push(weights(tmp_path, 1), 1) == [{"weight_version": 1}]
+    assert len(a.uploads) == 1 and pool.version == 1
+
+
+def test_a_refusal_is_not_retried_and_a_newer_server_is_an_error(tmp_path):
+    a = FakeServer("a")
+    pool, _, _ = make_pool([a], tmp_path)
+    with pytest.raises(ServerError, match="stale version"):
+        pool.push(weights(tmp_path, 0), 0)
+    a.version, a.fail = 5, 1
+    with pytest.raises(RuntimeError, match="newer than this run's 0"):
+        pool.generate(PROMPTS, seed=0)
+
+
+def test_server_timeout_flag():
+    assert parse_config([]).server_timeout == 300.0
+    assert parse_config(["--server-timeout", "5"]).server_timeout == 5.0
+    with pytest.raises(ValueError, match="server_timeout"):
+        parse_config(["--server-timeout", "-1"])
+
+
+def test_pr2_train_exits_non_zero_with_the_message_when_no_server_is_left(monkeypatch):
+    import trainer.cli as cli
+
+    def no_server(cfg):
+        raise NoServerLeft("no rollout server left: a failed for more than 5 s")
+
+    monkeypatch.setattr(cli, "train", no_server)
+    with pytest.raises(SystemExit) as e:  # a string code: printed, exit status 1
+        cli.main([])
+    assert e.value.code == "pr2-train: no rollout server left: a failed for more than 5 s"
