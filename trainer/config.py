@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ReplayMode = Literal["none", "r2", "r3", "pr2"]
 PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
+OnMismatch = Literal["push", "fail"]
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -79,6 +80,11 @@ class TrainConfig:
     """Under ``torchrun``: ``ddp`` (the policy replicated on every rank) or ``fsdp2``
     (``fully_shard`` per decoder layer: parameters, gradients and optimizer state sharded
     across ranks; predictors stay replicated). Ignored in a single process."""
+    # -- start-up weight agreement (trainer/sync.py) --
+    on_mismatch: OnMismatch = "push"
+    """A server whose weight fingerprints (``/v1/info``) differ from the starting weights
+    (predictor: the checkpoint's in pr2, zero otherwise): ``push`` them to every server as
+    the next version (one log line), or ``fail`` naming the server and how to reset it."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():

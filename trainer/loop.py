@@ -27,6 +27,7 @@ import torch
 
 from pr2_serve.routes import route_rows, validate_routes
 
+from . import sync
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
@@ -127,10 +128,9 @@ class Trainer:
         self.log = log
         self.task = Task(cfg.task, cfg.task_digits)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
-        versions = {c.info()["weight_version"] for c in self.clients}
-        if len(versions) != 1:
-            raise RuntimeError(f"servers disagree on the weight version: {versions}")
-        self.version = versions.pop()
+        # every server serves the starting weights (predictor as the mode serves it) at one version
+        target = sync.starting_target(cfg.model_dir, cfg.replay)
+        self.version = sync.agree(self.clients, cfg.servers, target, cfg.on_mismatch, log)
         self.learner = learner or Learner(Policy(cfg.model_dir, seed=cfg.seed), cfg)
         self.policy = self.learner.policy
         replay = self.policy.replay
