@@ -60,8 +60,10 @@ class TrainConfig:
     """Max global grad norm of the policy (0: off)."""
     predictor_loss: PredictorLoss = "kl-post"
     """Predictor objective: ``kl-post`` (paper) or ``l2``."""
-    predictor_lr_multiplier: float = 1e3
-    """Predictor lr = ``lr`` x this (paper 1e4, verl default 1e3)."""
+    predictor_lr_multiplier: float = 1.0
+    """Predictor lr = ``lr`` x this. Measured (``benchmarks/predictor_lr.py``): at lr 1e-4, x10
+    already costs routing and x1000 wrecks it; the paper's 1e4 (verl's 1e3) is relative to a
+    base lr near 1e-6."""
     max_staleness: int = 0
     """Drop rollouts generated more than this many weight versions ago (counted)."""
     steps: int = 20
