@@ -69,7 +69,10 @@ class RolloutEngine:
 
     Args:
         model_dir: a HF checkpoint of a supported MoE family (stock or with predictor tensors).
-        dtype: passed to vLLM (``"auto"``, ``"float32"``, ``"bfloat16"``...).
+        dtype: passed to vLLM (``"auto"``, ``"float32"``, ``"bfloat16"``...). ``"auto"`` is
+            vLLM's rule, not the checkpoint's dtype: an fp32 checkpoint is served in bfloat16
+            (vLLM logs "Downcasting torch.float32 to torch.bfloat16"); ``info.dtype`` says what
+            is served.
         max_model_len: context length (default: the checkpoint's, capped at 4096).
         seed: engine seed (sampling with ``Sampling.seed=None`` draws from it).
         enable_prefix_caching: routes stay correct with it (see ``plugin/route_store.py``).

@@ -93,8 +93,9 @@ class FileDigests:
 
 
 class ServedFingerprints:
-    """The fingerprints of what a server serves, computed once per weight version, on first
-    request: ``{"weight_version", "policy", "predictor", "predictor_norm"}``."""
+    """The fingerprints of what a server serves, computed once per weight version (the
+    service asks when it commits one, never per request): ``{"weight_version", "policy",
+    "predictor", "predictor_norm"}``."""
 
     def __init__(self, predictor_shapes: Mapping[str, Iterable[int]]) -> None:
         self._shapes = dict(predictor_shapes)

@@ -115,3 +115,4 @@ class EngineInfo:
     route_dtype: str
     vocab_size: int
     max_model_len: int
+    dtype: str = "unknown"  # what vLLM serves ("bfloat16" for an fp32 checkpoint under "auto")

@@ -92,4 +92,5 @@ def engine_info(llm, config: dict, model_dir: str, plugin: bool) -> EngineInfo:
         route_dtype=facts["route_dtype"],
         vocab_size=model_config.get_vocab_size(),
         max_model_len=model_config.max_model_len,
+        dtype=str(model_config.dtype).removeprefix("torch."),
     )

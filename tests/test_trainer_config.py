@@ -39,6 +39,7 @@ def test_literal_fields_are_the_choices(capsys):
         "parallel": ("ddp", "fsdp2"),
         "dtype": ("float32", "bfloat16"),
         "device": ("auto", "cpu", "cuda"),
+        "on_mismatch": ("push", "fail"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):

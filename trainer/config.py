@@ -22,6 +22,7 @@ PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.precision)
 TrainDevice = Literal["auto", "cpu", "cuda"]
+OnMismatch = Literal["push", "fail"]
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -61,8 +62,10 @@ class TrainConfig:
     """Max global grad norm of the policy (0: off)."""
     predictor_loss: PredictorLoss = "kl-post"
     """Predictor objective: ``kl-post`` (paper) or ``l2``."""
-    predictor_lr_multiplier: float = 1e3
-    """Predictor lr = ``lr`` x this (paper 1e4, verl default 1e3)."""
+    predictor_lr_multiplier: float = 1.0
+    """Predictor lr = ``lr`` x this. Measured (``benchmarks/predictor_lr.py``): at lr 1e-4, x10
+    already costs routing and x1000 wrecks it; the paper's 1e4 (verl's 1e3) is relative to a
+    base lr near 1e-6."""
     max_staleness: int = 0
     """Drop rollouts generated more than this many weight versions ago (counted)."""
     steps: int = 20
@@ -102,6 +105,11 @@ class TrainConfig:
     """Seconds a server may fail transiently (refused, reset, 502/503, not ready) before it
     is dropped from the rotation; each call retries with backoff meanwhile. With no server
     left the run stops with a non-zero exit."""
+    # -- start-up weight agreement (trainer/sync.py) --
+    on_mismatch: OnMismatch = "push"
+    """A server whose weight fingerprints (``/v1/info``) differ from the starting weights
+    (predictor: the checkpoint's in pr2, zero otherwise): ``push`` them to every server as
+    the next version (one log line), or ``fail`` naming the server and how to reset it."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():

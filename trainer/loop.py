@@ -27,7 +27,7 @@ from pr2_serve.client.payload import weights_payload
 from pr2_serve.client.retry import RetryPolicy
 from pr2_serve.routes import route_rows, validate_routes
 
-from . import checkpoints
+from . import checkpoints, sync
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
@@ -139,10 +139,11 @@ class Trainer:
         self.log = log
         self.task = Task(cfg.task, cfg.task_digits)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
-        versions = {c.info()["weight_version"] for c in self.clients}
-        if len(versions) != 1 and not cfg.resume:  # (resume re-syncs them: checkpoints.py)
-            raise RuntimeError(f"servers disagree on the weight version: {versions}")
-        self.version = max(versions)
+        if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
+            self.version = max(c.info()["weight_version"] for c in self.clients)
+        else:  # every server serves the starting weights (predictor as the mode serves it)
+            target = sync.starting_target(cfg.model_dir, cfg.replay)
+            self.version = sync.agree(self.clients, cfg.servers, target, cfg.on_mismatch, log)
         self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
         served = [c.info().get("dtype") for c in self.clients]  # absent: "unknown"

@@ -81,7 +81,11 @@ class ServerConfig:
         "allow POST /v1/weights/load/{version} (gRPC LoadWeights) to load checkpoints from "
         "paths inside this directory (symlinks resolved; '..' refused); absent: disabled",
     )
-    dtype: str = option("auto", "model dtype (vLLM's --dtype)")
+    dtype: str = option(
+        "auto",
+        "model dtype (vLLM's --dtype; auto serves an fp32 checkpoint in bfloat16, float32 keeps "
+        "it; /v1/info reports the dtype served)",
+    )
     seed: int = option(0, "engine seed (requests without a seed draw from it)")
     max_upload_bytes: int = option(_LIMITS.max_upload_bytes, "largest weight upload, bytes")
     keep_alive_timeout: float = option(

@@ -83,7 +83,10 @@ class Info(BaseModel):
         ``{"model": "/models/tiny", "architecture": "Qwen3MoeForCausalLM", "num_moe_layers": 4,
         "num_experts": 8, "top_k": 2, "weight_version": 0, "predictor": true,
         "route_dtype": "uint8", "max_model_len": 2048, "vocab_size": 512,
-        "kept_versions": [3, 2, 0]}`` (``kept_versions``: what ``POST
+        "kept_versions": [3, 2, 0], "dtype": "float32",
+        "policy_fingerprint": "9f2c...", "predictor_fingerprint": "03ab...",
+        "weight_source": "pushed version 3", "predictor_active": true,
+        "predictor_norm": 0.41}`` (``kept_versions``: what ``POST
         /v1/weights/rollback/{version}`` can go back to; 0 is the model directory)
     """
 
@@ -98,6 +101,23 @@ class Info(BaseModel):
     max_model_len: int
     vocab_size: int
     kept_versions: list[int]
+    dtype: str = Field(
+        description="the dtype vLLM serves the weights in (--dtype auto serves an fp32 "
+        "checkpoint in bfloat16)"
+    )
+    policy_fingerprint: str = Field(
+        description="content hash of the served policy weights (pr2_serve.fingerprint: names, "
+        "shapes, float32 values), computed when a version is committed"
+    )
+    predictor_fingerprint: str = Field(
+        description="the same over the predictor weights (absent predictors count as zeros)"
+    )
+    weight_source: str = Field(
+        description='where the served weights came from: "model directory", "pushed version '
+        'N", "version N restored from the state directory ...", or a rollback'
+    )
+    predictor_active: bool = Field(description="a non-zero predictor shifts the routing")
+    predictor_norm: float = Field(description="L2 norm of all predictor weights")
 
 
 class WeightsResponse(BaseModel):

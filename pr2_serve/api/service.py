@@ -15,6 +15,10 @@ them:
   Loading a checkpoint from a path (``--weights-dir``) copies its files in and goes the same way.
 - **Rollback:** the store keeps the last ``keep_versions`` committed versions; going back to
   one (or to 0, the model directory) applies its files as a new, higher version.
+- **What is served:** each committed version (start, restore, push, rollback) is fingerprinted
+  once (:mod:`pr2_serve.fingerprint`: policy and predictor apart, the predictor's norm) and its
+  source recorded; ``/v1/info`` reports them, so a trainer can tell whether a server holds its
+  weights -- not only the same version number.
 - **Fitness:** the served weights must pass the canary (at start, after each change, and again
   whenever a sample comes out non-finite); until they do the service is not ready and refuses
   generates with 503, while pushes and rollbacks are still taken.
@@ -45,7 +49,14 @@ from .weight_store import WeightStore
 if TYPE_CHECKING:
     from ..engine import RolloutEngine
 
-__all__ = ["RolloutService"]
+__all__ = ["MODEL_DIR_SOURCE", "RolloutService"]
+
+MODEL_DIR_SOURCE = "model directory"  # Info.weight_source of version 0
+
+
+def served_as(source: str, version: int) -> str:
+    """``Info.weight_source`` of a committed update (``source``: the commit record's)."""
+    return f"pushed version {version}" if source == "push" else f"version {version}: {source}"
 
 
 class RolloutService:
@@ -73,6 +84,8 @@ class RolloutService:
         self._push_lock = asyncio.Lock()
         self._recheck: asyncio.Task | None = None
         self._inflight = 0
+        self.served: dict = {}  # fingerprints and source of the committed weights (`_note_served`)
+        self.restoring = False  # info() must not report the model directory's version meanwhile
         self.store.clean()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -83,19 +96,41 @@ class RolloutService:
     def restore_committed(self, fresh: bool = False) -> str:
         """Re-apply the last committed weights (if any; ``fresh``: forget them) and say which
         state the server starts from (one log line)."""
+        self.restoring = True
+        try:
+            return self._restore(fresh)
+        finally:
+            self.restoring = False
+
+    def _restore(self, fresh: bool) -> str:
         where = self.store.state_dir
         committed = self.store.committed()
         if fresh and committed is not None:
             self.store.reset()
+            self._note_served(MODEL_DIR_SOURCE)
             said = f"--fresh: forgot committed version {committed[1]} in {where}; "
             return said + "serving the model directory (version 0)"
         if committed is None:
+            self._note_served(MODEL_DIR_SOURCE)
             return f"no committed weights in {where}: serving the model directory (version 0)"
         files, version = committed
         self.engine.commit_update(files, version).result()
         self.metrics.weight_version.set(self.engine.weight_version)
+        self._note_served(f"version {version} restored from the state directory {where}")
         kept = ", ".join(str(v) for v, _ in self.store.kept())
         return f"restored weight version {version} from {where} (kept for rollback: {kept}, 0)"
+
+    def _note_served(self, source: str) -> None:
+        """Fingerprint the weights just committed (once per version, never per request) and
+        record where they came from: what ``info()`` reports."""
+        fp = self.engine.fingerprints()
+        self.served = {
+            "weight_source": source,
+            "policy_fingerprint": fp["policy"],
+            "predictor_fingerprint": fp["predictor"],
+            "predictor_active": fp["predictor_norm"] > 0,
+            "predictor_norm": fp["predictor_norm"],
+        }
 
     def canary(self) -> Canary:
         """A fresh canary for the served model."""
@@ -138,7 +173,11 @@ class RolloutService:
         :class:`~.schemas.Info`, gRPC ``pb2.Info``)."""
         if self.engine is None:
             raise ApiError(503, "unavailable", "the model is still loading")
+        if self.restoring:
+            raise ApiError(503, "unavailable", "restoring the committed weights")
         i = self.engine.info
+        if not self.served:  # an engine attached without restore_committed
+            self._note_served(MODEL_DIR_SOURCE if self.engine.weight_version == 0 else "unknown")
         return {
             "model": i.model,
             "architecture": i.architecture,
@@ -151,6 +190,8 @@ class RolloutService:
             "max_model_len": i.max_model_len,
             "vocab_size": i.vocab_size,
             "kept_versions": [v for v, _ in self.store.kept()] + [0],
+            "dtype": i.dtype,
+            **self.served,
         }
 
     # -- auth -----------------------------------------------------------------------------------
@@ -330,6 +371,7 @@ class RolloutService:
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
             self.store.commit(files, version, source=source)
+            await asyncio.to_thread(self._note_served, served_as(source, version))
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
             return {
@@ -361,6 +403,8 @@ class RolloutService:
             t0 = time.perf_counter()
             result, canary = await self._apply(files, version, replace=True)
             self.store.commit(files, version, replace=True, source=f"rollback to {target}")
+            to = "the model directory" if target == 0 else f"version {target}"
+            await asyncio.to_thread(self._note_served, f"version {version}: rolled back to {to}")
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, 0, seconds)
             return {

@@ -35,7 +35,7 @@ class GrpcClient:
             m = self._stub.GetInfo(self._pb2.GetInfoRequest(), timeout=self.timeout)
         except self._grpc.RpcError as e:
             raise _grpc_error(e) from None
-        return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
+        return _info(m)
 
     def ready(self) -> bool:
         """Whether the server serves: its ``grpc.health.v1`` status is SERVING (loaded, the
@@ -207,3 +207,17 @@ def _upload_messages(pb2, payload: WeightsPayload, version: int) -> Iterator:
     )
     for block in payload.chunks(GRPC_CHUNK):
         yield pb2.UpdateWeightsRequest(chunk=bytes(block))
+
+
+def _info(m) -> dict:
+    """``GetInfo``'s message as the dict ``HttpClient.info`` returns (``/v1/info``'s JSON):
+    plain Python values, a repeated field as a list."""
+    return {
+        f.name: list(getattr(m, f.name)) if _repeated(f) else getattr(m, f.name)
+        for f in m.DESCRIPTOR.fields
+    }
+
+
+def _repeated(field) -> bool:
+    rep = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` is deprecated there
+    return rep if rep is not None else field.label == field.LABEL_REPEATED
