@@ -89,7 +89,7 @@ class FakeServer:
         self.pushes: list[int] = []
 
     def info(self) -> dict:
-        return {"weight_version": self.version}
+        return {"weight_version": self.version, "max_model_len": 2048}
 
     def generate(self, prompts, n, seed, min_weight_version, **sampling):
         assert min_weight_version <= self.version
@@ -172,9 +172,16 @@ def test_screen_groups_counts_stale_before_routes():
 
     groups = [group(0, 5, good), group(1, 3, bad), group(2, 5, bad)]
     lines: list[str] = []
-    got = screen_groups(groups, problems, 5, 1, shape, log=lines.append)
+    scored = []
+
+    def score(examples, kept):  # one call per batch, with the kept groups only
+        scored.append((examples, kept))
+        return [0.5] * sum(map(len, kept)), {"fake": 0.5}
+
+    got = screen_groups(groups, problems, 5, 1, shape, score, log=lines.append)
     # group 1 is both stale and bad: counted as stale; group 2 is bad
     assert (got.dropped_stale, got.dropped_bad_routes) == (2, 2)
-    assert got.samples == groups[0] and got.problems == problems[:1]
-    assert got.rewards.shape == (2,)
+    assert got.samples == groups[0] and got.examples == problems[:1]
+    assert scored == [(problems[:1], groups[:1])] and got.reward_means == {"fake": 0.5}
+    assert got.rewards.tolist() == [0.5, 0.5]
     assert len(lines) == 1 and "prompt 2" in lines[0] and "repeats an expert id" in lines[0]
