@@ -81,7 +81,7 @@ def tokenizer(bpe_model):
 
 @pytest.fixture(scope="module")
 def server(bpe_model, tmp_path_factory):
-    srv = start_server(bpe_model, tmp_path_factory.mktemp("dataset-state"))
+    srv = start_server(bpe_model, tmp_path_factory.mktemp("dataset-state"), timeout=600)
     yield srv
     srv.stop()
 
