@@ -129,3 +129,63 @@ def test_user_reward_gets_columns_and_failures_name_the_function(tmp_path, monke
             score(load_rewards([f"my_rewards:{name}"]), ["p", "q"], ["a", "b"], [[1], [2]], {})
     with pytest.raises(RewardError, match="cannot import"):
         load_reward("no_such_module:fn")
+
+
+def test_config_data_fields_defaults_and_errors():
+    from trainer.config import parse_config
+
+    cfg = parse_config(["--task", "sort"])  # the demo's and the experiment's flags still work
+    assert (cfg.dataset, cfg.reward) == ("toy:sort", ["toy"])
+    cfg = parse_config(["--dataset", "d.jsonl", "--reward", "math", "--reward", "m:f"])
+    assert (cfg.reward, cfg.reward_weights) == (["math", "m:f"], [])
+    assert parse_config(["--dataset", "d.jsonl"]).reward == ["exact"]
+    for argv, words in [
+        (["--reward", "math", "--reward-weights", "1", "2"], "2 values for 1 reward"),
+        (["--dataset", "d.jsonl", "--eval-fraction", "1.5"], r"eval_fraction must be in \[0, 1\)"),
+        (["--eval-fraction", "0.1"], "not with eval_dataset or toy"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            parse_config(argv)
+
+
+def test_toy_source_gives_the_toy_tasks_ids_problems_and_rewards(tiny_zero, tmp_path):
+    """``toy:<task>`` through the byte tokenizer of the tiny model: the same prompt ids, problems
+    and rewards per step as the loop had with ``trainer.tasks`` (results stay comparable)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from trainer.config import TrainConfig
+    from trainer.source import Source
+    from trainer.tasks import EOS, Task, encode, exact_match
+
+    cfg = TrainConfig(
+        model_dir=str(tiny_zero),
+        task="addition,sort",
+        task_digits=3,
+        prompts_per_batch=8,
+        eval_size=16,
+        seed=3,
+        output_dir=str(tmp_path),
+    )
+    source = Source(cfg, AutoTokenizer.from_pretrained(str(tiny_zero)), max_model_len=2048)
+    task = Task("addition,sort", 3)
+    cases = [(source.batch(s), task.batch(8, seed=3 * 100003 + s)) for s in (1, 2)]
+    cases.append((source.eval_batch(), task.batch(16, seed=3, split="eval")))
+    for got, want in cases:
+        assert got.ids == [encode(p.prompt) for p in want]
+        assert [e.columns["answer"] for e in got.examples] == [p.answer for p in want]
+    assert source.stop_token_ids == [EOS]
+    ex, answer = cases[0][0].examples[0], cases[0][1][0].answer
+    outputs = [
+        [*encode(answer), EOS],
+        encode(answer),  # cut off: no EOS
+        [*encode(f" {answer}"), EOS],
+        [*encode(answer), 257, 258],  # padded, no EOS
+        [*encode(answer), 257, EOS],
+        [*encode(answer + "1"), EOS],
+    ]
+    group = [SimpleNamespace(output_token_ids=o) for o in outputs]
+    rewards, means = source.score([ex], [group])
+    assert rewards == [exact_match(o, answer) for o in outputs] == [1, 0, 0, 0, 1, 0]
+    assert means == {"toy": 2 / 6}

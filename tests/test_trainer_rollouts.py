@@ -15,6 +15,7 @@ import pytest
 import trainer.loop as loop
 from pr2_serve.routes import route_rows
 from pr2_serve.types import Rollout
+from trainer import sync
 from trainer.config import TrainConfig
 from trainer.loop import RouteShape, screen_groups
 from trainer.tasks import EOS, Task, decode, encode
@@ -87,9 +88,10 @@ class FakeServer:
         self.shape: RouteShape | None = None  # the trainer's, set once it exists
         self.rng = np.random.default_rng(0)
         self.pushes: list[int] = []
+        self.fingerprints: dict[str, str] = {}  # what it serves (set to the trainer's start)
 
     def info(self) -> dict:
-        return {"weight_version": self.version}
+        return {"weight_version": self.version, "max_model_len": 2048, **self.fingerprints}
 
     def generate(self, prompts, n, seed, min_weight_version, **sampling):
         assert min_weight_version <= self.version
@@ -118,6 +120,8 @@ class FakeServer:
 @pytest.mark.timeout(300)
 def test_bad_routes_drop_their_group_and_training_goes_on(tiny_random, tmp_path, monkeypatch):
     server = FakeServer()
+    start = sync.starting_target(tiny_random, "pr2").fingerprints
+    server.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
     monkeypatch.setattr(loop, "make_client", lambda address, api_key: server)
     cfg = TrainConfig(
         servers=["http://fake"],
@@ -174,9 +178,16 @@ def test_screen_groups_counts_stale_before_routes():
 
     groups = [group(0, 5, good), group(1, 3, bad), group(2, 5, bad)]
     lines: list[str] = []
-    got = screen_groups(groups, problems, 5, 1, shape, log=lines.append)
+    scored = []
+
+    def score(examples, kept):  # one call per batch, with the kept groups only
+        scored.append((examples, kept))
+        return [0.5] * sum(map(len, kept)), {"fake": 0.5}
+
+    got = screen_groups(groups, problems, 5, 1, shape, score, log=lines.append)
     # group 1 is both stale and bad: counted as stale; group 2 is bad
     assert (got.dropped_stale, got.dropped_bad_routes) == (2, 2)
-    assert got.samples == groups[0] and got.problems == problems[:1]
-    assert got.rewards.shape == (2,)
+    assert got.samples == groups[0] and got.examples == problems[:1]
+    assert scored == [(problems[:1], groups[:1])] and got.reward_means == {"fake": 0.5}
+    assert got.rewards.tolist() == [0.5, 0.5]
     assert len(lines) == 1 and "prompt 2" in lines[0] and "repeats an expert id" in lines[0]

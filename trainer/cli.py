@@ -45,6 +45,16 @@ def format_line(m: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .data import DatasetError
+    from .rewards import RewardError
+
+    try:
+        _main(argv)
+    except (DatasetError, RewardError) as e:  # bad data or a failing reward: its message only
+        raise SystemExit(f"pr2-train: {e}") from e
+
+
+def _main(argv: list[str] | None) -> None:
     cfg = parse_config(argv)
     from .distributed import run_distributed
     from .servers import NoServerLeft

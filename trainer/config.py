@@ -36,9 +36,28 @@ class TrainConfig:
     model_dir: str = "runs/demo/model"
     """The HF checkpoint the servers were started on (the trainer's policy starts from it)."""
     task: str = "addition"
-    """Task family (``addition``, ``sort``, ``count``, or a comma-separated mix)."""
+    """Task family (``addition``, ``sort``, ``count``, or a comma-separated mix): the toy data
+    when no ``dataset`` is given."""
     task_digits: int = 2
     """Task difficulty (operand digits)."""
+    # -- data and rewards (issue 11: datasets, chat template, reward functions) ----------------
+    dataset: str | None = None
+    """Prompt data: a JSONL, JSON or Parquet file in TRL's standard (``{"prompt": "..."}``) or
+    conversational (``{"prompt": [{"role": "user", "content": "..."}]}``) format, every other
+    column passed to the reward functions; or ``toy:<task>`` (default: ``toy:`` + ``task``)."""
+    prompt_field: str = "prompt"
+    """The dataset column holding the prompt."""
+    eval_dataset: str | None = None
+    """Held-out prompts for eval (a file like ``dataset``; default: ``eval_fraction`` of
+    ``dataset``, or the toy task's eval split)."""
+    eval_fraction: float = 0.0
+    """Fraction of ``dataset``'s rows held out for eval (seeded; 0: none)."""
+    reward: list[str] = field(default_factory=list)
+    """Reward functions, repeatable: ``exact``, ``math`` (math-verify), ``format:REGEX``,
+    ``toy`` or ``module:function`` with TRL's signature (default: ``toy`` for ``toy:`` data,
+    else ``exact``)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward function (default: all 1)."""
     replay: ReplayMode = "pr2"
     """Routing in training forwards: ``none`` (plain GRPO), ``r2`` (trainer's old-pass
     routes), ``r3`` (server routes), ``pr2`` (server routes chosen with the predictor)."""
@@ -125,6 +144,26 @@ class TrainConfig:
             raise ValueError("server_timeout must be >= 0 seconds")
         if self.api_key is None:
             self.api_key = os.environ.get("PR2_API_KEY")
+        self._check_data_fields()
+
+    def _check_data_fields(self) -> None:
+        """Data and reward fields (issue 11): defaults resolved, combinations checked."""
+        if self.dataset is None:
+            self.dataset = f"toy:{self.task}"
+        toy = self.dataset.startswith("toy:")
+        if not self.reward:
+            self.reward = ["toy" if toy else "exact"]
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and (self.eval_dataset or toy):
+            raise ValueError(
+                "eval_fraction splits a dataset file; not with eval_dataset or toy: data"
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.reward):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} values for "
+                f"{len(self.reward)} reward functions {self.reward}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -185,6 +224,8 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             kw["nargs"] = "+"
         elif hints[f.name] is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(hints[f.name]) is list:  # repeatable: --reward a --reward b, or a b
+            kw.update(action="extend", nargs="+", type=get_args(hints[f.name])[0])
         elif f.name in choices:  # the value is checked by TrainConfig: a ValueError naming it
             kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         else:

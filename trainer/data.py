@@ -46,13 +46,24 @@ def load_examples(source: str, prompt_field: str = "prompt", toy_size: int = 512
     return [_example(source, i, row, prompt_field) for i, row in enumerate(rows)]
 
 
-def toy_rows(task: str, n: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """Rows ``{"prompt", "answer"}`` of a built-in toy task (see :mod:`trainer.tasks`)."""
+def toy_rows(task: str, n: int, seed: int = 0, split: str = "train", digits: int = 2) -> list[dict]:
+    """Rows ``{"prompt", "answer"}`` of a built-in toy task or a comma-separated mix (see
+    :mod:`trainer.tasks`): ``Task(task, digits).batch(n, seed, split)``."""
     from .tasks import TASKS, Task
 
-    if task not in TASKS:
+    unknown = [t for t in task.split(",") if t.strip() not in TASKS]
+    if unknown:
         raise DatasetError(f"{TOY_PREFIX}{task}: unknown toy task; choose from {sorted(TASKS)}")
-    return [{"prompt": p.prompt, "answer": p.answer} for p in Task(task).batch(n, seed, split)]
+    problems = Task(task, digits).batch(n, seed, split)
+    return [{"prompt": p.prompt, "answer": p.answer} for p in problems]
+
+
+def toy_examples(
+    source: str, n: int, seed: int, split: str = "train", digits: int = 2
+) -> list[Example]:
+    """``n`` checked examples of ``toy:<task>``: a procedural stream, a fresh batch per seed."""
+    rows = toy_rows(source.removeprefix(TOY_PREFIX), n, seed, split, digits)
+    return [_example(source, i, row, "prompt") for i, row in enumerate(rows)]
 
 
 def _read_rows(path: Path) -> list[dict]:

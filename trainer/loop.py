@@ -4,7 +4,8 @@ Per rollout batch (see ``shared/notes/pr2-method.md``):
 
 1. request ``prompts_per_batch x samples_per_prompt`` rollouts with routes, spread over the
    servers; drop the groups with a sample older than ``max_staleness`` versions or with routes
-   that cannot be replayed (both counted); exact-match rewards; GRPO advantages;
+   that cannot be replayed (both counted); rewards of the run's reward functions
+   (:mod:`trainer.source`: prompts and rewards); GRPO advantages;
 2. train on the batch (:mod:`trainer.train_step`: old pass, mini-steps, predictor steps);
 3. push policy (+ predictor for pr2) to every server as version + 1.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from .config import TrainConfig
 from .policy import Policy
 from .precision import precision_line
 from .servers import ServerPool
-from .tasks import Problem, Task, encode, exact_match
+from .source import Source
 from .train_step import Learner
 
 
@@ -88,26 +89,29 @@ class Rollouts:
 
     samples: list
     rewards: torch.Tensor
-    problems: list[Problem]
+    examples: list  # trainer.data.Example of each kept group
+    reward_means: dict = field(default_factory=dict)  # reward function -> its mean
     dropped_stale: int = 0  # samples (whole groups) generated too many versions ago
     dropped_bad_routes: int = 0  # samples (whole groups) with routes that cannot be trained on
 
 
 def screen_groups(
     groups: Sequence[list],
-    problems: Sequence[Problem],
+    examples: Sequence,
     version: int,
     max_staleness: int,
     shape: RouteShape,
+    score: Callable[[list, list[list]], tuple[list[float], dict]],
     log: Callable[[str], None] = print,
 ) -> Rollouts:
-    """Keep the groups whose samples are all fresh enough and have valid routes; score them.
+    """Keep the groups whose samples are all fresh enough and have valid routes; score them
+    (``score(examples, groups)``: :meth:`trainer.source.Source.score`, one call per batch).
 
     A bad sample drops its whole GRPO group: advantages are normalised within the group, so the
     other samples' advantages would be wrong without it."""
-    samples, rewards, kept = [], [], []
+    samples, kept, kept_groups = [], [], []
     out = Rollouts(samples, torch.tensor([]), kept)
-    for i, (group, problem) in enumerate(zip(groups, problems, strict=True)):
+    for i, (group, example) in enumerate(zip(groups, examples, strict=True)):
         if any(version - s.weight_version > max_staleness for s in group):
             out.dropped_stale += len(group)
             continue
@@ -121,9 +125,10 @@ def screen_groups(
             out.dropped_bad_routes += len(group)
             continue
         samples += group
-        rewards += [exact_match(s.output_token_ids, problem.answer) for s in group]
-        kept.append(problem)
-    out.rewards = torch.tensor(rewards)
+        kept.append(example)
+        kept_groups.append(group)
+    rewards, out.reward_means = score(kept, kept_groups)
+    out.rewards = torch.tensor(rewards, dtype=torch.float32)
     return out
 
 
@@ -137,8 +142,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log=print, learner: Learner | None = None) -> None:
         self.cfg = cfg
         self.log = log
-        self.task = Task(cfg.task, cfg.task_digits)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
+        # prompts and rewards: every row loaded, checked and encoded before anything is sent
+        self.source = Source.build(cfg, [c.info() for c in self.clients])
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
             self.version = max(c.info()["weight_version"] for c in self.clients)
         else:  # every server serves the starting weights (predictor as the mode serves it)
@@ -168,18 +174,20 @@ class Trainer:
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
             min_weight_version=self.version,
+            stop_token_ids=self.source.stop_token_ids,
         )
 
     def rollout(self, step: int) -> Rollouts:
         cfg = self.cfg
-        problems = self.task.batch(cfg.prompts_per_batch, seed=cfg.seed * 100003 + step)
-        groups = self.request_rollouts([encode(p.prompt) for p in problems], step)
+        prompts = self.source.batch(step)
+        groups = self.request_rollouts(prompts.ids, step)
         got = screen_groups(
             groups,
-            problems,
+            prompts.examples,
             self.version,
             cfg.max_staleness,
             self.route_shape,
+            self.source.score,
             log=lambda line: self.log(f"step {step}: {line}"),
         )
         self.dropped_stale += got.dropped_stale
@@ -198,20 +206,21 @@ class Trainer:
         self.version = version
         return time.perf_counter() - t0
 
-    def evaluate(self) -> float:
-        cfg = self.cfg
-        problems = self.task.batch(cfg.eval_size, seed=cfg.seed, split="eval")
+    def evaluate(self) -> float | None:
+        """Mean reward of greedy completions of the held-out prompts (the accuracy, for a 0/1
+        reward); None without an eval split."""
+        prompts = self.source.eval_batch()
+        if not prompts.ids:
+            return None
         res = self.servers.generate_one(
-            [encode(p.prompt) for p in problems], temperature=0.0, max_tokens=cfg.max_tokens
+            prompts.ids,
+            temperature=0.0,
+            max_tokens=self.cfg.max_tokens,
+            stop_token_ids=self.source.stop_token_ids,
         )
-        return float(
-            np.mean(
-                [
-                    exact_match(s.output_token_ids, p.answer)
-                    for s, p in zip(res.samples, problems, strict=True)
-                ]
-            )
-        )
+        samples = sorted(res.samples, key=lambda s: s.prompt_index)
+        rewards, _ = self.source.score(prompts.examples, [[s] for s in samples])
+        return float(np.mean(rewards))
 
     def step(self, step: int) -> dict:
         """One rollout batch: rollout, train (``self.learner``), push, maybe evaluate."""
@@ -227,6 +236,7 @@ class Trainer:
         }
         m["reward_mean"] = float(rewards.mean()) if len(rewards) else None
         m["reward_std"] = float(rewards.std(unbiased=False)) if len(rewards) else None
+        m.update({f"reward/{name}": v for name, v in got.reward_means.items()})
         m["dropped_stale"] = self.dropped_stale
         m["dropped_bad_routes"] = self.dropped_bad_routes
         m.update(self.servers.metrics())  # live_servers, resent_requests, outage_seconds

@@ -11,7 +11,8 @@ wrong number of values stops the run with its name (never silent zero rewards).
 
 Built-ins: ``exact`` (the ``answer`` column equals the completion text, stripped), ``math``
 (``math-verify``: parse the ``answer`` column and the completion, verify), ``format:REGEX``
-(1.0 when the completion matches the regex, else 0.0).
+(1.0 when the completion matches the regex, else 0.0), ``toy`` (the toy tasks' exact match on
+the ids: the answer then EOS 256, the byte tokenizer's; the default of ``toy:<task>`` data).
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def math_reward(prompts, completions, completion_ids, answer=None, **_) -> list[
     return out
 
 
+def toy(prompts, completions, completion_ids, answer=None, **_) -> list[float | None]:
+    """The toy tasks' reward (:func:`trainer.tasks.exact_match` on the ids): the answer, then
+    the byte tokenizer's EOS -- a cut-off or padded answer scores 0, as the demo always had."""
+    from .tasks import exact_match
+
+    if answer is None:
+        raise ValueError("toy needs an 'answer' column")
+    return [exact_match(ids, str(a)) for ids, a in zip(completion_ids, answer, strict=True)]
+
+
 def format_reward(pattern: str) -> RewardFn:
     regex = re.compile(pattern, re.DOTALL)
 
@@ -64,7 +75,7 @@ def format_reward(pattern: str) -> RewardFn:
     return fmt
 
 
-BUILTINS: dict[str, RewardFn] = {"exact": exact, "math": math_reward}
+BUILTINS: dict[str, RewardFn] = {"exact": exact, "math": math_reward, "toy": toy}
 
 
 @dataclass
