@@ -30,6 +30,8 @@ from .wire import GlooTrainerInitInfo, close_group, open_group
 
 __all__ = ["GlooTrainerWeightTransferEngine", "StateDictSource", "broadcast_buckets"]
 
+SERVER_REASON_WAIT_S = 10.0  # after a broken broadcast, how long to wait for the servers' reason
+
 
 class StateDictSource(WeightSource):
     """The tensors of a ``{name: tensor}`` dict, in its order (CPU, contiguous on send)."""
@@ -126,8 +128,11 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         try:
             update = exe.submit(self.client.update_weights, update_info)
             send = exe.submit(broadcast_buckets, self.group, iter(source), self.bucket_bytes)
-            done, _ = cf.wait([update, send], return_when=cf.FIRST_EXCEPTION)
-            if update in done and update.exception() is not None:
+            cf.wait([update, send], return_when=cf.FIRST_EXCEPTION)
+            if send.done() and send.exception() is not None:
+                # a server left the group: its answer says why (a refusal, a timeout)
+                cf.wait([update], timeout=SERVER_REASON_WAIT_S)
+            if update.done() and update.exception() is not None:
                 self.shutdown()  # the servers will not receive: stop the broadcast
                 raise update.exception()
             send.result()
