@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 ReplayMode = Literal["none", "r2", "r3", "pr2"]
 PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
+WeightTransfer = Literal["http", "grpc", "gloo"]  # weight transfer (issue 12)
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -79,6 +80,14 @@ class TrainConfig:
     """Under ``torchrun``: ``ddp`` (the policy replicated on every rank) or ``fsdp2``
     (``fully_shard`` per decoder layer: parameters, gradients and optimizer state sharded
     across ranks; predictors stay replicated). Ignored in a single process."""
+    # -- weight transfer (issue 12; trainer/transfer.py) --
+    weight_transfer: WeightTransfer = "http"
+    """How pushes travel: ``http``/``grpc``, a safetensors file over each server's own
+    protocol (its URL scheme); ``gloo``, one gloo group of this trainer (rank 0) and every
+    server's workers, through vLLM's weight-transfer engines (``http://`` servers). ``nccl`` is
+    vLLM's CUDA transport, by design only here."""
+    weight_transfer_address: str = "127.0.0.1"
+    """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():

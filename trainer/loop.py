@@ -32,6 +32,7 @@ from .config import TrainConfig
 from .policy import Policy
 from .tasks import Problem, Task, encode, exact_match
 from .train_step import Learner
+from .transfer import collective_push
 
 
 def make_client(address: str, api_key: str | None):
@@ -190,9 +191,12 @@ class Trainer:
                 Path(tmp), with_predictor=self.cfg.replay == "pr2", state_dict=state_dict
             )
             version = self.version + 1
-            results = list(
-                self.pool.map(lambda c: c.push_weights(str(path), version), self.clients)
-            )
+            if self.cfg.weight_transfer == "gloo":  # one collective to every server
+                results = collective_push(self, path, version)
+            else:
+                results = list(
+                    self.pool.map(lambda c: c.push_weights(str(path), version), self.clients)
+                )
         if {r["weight_version"] for r in results} != {version}:
             raise RuntimeError(f"servers did not all commit version {version}: {results}")
         self.version = version

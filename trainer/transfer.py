@@ -27,7 +27,7 @@ from pr2_serve.transfer import register
 from pr2_serve.transfer.trainer import StateDictSource
 from pr2_serve.transfer.wire import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, GlooTrainerInitInfo
 
-__all__ = ["CollectivePusher", "ServersClient"]
+__all__ = ["CollectivePusher", "ServersClient", "collective_push"]
 
 
 class ServersClient:
@@ -126,6 +126,21 @@ class CollectivePusher:
     def close(self) -> None:
         self.close_group()
         self.client.close()
+
+
+def collective_push(trainer, path, version: int) -> list[dict]:
+    """``Trainer.push`` with ``--weight-transfer gloo``: the exported file's tensors to every
+    server over one group (opened on the first push, kept on the trainer)."""
+    from safetensors.torch import load_file
+
+    pusher = getattr(trainer, "_collective", None)
+    if pusher is None:
+        bad = [a for a in trainer.cfg.servers if not a.startswith("http")]
+        if bad:
+            raise ValueError(f"--weight-transfer gloo needs http:// servers (control plane): {bad}")
+        pusher = CollectivePusher(trainer.clients, address=trainer.cfg.weight_transfer_address)
+        trainer._collective = pusher
+    return pusher.push(load_file(str(path)), version)
 
 
 def _free_port(address: str) -> int:

@@ -119,8 +119,6 @@ def receive_to_file(group, info: GlooUpdateInfo, bucket_bytes: int, path: str | 
             for fut in pending:
                 if fut is not None:
                     fut.result()
-        if fd is not None:
-            os.fsync(fd)
     finally:
         if fd is not None:
             os.close(fd)
