@@ -37,6 +37,7 @@ def test_literal_fields_are_the_choices(capsys):
         "replay": ("none", "r2", "r3", "pr2"),
         "predictor_loss": ("kl-post", "l2"),
         "parallel": ("ddp", "fsdp2"),
+        "weight_transfer": ("http", "grpc", "gloo"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):
