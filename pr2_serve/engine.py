@@ -191,6 +191,11 @@ class RolloutEngine:
         require_newer(version, self.weight_version)
         return self._weights.stage(weights, self.state_dir, version)
 
+    def check_tensor(self, name: str, shape, dtype) -> None:
+        """Raise :class:`WeightValidationError` unless the model takes ``name`` with this shape
+        and a floating ``dtype`` (an update announced before its bytes arrive)."""
+        self._weights.check(name, shape, dtype)
+
     def commit_update(
         self, update_files: dict[str, str], version: int, *, canary=None, replace: bool = False
     ) -> cf.Future:

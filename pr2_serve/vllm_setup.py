@@ -73,6 +73,9 @@ def build_llm_engine(
             "distributed_executor_backend", "uni" if tp == 1 else "mp"
         ),
         disable_log_stats=True,
+        # the workers make the ``gloo`` weight-transfer engine (pr2_serve.transfer): trainers
+        # may send weights over a collective (POST /v1/weights/transfer/...)
+        weight_transfer_config=engine_kwargs.pop("weight_transfer_config", {"backend": "gloo"}),
         **engine_kwargs,
     )
     return LLMEngine.from_engine_args(args)

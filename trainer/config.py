@@ -23,6 +23,7 @@ Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.precision)
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnMismatch = Literal["push", "fail"]
+WeightTransfer = Literal["http", "grpc", "gloo"]  # weight transfer (issue 12)
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -129,6 +130,14 @@ class TrainConfig:
     """A server whose weight fingerprints (``/v1/info``) differ from the starting weights
     (predictor: the checkpoint's in pr2, zero otherwise): ``push`` them to every server as
     the next version (one log line), or ``fail`` naming the server and how to reset it."""
+    # -- weight transfer (issue 12; trainer/transfer.py) --
+    weight_transfer: WeightTransfer = "http"
+    """How pushes travel: ``http``/``grpc``, a safetensors file over each server's own
+    protocol (its URL scheme); ``gloo``, one gloo group of this trainer (rank 0) and every
+    server's workers, through vLLM's weight-transfer engines (``http://`` servers). ``nccl`` is
+    vLLM's CUDA transport, by design only here."""
+    weight_transfer_address: str = "127.0.0.1"
+    """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():

@@ -198,9 +198,15 @@ class Trainer:
         """Export (``state_dict``: the gathered weights of a sharded model) and push to every
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
-        body = weights_payload(self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict))
+        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict)
         version = self.version + 1
-        results = self.servers.push(body, version)
+        if self.cfg.weight_transfer == "gloo":  # one collective to every server
+            from .transfer import collective_push  # (vLLM's weight-transfer engines)
+
+            results = collective_push(self, tensors, version)
+            self.servers.pushed(tensors, version)
+        else:
+            results = self.servers.push(weights_payload(tensors), version)
         if {r["weight_version"] for r in results} != {version}:
             raise RuntimeError(f"servers did not all commit version {version}: {results}")
         self.version = version

@@ -253,6 +253,11 @@ class ServerPool:
         )
         return self._call(srv, f"push of version {version}", attempt, resync_first=False)
 
+    def pushed(self, weights, version: int) -> None:
+        """Record that ``weights`` reached every live server as ``version`` by another path
+        (a collective transfer): kept for re-syncs as a push's are."""
+        self._keep(weights, version)
+
     def _keep(self, weights, version: int) -> None:
         """Remember ``weights`` as those of ``version`` (a file: linked into ``keep_dir``)."""
         old, self.version = self.weights, version

@@ -31,11 +31,12 @@ from .schemas import (
 )
 from .service import RolloutService
 from .sglang_api import add_sglang_routes
+from .transfer import TransferInitRequest, TransferRequest
 from .wire import route_window, sample_fields
 
 ERRORS = {
     code: {"model": ErrorBody}
-    for code in (400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503, 507)
+    for code in (400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 502, 503, 507)
 }
 FRAMEWORK_KINDS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
 OCTET_STREAM_BODY = {
@@ -95,6 +96,7 @@ def create_app(service: RolloutService) -> FastAPI:
     add_weights_route(app, service)
     add_rollback_route(app, service)
     add_load_route(app, service)
+    add_transfer_routes(app, service)
     add_metrics_route(app, service)
     add_openai_routes(app, service)  # the OpenAI-compatible dialect (vLLM's shapes)
     add_sglang_routes(app, service)  # the SGLang-compatible /generate (slime, miles)
@@ -314,6 +316,53 @@ def add_load_route(app: FastAPI, service: RolloutService) -> None:
         except ValidationError as e:
             raise from_validation(e.errors()) from None
         return await service.load_weights(version, body.path, "http")
+
+
+def add_transfer_routes(app: FastAPI, service: RolloutService) -> None:
+    """Collective weight transfer (:mod:`.transfer`): the token is checked before the body."""
+
+    def body_of(model) -> dict:
+        content = {"application/json": {"schema": model.model_json_schema()}}
+        return {"requestBody": {"required": True, "content": content}}
+
+    async def parse(request: Request, model):
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise from_validation(e.errors()) from None
+
+    @app.post(
+        "/v1/weights/transfer/init", responses=ERRORS, openapi_extra=body_of(TransferInitRequest)
+    )
+    async def transfer_init(request: Request, authorization: str | None = Header(None)):
+        """Join the trainer's weight-transfer group (vLLM's ``init_weight_transfer_engine``).
+
+        Body: ``{"backend": "gloo", "master_address", "master_port", "world_size",
+        "rank_offset"}`` (+ ``bucket_bytes``, ``timeout_s``); answers once every rank has
+        joined: ``{"backend": "gloo", "world_size": 2, "workers": 1}``; 502 if the group
+        could not be formed within ``timeout_s``.
+        """
+        service.check_auth(authorization)
+        return await service.transfer_init(await parse(request, TransferInitRequest))
+
+    @app.post(
+        "/v1/weights/transfer/{version}",
+        response_model=WeightsResponse,
+        responses=ERRORS,
+        openapi_extra=body_of(TransferRequest),
+    )
+    async def transfer_weights(
+        request: Request,
+        version: int = Path(ge=MIN_WEIGHT_VERSION, le=MAX_WEIGHT_VERSION),
+        authorization: str | None = Header(None),
+    ):
+        """Receive ``version`` over the group: ``{"names", "dtypes", "shapes"}`` announce the
+        tensors; the trainer broadcasts them while this call is open. Checked, applied and
+        committed as a push; a failure on the wire (502) applies nothing and closes the group.
+        """
+        service.check_auth(authorization)
+        req = await parse(request, TransferRequest)
+        return await service.transfer_weights(version, req, "http")
 
 
 def add_metrics_route(app: FastAPI, service: RolloutService) -> None:

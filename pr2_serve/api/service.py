@@ -43,6 +43,7 @@ from .errors import ENGINE_ERRORS, ApiError, from_engine
 from .load_path import checkpoint_files, resolve_load_path
 from .metrics import Metrics
 from .schemas import GenerateRequest
+from .transfer import TransferControl, TransferInitRequest, TransferRequest
 from .validate import validate
 from .weight_store import WeightStore
 
@@ -87,11 +88,13 @@ class RolloutService:
         self.served: dict = {}  # fingerprints and source of the committed weights (`_note_served`)
         self.restoring = False  # info() must not report the model directory's version meanwhile
         self.store.clean()
+        self.transfer = TransferControl(engine)  # collective weight transfers (.transfer)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, engine: RolloutEngine) -> None:
         """Serve ``engine`` (the server starts answering liveness before the model loads)."""
         self.engine = engine
+        self.transfer.engine = engine
 
     def restore_committed(self, fresh: bool = False) -> str:
         """Re-apply the last committed weights (if any; ``fresh``: forget them) and say which
@@ -344,6 +347,29 @@ class RolloutService:
             return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
 
         return await self._update(version, receive, protocol, f"load {path}")
+
+    async def transfer_init(self, req: TransferInitRequest) -> dict:
+        """Join the trainer's weight-transfer group (:mod:`.transfer`)."""
+        self._require_loaded()
+        async with self._push_lock:
+            return await asyncio.to_thread(self.transfer.init, req)
+
+    async def transfer_weights(self, version: int, req: TransferRequest, protocol: str) -> dict:
+        """Receive ``version`` over the transfer group (the trainer broadcasts while this
+        runs) into the weight store, then check, apply and commit it as a push."""
+        self._require_loaded()
+        info = self.transfer.check(req)
+
+        async def receive() -> tuple[list[Path], int]:
+            path = await self.store.take(version, lambda p: self.transfer.receive(info, str(p)))
+            return [path], path.stat().st_size
+
+        try:
+            return await self._update(version, receive, protocol, f"transfer {info.names[0]}...")
+        except BaseException:
+            if self.transfer.info is not None:  # refused before receiving: the trainer re-inits
+                await asyncio.to_thread(self.transfer.close)
+            raise
 
     async def _update(self, version: int, receive, protocol: str, source: str) -> dict:
         """Receive ``version``'s files, check and apply them with the canary, commit; on any

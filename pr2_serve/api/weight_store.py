@@ -193,6 +193,21 @@ class WeightStore:
             raise
         return finals
 
+    async def take(self, version: int, fill) -> Path:
+        """The file of ``version`` written by ``fill(part_path)`` on a thread (a collective
+        transfer's receiver); on any failure no file is left."""
+        part = self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
+        try:
+            await asyncio.to_thread(fill, part)
+            final = self._final(version)
+            part.replace(final)
+        except BaseException as e:
+            part.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise storage_error(e) from e
+            raise
+        return final
+
     async def _write(self, chunks: AsyncIterator[bytes], part: Path) -> tuple[str, int]:
         """``(sha256, size)`` of ``chunks`` written to ``part``; hashing and disk writes run
         on a writer thread (both release the GIL), overlapping with receiving more chunks."""

@@ -102,6 +102,22 @@ class HttpClient:
         _raise_http(r)
         return push_result(r.json())
 
+    def transfer_init(self, init_info: dict) -> dict:
+        """Make the server's workers join a weight-transfer group (``POST
+        /v1/weights/transfer/init``, blocks until every rank has joined)."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = self._http.post("/v1/weights/transfer/init", json=init_info, headers=headers)
+        _raise_http(r)
+        return r.json()
+
+    def transfer_weights(self, update_info: dict, version: int) -> dict:
+        """Receive ``version`` over the group (``{names, dtypes, shapes}``; the trainer
+        broadcasts while this call is open); the server's result as for a push."""
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        r = self._http.post(f"/v1/weights/transfer/{version}", json=update_info, headers=headers)
+        _raise_http(r)
+        return push_result(r.json())
+
     def close(self) -> None:
         self._http.close()
 

@@ -41,7 +41,8 @@ def pr2_architecture(stock: str) -> str:
 
 
 def register() -> None:
-    """Register the PR2 model classes with vLLM's model registry (idempotent)."""
+    """Register the PR2 model classes with vLLM's model registry and the ``gloo``
+    weight-transfer engines with its weight-transfer factories (idempotent)."""
     check_vllm_version()
     from vllm import ModelRegistry
 
@@ -49,3 +50,6 @@ def register() -> None:
     for pr2_name in PR2_ARCHITECTURES.values():
         if pr2_name not in supported:
             ModelRegistry.register_model(pr2_name, f"pr2_serve.plugin.models:{pr2_name}")
+    from ..transfer import register as register_transfer
+
+    register_transfer()  # the ``gloo`` weight-transfer engines (pr2_serve.transfer)

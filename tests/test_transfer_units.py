@@ -1,0 +1,163 @@
+"""The gloo weight-transfer engines (``pr2_serve.transfer``), both ends in this process over a
+real gloo group on loopback: registered with vLLM's factories; the trainer engine made through
+``WeightTransferTrainerFactory``; the worker engine writes a safetensors file equal to the
+trainer's tensors, bucket boundaries as vLLM cuts them; a refused update fails fast and
+closes the group."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from vllm.distributed.weight_transfer.factory import (
+    WeightTransferEngineFactory,
+    WeightTransferTrainerFactory,
+)
+from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+from pr2_serve.transfer import register
+from pr2_serve.transfer.trainer import StateDictSource
+from pr2_serve.transfer.wire import (
+    GlooInitInfo,
+    GlooTrainerInitInfo,
+    GlooUpdateInfo,
+    plan_buckets,
+    safetensors_layout,
+)
+
+register()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_engine():
+    vllm_config = SimpleNamespace(
+        parallel_config=SimpleNamespace(rank=0, world_size=1, data_parallel_index=0),
+        model_config=None,
+    )
+    config = SimpleNamespace(backend="gloo")
+    return WeightTransferEngineFactory.create_engine(config, vllm_config, "cpu", None)
+
+
+class LocalClient:
+    """The control plane, in process: drives a worker engine, writing to ``path``."""
+
+    def __init__(self, path, refuse: str | None = None) -> None:
+        self.engine, self.path, self.refuse, self.calls = worker_engine(), str(path), refuse, []
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.engine.init_transfer_engine(self.engine.parse_init_info(init_info))
+
+    def start_weight_update(self) -> None:
+        self.calls.append("start")
+
+    def update_weights(self, update_info: dict) -> None:
+        if self.refuse:
+            raise ValueError(self.refuse)
+        self.engine.update_weights({**update_info, "path": self.path})
+        self.calls.append("update")
+
+    def finish_weight_update(self, weight_version=None) -> None:
+        self.calls.append("finish")
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(300, 7, generator=g),
+        "b.weight": torch.randn(5, generator=g).to(torch.bfloat16),
+        "c.weight": torch.randn(64, 33, generator=g).to(torch.float16),
+        "empty": torch.zeros(0, 4),
+        "d.weight": torch.randn(2, 3, 4, generator=g),
+    }
+
+
+def trainer_info(bucket_bytes: int, timeout_s: float = 30.0) -> GlooTrainerInitInfo:
+    return GlooTrainerInitInfo(
+        master_address="127.0.0.1",
+        master_port=free_port(),
+        world_size=2,
+        bucket_bytes=bucket_bytes,
+        timeout_s=timeout_s,
+        rank=0,
+    )
+
+
+def test_registered_with_vllm_factories():
+    assert "gloo" in WeightTransferEngineFactory._registry
+    assert "gloo" in WeightTransferTrainerFactory._registry
+    register()  # idempotent
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 4000, 1 << 20])
+def test_transfer_writes_the_tensors_to_a_safetensors_file(tmp_path, bucket_bytes):
+    sd = tensors()
+    client = LocalClient(tmp_path / "v1.safetensors")
+    eng = WeightTransferTrainerFactory.trainer_init(
+        trainer_info(bucket_bytes), client=client, source=StateDictSource(sd)
+    )
+    try:
+        eng.send_weights()
+        eng.send_weights()  # the group serves again
+    finally:
+        eng.shutdown()
+        client.engine.shutdown()
+    assert client.calls == ["start", "update", "finish"] * 2
+    got = load_file(str(client.path))
+    assert list(got) == list(sd) or set(got) == set(sd)
+    for name, t in sd.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_bucket_plan_is_vllms_pack_rule():
+    sd = tensors()
+    info = GlooUpdateInfo(
+        names=list(sd),
+        dtype_names=[str(t.dtype).removeprefix("torch.") for t in sd.values()],
+        shapes=[list(t.shape) for t in sd.values()],
+    )
+    for bucket in [1, 100, 4000, 8400, 1 << 20]:
+        it = iter(sd.items())
+        cut = []
+        while (chunk := pack_tensors(it, lambda item: item[1], bucket)) is not None:
+            cut.append(len(chunk.names))
+        assert [b - a for a, b in plan_buckets(info.nbytes(), bucket)] == cut, bucket
+    prefix, offsets = safetensors_layout(info)
+    (n,) = struct.unpack("<Q", prefix[:8])
+    assert n == len(prefix) - 8 and n % 8 == 0
+    assert offsets == [0, *list(torch.tensor(info.nbytes()).cumsum(0)[:-1].tolist())]
+
+
+def test_bad_update_info_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="differ in length"):
+        GlooUpdateInfo(names=["a"], dtype_names=[], shapes=[[1]])
+    with pytest.raises(ValueError, match="unknown dtype"):
+        GlooUpdateInfo(names=["a"], dtype_names=["float99"], shapes=[[1]])
+    with pytest.raises(ValueError, match="named twice"):
+        GlooUpdateInfo(names=["a", "a"], dtype_names=["float32"] * 2, shapes=[[1]] * 2)
+    with pytest.raises(ValueError, match="rank_offset"):
+        GlooInitInfo(master_address="x", master_port=1, rank_offset=2, world_size=2)
+
+
+def test_refused_update_fails_fast_and_closes_the_group(tmp_path):
+    client = LocalClient(tmp_path / "v1.safetensors", refuse="unknown tensor name 'x'")
+    sd = {"x": torch.randn(1000, 1000)}  # larger than the socket buffers: the send blocks
+    eng = WeightTransferTrainerFactory.trainer_init(
+        trainer_info(1 << 20, timeout_s=600), client=client, source=StateDictSource(sd)
+    )
+    try:
+        with pytest.raises(ValueError, match="unknown tensor name"):
+            eng.send_weights()
+        assert eng.group is None
+    finally:
+        eng.shutdown()
+        client.engine.shutdown()
+    assert not (tmp_path / "v1.safetensors").exists()
