@@ -60,6 +60,15 @@ def hf_logprobs(
     return lp.gather(-1, torch.tensor(output)[:, None])[:, 0].numpy()
 
 
+def assert_same_samples(a, b, atol: float = 0.0) -> None:
+    """Two lists of samples: the same tokens and routes, log-probs within ``atol`` (0: equal)."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.output_token_ids == y.output_token_ids
+        np.testing.assert_allclose(np.array(x.logprobs), np.array(y.logprobs), atol=atol, rtol=0)
+        np.testing.assert_array_equal(x.routes, y.routes)
+
+
 def same_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per (token, layer): do the two routes pick the same experts (as sets)?"""
     return (np.sort(a, axis=-1) == np.sort(b, axis=-1)).all(-1)

@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pr2_serve.client import HttpClient, ServerError
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY, assert_same_samples, start_server
 from trainer.transfer import CollectivePusher
 
 pytestmark = pytest.mark.vllm
@@ -65,10 +64,7 @@ def outputs(client) -> list:
 
 
 def assert_same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert x.output_token_ids == y.output_token_ids
-        np.testing.assert_allclose(np.array(x.logprobs), np.array(y.logprobs), atol=1e-5, rtol=0)
-        np.testing.assert_array_equal(x.routes, y.routes)
+    assert_same_samples(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("which", ["predictor", "policy", "both"])

@@ -9,13 +9,13 @@ import json
 import os
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from tests.helpers import API_KEY, start_server
+from tests.helpers import assert_same_samples as assert_same
 
 pytestmark = pytest.mark.vllm
 
@@ -48,13 +48,6 @@ def setup(tiny_zero, tmp_path_factory):
 
 def outputs(client) -> list:
     return client.generate(PROMPTS, **GREEDY).samples
-
-
-def assert_same(a, b) -> None:
-    for x, y in zip(a, b, strict=True):
-        assert x.output_token_ids == y.output_token_ids
-        np.testing.assert_array_equal(np.array(x.logprobs), np.array(y.logprobs))
-        np.testing.assert_array_equal(x.routes, y.routes)
 
 
 def test_a_loaded_checkpoint_serves_as_the_same_tensors_pushed(setup):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import httpx
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,6 +25,7 @@ from pr2_serve.api.proto import load
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.launch import server_command
 from tests.helpers import API_KEY, start_server
+from tests.helpers import assert_same_samples as assert_same
 
 pytestmark = pytest.mark.vllm
 
@@ -62,14 +62,6 @@ def rpc(server):
 def predictors(seed: int, scale: float = 2.0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {PRED.format(i): torch.randn(8, 64, generator=g) * scale for i in range(4)}
-
-
-def assert_same(a, b) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.output_token_ids == y.output_token_ids
-        np.testing.assert_array_equal(np.array(x.logprobs), np.array(y.logprobs))
-        np.testing.assert_array_equal(x.routes, y.routes)
 
 
 def leftovers(state) -> list[str]:
