@@ -4,8 +4,8 @@ loopback, the in-process :class:`~trainer.loop.Trainer`, tiny model, few steps.
 (1) one server SIGKILLed mid-run and restarted on its state directory: the run finishes;
 (2) two servers, one killed for good: the run finishes on the other;
 (3) the only server killed for good: the trainer stops with :class:`NoServerLeft` after the
-    timeout, its ``on_no_server`` hook called (the checkpoint + ``--resume`` half needs the
-    checkpoint work: not here yet);
+    timeout with a checkpoint named in its message (``pr2-train`` exits non-zero with it);
+    once the server is started again, ``--resume`` continues the run to its last step;
 (4) a server restarted on an older state (its state directory restored from a copy): re-synced
     before use.
 
@@ -14,6 +14,7 @@ Each records steps done, outage seconds and re-sent requests in the reliability 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -267,23 +269,69 @@ def test_server_restarted_on_an_older_state_is_resynced(main, model, tmp_path):
     record("fault_training_restarted_on_older_state", fig)
 
 
-def test_only_server_killed_for_good_stops_the_run(main, model, tmp_path):
-    """Last in the module: the shared server stays dead."""
+def before_next_push(trainer: Trainer, srv: Restartable, fault) -> None:
+    """Run ``fault()`` (a kill) just before the trainer's next push to ``srv`` is sent: the step
+    is trained, its weights never reach the server."""
+    client = next(s for s in trainer.servers.servers if s.address == srv.address).client
+    real = client.push_weights
+
+    def push_weights(*a, **kw):
+        client.push_weights = real  # once: the retries call the real one
+        fault()
+        return real(*a, **kw)
+
+    client.push_weights = push_weights
+
+
+def test_only_server_killed_for_good_stops_with_a_checkpoint_that_resumes(main, model, tmp_path):
+    """The only server killed before the push of step 3: the run stops after --server-timeout
+    with a checkpoint of step 3 (never pushed); the server is started again on its state
+    directory (version start + 2) and --resume pushes the checkpoint and runs steps 4 to 6."""
     start = align(model, [main])
-    said = []
+    said, lines = [], []
     t0 = time.perf_counter()
-    rows: list[dict] = []
-    with Trainer(config(model, [main], tmp_path, server_timeout=5.0)) as trainer:
-        trainer.servers.on_no_server = said.append  # where the checkpoint hook plugs in
+    cfg = config(model, [main], tmp_path, server_timeout=5.0)
+    with Trainer(cfg, log=lines.append) as trainer:
+        hook = trainer.servers.on_no_server
+        trainer.servers.on_no_server = lambda msg: said.append(msg) or hook(msg)
 
         def on_step(m):
-            rows.append(m)
             if m["step"] == 2:
-                during_next_generate(trainer, main, main.kill)
+                before_next_push(trainer, main, main.kill)
 
-        with pytest.raises(NoServerLeft, match="no rollout server left"):
+        with pytest.raises(NoServerLeft, match=r"checkpoint-3 .*--resume") as e:
             trainer.run(on_step)
-        fig = figures(trainer, rows, t0)
-    assert len(rows) == 2 and len(said) == 1 and "--server-timeout" in said[0]
-    check_versions(rows, start)
-    record("fault_training_only_server_killed", fig)
+        stop_seconds = round(time.perf_counter() - t0, 1)
+        first = figures(trainer, steps_in(tmp_path), t0)
+    assert len(said) == 1 and "--server-timeout" in said[0]
+    assert f"weight version {start + 3}" in str(e.value)
+    assert [r["step"] for r in steps_in(tmp_path)] == [1, 2, 3]
+    assert first["outage_seconds"] >= 5.0
+
+    t = time.perf_counter()
+    main.start()  # on its state directory: it comes back on version start + 2
+    restart_seconds = round(time.perf_counter() - t, 1)
+    with Trainer(replace(cfg, resume=True), log=lines.append) as trainer:
+        history = trainer.run()
+    rows = steps_in(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and len(history) == 6
+    check_versions(rows, start)  # step 3's weights pushed by the resume as start + 3
+    [pushed] = [x for x in lines if x.startswith("resume: pushed")]
+    assert f"checkpoint-3 as version {start + 3}" in pushed and f"[{start + 2}]" in pushed
+    record(
+        "fault_training_only_server_killed",
+        {
+            "steps_before_stop": first["steps_done"],
+            "outage_seconds": first["outage_seconds"],
+            "resent_requests": first["resent_requests"],
+            "stop_seconds": stop_seconds,
+            "restart_seconds": restart_seconds,
+            "resume_pushed": pushed,
+            "steps_after_resume": len(rows) - first["steps_done"],
+            "run_seconds": round(time.perf_counter() - t0, 1),
+        },
+    )
+
+
+def steps_in(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@ both Adam states, RNGs, counters), the server re-sync plan and the metrics cut."
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import random
 from pathlib import Path
@@ -17,6 +16,7 @@ from trainer import checkpoints as ck
 from trainer.config import TrainConfig, parse_config
 from trainer.distributed import synthetic_batch
 from trainer.policy import Policy
+from trainer.servers import ServerPool
 from trainer.train_step import Learner
 
 
@@ -176,15 +176,18 @@ class FakeClient:
 def test_resync_servers(tmp_path):
     clients = [FakeClient(4), FakeClient(2)]
     log = []
-    with cf.ThreadPoolExecutor(2) as pool:
-        t = SimpleNamespace(
-            clients=clients, pool=pool, log=log.append, cfg=SimpleNamespace(servers=["a", "b"])
-        )
-        assert ck.resync_servers(t, tmp_path, 4) == 4
-        assert clients[0].pushed == [] and clients[1].pushed == [("model.safetensors", 4)]
-        clients[0].version = 5  # the dead run got one more push in
-        assert ck.resync_servers(t, tmp_path, 4) == 6
-    assert [c.version for c in clients] == [6, 6]
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    pool = ServerPool(clients, ["a", "b"], 4, keep_dir=tmp_path / "keep", log=log.append)
+    t = SimpleNamespace(
+        clients=clients, servers=pool, log=log.append, cfg=SimpleNamespace(servers=["a", "b"])
+    )
+    assert ck.resync_servers(t, tmp_path, 4) == 4
+    assert clients[0].pushed == [] and clients[1].pushed == [("model.safetensors", 4)]
+    assert pool.version == 4 and pool.weights.name == "weights-v4.safetensors"  # for re-syncs
+    clients[0].version = 5  # the dead run got one more push in
+    assert ck.resync_servers(t, tmp_path, 4) == 6
+    pool.close()
+    assert [c.version for c in clients] == [6, 6] and pool.version == 6
     assert "version 6" in log[-1]
 
 

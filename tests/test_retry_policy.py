@@ -161,3 +161,42 @@ def test_a_push_overtaken_by_a_newer_version_is_refused():
         attempt()
     with pytest.raises(ServerError, match="newer than the push 4"):
         attempt()
+
+
+def test_a_retrying_client_outlives_a_start_up_outage_and_pushes_once():
+    from pr2_serve.client.retry import Retrying
+
+    class Client:
+        def __init__(self):
+            self.info_calls, self.pushes, self.serving = 0, [], 2
+
+        def info(self):
+            self.info_calls += 1
+            if self.info_calls <= 2:  # still starting: refused twice
+                raise httpx.ConnectError("refused")
+            return {"weight_version": self.serving}
+
+        def push_weights(self, weights, version):
+            self.pushes.append(version)
+            self.serving = version
+            raise httpx.RemoteProtocolError("answer lost")  # committed all the same
+
+        def close(self):
+            return "closed"
+
+    lines, clock = [], FakeClock()
+    c = Client()
+    r = Retrying(
+        c,
+        "a",
+        RetryPolicy(budget_s=10, backoff=Backoff(first_s=1, jitter=0)),
+        log=lines.append,
+        clock=clock,
+    )
+    assert r.info() == {"weight_version": 2} and clock.sleeps == [1, 2]
+    assert r.push_weights("w", 3) == {"weight_version": 3} and c.pushes == [3]
+    assert r.close() == "closed"  # other calls: the client's own
+    assert lines[0].startswith("outage: info on a failed") and len(lines) == 4
+    c.info_calls = -10
+    with pytest.raises(ServerDown, match="info on a"):
+        Retrying(c, "a", RetryPolicy(budget_s=3), log=lines.append, clock=FakeClock()).info()

@@ -28,11 +28,14 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from pr2_serve.client.retry import Retrying
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -267,23 +270,32 @@ def resync_plan(server_versions: Sequence[int], version: int) -> tuple[int, list
 
 def resync_servers(trainer, ckpt: Path, version: int) -> int:
     """Push ``ckpt``'s weights to every server of ``trainer`` whose version differs from
-    ``version`` (:func:`resync_plan`); the version the servers now serve."""
-    versions = [c.info()["weight_version"] for c in trainer.clients]
+    ``version`` (:func:`resync_plan`; each call retried for ``--server-timeout``: a server may
+    be coming back); the version the servers now serve. The server pool keeps the file as that
+    version's, to re-sync a server that restarts later."""
+    pool = trainer.servers
+    clients = [
+        Retrying(c, a, pool.policy, log=trainer.log)
+        for c, a in zip(trainer.clients, trainer.cfg.servers, strict=True)
+    ]
+    versions = [c.info()["weight_version"] for c in clients]
     target, push = resync_plan(versions, version)
-    push_file(trainer, ckpt / "model.safetensors", target, push)
+    weights = ckpt / "model.safetensors"
+    push_file([clients[i] for i in push], weights, target)
     if push:
         trainer.log(
             f"resume: pushed {ckpt.name} as version {target} to "
             f"{[trainer.cfg.servers[i] for i in push]} (they served {[versions[i] for i in push]})"
         )
+    pool.pushed(weights, target)
     return target
 
 
-def push_file(trainer, path: Path, version: int, servers: Sequence[int]) -> None:
-    """Push the weights file ``path`` as ``version`` to ``trainer``'s servers ``servers``
-    (indices), in parallel; raise unless each committed it."""
-    clients = trainer.clients
-    results = list(trainer.pool.map(lambda i: clients[i].push_weights(str(path), version), servers))
+def push_file(clients: Sequence, path: Path, version: int) -> None:
+    """Push the weights file ``path`` as ``version`` to ``clients``, in parallel; raise unless
+    each committed it."""
+    with ThreadPoolExecutor(max_workers=max(1, len(clients))) as ex:
+        results = list(ex.map(lambda c: c.push_weights(str(path), version), clients))
     if any(r["weight_version"] != version for r in results):
         raise RuntimeError(f"servers did not all commit version {version}: {results}")
 

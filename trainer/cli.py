@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     cfg = parse_config(argv)
+    from pr2_serve.client.retry import ServerDown
+
     from .distributed import run_distributed
     from .servers import NoServerLeft
 
@@ -64,7 +66,7 @@ def _main(argv: list[str] | None) -> None:
             run_distributed(cfg)  # (torchrun stops the other ranks when rank 0 exits)
         else:
             train(cfg)
-    except NoServerLeft as e:  # a clear message and a non-zero exit, not a traceback
+    except (NoServerLeft, ServerDown) as e:  # a clear message and a non-zero exit, no traceback
         raise SystemExit(f"pr2-train: {e}") from None
 
 

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from pr2_serve.client.payload import weights_payload
-from pr2_serve.client.retry import RetryPolicy
+from pr2_serve.client.retry import Retrying, RetryPolicy
 from pr2_serve.routes import route_rows, validate_routes
 
-from . import checkpoints, sync
+from . import checkpoints, no_server, sync
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
@@ -53,6 +53,13 @@ def make_pool(clients, cfg: TrainConfig, version: int, out: Path, log) -> Server
     return ServerPool(
         clients, cfg.servers, version, policy=policy, keep_dir=out / ".servers", log=log
     )
+
+
+def start_clients(clients, cfg: TrainConfig, log) -> list[Retrying]:
+    """The clients as the start-up uses them: ``info`` and pushes retried for
+    ``cfg.server_timeout`` s."""
+    policy = RetryPolicy(budget_s=cfg.server_timeout)
+    return [Retrying(c, a, policy, log=log) for c, a in zip(clients, cfg.servers, strict=True)]
 
 
 # -- what a rollout must be to be trained on -------------------------------------------------------
@@ -143,22 +150,25 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
+        calls = start_clients(self.clients, cfg, log)  # (a server may be coming up)
         # prompts and rewards: every row loaded, checked and encoded before anything is sent
-        self.source = Source.build(cfg, [c.info() for c in self.clients])
+        self.source = Source.build(cfg, [c.info() for c in calls])
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
-            self.version = max(c.info()["weight_version"] for c in self.clients)
+            self.version = max(c.info()["weight_version"] for c in calls)
         else:  # every server serves the starting weights (predictor as the mode serves it)
             target = sync.starting_target(cfg.model_dir, cfg.replay)
-            self.version = sync.agree(self.clients, cfg.servers, target, cfg.on_mismatch, log)
+            self.version = sync.agree(calls, cfg.servers, target, cfg.on_mismatch, log)
         self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
-        served = [c.info().get("dtype") for c in self.clients]  # absent: "unknown"
+        served = [c.info().get("dtype") for c in calls]  # absent: "unknown"
         self.log(precision_line(cfg.dtype, self.policy.device, served))
         replay = self.policy.replay
         self.route_shape = RouteShape(replay.num_moe_layers, replay.top_k, replay.num_experts)
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.servers = make_pool(self.clients, cfg, self.version, self.out, log)
+        self.servers.on_no_server = lambda msg: no_server.checkpoint_on_no_server(self, msg)
+        self.trained: dict | None = None  # the last trained step's metrics (no_server.py)
         self.dropped_stale = 0
         self.dropped_bad_routes = 0
 
@@ -253,6 +263,7 @@ class Trainer:
                 samples, rewards, cfg.samples_per_prompt, shape.num_layers, shape.top_k
             )
         m.update(self.learner.train(batch))  # (a collective under torchrun: also without batch)
+        self.trained = m
         m["time_push"] = self.push(self.learner.state_dict())
         m["pushed_version"] = self.version
         if cfg.eval_every and step % cfg.eval_every == 0:

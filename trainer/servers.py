@@ -12,8 +12,9 @@ when one fails.
 * a server still failing after the budget is dropped from the rotation (its prompts go to the
   others) and taken back, after a re-sync, when it answers ready again
   (:meth:`ServerPool.take_back`, between steps);
-* with no server left the ``on_no_server(message)`` hook runs (e.g. write a checkpoint) and
-  :class:`NoServerLeft` is raised (``pr2-train`` exits non-zero with its message).
+* with no server left the ``on_no_server(message)`` hook runs (the trainer's writes a
+  checkpoint: :mod:`trainer.no_server`) and :class:`NoServerLeft` is raised with the message
+  and what the hook returned (``pr2-train`` exits non-zero with it).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class ServerPool:
         policy: RetryPolicy | None = None,
         keep_dir: Path | None = None,
         resync: Callable[[Any], None] | None = None,
-        on_no_server: Callable[[str], None] | None = None,
+        on_no_server: Callable[[str], str | None] | None = None,
         log: Callable[[str], None] = print,
         clock: Clock | None = None,
     ) -> None:
@@ -107,8 +108,8 @@ class ServerPool:
             f"{self.version}"
         )
         self.log(msg)
-        if self.on_no_server is not None:
-            self.on_no_server(msg)
+        if self.on_no_server is not None and (more := self.on_no_server(msg)):
+            msg = f"{msg}; {more}"
         raise NoServerLeft(msg)
 
     def _drop(self, srv: Server, err: ServerDown) -> None:

@@ -11,6 +11,8 @@
   spent (then :class:`ServerDown`); one log line when an outage starts and one when it ends.
 * :func:`push_attempts` -- a weight push is re-sent only after the server says the version is
   not committed (a push whose answer was lost may have been applied).
+* :class:`Retrying` -- a client whose ``info`` and ``push_weights`` follow these rules (the
+  trainer's start-up and resume calls, made before its server pool exists).
 
 Pure but for the clock, the sleep and the random source, all injectable (the tests use a
 fake clock).
@@ -22,6 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 from .common import ServerError
@@ -191,3 +194,31 @@ def push_attempts(
         return send()
 
     return attempt
+
+
+class Retrying:
+    """``client`` with its ``info`` and ``push_weights`` tried again by :func:`call` under
+    ``policy`` (a push by the :func:`push_attempts` rule); its other attributes as they are.
+
+    What the trainer calls at start-up (data source, weight agreement, resume): a server that
+    is briefly down or still loading then is waited for, up to ``--server-timeout``."""
+
+    def __init__(self, client, address: str, policy: RetryPolicy, *, log=print, clock=None):
+        self.client, self.address, self.policy = client, address, policy
+        self.log, self.clock = log, clock
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        what = f"{what} on {self.address}"
+        return call(fn, what, self.policy, log=self.log, clock=self.clock)
+
+    def info(self) -> dict:
+        return self._call(self.client.info, "info")
+
+    def push_weights(self, weights, version: int, *args, **kwargs) -> dict:
+        c = self.client
+        send = partial(c.push_weights, weights, version, *args, **kwargs)
+        attempt = push_attempts(send, lambda: c.info()["weight_version"], version)
+        return self._call(attempt, f"push of version {version}")
+
+    def __getattr__(self, name: str):
+        return getattr(self.client, name)
