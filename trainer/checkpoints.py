@@ -5,8 +5,8 @@ A checkpoint is a directory ``OUTPUT_DIR/checkpoint-<step>`` (HF Trainer's namin
 - ``config.json``, ``generation_config.json``, ``model.safetensors``: the policy in HF format
   with the predictor tensors under the names the servers load (:meth:`Policy.export`, the file
   a push sends: it is pushed as is on resume);
-- ``optimizer.pt``, ``predictor_optimizer.pt`` (pr2): the Adam states (``torch.save`` of our
-  own file, loaded with ``weights_only=True``);
+- ``optimizer.{safetensors,json}``, ``predictor_optimizer.{safetensors,json}`` (pr2): the Adam
+  states (:mod:`trainer.optim_state`: tensors and JSON, no pickle);
 - ``trainer_state.safetensors``: torch (and CUDA) RNG states, the last router update (the next
   drift cosine needs it);
 - ``trainer_state.json``: step, weight version, the python and numpy RNG states, the data
@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from pr2_serve.client.retry import Retrying
+
+from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -165,9 +167,9 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
         from safetensors.torch import save_file
 
         trainer.policy.export(tmp, with_predictor=cfg.replay == "pr2", state_dict=state_dict)
-        torch.save(trainer.learner.opt.state_dict(), tmp / "optimizer.pt")
+        save_optimizer_state(trainer.learner.opt, tmp / "optimizer")
         if trainer.learner.pred_opt is not None:
-            torch.save(trainer.learner.pred_opt.state_dict(), tmp / "predictor_optimizer.pt")
+            save_optimizer_state(trainer.learner.pred_opt, tmp / "predictor_optimizer")
         meta, tensors = rng_state()
         for i, d in enumerate(trainer.policy.last_router_delta or []):
             tensors[f"router_delta.{i}"] = d.detach().cpu().contiguous()
@@ -224,13 +226,14 @@ def load_model_weights(policy, ckpt: Path) -> None:
     policy.replay.load_predictors(load_file(str(ckpt / "model.safetensors")))
 
 
-def load_optimizer(opt: torch.optim.Optimizer | None, path: Path) -> None:
-    """An optimizer's state from ``path`` (there must be one exactly when ``opt`` exists)."""
+def load_optimizer(opt: torch.optim.Optimizer | None, stem: Path) -> None:
+    """An optimizer's state from ``stem`` (there must be one exactly when ``opt`` exists)."""
+    path = optimizer_files(stem)[0]
     if (opt is None) != (not path.exists()):
         have = "has" if path.exists() else "lacks"
         raise CheckpointError(f"{path.parent}: {have} {path.name}, this run's replay mode does not")
     if opt is not None:
-        opt.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        load_optimizer_state(opt, stem)
 
 
 def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
@@ -241,8 +244,8 @@ def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
     state = read_state(ckpt)
     learner = trainer.learner
     load_model_weights(trainer.policy, ckpt)
-    load_optimizer(learner.opt, ckpt / "optimizer.pt")
-    load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer.pt")
+    load_optimizer(learner.opt, ckpt / "optimizer")
+    load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer")
     tensors = load_file(str(ckpt / STATE_TENSORS))
     delta = [tensors[f"router_delta.{i}"] for i in range(len(trainer.policy.replay.routers))]
     trainer.policy.last_router_delta = delta if "router_delta.0" in tensors else None
