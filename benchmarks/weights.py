@@ -66,7 +66,8 @@ def main() -> None:
         model = make_tiny_model(Path(tmp) / "model", seed=0, spec=BENCH_SPEC, predictor="random")
         state_dict = load_file(str(model / "model.safetensors"))
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
-        srv = start_server(model, Path(tmp) / "state", "--max-upload-bytes", str(4 << 30))
+        flags = ("--max-upload-bytes", str(4 << 30), "--enable-weight-transfer")
+        srv = start_server(model, Path(tmp) / "state", *flags)
         try:
             http = HttpClient(srv.http, api_key=API_KEY)
             pusher = CollectivePusher([http], bucket_bytes=args.bucket_mib << 20)

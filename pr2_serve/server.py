@@ -116,6 +116,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
         cfg.limits(),
         keep_versions=cfg.keep_versions,
         weights_dir=cfg.weights_dir,
+        weight_transfer=cfg.enable_weight_transfer,
     )
     if not api_key:
         print("pr2-serve: no API key: weight pushes are refused", file=sys.stderr)

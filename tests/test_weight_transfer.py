@@ -50,7 +50,7 @@ def policy(model_dir, seed: int) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def setup(tiny_zero, tmp_path_factory):
     state = tmp_path_factory.mktemp("xfer") / "state"
-    srv = start_server(tiny_zero, state)
+    srv = start_server(tiny_zero, state, "--enable-weight-transfer")
     http = HttpClient(srv.http, api_key=API_KEY)
     pusher = CollectivePusher([http], timeout_s=20)
     yield srv, http, pusher, state, tiny_zero

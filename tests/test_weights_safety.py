@@ -172,13 +172,18 @@ def test_rollback_to_a_kept_version_gives_its_outputs(server, http, rpc):
     assert http.info()["weight_version"] == v + 5
 
 
-def test_loading_from_a_path_is_refused_without_weights_dir(server, http, rpc, tiny_zero):
+def test_loading_and_transfers_are_refused_without_their_flags(server, http, rpc, tiny_zero):
     v = http.info()["weight_version"]
     for client in (http, rpc):
         with pytest.raises(ServerError) as e:
             client.load_weights(str(Path(tiny_zero) / "model.safetensors"), v + 1)
         assert e.value.status in (403, "PERMISSION_DENIED") and "--weights-dir" in str(e.value)
     assert http.info()["weight_version"] == v
+    # collective transfers are opt-in too (the server would connect to the address named)
+    body = {"master_address": "127.0.0.1", "master_port": 1, "world_size": 2, "rank_offset": 1}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(f"{server.http}/v1/weights/transfer/init", json=body, headers=auth)
+    assert r.status_code == 403 and "--enable-weight-transfer" in r.json()["error"]["message"]
 
 
 def test_engine_errors_answer_in_the_error_shape(server, http):

@@ -81,6 +81,11 @@ class ServerConfig:
         "allow POST /v1/weights/load/{version} (gRPC LoadWeights) to load checkpoints from "
         "paths inside this directory (symlinks resolved; '..' refused); absent: disabled",
     )
+    enable_weight_transfer: bool = option(
+        False,
+        "allow POST /v1/weights/transfer/* (collective weight transfer): the server then joins "
+        "gloo groups at the trainer address a request names; absent: refused with 403",
+    )
     dtype: str = option(
         "auto",
         "model dtype (vLLM's --dtype; auto serves an fp32 checkpoint in bfloat16, float32 keeps "

@@ -65,6 +65,7 @@ class RolloutService(WeightUpdates):
         metrics: Metrics | None = None,
         keep_versions: int = 2,
         weights_dir: str | None = None,
+        weight_transfer: bool = False,
     ) -> None:
         self.engine = engine
         self.api_key = api_key
@@ -81,7 +82,8 @@ class RolloutService(WeightUpdates):
         self.served: dict = {}  # fingerprints and source of the committed weights (`_note_served`)
         self.restoring = False  # info() must not report the model directory's version meanwhile
         self.store.clean()
-        self.transfer = TransferControl(engine)  # collective weight transfers (.transfer)
+        # collective weight transfers (.transfer), opt-in: pr2-serve --enable-weight-transfer
+        self.transfer = TransferControl(engine, enabled=weight_transfer)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, engine: RolloutEngine) -> None:

@@ -31,12 +31,16 @@ class TransferInitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     backend: str = Field(BACKEND, description="'gloo' (the CPU build; 'nccl' on CUDA by design)")
-    master_address: str = Field(description="the trainer's TCPStore host (trainer = rank 0)")
+    master_address: str = Field(
+        min_length=1, max_length=253, description="the trainer's TCPStore host (trainer = rank 0)"
+    )
     master_port: int = Field(ge=1, le=65535)
     world_size: int = Field(ge=2, description="trainer + every server's workers")
     rank_offset: int = Field(ge=1, description="this server's first rank in the group")
     bucket_bytes: int = Field(DEFAULT_BUCKET_BYTES, ge=1, description="packed bucket size")
-    timeout_s: float = Field(DEFAULT_TIMEOUT_S, gt=0, description="rendezvous/collective limit")
+    timeout_s: float = Field(
+        DEFAULT_TIMEOUT_S, gt=0, le=3600, description="rendezvous/collective limit"
+    )
 
 
 class TransferRequest(BaseModel):
@@ -51,12 +55,26 @@ class TransferRequest(BaseModel):
 class TransferControl:
     """The engine's transfer group and one transfer at a time (see module docstring)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine, enabled: bool = False) -> None:
         self.engine = engine
+        self.enabled = enabled  # pr2-serve --enable-weight-transfer
         self.info: GlooInitInfo | None = None
+
+    def require_enabled(self) -> None:
+        """403 unless the server was started to join transfer groups (it connects out to the
+        address a request names, so it is opt-in, like --weights-dir for loads)."""
+        if not self.enabled:
+            raise ApiError(
+                403,
+                "forbidden",
+                "collective weight transfer is disabled: start pr2-serve with "
+                "--enable-weight-transfer (the server then joins the group at the trainer "
+                "address the request names)",
+            )
 
     def init(self, req: TransferInitRequest) -> dict:
         """Join the group (blocks until every rank has, or the timeout); the group's facts."""
+        self.require_enabled()
         if req.backend != BACKEND:
             raise ApiError(
                 400,
@@ -84,6 +102,7 @@ class TransferControl:
     def check(self, req: TransferRequest) -> GlooUpdateInfo:
         """The update info of ``req`` once every tensor is one the model takes (400 naming it);
         409 without a group."""
+        self.require_enabled()
         if self.info is None:
             raise ApiError(
                 409,
