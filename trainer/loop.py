@@ -152,7 +152,8 @@ class Trainer:
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
         calls = start_clients(self.clients, cfg, log)  # (a server may be coming up)
         # prompts and rewards: every row loaded, checked and encoded before anything is sent
-        self.source = Source.build(cfg, [c.info() for c in calls])
+        infos = [c.info() for c in calls]  # model facts: asked once (versions may change below)
+        self.source = Source.build(cfg, infos)
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
             self.version = max(c.info()["weight_version"] for c in calls)
         else:  # every server serves the starting weights (predictor as the mode serves it)
@@ -160,7 +161,7 @@ class Trainer:
             self.version = sync.agree(calls, cfg.servers, target, cfg.on_mismatch, log)
         self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
-        served = [c.info().get("dtype") for c in calls]  # absent: "unknown"
+        served = [i.get("dtype") for i in infos]  # absent: "unknown"
         self.log(precision_line(cfg.dtype, self.policy.device, served))
         replay = self.policy.replay
         self.route_shape = RouteShape(replay.num_moe_layers, replay.top_k, replay.num_experts)
