@@ -118,13 +118,18 @@ def st_dtype(dtype) -> str:
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, str]:
-    """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded)."""
+    """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded).
+
+    As transformers reads one: the index, else ``model.safetensors`` alone (a trainer
+    checkpoint keeps its optimizer states in other ``.safetensors`` files beside it), else
+    every ``*.safetensors`` of the folder."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: str(model_dir / f) for name, f in weight_map.items()}
-    files = sorted(model_dir.glob("*.safetensors"))
+    single = model_dir / "model.safetensors"
+    files = [single] if single.exists() else sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no safetensors weights in {model_dir}")
     from safetensors import safe_open

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from pr2_serve.fingerprint import fingerprints, tensor_digest
+from pr2_serve.tiny_model import make_tiny_model
 from trainer import checkpoints as ck
+from trainer import sync
 from trainer.config import TrainConfig, parse_config
 from trainer.distributed import synthetic_batch
 from trainer.policy import Policy
@@ -151,6 +154,8 @@ def test_resync_plan():
     assert ck.resync_plan([2, 4, 0], 4) == (4, [0, 2])  # behind: get the checkpoint's number
     assert ck.resync_plan([5, 4], 4) == (6, [0, 1])  # one ahead: all to a new one
     assert ck.resync_plan([5, 5], 4) == (6, [0, 1])
+    assert ck.resync_plan([4, 4], 4, same=[True, False]) == (5, [0, 1])  # other weights, same no.
+    assert ck.resync_plan([4, 3], 4, same=[True, False]) == (4, [1])
 
 
 def test_config_changes():
@@ -160,34 +165,44 @@ def test_config_changes():
 
 
 class FakeClient:
-    def __init__(self, version: int) -> None:
-        self.version, self.pushed = version, []
+    """A server that reports the fingerprints of what it was last pushed."""
+
+    def __init__(self, version: int, fingerprints: dict) -> None:
+        self.version, self.fps, self.pushed = version, fingerprints, []
 
     def info(self) -> dict:
-        return {"weight_version": self.version}
+        return {
+            "weight_version": self.version,
+            **{f"{k}_fingerprint": v for k, v in self.fps.items()},
+        }
 
-    def push_weights(self, path: str, version: int) -> dict:
-        self.pushed.append((Path(path).name, version))
+    def push_weights(self, tensors: dict, version: int) -> dict:
+        self.fps = fingerprints({n: tensor_digest(n, t) for n, t in tensors.items()})
+        self.pushed.append(version)
         self.version = version
         return {"weight_version": version}
 
 
-def test_resync_servers(tmp_path):
-    clients = [FakeClient(4), FakeClient(2)]
+def test_resync_servers_compares_content_not_only_versions(tmp_path):
+    ckpt = make_tiny_model(tmp_path / "ckpt", seed=0)
+    target = sync.starting_target(ckpt, "r3").fingerprints
+    other = {"policy": "0" * 64, "predictor": target["predictor"]}
+    clients = [FakeClient(4, target), FakeClient(2, target)]
     log = []
-    (tmp_path / "model.safetensors").write_bytes(b"weights")
     pool = ServerPool(clients, ["a", "b"], 4, keep_dir=tmp_path / "keep", log=log.append)
-    t = SimpleNamespace(
-        clients=clients, servers=pool, log=log.append, cfg=SimpleNamespace(servers=["a", "b"])
-    )
-    assert ck.resync_servers(t, tmp_path, 4) == 4
-    assert clients[0].pushed == [] and clients[1].pushed == [("model.safetensors", 4)]
+    cfg = SimpleNamespace(servers=["a", "b"], replay="r3")
+    t = SimpleNamespace(clients=clients, servers=pool, log=log.append, cfg=cfg)
+    assert ck.resync_servers(t, ckpt, 4) == 4  # the one behind gets the checkpoint's number
+    assert clients[0].pushed == [] and clients[1].pushed == [4]
     assert pool.version == 4 and pool.weights.name == "weights-v4.safetensors"  # for re-syncs
     clients[0].version = 5  # the dead run got one more push in
-    assert ck.resync_servers(t, tmp_path, 4) == 6
-    pool.close()
+    assert ck.resync_servers(t, ckpt, 4) == 6
     assert [c.version for c in clients] == [6, 6] and pool.version == 6
     assert "version 6" in log[-1]
+    clients[1].fps = other  # same version number, other weights (e.g. another run's push)
+    assert ck.resync_servers(t, ckpt, 6) == 7
+    pool.close()
+    assert [c.fps for c in clients] == [target, target]
 
 
 def test_metrics_cut(tmp_path):
@@ -216,3 +231,17 @@ def test_resume_without_checkpoint(tmp_path):
     t = SimpleNamespace(cfg=SimpleNamespace(output_dir=str(tmp_path)))
     with pytest.raises(ck.CheckpointError, match="no checkpoint-<step> directory"):
         ck.resume(t)
+
+
+def test_a_checkpoints_weights_are_its_model_file_only(tmp_path):
+    """The server (load-from-path, fingerprints) reads a trainer checkpoint as transformers
+    does: ``model.safetensors``, not the optimizer states beside it."""
+    from safetensors.torch import save_file
+
+    from pr2_serve.checkpoint import checkpoint_files
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    save_file({"0.exp_avg": torch.zeros(2)}, str(tmp_path / "optimizer.safetensors"))
+    assert checkpoint_files(tmp_path) == {"w": str(tmp_path / "model.safetensors")}
+    (tmp_path / "model.safetensors").unlink()  # no model.safetensors: every file, as before
+    assert set(checkpoint_files(tmp_path)) == {"0.exp_avg"}

@@ -15,7 +15,8 @@ A checkpoint is a directory ``OUTPUT_DIR/checkpoint-<step>`` (HF Trainer's namin
 It is written into a temporary directory inside ``OUTPUT_DIR`` (files fsynced), then renamed:
 a directory named ``checkpoint-<step>`` is always complete. The newest ``keep_checkpoints``
 are kept. On resume the newest one is loaded into the policy, optimizers and RNGs, its weights
-are pushed to every server whose version differs (:func:`resync_plan`), and ``metrics.jsonl``
+are pushed to every server that does not serve them (version or content fingerprint differs:
+:func:`resync_plan`), and ``metrics.jsonl``
 is cut after its step, so the run goes on as if it had not stopped.
 """
 
@@ -28,7 +29,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch
 
 from pr2_serve.client.retry import Retrying
 
+from . import sync
 from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
 
 PREFIX = "checkpoint-"
@@ -256,51 +257,55 @@ def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
 
 
 # -- servers ---------------------------------------------------------------------------------------
-def resync_plan(server_versions: Sequence[int], version: int) -> tuple[int, list[int]]:
+def resync_plan(
+    server_versions: Sequence[int], version: int, same: Sequence[bool] | None = None
+) -> tuple[int, list[int]]:
     """The version to push the checkpoint's weights as, and to which servers (indices).
 
-    Servers on ``version`` hold its weights. Servers behind it get it as ``version``. When a
-    server is ahead (it got a push after the checkpoint), every server gets it as one new
-    version past the newest, so that they all serve the same version again.
+    ``same[i]``: server ``i`` serves the checkpoint's weights (its fingerprints match; default:
+    all do). Servers on ``version`` with the same weights keep them. Servers behind it get it
+    as ``version``. When a server that must change is on ``version`` or ahead (it got a push
+    after the checkpoint, or other weights under the same number), every server gets it as one
+    new version past the newest, so that they all serve the same version again.
 
     >>> resync_plan([5, 5], 5), resync_plan([3, 5], 5), resync_plan([5, 6], 5)
     ((5, []), (5, [0]), (7, [0, 1]))
+    >>> resync_plan([5, 5], 5, same=[True, False])
+    (6, [0, 1])
     """
-    if max(server_versions) <= version:
-        return version, [i for i, v in enumerate(server_versions) if v != version]
+    same = [True] * len(server_versions) if same is None else list(same)
+    off = [i for i, v in enumerate(server_versions) if v != version or not same[i]]
+    if all(server_versions[i] < version for i in off):
+        return version, off
     return max(server_versions) + 1, list(range(len(server_versions)))
 
 
 def resync_servers(trainer, ckpt: Path, version: int) -> int:
-    """Push ``ckpt``'s weights to every server of ``trainer`` whose version differs from
-    ``version`` (:func:`resync_plan`; each call retried for ``--server-timeout``: a server may
-    be coming back); the version the servers now serve. The server pool keeps the file as that
-    version's, to re-sync a server that restarts later."""
-    pool = trainer.servers
+    """Make every server of ``trainer`` serve ``ckpt``'s weights (:func:`resync_plan`: by
+    content fingerprint, not by version number alone; each call retried for
+    ``--server-timeout``: a server may be coming back); the version the servers now serve.
+    The server pool keeps the file as that version's, to re-sync a server that restarts
+    later."""
+    pool, addresses = trainer.servers, trainer.cfg.servers
     clients = [
         Retrying(c, a, pool.policy, log=trainer.log)
-        for c, a in zip(trainer.clients, trainer.cfg.servers, strict=True)
+        for c, a in zip(trainer.clients, addresses, strict=True)
     ]
-    versions = [c.info()["weight_version"] for c in clients]
-    target, push = resync_plan(versions, version)
-    weights = ckpt / "model.safetensors"
-    push_file([clients[i] for i in push], weights, target)
+    infos = [c.info() for c in clients]
+    target = sync.starting_target(ckpt, trainer.cfg.replay)  # the predictor as the mode serves it
+    same = [not sync.differences(i, target.fingerprints) for i in infos]
+    versions = [int(i["weight_version"]) for i in infos]
+    new_version, push = resync_plan(versions, version, same)
     if push:
-        trainer.log(
-            f"resume: pushed {ckpt.name} as version {target} to "
-            f"{[trainer.cfg.servers[i] for i in push]} (they served {[versions[i] for i in push]})"
+        sync.serve_exactly(
+            [clients[i] for i in push], [addresses[i] for i in push], target, new_version
         )
-    pool.pushed(weights, target)
-    return target
-
-
-def push_file(clients: Sequence, path: Path, version: int) -> None:
-    """Push the weights file ``path`` as ``version`` to ``clients``, in parallel; raise unless
-    each committed it."""
-    with ThreadPoolExecutor(max_workers=max(1, len(clients))) as ex:
-        results = list(ex.map(lambda c: c.push_weights(str(path), version), clients))
-    if any(r["weight_version"] != version for r in results):
-        raise RuntimeError(f"servers did not all commit version {version}: {results}")
+        trainer.log(
+            f"resume: pushed {ckpt.name} as version {new_version} to "
+            f"{[addresses[i] for i in push]} (they served {[versions[i] for i in push]})"
+        )
+    pool.pushed(ckpt / "model.safetensors", new_version)
+    return new_version
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple]:
