@@ -32,11 +32,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from pr2_serve.client import ServerError
+
 DEFAULT_BUCKET_BYTES = 64 << 20  # = pr2_serve.transfer.wire's (not imported: it loads vLLM)
 DEFAULT_TIMEOUT_S = 120.0
 BACKENDS = ("gloo", "nccl")
 
-__all__ = ["BACKENDS", "CollectivePusher", "ServersClient", "check_backend", "collective_push"]
+__all__ = [
+    "BACKENDS",
+    "CollectivePusher",
+    "GroupNotFormed",
+    "ServersClient",
+    "check_backend",
+    "collective_push",
+]
 
 
 def check_backend(backend: str, cuda_available: bool | None = None) -> None:
@@ -101,6 +110,10 @@ class ServersClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class GroupNotFormed(RuntimeError):
+    """The trainer and the servers did not all join the transfer group in time."""
 
 
 class _NcclInit:
@@ -171,9 +184,20 @@ class CollectivePusher:
             )
             device = torch.device("cpu")
         self.source = StateDictSource({}, device=device)
-        self.engine = WeightTransferTrainerFactory.trainer_init(
-            info, client=self.client.init_as(self.backend), source=self.source
-        )
+        try:
+            self.engine = WeightTransferTrainerFactory.trainer_init(
+                info, client=self.client.init_as(self.backend), source=self.source
+            )
+        except ServerError:
+            raise  # a server's refusal says why
+        except Exception as e:
+            raise GroupNotFormed(
+                f"the {self.backend} transfer group did not form: world_size {info.world_size} "
+                f"= this trainer (rank 0) + {self.client.workers} server worker(s), "
+                f"rendezvous {self.address}:{port}, timeout {self.timeout_s:g} s. Check that "
+                "every server counts as many workers as it has and reaches that address. "
+                f"({type(e).__name__}: {e})"
+            ) from e
 
     def push(self, tensors: Mapping[str, torch.Tensor], version: int) -> list[dict]:
         """Send ``tensors`` (HF names) as ``version`` to every server; their results."""

@@ -97,7 +97,12 @@ class TransferControl:
             )
         except Exception as e:
             self.close()
-            raise _failed("joining the group", e) from e
+            what = (
+                f"joining the group of world_size {info.world_size} as rank {info.rank_offset}"
+                f" (the trainer + every server's workers must all join within "
+                f"{info.timeout_s:g} s)"
+            )
+            raise _failed(what, e) from e
         self.info = info
         return {"backend": BACKEND, "world_size": info.world_size, "workers": len(workers)}
 
