@@ -239,3 +239,60 @@ def test_grpc_transfer_init_is_the_http_body():
     with pytest.raises(ApiError) as e:
         _validated(TransferInitRequest, transfer_init_fields(msg))
     assert (e.value.status, e.value.field) == (422, "master_port")
+
+
+def test_grpc_transfer_refusals_have_the_http_routes_codes():
+    """The gRPC methods call the service as the HTTP routes do; its refusals map to the codes
+    of their HTTP statuses (403 disabled: PERMISSION_DENIED; 401: UNAUTHENTICATED; 400:
+    INVALID_ARGUMENT), the key checked first."""
+    import asyncio
+
+    import grpc
+
+    from pr2_serve.api.errors import ApiError
+    from pr2_serve.api.grpc_server import RolloutServicer, pb2
+    from pr2_serve.api.transfer import TransferControl
+
+    class Service:  # the real TransferControl (disabled); the key check as the service's
+        transfer = TransferControl(engine=None, enabled=False)
+        metrics = SimpleNamespace(
+            errors=SimpleNamespace(labels=lambda **_: SimpleNamespace(inc=int))
+        )
+
+        def check_auth(self, authorization):
+            if authorization != "Bearer k":
+                raise ApiError(401, "unauthenticated", "missing or wrong bearer token")
+
+        async def transfer_init(self, req):
+            return self.transfer.init(req)
+
+        async def transfer_weights(self, version, req, protocol):
+            return self.transfer.check(req)
+
+    class Context:
+        def __init__(self, key):
+            self.meta = [("authorization", f"Bearer {key}")]
+
+        def invocation_metadata(self):
+            return self.meta
+
+        async def abort(self, code, message, trailing_metadata=()):
+            raise RuntimeError(code, message)
+
+    def code(call, msg, key="k"):
+        with pytest.raises(RuntimeError) as e:
+            asyncio.run(call(msg, Context(key)))
+        return e.value.args[0]
+
+    servicer = RolloutServicer(Service())
+    init = pb2.TransferInitRequest(master_address="h", master_port=5, world_size=2, rank_offset=1)
+    weights = pb2.TransferWeightsRequest(version=3, names=["a"], dtypes=["float32"])
+    weights.shapes.add(dims=[1])
+    assert code(servicer.TransferInit, init) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(servicer.TransferWeights, weights) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(servicer.TransferInit, init, key="x") == grpc.StatusCode.UNAUTHENTICATED
+    assert code(servicer.TransferWeights, weights, key="x") == grpc.StatusCode.UNAUTHENTICATED
+    weights.version = 0
+    assert code(servicer.TransferWeights, weights) == grpc.StatusCode.INVALID_ARGUMENT
+    init.master_port = 0
+    assert code(servicer.TransferInit, init) == grpc.StatusCode.INVALID_ARGUMENT
