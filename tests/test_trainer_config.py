@@ -40,7 +40,7 @@ def test_literal_fields_are_the_choices(capsys):
         "dtype": ("float32", "bfloat16"),
         "device": ("auto", "cpu", "cuda"),
         "on_mismatch": ("push", "fail"),
-        "weight_transfer": ("http", "grpc", "gloo"),
+        "weight_transfer": ("http", "grpc", "gloo", "nccl"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):

@@ -161,3 +161,138 @@ def test_refused_update_fails_fast_and_closes_the_group(tmp_path):
         eng.shutdown()
         client.engine.shutdown()
     assert not (tmp_path / "v1.safetensors").exists()
+
+
+class Recorder:
+    """A server client that records its transfer calls."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+
+    def transfer_init(self, body: dict) -> dict:
+        self.inits.append(body)
+        return {}
+
+
+def test_nccl_is_vllms_engine_and_refused_without_cuda(tmp_path):
+    """``--weight-transfer nccl``: a choice; without CUDA refused at once (the trainer, before
+    any server is called; the pusher) with a message that says why and what to use; with it the
+    upstream ``NCCLTrainerWeightTransferEngine`` whose worker payload travels as our init."""
+    from vllm.distributed.weight_transfer.nccl_common import (
+        NCCLWeightTransferInitInfo,
+        worker_init_payload,
+    )
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
+
+    from trainer.config import TrainConfig
+    from trainer.loop import Trainer
+    from trainer.transfer import CollectivePusher, ServersClient, check_backend
+
+    for ok in ("http", "grpc", "gloo"):
+        check_backend(ok, cuda_available=False)
+    check_backend("nccl", cuda_available=True)
+    with pytest.raises(RuntimeError, match=r"nccl needs CUDA.*Use --weight-transfer gloo"):
+        check_backend("nccl", cuda_available=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="nccl needs CUDA"):
+            CollectivePusher([Recorder()], backend="nccl")
+        cfg = TrainConfig(servers=["http://127.0.0.1:9"], weight_transfer="nccl")
+        with pytest.raises(RuntimeError, match="nccl needs CUDA"):
+            Trainer(cfg, log=lambda _: None)  # (port 9: nothing is called)
+    assert WeightTransferTrainerFactory._registry["nccl"]() is NCCLTrainerWeightTransferEngine
+    servers = [Recorder(), Recorder()]
+    worker = NCCLWeightTransferInitInfo(
+        master_address="10.0.0.1", master_port=29600, rank_offset=1, world_size=3, packed=True
+    )
+    ServersClient(servers).init_as("nccl").init_weight_transfer_engine(worker_init_payload(worker))
+    assert [s.inits for s in servers] == [
+        [
+            {
+                "backend": "nccl",
+                "master_address": "10.0.0.1",
+                "master_port": 29600,
+                "world_size": 3,
+                "bucket_bytes": worker.packed_buffer_size_bytes,
+                "rank_offset": r,
+            }
+        ]
+        for r in (1, 2)
+    ]
+
+
+def test_grpc_transfer_init_is_the_http_body():
+    """gRPC ``TransferInit``: the same request model as the HTTP route (0/"" the defaults),
+    so both validate alike; a bad field is a 422 naming it (INVALID_ARGUMENT)."""
+    from pr2_serve.api.errors import ApiError
+    from pr2_serve.api.grpc_server import _validated, pb2, transfer_init_fields
+    from pr2_serve.api.transfer import TransferInitRequest
+
+    msg = pb2.TransferInitRequest(master_address="h", master_port=5, world_size=3, rank_offset=2)
+    req = _validated(TransferInitRequest, transfer_init_fields(msg))
+    assert req == TransferInitRequest(
+        master_address="h", master_port=5, world_size=3, rank_offset=2
+    )
+    msg.timeout_s, msg.backend = 7.5, "nccl"
+    req = _validated(TransferInitRequest, transfer_init_fields(msg))
+    assert (req.timeout_s, req.backend) == (7.5, "nccl")
+    msg.master_port = 0
+    with pytest.raises(ApiError) as e:
+        _validated(TransferInitRequest, transfer_init_fields(msg))
+    assert (e.value.status, e.value.field) == (422, "master_port")
+
+
+def test_grpc_transfer_refusals_have_the_http_routes_codes():
+    """The gRPC methods call the service as the HTTP routes do; its refusals map to the codes
+    of their HTTP statuses (403 disabled: PERMISSION_DENIED; 401: UNAUTHENTICATED; 400:
+    INVALID_ARGUMENT), the key checked first."""
+    import asyncio
+
+    import grpc
+
+    from pr2_serve.api.errors import ApiError
+    from pr2_serve.api.grpc_server import RolloutServicer, pb2
+    from pr2_serve.api.transfer import TransferControl
+
+    class Service:  # the real TransferControl (disabled); the key check as the service's
+        transfer = TransferControl(engine=None, enabled=False)
+        metrics = SimpleNamespace(
+            errors=SimpleNamespace(labels=lambda **_: SimpleNamespace(inc=int))
+        )
+
+        def check_auth(self, authorization):
+            if authorization != "Bearer k":
+                raise ApiError(401, "unauthenticated", "missing or wrong bearer token")
+
+        async def transfer_init(self, req):
+            return self.transfer.init(req)
+
+        async def transfer_weights(self, version, req, protocol):
+            return self.transfer.check(req)
+
+    class Context:
+        def __init__(self, key):
+            self.meta = [("authorization", f"Bearer {key}")]
+
+        def invocation_metadata(self):
+            return self.meta
+
+        async def abort(self, code, message, trailing_metadata=()):
+            raise RuntimeError(code, message)
+
+    def code(call, msg, key="k"):
+        with pytest.raises(RuntimeError) as e:
+            asyncio.run(call(msg, Context(key)))
+        return e.value.args[0]
+
+    servicer = RolloutServicer(Service())
+    init = pb2.TransferInitRequest(master_address="h", master_port=5, world_size=2, rank_offset=1)
+    weights = pb2.TransferWeightsRequest(version=3, names=["a"], dtypes=["float32"])
+    weights.shapes.add(dims=[1])
+    assert code(servicer.TransferInit, init) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(servicer.TransferWeights, weights) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(servicer.TransferInit, init, key="x") == grpc.StatusCode.UNAUTHENTICATED
+    assert code(servicer.TransferWeights, weights, key="x") == grpc.StatusCode.UNAUTHENTICATED
+    weights.version = 0
+    assert code(servicer.TransferWeights, weights) == grpc.StatusCode.INVALID_ARGUMENT
+    init.master_port = 0
+    assert code(servicer.TransferInit, init) == grpc.StatusCode.INVALID_ARGUMENT

@@ -23,7 +23,7 @@ Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.precision)
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnMismatch = Literal["push", "fail"]
-WeightTransfer = Literal["http", "grpc", "gloo"]  # weight transfer (issue 12)
+WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # weight transfer (issue 12)
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -134,8 +134,10 @@ class TrainConfig:
     weight_transfer: WeightTransfer = "http"
     """How pushes travel: ``http``/``grpc``, a safetensors file over each server's own
     protocol (its URL scheme); ``gloo``, one gloo group of this trainer (rank 0) and every
-    server's workers, through vLLM's weight-transfer engines (``http://`` servers). ``nccl`` is
-    vLLM's CUDA transport, by design only here."""
+    server's workers, through vLLM's weight-transfer engines (servers started with
+    ``--enable-weight-transfer``; the control calls over each server's HTTP or gRPC); ``nccl``,
+    the same through vLLM's upstream NCCL engine (CUDA only: refused at start-up without a
+    GPU)."""
     weight_transfer_address: str = "127.0.0.1"
     """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
 

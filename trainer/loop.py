@@ -36,6 +36,7 @@ from .precision import precision_line
 from .servers import ServerPool
 from .source import Source
 from .train_step import Learner
+from .transfer import check_backend
 
 
 def make_client(address: str, api_key: str | None):
@@ -149,6 +150,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, log=print, learner: Learner | None = None) -> None:
         self.cfg = cfg
         self.log = log
+        check_backend(cfg.weight_transfer)  # (nccl: refused at once without CUDA)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
         calls = start_clients(self.clients, cfg, log)  # (a server may be coming up)
         # prompts and rewards: every row loaded, checked and encoded before anything is sent
@@ -211,7 +213,7 @@ class Trainer:
         t0 = time.perf_counter()
         tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict)
         version = self.version + 1
-        if self.cfg.weight_transfer == "gloo":  # one collective to every server
+        if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server
             from .transfer import collective_push  # (vLLM's weight-transfer engines)
 
             results = collective_push(self, tensors, version)

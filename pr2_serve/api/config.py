@@ -83,7 +83,8 @@ class ServerConfig:
     )
     enable_weight_transfer: bool = option(
         False,
-        "allow POST /v1/weights/transfer/* (collective weight transfer): the server then joins "
+        "allow POST /v1/weights/transfer/* and gRPC TransferInit/TransferWeights (collective "
+        "weight transfer): the server then joins "
         "gloo groups at the trainer address a request names; absent: refused with 403",
     )
     dtype: str = option(

@@ -21,6 +21,7 @@ from .errors import FIELD_METADATA_KEY, TYPE_METADATA_KEY, ApiError, from_valida
 from .proto import load
 from .schemas import MIN_WEIGHT_VERSION, GenerateRequest
 from .service import RolloutService
+from .transfer import TransferInitRequest, TransferRequest
 from .wire import route_window, sample_fields
 
 pb2, pb2_grpc = load()
@@ -189,6 +190,59 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
             return pb2.UpdateWeightsResponse(**res)
         except Exception as e:
             await self._abort(context, e)
+
+    async def TransferInit(self, request, context):
+        try:
+            self._auth(context)
+            req = _validated(TransferInitRequest, transfer_init_fields(request))
+            return pb2.TransferInitResponse(**await self.service.transfer_init(req))
+        except Exception as e:
+            await self._abort(context, e)
+
+    async def TransferWeights(self, request, context):
+        try:
+            self._auth(context)
+            if request.version < MIN_WEIGHT_VERSION:
+                raise ApiError(
+                    400, "invalid_argument", f"version must be >= {MIN_WEIGHT_VERSION}", "version"
+                )
+            fields = {
+                "names": list(request.names),
+                "dtypes": list(request.dtypes),
+                "shapes": [list(s.dims) for s in request.shapes],
+            }
+            req = _validated(TransferRequest, fields)
+            res = await self.service.transfer_weights(request.version, req, "grpc")
+            return pb2.UpdateWeightsResponse(**res)
+        except Exception as e:
+            await self._abort(context, e)
+
+    def _auth(self, context) -> None:
+        self.service.check_auth(dict(context.invocation_metadata()).get("authorization"))
+
+
+def transfer_init_fields(msg) -> dict:
+    """A ``TransferInitRequest`` message as the HTTP body (0 / "": the default)."""
+    fields = {
+        "backend": msg.backend,
+        "master_address": msg.master_address,
+        "master_port": msg.master_port,
+        "world_size": msg.world_size,
+        "rank_offset": msg.rank_offset,
+        "bucket_bytes": msg.bucket_bytes,
+        "timeout_s": msg.timeout_s,
+    }
+    return {
+        k: v for k, v in fields.items() if v or k not in ("backend", "bucket_bytes", "timeout_s")
+    }
+
+
+def _validated(model, fields: dict):
+    """``model`` of ``fields`` with the HTTP route's validation (a 422 naming the field)."""
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise from_validation(e.errors()) from None
 
 
 async def _chunks(request_iterator) -> AsyncIterator[bytes]:

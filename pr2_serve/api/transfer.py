@@ -8,7 +8,9 @@ runs ``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` on 
 (between steps: requests wait while the bytes arrive), the workers writing the tensors into a
 file of the weight store. The service then checks, applies with the canary and commits that
 file exactly as a pushed one (``RolloutService._update``). Any failure on the wire (a peer
-gone, a timeout) leaves nothing applied and closes the group: the trainer inits again.
+gone, a timeout) leaves nothing applied and closes the group: the trainer inits again. The gRPC
+methods ``TransferInit`` / ``TransferWeights`` build the same requests and call the same
+:class:`TransferControl` (through the service), so both answer alike.
 
 On CUDA vLLM's upstream ``nccl`` engine is the transport by design (it loads into the live model
 as it receives, so it would need the same staging); this server registers and uses ``gloo``.
@@ -95,7 +97,12 @@ class TransferControl:
             )
         except Exception as e:
             self.close()
-            raise _failed("joining the group", e) from e
+            what = (
+                f"joining the group of world_size {info.world_size} as rank {info.rank_offset}"
+                f" (the trainer + every server's workers must all join within "
+                f"{info.timeout_s:g} s)"
+            )
+            raise _failed(what, e) from e
         self.info = info
         return {"backend": BACKEND, "world_size": info.world_size, "workers": len(workers)}
 

@@ -105,6 +105,34 @@ class GrpcClient:
             raise _grpc_error(e) from None
         return _weights_result(res)
 
+    def transfer_init(self, init_info: dict) -> dict:
+        """Make the server's workers join a weight-transfer group (``TransferInit``, the
+        ``POST /v1/weights/transfer/init`` body; blocks until every rank has joined)."""
+        request = self._pb2.TransferInitRequest(**init_info)
+        try:
+            res = self._stub.TransferInit(request, metadata=self._auth(), timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        return {"backend": res.backend, "world_size": res.world_size, "workers": res.workers}
+
+    def transfer_weights(self, update_info: dict, version: int) -> dict:
+        """Receive ``version`` over the group (``{names, dtypes, shapes}``; the trainer
+        broadcasts while this call is open); the server's result as for a push."""
+        request = self._pb2.TransferWeightsRequest(
+            version=version,
+            names=update_info["names"],
+            dtypes=update_info["dtypes"],
+            shapes=[self._pb2.TensorShape(dims=s) for s in update_info["shapes"]],
+        )
+        try:
+            res = self._stub.TransferWeights(request, metadata=self._auth(), timeout=self.timeout)
+        except self._grpc.RpcError as e:
+            raise _grpc_error(e) from None
+        return _weights_result(res)
+
+    def _auth(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+
     def close(self) -> None:
         self._channel.close()
 

@@ -34,17 +34,19 @@ SERVER_REASON_WAIT_S = 10.0  # after a broken broadcast, how long to wait for th
 
 
 class StateDictSource(WeightSource):
-    """The tensors of a ``{name: tensor}`` dict, in its order (CPU, contiguous on send)."""
+    """The tensors of a ``{name: tensor}`` dict, in its order, on ``device`` (CPU for gloo,
+    the trainer's GPU for vLLM's ``nccl`` engine)."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], device=None) -> None:
         self.tensors = tensors
+        self.device = torch.device("cpu") if device is None else torch.device(device)
 
     def metadata(self) -> list[ParamMeta]:
         return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.tensors.items()]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in self.tensors.items():
-            yield name, t.detach().cpu()
+            yield name, t.detach().to(self.device)
 
 
 def broadcast_buckets(group, pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> int:
