@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     key = secrets.token_hex(16)
     runs: dict[str, list[dict]] = {"0": [], "1": []}
     with tempfile.TemporaryDirectory() as tmp:
-        srv = start_server(args.model, Path(tmp) / "state", api_key=key)  # fp32
+        srv = start_server(args.model, Path(tmp) / "state", api_key=key, timeout=900)  # fp32
         try:
             for r in range(args.repeats):
                 for k in (0, 1):
