@@ -23,6 +23,7 @@ class Batch:
     server_logprobs: torch.Tensor  # [B, T] at loss positions
     routes: torch.Tensor  # [B, T, L, k] server routes (pad rows: 0..k-1)
     advantages: torch.Tensor  # [B]
+    staleness: torch.Tensor  # [B] weight versions between the sample's and the trainer's
     group_size: int
 
     @classmethod
@@ -42,9 +43,16 @@ class Batch:
 
 
 def make_batch(
-    samples, rewards: torch.Tensor, group_size: int, num_layers: int, top_k: int
+    samples,
+    rewards: torch.Tensor,
+    group_size: int,
+    num_layers: int,
+    top_k: int,
+    version: int | None = None,
 ) -> Batch:
-    """Tensors from server samples (ordered prompt-major, ``group_size`` per prompt)."""
+    """Tensors from server samples (ordered prompt-major, ``group_size`` per prompt);
+    ``version``: the trainer's weight version (each sample's staleness is counted from it;
+    None: every sample fresh)."""
     lengths = [route_rows(len(s.prompt_token_ids), len(s.output_token_ids)) for s in samples]
     b, t = len(samples), max(lengths)
     input_ids = torch.zeros(b, t, dtype=torch.long)
@@ -70,6 +78,10 @@ def make_batch(
         server_lp,
         routes,
         grpo_advantages(rewards, group_size),
+        torch.tensor(
+            [0 if version is None else version - s.weight_version for s in samples],
+            dtype=torch.float32,
+        ),
         group_size,
     )
 

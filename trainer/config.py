@@ -87,7 +87,10 @@ class TrainConfig:
     already costs routing and x1000 wrecks it; the paper's 1e4 (verl's 1e3) is relative to a
     base lr near 1e-6."""
     max_staleness: int = 0
-    """Drop rollouts generated more than this many weight versions ago (counted)."""
+    """Asynchronous rollouts with bounded staleness: 0, the synchronous loop (rollout, train,
+    push); K >= 1, the rollouts of the next K steps are requested while this one trains
+    (server and trainer overlap), samples generated more than K weight versions ago are
+    dropped (counted) and stale samples are trained with decoupled PPO."""
     steps: int = 20
     """Rollout batches (= weight pushes)."""
     eval_every: int = 5
@@ -140,6 +143,10 @@ class TrainConfig:
     GPU)."""
     weight_transfer_address: str = "127.0.0.1"
     """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
+    # -- asynchronous rollouts (issue 12 item 3; trainer/async_rollouts.py) --
+    behaviour_weight_cap: float = 5.0
+    """Decoupled PPO (stale samples, ``max_staleness`` >= 1): tokens whose behaviour weight
+    ``pi_prox / pi_server`` exceeds this are left out of the loss (AReaL's filter; 0: none)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -151,6 +158,8 @@ class TrainConfig:
             raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
         if not self.servers:
             raise ValueError("at least one server is needed")
+        if self.max_staleness < 0 or self.behaviour_weight_cap < 0:
+            raise ValueError("max_staleness and behaviour_weight_cap must be >= 0")
         if self.server_timeout < 0:
             raise ValueError("server_timeout must be >= 0 seconds")
         if self.api_key is None:

@@ -140,8 +140,10 @@ class ShardedLearner(Learner):
         model = wrap(policy, cfg.parallel)  # before the optimizers: FSDP2 swaps the parameters
         super().__init__(policy, cfg, model, shard=(dist.get_rank(), dist.get_world_size()))
 
-    def train(self, batch: Batch | None) -> dict:
-        return super().train(broadcast_batch(batch, self.shard[0], self.cfg.samples_per_prompt))
+    def train(self, batch: Batch | None, rollout_predictors: dict | None = None) -> dict:
+        """(``rollout_predictors``: rank 0's; the metrics of the other ranks are not used.)"""
+        batch = broadcast_batch(batch, self.shard[0], self.cfg.samples_per_prompt)
+        return super().train(batch, rollout_predictors)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.policy, self.cfg.parallel)
@@ -275,6 +277,7 @@ def synthetic_batch(policy: Policy) -> Batch:
         lp * loss_mask,
         routes,
         grpo_advantages(rewards, 2),
+        torch.zeros(b),
         2,
     )
 

@@ -29,6 +29,7 @@ from pr2_serve.client.retry import Retrying, RetryPolicy
 from pr2_serve.routes import route_rows, validate_routes
 
 from . import checkpoints, no_server, sync
+from .async_rollouts import AsyncRollouts, lag_metrics, trainer_thread_only
 from .batch import make_batch
 from .config import TrainConfig
 from .policy import Policy
@@ -170,30 +171,35 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.servers = make_pool(self.clients, cfg, self.version, self.out, log)
-        self.servers.on_no_server = lambda msg: no_server.checkpoint_on_no_server(self, msg)
+        self.servers.on_no_server = trainer_thread_only(
+            lambda msg: no_server.checkpoint_on_no_server(self, msg)
+        )
+        self.async_rollouts = AsyncRollouts(self)  # --max-staleness: requests made ahead
         self.trained: dict | None = None  # the last trained step's metrics (no_server.py)
         self.dropped_stale = 0
         self.dropped_bad_routes = 0
 
     # rollouts ------------------------------------------------------------------------------------
-    def request_rollouts(self, prompts: list[list[int]], step: int) -> list[list]:
-        """Every prompt's samples (a group, in sample order), spread over the servers."""
+    def request_rollouts(
+        self, prompts: list[list[int]], step: int, min_version: int | None = None
+    ) -> list[list]:
+        """Every prompt's samples (a group, in sample order), spread over the servers, of weight
+        version ``min_version`` or newer (default: the current one)."""
         cfg = self.cfg
-        self.servers.take_back()
         return self.servers.generate(
             prompts,
             seed=cfg.seed * 7919 + step * 31,
             n=cfg.samples_per_prompt,
             temperature=cfg.temperature,
             max_tokens=cfg.max_tokens,
-            min_weight_version=self.version,
+            min_weight_version=self.version if min_version is None else min_version,
             stop_token_ids=self.source.stop_token_ids,
         )
 
     def rollout(self, step: int) -> Rollouts:
         cfg = self.cfg
-        prompts = self.source.batch(step)
-        groups = self.request_rollouts(prompts.ids, step)
+        self.servers.take_back()  # (between steps, in this thread)
+        prompts, groups, self.request_seconds = self.async_rollouts.take(step)
         got = screen_groups(
             groups,
             prompts.examples,
@@ -212,6 +218,7 @@ class Trainer:
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
         tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict)
+        tensors = self.async_rollouts.own(tensors)  # (copies when rollouts run ahead)
         version = self.version + 1
         if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server
             from .transfer import collective_push  # (vLLM's weight-transfer engines)
@@ -222,6 +229,7 @@ class Trainer:
             results = self.servers.push(weights_payload(tensors), version)
         if {r["weight_version"] for r in results} != {version}:
             raise RuntimeError(f"servers did not all commit version {version}: {results}")
+        self.async_rollouts.pushed(version, tensors)
         self.version = version
         return time.perf_counter() - t0
 
@@ -251,7 +259,9 @@ class Trainer:
             "step": step,
             "weight_version": self.version,
             "rollout_versions": sorted({s.weight_version for s in samples}),
+            **lag_metrics(samples, self.version),
             "time_rollout": time.perf_counter() - t0,
+            "time_rollout_request": self.request_seconds,  # (in the background: overlapped)
         }
         m["reward_mean"] = float(rewards.mean()) if len(rewards) else None
         m["reward_std"] = float(rewards.std(unbiased=False)) if len(rewards) else None
@@ -263,9 +273,15 @@ class Trainer:
         if samples:
             shape = self.route_shape
             batch = make_batch(
-                samples, rewards, cfg.samples_per_prompt, shape.num_layers, shape.top_k
+                samples,
+                rewards,
+                cfg.samples_per_prompt,
+                shape.num_layers,
+                shape.top_k,
+                self.version,
             )
-        m.update(self.learner.train(batch))  # (a collective under torchrun: also without batch)
+        predictors = self.async_rollouts.predictors.by_staleness(self.version)
+        m.update(self.learner.train(batch, predictors))  # (a collective under torchrun too)
         self.trained = m
         m["time_push"] = self.push(self.learner.state_dict())
         m["pushed_version"] = self.version
@@ -275,6 +291,7 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the request threads and close the clients (no thread outlives the trainer)."""
+        self.async_rollouts.close()  # (first: its request runs on the server pool's threads)
         self.servers.close()
         for c in self.clients:
             c.close()
@@ -291,6 +308,7 @@ class Trainer:
         cfg = self.cfg
         checkpoints.check_supported(cfg, distributed=self.learner.shard[1] > 1)
         start, history = checkpoints.resume(self) if cfg.resume else (1, [])
+        self.async_rollouts.start(self.version)
         self.last_step = start - 1
         with open(self.out / "metrics.jsonl", "a") as f:
             for step in range(start, cfg.steps + 1):

@@ -90,7 +90,8 @@ class ServerPool:
         self.stats = RetryStats()
         self.resync_pushes = 0
         self._lock = threading.Lock()
-        self._executor = cf.ThreadPoolExecutor(max_workers=max(2, len(self.servers)))
+        # a push to every server while a rollout (requested ahead: --max-staleness) runs on each
+        self._executor = cf.ThreadPoolExecutor(max_workers=2 * max(1, len(self.servers)))
 
     # -- the rotation --------------------------------------------------------------------------
     @property
@@ -260,10 +261,11 @@ class ServerPool:
         self._keep(weights, version)
 
     def _keep(self, weights, version: int) -> None:
-        """Remember ``weights`` as those of ``version`` (a file: linked into ``keep_dir``)."""
-        old, self.version = self.weights, version
+        """Remember ``weights`` as those of ``version`` (a file: linked into ``keep_dir``); the
+        pair changes at once for a re-sync in another thread (a rollout requested ahead)."""
         if not isinstance(weights, (str, os.PathLike)) or self.keep_dir is None:
-            self.weights = weights
+            with self._lock:
+                self.weights, self.version = weights, version
             return
         path = Path(weights)
         self.keep_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +275,8 @@ class ServerPool:
             os.link(path, dst)
         except OSError:
             shutil.copyfile(path, dst)
-        self.weights = dst
+        with self._lock:
+            old, self.weights, self.version = self.weights, dst, version
         if isinstance(old, Path) and old != dst and old.parent == self.keep_dir:
             old.unlink(missing_ok=True)
 
@@ -281,21 +284,23 @@ class ServerPool:
         """The default re-sync: a server serving an older version (a restart on an older
         state) is pushed the kept weights of the current version again; the same version: nothing
         to do; a newer one: an error (another run's state)."""
+        with self._lock:
+            version, weights = self.version, self.weights
         serving = client.info()["weight_version"]
-        if serving == self.version:
+        if serving == version:
             return
-        if serving > self.version:
+        if serving > version:
             raise RuntimeError(
                 f"a server serves weight version {serving}, newer than this run's "
-                f"{self.version}: it was restarted on another run's state directory"
+                f"{version}: it was restarted on another run's state directory"
             )
-        if self.weights is None:
+        if weights is None:
             raise RuntimeError(
-                f"a server restarted on weight version {serving} < {self.version} and no "
-                f"file of version {self.version} was kept to re-sync it"
+                f"a server restarted on weight version {serving} < {version} and no "
+                f"file of version {version} was kept to re-sync it"
             )
-        self.log(f"re-sync: a server serves version {serving}: pushing version {self.version}")
-        client.push_weights(_pushable(self.weights), self.version)
+        self.log(f"re-sync: a server serves version {serving}: pushing version {version}")
+        client.push_weights(_pushable(weights), version)
         with self._lock:
             self.resync_pushes += 1
 

@@ -32,9 +32,10 @@ from .policy import (
     make_policy_optimizer,
     make_predictor_optimizer,
 )
-from .ppo import PPOStats, ppo_loss
+from .ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
 from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
 from .replay import RoutingControl
+from .version_metrics import by_staleness
 
 
 # -- how a batch is split --------------------------------------------------------------------------
@@ -145,8 +146,16 @@ def mini_step(
     policy's grad norm and the routing record of its forward."""
     ctl = RoutingControl(forced_ids=forced, record=True)
     lp = forward_logprobs(policy, mb, ctl, model)
-    loss, st = ppo_loss(
-        lp, old_lp, mb.advantages.to(lp.device), mb.loss_mask, cfg.clip_eps, normalizer
+    behav_lp = behaviour_logprobs(mb.server_logprobs, old_lp, mb.staleness)  # fresh: old_lp
+    loss, st = decoupled_ppo_loss(
+        lp,
+        old_lp,
+        behav_lp,
+        mb.advantages.to(lp.device),
+        mb.loss_mask,
+        cfg.clip_eps,
+        normalizer,
+        cfg.behaviour_weight_cap or None,
     )
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -243,7 +252,7 @@ def batch_metrics(
     old: OldPass,
     log: MiniStepLog,
     routers_before: list[torch.Tensor],
-    predictor_at_rollout: list[torch.Tensor],
+    predictor_at_rollout: dict[int, list[torch.Tensor] | None],
 ) -> dict:
     """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
     ``policy.last_router_delta`` := this batch's router update, for the next drift cosine)."""
@@ -273,12 +282,20 @@ def batch_metrics(
     m["predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, predictors, k, valid)
     m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
     # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
-    m["server_route_agreement"] = predicted_route_agreement(
-        flat_routes(batch.routes), h_old, z_old, predictor_at_rollout or None, valid
+    # (of each sample's version: predictor_at_rollout[staleness], trainer.version_metrics)
+    served = flat_routes(batch.routes)
+    m["server_route_agreement"] = by_staleness(
+        lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask),
+        batch.staleness,
+        valid,
+        predictor_at_rollout,
     )
     # out of sample: the predictor the server used for this rollout (trained on earlier batches)
-    m["rollout_predictor_hit_rate"] = predictor_hit_rate(
-        h_old, z_old, routers, predictor_at_rollout, k, valid
+    m["rollout_predictor_hit_rate"] = by_staleness(
+        lambda wp, mask: predictor_hit_rate(h_old, z_old, routers, wp, k, mask),
+        batch.staleness,
+        valid,
+        predictor_at_rollout,
     )
     delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
     m["router_drift_rel"] = float(
@@ -300,8 +317,13 @@ def train_batch(
     pred_opt: torch.optim.Optimizer | None,
     model: torch.nn.Module | None = None,
     shard: tuple[int, int] = (0, 1),
+    rollout_predictors: dict[int, list[torch.Tensor] | None] | None = None,
 ) -> dict:
     """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
+
+    ``rollout_predictors``: the predictor each sample was served with, by staleness
+    (:class:`trainer.async_rollouts.PredictorHistory`); default: the policy's own for every
+    sample (what the last push sent).
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
@@ -316,7 +338,10 @@ def train_batch(
     m["time_old_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     routers_before = [w.detach().clone() for w in policy.router_weights()]
-    predictor_at_rollout = [w.detach().clone() for w in policy.predictor_parameters()]
+    current = [w.detach().clone() for w in policy.predictor_parameters()]
+    predictor_at_rollout = rollout_predictors or {
+        s: current for s in batch.staleness.long().tolist()
+    }
     log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard)
     m["first_ratio_max_dev"] = log.first_ratio_max_dev
     m["time_train"] = time.perf_counter() - t0
@@ -340,12 +365,20 @@ class Learner:
         self.opt = make_policy_optimizer(policy, cfg)
         self.pred_opt = make_predictor_optimizer(policy, cfg)
 
-    def train(self, batch: Batch | None) -> dict:
-        """Metrics of training on ``batch`` (nothing when there is none)."""
+    def train(self, batch: Batch | None, rollout_predictors: dict | None = None) -> dict:
+        """Metrics of training on ``batch`` (nothing when there is none); ``rollout_predictors``:
+        see :func:`train_batch`."""
         if batch is None:
             return {}
         return train_batch(
-            self.policy, batch, self.cfg, self.opt, self.pred_opt, self.model, self.shard
+            self.policy,
+            batch,
+            self.cfg,
+            self.opt,
+            self.pred_opt,
+            self.model,
+            self.shard,
+            rollout_predictors,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
