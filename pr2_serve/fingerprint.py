@@ -7,7 +7,8 @@ an fp32 trainer loaded from it agree); the fingerprint of a set is a hash of its
 order. Policy and predictor are fingerprinted apart, and a predictor the checkpoint does not hold
 counts as zeros of its shape (what the plugin serves then), so "no predictor" and "zero
 predictor" agree. The server hashes a tensor once per file it comes from (cached), so a commit
-costs one pass over the tensors it changed.
+costs one pass over the tensors it changed; a weight update hashes its files while the engine
+applies them (:meth:`ServedFingerprints.compute`), off the push's critical path.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ def is_predictor(name: str) -> bool:
 
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
-    """Digest of one tensor: name, shape and float32 values."""
-    h = hashlib.blake2b(digest_size=16)
+    """Digest of one tensor: name, shape and float32 values (SHA-256, hashed in place: an fp32
+    tensor is not copied; SHA-256 runs on the CPU's SHA instructions, ~3x blake2b here)."""
+    h = hashlib.sha256()
     h.update(name.encode())
     h.update(repr(tuple(tensor.shape)).encode())
-    h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.digest()
+    values = tensor.detach().to("cpu", torch.float32).contiguous().reshape(-1)
+    h.update(memoryview(values.view(torch.uint8).numpy()).cast("B"))
+    return h.digest()[:16]
 
 
 def combine(digests: Mapping[str, bytes]) -> str:
@@ -66,6 +69,25 @@ class FileDigests:
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, str], bytes] = {}
+
+    def compute(self, files: Mapping[str, str]) -> dict[tuple[str, str], bytes]:
+        """``{(file, name): digest}`` of the tensors of ``files`` not cached yet, without
+        caching them (an update being applied: :meth:`remember` them once it is committed,
+        so a refused file's digests never outlive it)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name, path in files.items():
+            if (path, name) not in self._cache:
+                by_file.setdefault(path, []).append(name)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                out.update({(path, n): tensor_digest(n, f.get_tensor(n)) for n in names})
+        return out
+
+    def remember(self, digests: Mapping[tuple[str, str], bytes]) -> None:
+        self._cache.update(digests)
 
     def digests(
         self, files: Mapping[str, str], predictor_shapes: Mapping[str, Iterable[int]]
@@ -102,6 +124,14 @@ class ServedFingerprints:
         self._digests = FileDigests()
         self._lock = threading.Lock()
         self._last: dict | None = None
+
+    def compute(self, files: Mapping[str, str]) -> dict[tuple[str, str], bytes]:
+        """Digests of an update's files, computed off the lock (see :meth:`FileDigests.compute`)."""
+        return self._digests.compute(files)
+
+    def remember(self, digests: Mapping[tuple[str, str], bytes]) -> None:
+        with self._lock:
+            self._digests.remember(digests)
 
     def get(self, version: int, files: Mapping[str, str]) -> dict:
         with self._lock:
