@@ -1,7 +1,9 @@
 """Weight updates end to end on the bench-sized checkpoint, in one run: HTTP push, gRPC push,
 gloo transfer (``POST /v1/weights/transfer/...``) and load-from-path, on this tree's server and
 on a baseline server (``--baseline-ref``, default the commit before the weight-movement work:
-the same transports, the same client, that commit's server code), started one after the other.
+that commit's server code, the same client), both up at once, each transport alternating
+between them every repeat (the same machine load for both: the figures to compare are the
+ratios).
 
 End to end = the trainer's state dict in memory -> the server answering a generate on the new
 version (HTTP/gRPC: the client encodes and hashes the safetensors body, uploads it; gloo: the
@@ -75,34 +77,38 @@ def step(state_dict: dict) -> None:
             t.view(-1)[0] += 1e-3
 
 
-def measure(srv, state_dict: dict, size: int, args, drop: Path) -> dict:
-    """Median figures per transport on server ``srv`` (``drop``: its ``--weights-dir``)."""
-    http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
-    pusher = CollectivePusher([http], bucket_bytes=args.bucket_mib << 20)
+class Side:
+    """One server under test and its clients (``drop``: its ``--weights-dir``)."""
 
-    def load(v: int) -> dict:
-        path = drop / f"step-{v}.safetensors"
-        save_file(state_dict, str(path))
-        return http.load_weights(str(path), v)
+    def __init__(self, srv, state_dict: dict, drop: Path, bucket_bytes: int) -> None:
+        self.srv, self.drop, self.sd = srv, drop, state_dict
+        self.http, self.rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
+        self.pusher = CollectivePusher([self.http], bucket_bytes=bucket_bytes)
+        self.version = self.http.info()["weight_version"] + 1
+        self.pusher.push(state_dict, self.version)  # the group is opened once, before timing
+        self.ways = {
+            "http": lambda v: self.http.push_weights(self.sd, v),
+            "grpc": lambda v: self.rpc.push_weights(self.sd, v),
+            "gloo": lambda v: self.pusher.push(self.sd, v)[0],
+            "load": self.load,
+        }
+        self.runs: dict[str, list[dict]] = {}
 
-    ways = {
-        "http": lambda v: http.push_weights(state_dict, v),
-        "grpc": lambda v: rpc.push_weights(state_dict, v),
-        "gloo": lambda v: pusher.push(state_dict, v)[0],
-        "load": load,
-    }
-    try:
-        version = http.info()["weight_version"] + 1
-        pusher.push(state_dict, version)  # the group is opened once, before timing
-        runs: dict[str, list[dict]] = {}
-        for _ in range(args.repeats):
-            for name, send in ways.items():
-                version += 1
-                step(state_dict)
-                runs.setdefault(name, []).append(one_update(srv, http, send, version, size))
-    finally:
-        pusher.close()
-    return {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+    def load(self, v: int) -> dict:
+        path = self.drop / f"step-{v}.safetensors"
+        save_file(self.sd, str(path))
+        return self.http.load_weights(str(path), v)
+
+    def update(self, way: str, size: int) -> None:
+        self.version += 1
+        step(self.sd)
+        res = one_update(self.srv, self.http, self.ways[way], self.version, size)
+        self.runs.setdefault(way, []).append(res)
+
+    def medians(self) -> dict:
+        return {
+            k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in self.runs.items()
+        }
 
 
 def baseline_tree(ref: str, into: Path) -> Path:
@@ -116,20 +122,37 @@ def baseline_tree(ref: str, into: Path) -> Path:
     return into
 
 
-def serve_and_measure(model, tmp: Path, name: str, state_dict, size, args, env=None) -> dict:
+def serve(model, tmp: Path, name: str, tree: Path):
+    """A server of ``tree``'s code with its own state and ``--weights-dir``."""
     drop = tmp / f"{name}-drop"
     drop.mkdir()
     flags = ("--max-upload-bytes", str(4 << 30), "--enable-weight-transfer")
     flags += ("--weights-dir", str(drop))
-    # ``python -m pr2_serve.server`` imports from its working directory first: the baseline
-    # server runs from its own tree
-    where = env["PYTHONPATH"] if env else Path(__file__).resolve().parents[1]
-    with contextlib.chdir(where):
-        srv = start_server(model, tmp / f"{name}-state", *flags, env=env)
+    # ``python -m pr2_serve.server`` imports from its working directory first
+    with contextlib.chdir(tree):
+        srv = start_server(model, tmp / f"{name}-state", *flags, env={"PYTHONPATH": str(tree)})
+    return srv, drop
+
+
+def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) -> dict:
+    """Both servers up at once; every transport alternates between them each repeat (the same
+    machine load for both); medians per server and transport."""
+    servers, sides = [], {}
     try:
-        return measure(srv, state_dict, size, args, drop)
+        for name, tree in trees.items():
+            srv, drop = serve(model, tmp, name, tree)
+            servers.append(srv)
+            sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20)
+        for _ in range(args.repeats):
+            for way in TRANSPORTS:
+                for side in sides.values():
+                    side.update(way, size)
+        return {name: side.medians() for name, side in sides.items()}
     finally:
-        srv.stop()
+        for side in sides.values():
+            side.pusher.close()
+        for srv in servers:
+            srv.stop()
 
 
 def report(results: dict) -> None:
@@ -181,12 +204,10 @@ def main() -> None:
         state_dict = load_file(str(model / "model.safetensors"))
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
         results: dict = {"state_dict_MB": size / 1e6, "bucket_MiB": args.bucket_mib}
+        trees = {"new": Path(__file__).resolve().parents[1]}
         if not args.no_baseline:
-            old = baseline_tree(args.baseline_ref, tmp / "baseline-tree")
-            results["baseline"] = serve_and_measure(
-                model, tmp, "baseline", state_dict, size, args, env={"PYTHONPATH": str(old)}
-            )
-        results["new"] = serve_and_measure(model, tmp, "new", state_dict, size, args)
+            trees = {"baseline": baseline_tree(args.baseline_ref, tmp / "baseline-tree"), **trees}
+        results.update(measure(model, tmp, trees, state_dict, size, args))
     results["ratios"] = ratios(results)
     report(results)
     write_results(args.out, args, results)

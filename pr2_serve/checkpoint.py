@@ -99,12 +99,12 @@ def check_finite(tensors) -> None:
 
 
 def file_tensors(path: str | Path, names: Iterable[str]):
-    """``(name, tensor)`` of ``names`` in a safetensors file, one at a time (memory-mapped)."""
-    from safetensors import safe_open
+    """``(name, tensor)`` of ``names`` in a safetensors file, one at a time, each read into its
+    own memory (:mod:`pr2_serve.tensor_files`: the pass does not map the whole file)."""
+    from .tensor_files import iter_tensors
 
-    with safe_open(str(path), framework="pt") as f:
-        for name in names:
-            yield name, f.get_tensor(name)
+    names = list(names)
+    yield from iter_tensors(dict.fromkeys(names, str(path)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,17 +74,10 @@ class FileDigests:
         """``{(file, name): digest}`` of the tensors of ``files`` not cached yet, without
         caching them (an update being applied: :meth:`remember` them once it is committed,
         so a refused file's digests never outlive it)."""
-        from safetensors import safe_open
+        from .tensor_files import iter_tensors
 
-        by_file: dict[str, list[str]] = {}
-        for name, path in files.items():
-            if (path, name) not in self._cache:
-                by_file.setdefault(path, []).append(name)
-        out = {}
-        for path, names in by_file.items():
-            with safe_open(path, framework="pt") as f:
-                out.update({(path, n): tensor_digest(n, f.get_tensor(n)) for n in names})
-        return out
+        todo = {n: p for n, p in files.items() if (p, n) not in self._cache}
+        return {(todo[n], n): tensor_digest(n, t) for n, t in iter_tensors(todo)}
 
     def remember(self, digests: Mapping[tuple[str, str], bytes]) -> None:
         self._cache.update(digests)
@@ -92,19 +85,8 @@ class FileDigests:
     def digests(
         self, files: Mapping[str, str], predictor_shapes: Mapping[str, Iterable[int]]
     ) -> dict[str, bytes]:
-        from safetensors import safe_open
-
-        out: dict[str, bytes] = {}
-        by_file: dict[str, list[str]] = {}
-        for name, path in files.items():
-            by_file.setdefault(path, []).append(name)
-        for path, names in by_file.items():
-            missing = [n for n in names if (path, n) not in self._cache]
-            if missing:
-                with safe_open(path, framework="pt") as f:
-                    for n in missing:
-                        self._cache[(path, n)] = tensor_digest(n, f.get_tensor(n))
-            out.update({n: self._cache[(path, n)] for n in names})
+        self._cache.update(self.compute(files))
+        out = {n: self._cache[(p, n)] for n, p in files.items()}
         for name, shape in predictor_shapes.items():
             if name not in out:
                 out[name] = tensor_digest(name, torch.zeros(tuple(shape)))
