@@ -1,35 +1,49 @@
-"""Weight updates end to end on the bench-sized checkpoint, in one run: HTTP push vs gloo
-transfer (``POST /v1/weights/transfer/...``, vLLM's weight-transfer engines).
+"""Weight updates end to end on the bench-sized checkpoint, in one run: HTTP push, gRPC push,
+gloo transfer (``POST /v1/weights/transfer/...``) and load-from-path, on this tree's server and
+on a baseline server (``--baseline-ref``, default the commit before the weight-movement work:
+that commit's server code, the same client), both up at once, each transport alternating
+between them every repeat (the same machine load for both: the figures to compare are the
+ratios).
 
 End to end = the trainer's state dict in memory -> the server answering a generate on the new
-version (HTTP: the client writes the safetensors file, uploads it; the server hashes, checks,
-applies, runs the canary, commits. gloo: the trainer broadcasts packed buckets, the worker
-writes them into the staged file; then the same check/apply/canary/commit). Also the server's
-receive MB/s and its peak extra RSS during the update. Goal: gloo >= 1 GB/s end to end.
+version (HTTP/gRPC: the client encodes and hashes the safetensors body, uploads it; gloo: the
+trainer broadcasts packed buckets; load: the trainer writes the file into ``--weights-dir`` and
+asks the server to load it; then the server checks, applies, runs the canary and commits).
+Every tensor changes before every update (as after an optimizer step): nothing can be skipped.
+Also the server's peak extra RSS during the update and its reported split (receive, check,
+apply, canary). Goals (issue 12): gloo >= 1 GB/s end to end, HTTP >= 300 MB/s, peak extra RSS
+<= one bucket (64 MiB).
 
-    .venv/bin/python benchmarks/weights.py [--repeats 3]
+    .venv/bin/python benchmarks/weights.py [--repeats 3] [--baseline-ref REF | --no-baseline]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from math import nan
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
-from pr2_serve.client import HttpClient
+from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.tiny_model import make_tiny_model
 from pr2_serve.transfer.wire import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
 from trainer.transfer import CollectivePusher
+
+BASELINE_REF = "47568ae"  # before issue 12's weight-movement work
+TRANSPORTS = ("http", "grpc", "gloo", "load")
 
 
 def one_update(srv, http, send, version: int, size: int) -> dict:
@@ -46,60 +60,156 @@ def one_update(srv, http, send, version: int, size: int) -> dict:
     wall = time.perf_counter() - t
     return {
         "end_to_end_MBps": size / wall / 1e6,
+        "end_to_end_s": wall,
         "receive_MBps": size / res["receive_seconds"] / 1e6,
-        "check_s": res["check_seconds"],
+        "check_s": res.get("check_seconds", nan),  # the gRPC result has no check/canary split
         "apply_s": res["apply_seconds"],
-        "canary_s": res["canary_seconds"],
+        "canary_s": res.get("canary_seconds", nan),
+        "server_s": res["seconds"],
         "peak_extra_rss_MiB": rss,
     }
+
+
+def step(state_dict: dict) -> None:
+    """Change every tensor (in place, finite), as an optimizer step does."""
+    with torch.no_grad():
+        for t in state_dict.values():
+            t.view(-1)[0] += 1e-3
+
+
+class Side:
+    """One server under test and its clients (``drop``: its ``--weights-dir``)."""
+
+    def __init__(self, srv, state_dict: dict, drop: Path, bucket_bytes: int) -> None:
+        self.srv, self.drop, self.sd = srv, drop, state_dict
+        self.http, self.rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
+        self.pusher = CollectivePusher([self.http], bucket_bytes=bucket_bytes)
+        self.version = self.http.info()["weight_version"] + 1
+        self.pusher.push(state_dict, self.version)  # the group is opened once, before timing
+        self.ways = {
+            "http": lambda v: self.http.push_weights(self.sd, v),
+            "grpc": lambda v: self.rpc.push_weights(self.sd, v),
+            "gloo": lambda v: self.pusher.push(self.sd, v)[0],
+            "load": self.load,
+        }
+        self.runs: dict[str, list[dict]] = {}
+
+    def load(self, v: int) -> dict:
+        path = self.drop / f"step-{v}.safetensors"
+        save_file(self.sd, str(path))
+        return self.http.load_weights(str(path), v)
+
+    def update(self, way: str, size: int) -> None:
+        self.version += 1
+        step(self.sd)
+        res = one_update(self.srv, self.http, self.ways[way], self.version, size)
+        self.runs.setdefault(way, []).append(res)
+
+    def medians(self) -> dict:
+        return {
+            k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in self.runs.items()
+        }
+
+
+def baseline_tree(ref: str, into: Path) -> Path:
+    """This repository's tree at ``ref``, extracted into ``into`` (its server code)."""
+    root = Path(__file__).resolve().parents[1]
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", ref], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def serve(model, tmp: Path, name: str, tree: Path):
+    """A server of ``tree``'s code with its own state and ``--weights-dir``."""
+    drop = tmp / f"{name}-drop"
+    drop.mkdir()
+    flags = ("--max-upload-bytes", str(4 << 30), "--enable-weight-transfer")
+    flags += ("--weights-dir", str(drop))
+    # ``python -m pr2_serve.server`` imports from its working directory first
+    with contextlib.chdir(tree):
+        srv = start_server(model, tmp / f"{name}-state", *flags, env={"PYTHONPATH": str(tree)})
+    return srv, drop
+
+
+def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) -> dict:
+    """Both servers up at once; every transport alternates between them each repeat (the same
+    machine load for both); medians per server and transport."""
+    servers, sides = [], {}
+    try:
+        for name, tree in trees.items():
+            srv, drop = serve(model, tmp, name, tree)
+            servers.append(srv)
+            sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20)
+        for _ in range(args.repeats):
+            for way in TRANSPORTS:
+                for side in sides.values():
+                    side.update(way, size)
+        return {name: side.medians() for name, side in sides.items()}
+    finally:
+        for side in sides.values():
+            side.pusher.close()
+        for srv in servers:
+            srv.stop()
+
+
+def report(results: dict) -> None:
+    size = results["state_dict_MB"]
+    for which in ("baseline", "new"):
+        for name in TRANSPORTS:
+            r = results.get(which, {}).get(name)
+            if r is None:
+                continue
+            print(
+                f"{which} {name} ({size:.0f} MB): end-to-end {r['end_to_end_MBps']:.0f} MB/s "
+                f"({r['end_to_end_s']:.2f} s), receive {r['receive_MBps']:.0f} MB/s, check "
+                f"{r['check_s']:.2f} s, apply {r['apply_s']:.2f} s, canary {r['canary_s']:.2f} s, "
+                f"server {r['server_s']:.2f} s, peak extra RSS {r['peak_extra_rss_MiB']:.0f} MiB"
+            )
+    for k, v in results["ratios"].items():
+        print(f"{k}: {v:.2f}x")
+
+
+def ratios(results: dict) -> dict:
+    new, base = results["new"], results.get("baseline")
+    out = {
+        f"new_{k}_vs_new_http": new[k]["end_to_end_MBps"] / new["http"]["end_to_end_MBps"]
+        for k in TRANSPORTS
+        if k != "http"
+    }
+    if base:
+        for k in TRANSPORTS:
+            out[f"{k}_new_vs_baseline"] = new[k]["end_to_end_MBps"] / base[k]["end_to_end_MBps"]
+        out["new_gloo_vs_baseline_http"] = (
+            new["gloo"]["end_to_end_MBps"] / base["http"]["end_to_end_MBps"]
+        )
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
+    ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline server")
+    ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--out", default="benchmarks/results/weights.json")
     ap.add_argument("--workdir", default="runs", help="model + server state (a fast disk)")
     args = ap.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        model = make_tiny_model(Path(tmp) / "model", seed=0, spec=BENCH_SPEC, predictor="random")
+        tmp = Path(tmp).resolve()
+        model = make_tiny_model(tmp / "model", seed=0, spec=BENCH_SPEC, predictor="random")
         state_dict = load_file(str(model / "model.safetensors"))
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
-        flags = ("--max-upload-bytes", str(4 << 30), "--enable-weight-transfer")
-        srv = start_server(model, Path(tmp) / "state", *flags)
-        try:
-            http = HttpClient(srv.http, api_key=API_KEY)
-            pusher = CollectivePusher([http], bucket_bytes=args.bucket_mib << 20)
-            ways = {
-                "http": lambda v: http.push_weights(state_dict, v),
-                "gloo": lambda v: pusher.push(state_dict, v)[0],
-            }
-            pusher.push(state_dict, 1)  # the group is opened once, before timing
-            runs: dict[str, list[dict]] = {}
-            for k in range(args.repeats):
-                for i, (name, send) in enumerate(ways.items()):
-                    version = 2 + 2 * k + i
-                    runs.setdefault(name, []).append(one_update(srv, http, send, version, size))
-            pusher.close()
-        finally:
-            srv.stop()
-    results = {
-        "state_dict_MB": size / 1e6,
-        "bucket_MiB": args.bucket_mib,
-        **{k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()},
-    }
-    e2e = {k: results[k]["end_to_end_MBps"] for k in ways}
-    results["gloo_vs_http"] = e2e["gloo"] / e2e["http"]
-    for name in ways:
-        r = results[name]
-        print(
-            f"{name} ({size / 1e6:.0f} MB): end-to-end {r['end_to_end_MBps']:.0f} MB/s, receive "
-            f"{r['receive_MBps']:.0f} MB/s, check {r['check_s']:.2f} s, apply "
-            f"{r['apply_s']:.2f} s, canary {r['canary_s']:.2f} s, peak extra server RSS "
-            f"{r['peak_extra_rss_MiB']:.0f} MiB"
-        )
-    print(f"gloo / HTTP end to end: {results['gloo_vs_http']:.2f}x")
+        results: dict = {"state_dict_MB": size / 1e6, "bucket_MiB": args.bucket_mib}
+        trees = {"new": Path(__file__).resolve().parents[1]}
+        if not args.no_baseline:
+            trees = {"baseline": baseline_tree(args.baseline_ref, tmp / "baseline-tree"), **trees}
+        results.update(measure(model, tmp, trees, state_dict, size, args))
+    results["ratios"] = ratios(results)
+    report(results)
     write_results(args.out, args, results)
 
 

@@ -230,6 +230,14 @@ class RolloutEngine:
         """Content fingerprints of the weights being served (:mod:`pr2_serve.fingerprint`)."""
         return self._served_fp.get(self.weight_version, self._files)
 
+    def update_digests(self, files: Mapping[str, str]) -> dict:
+        """Content digests of an update's tensors (``{name: file}``), computed on the caller's
+        thread (while the engine applies them); :meth:`keep_digests` once it is committed."""
+        return self._served_fp.compute(files)
+
+    def keep_digests(self, digests: dict) -> None:
+        self._served_fp.remember(digests)
+
     def route_stats(self) -> dict[str, int]:
         """Route bookkeeping counters from the worker (see ``RouteStore.stats``)."""
         return self.call(lambda llm: llm.collective_rpc("pr2_route_stats")[0])

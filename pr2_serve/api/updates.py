@@ -105,7 +105,16 @@ class WeightUpdates:
                     prepare = asyncio.to_thread(self.engine.prepare_update, path, version)
                     files.update(await self._engine_call(prepare))
                 checked = time.perf_counter() - t1
-                result, canary = await self._apply(files, version, replace=False)
+                # the fingerprints' digests are computed while the engine applies the update
+                digests = asyncio.ensure_future(
+                    asyncio.to_thread(self.engine.update_digests, files)
+                )
+                try:
+                    result, canary = await self._apply(files, version, replace=False)
+                finally:
+                    await asyncio.wait([digests])
+                if digests.exception() is None:  # else fingerprinted when committed, as before
+                    self.engine.keep_digests(digests.result())
             except BaseException:
                 if self.engine.weight_version != version:
                     self.store.discard(version)

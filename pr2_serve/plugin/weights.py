@@ -12,23 +12,18 @@ result equal to a freshly started engine (greedy tokens identical, log-probs wit
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 
 import torch
 
 
 def iter_safetensors(files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for ``{name: file}``, opening each file once (memory-mapped)."""
-    from safetensors import safe_open
+    """Yield ``(name, tensor)`` for ``{name: file}``, opening each file once; each tensor is
+    read into its own memory and freed once loaded (no mapping of whole files: the reload's
+    extra RSS is what the loader holds at once, not the checkpoint)."""
+    from ..tensor_files import iter_tensors
 
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, path in files.items():
-        by_file[path].append(name)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in names:
-                yield name, f.get_tensor(name)
+    return iter_tensors(files)
 
 
 def reload_all_weights(model_runner, files: dict[str, str]) -> None:

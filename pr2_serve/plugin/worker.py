@@ -23,6 +23,7 @@ from pr2_serve.jobs import ROUTE_KEY
 from pr2_serve.routes import child_index, route_dtype, store_key
 
 from .compat import PR2ConfigError
+from .kv_dirty import DirtyBlocks
 from .refusals import RUNNER_ENV
 from .route_store import RouteStore
 from .step_rows import StepRows
@@ -79,6 +80,11 @@ class PR2WorkerExtension:
         )
         self._pr2_key_cache: dict[str, str | None] = {}  # vLLM request id -> store key
         self._pr2_rows = StepRows(len(capture.buffer), capture.buffer)
+        # KV blocks written since the last zeroing (pr2_zero_kv_caches zeroes only those)
+        # (one KV cache group; with several, num_blocks 0 makes it zero the whole cache)
+        groups = len(runner.input_batch.block_table.block_tables)
+        blocks = num_slots // block_table.block_size if groups == 1 else 0
+        self._pr2_dirty = DirtyBlocks(blocks, block_table.block_size)
         stock_execute = runner.execute_model
 
         inject = os.environ.get("PR2_ENABLE_FAULT_INJECTION") == "1"
@@ -88,7 +94,14 @@ class PR2WorkerExtension:
                 _maybe_inject_fault(scheduler_output)
             # Finished requests leave runner.requests inside execute_model: resolve them first.
             finished = self._pr2_keys(scheduler_output.finished_req_ids)
-            out = stock_execute(scheduler_output, *args, **kwargs)
+            try:
+                out = stock_execute(scheduler_output, *args, **kwargs)
+            except BaseException:
+                self._pr2_dirty.forget()  # it may have written KV slots: zero all next time
+                raise
+            n = scheduler_output.total_num_scheduled_tokens
+            slots = runner.input_batch.block_table[0].slot_mapping.gpu[:n]
+            self._pr2_dirty.note(slots.cpu().numpy())
             self._pr2_rows.flush(self._pr2_store)  # the previous step's rows (queued earlier)
             self._pr2_after_step(scheduler_output)
             if finished:
@@ -171,9 +184,12 @@ class PR2WorkerExtension:
     def pr2_zero_kv_caches(self) -> None:
         """Zero every KV-cache tensor (after a reload: weights that made NaN/Inf leave them in
         KV slots, and attention reads stale slots of a reused block -- masked, but NaN x 0 is
-        NaN -- so later requests would come out NaN)."""
-        for t in self.model_runner.kv_caches:
-            t.zero_()
+        NaN -- so later requests would come out NaN): the blocks written since the last zeroing
+        (:mod:`.kv_dirty`)."""
+        dirty = getattr(self, "_pr2_dirty", None)
+        if dirty is None:  # no step bookkeeping (plugin off): the whole cache
+            dirty = DirtyBlocks(0, 0)
+        dirty.zero(self.model_runner.kv_caches)
 
     def pr2_reload_weights(self, files: dict[str, str]) -> float:
         """Reload every weight in place from ``{hf_name: safetensors file}``; return seconds.
