@@ -4,9 +4,9 @@
    pr2), recording its own routes (r2), natural routing (none); keeps the router inputs and
    logits (``h_old``, ``z_old``) per MoE layer;
 2. ``off_policy_steps`` x :func:`mini_step` -- the clipped objective on a slice of the groups,
-   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) towards the moved
-   router, inside the same mini-step (before the next policy update: the reference code's
-   order);
+   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) inside the same
+   mini-step, before its policy update (the reference code's order): target = that forward's
+   own router logits ``z_s`` on that mini-step's tokens;
 3. :func:`batch_metrics` -- PPO health, routing deviation, predictor hit rates, router drift.
 
 :func:`train_batch` composes them. It is a pure function of the batch and the model, so
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pr2_serve.routing import deviation_counts, deviation_histogram
 
@@ -131,6 +132,36 @@ class MiniStepLog:
     first_ratio_max_dev: float | None = None
 
 
+@dataclass
+class PredictorFit:
+    """What an off-policy pr2 mini-step needs to fit the predictor on its own tokens."""
+
+    kind: str  # cfg.predictor_loss
+    h_old: list[torch.Tensor]  # per MoE layer, the mini-step's rows (this rank's share)
+    z_old: list[torch.Tensor]
+    valid: torch.Tensor  # [rows] real positions
+    count: torch.Tensor  # real positions of the whole mini-step (all ranks): the mean's divisor
+    opt: torch.optim.Optimizer
+    world: int
+
+
+def predictor_step(policy: Policy, fit: PredictorFit, z_s: list[torch.Tensor]) -> float:
+    """One predictor update: ``L_p = KL(sg(softmax(z_s)) || softmax(z_old + W_p h_old))``
+    (``cfg.predictor_loss``) over the mini-step's tokens, ``z_s`` = this forward's router
+    logits. Ranks hold shares of the tokens: their gradients (and losses) are summed."""
+    predictors = policy.predictor_parameters()
+    pl = predictor_loss(fit.kind, fit.h_old, fit.z_old, z_s, predictors, fit.valid, fit.count)
+    fit.opt.zero_grad(set_to_none=True)
+    pl.backward()
+    pl = pl.detach()
+    if fit.world > 1:  # predictors are replicated outside DDP/FSDP2: sum the shares here
+        for p in predictors:
+            dist.all_reduce(p.grad)
+        dist.all_reduce(pl)
+    fit.opt.step()
+    return float(pl)
+
+
 def mini_step(
     policy: Policy,
     mb: Batch,
@@ -140,14 +171,18 @@ def mini_step(
     cfg: TrainConfig,
     opt: torch.optim.Optimizer,
     model: torch.nn.Module | None,
-) -> tuple[torch.Tensor, PPOStats, float, RoutingControl]:
+    fit: PredictorFit | None = None,
+) -> tuple[torch.Tensor, PPOStats, float, RoutingControl, float | None]:
     """One update of the clipped objective on ``mb``; returns its log-probs, PPO stats, the
-    policy's grad norm and the routing record of its forward."""
+    policy's grad norm, the routing record of its forward and the predictor loss (``fit``)."""
     ctl = RoutingControl(forced_ids=forced, record=True)
     lp = forward_logprobs(policy, mb, ctl, model)
     loss, st = ppo_loss(
         lp, old_lp, mb.advantages.to(lp.device), mb.loss_mask, cfg.clip_eps, normalizer
     )
+    # pr2, off-policy: the predictor towards this forward's router logits z_s (s - 1 updates),
+    # before this mini-step's update (the reference code's COMPUTE_PREDICTIVE_LOSS branch)
+    pred_loss = None if fit is None else predictor_step(policy, fit, ctl.logits)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = policy.policy_parameters()
@@ -157,7 +192,7 @@ def mini_step(
         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
     )
     opt.step()
-    return lp.detach(), st, float(full_tensor(gn)), ctl
+    return lp.detach(), st, float(full_tensor(gn)), ctl, pred_loss
 
 
 @torch.no_grad()
@@ -174,24 +209,6 @@ def route_deviation(
     return hist
 
 
-def predictor_step(
-    policy: Policy, old: OldPass, batch: Batch, cfg: TrainConfig, pred_opt: torch.optim.Optimizer
-) -> float:
-    """One predictor update towards where the router has moved (``cfg.predictor_loss``)."""
-    pl = predictor_loss(
-        cfg.predictor_loss,
-        old.hidden,
-        old.logits,
-        policy.router_weights(),
-        policy.predictor_parameters(),
-        batch.valid.reshape(-1),
-    )
-    pred_opt.zero_grad(set_to_none=True)
-    pl.backward()
-    pred_opt.step()
-    return float(pl)
-
-
 def mini_steps(
     policy: Policy,
     batch: Batch,
@@ -204,7 +221,7 @@ def mini_steps(
 ) -> MiniStepLog:
     """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
     of it), its loss scaled so that DDP's gradient average equals the single-process gradient
-    of the mini-step's token mean; a predictor step after each from mini-step 2 on (pr2)."""
+    of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2)."""
     rank, world = shard
     mode, k = cfg.replay, policy.replay.top_k
     server_routes = flat_routes(batch.routes)
@@ -215,13 +232,18 @@ def mini_steps(
     log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     log.hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     for step, gidx in enumerate(mini_step_groups(batch, cfg.off_policy_steps), start=1):
-        all_idx, _ = group_rows(batch, gidx, policy.device)
+        all_idx, all_rows = group_rows(batch, gidx, policy.device)
         normalizer = batch.loss_mask[all_idx].sum().clamp(min=1) / world  # the mini-step's
         idx, rows = group_rows(batch, gidx[rank::world], policy.device)
         mb = batch.select(idx)
         forced = None if replayed is None else replayed[rows]
-        lp, st, gn, ctl = mini_step(
-            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model
+        fit = None
+        if mode == "pr2" and pred_opt is not None and step > 1:
+            h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+            count = valid_flat[all_rows].sum()
+            fit = PredictorFit(cfg.predictor_loss, h, z, valid_flat[rows], count, pred_opt, world)
+        lp, st, gn, ctl, pred_loss = mini_step(
+            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model, fit
         )
         if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
             log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
@@ -231,8 +253,8 @@ def mini_steps(
         log.hist += hist
         if step > 1:
             log.hist_off += hist
-        if mode == "pr2" and pred_opt is not None and step > 1:
-            log.predictor_losses.append(predictor_step(policy, old, batch, cfg, pred_opt))
+        if pred_loss is not None:
+            log.predictor_losses.append(pred_loss)
     return log
 
 
@@ -305,8 +327,8 @@ def train_batch(
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
-    training forwards go through (the DDP wrapper). The old pass and the predictor loss are
-    computed on the whole batch on every rank (identical results, no communication).
+    training forwards go through (the DDP wrapper). The old pass is computed on the whole batch
+    on every rank; the predictor loss on each rank's share, its gradient summed over ranks.
     """
     batch = batch.to(policy.device)
     t0 = time.perf_counter()
