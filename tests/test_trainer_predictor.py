@@ -57,6 +57,9 @@ def test_predictor_learns_one_mini_step_move_not_two(tiny_zero):
         policy.model(input_ids=batch.input_ids)
     m = train_batch(policy, batch, cfg, MoveRouters(policy, deltas), pred_opt)
     assert m["predictor_loss"] > 0
+    # mini-step 1 replays the routes at theta_old; mini-step 2's router has moved by Delta
+    first, second = m["zero_deviation_per_mini_step"]
+    assert first == 1.0 and second < 1.0, m["zero_deviation_per_mini_step"]
     t = batch.input_ids.shape[1]
     gidx = mini_step_groups(batch, 2)[1]  # mini-step 2's groups -> its real rows
     samples = (gidx[:, None] * 2 + torch.arange(2)).reshape(-1)

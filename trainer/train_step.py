@@ -129,6 +129,7 @@ class MiniStepLog:
     predictor_losses: list[float] = field(default_factory=list)
     hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
     hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
+    zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
     first_ratio_max_dev: float | None = None
 
 
@@ -251,6 +252,7 @@ def mini_steps(
         log.grad_norms.append(gn)
         hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
         log.hist += hist
+        log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
         if step > 1:
             log.hist_off += hist
         if pred_loss is not None:
@@ -281,6 +283,7 @@ def batch_metrics(
         "zero_deviation_offpolicy": (
             float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
         ),
+        "zero_deviation_per_mini_step": log.zero_per_step,  # mini-step 1, 2, ...
         # R2 vs R3 at theta_old: how many experts of the server's route (what R3 replays) are
         # not in the trainer's own top-k (what R2 replays: exactly so in r2/none, given the
         # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
