@@ -72,3 +72,55 @@ def test_predictor_learns_one_mini_step_move_not_two(tiny_zero):
     err_one = float((got - one).norm() / one.norm())
     err_two = float((got - 2 * one).norm() / (2 * one).norm())
     assert err_one < 1e-4 and err_two > 0.4, (err_one, err_two)
+
+
+def small_cfg(**kw) -> TrainConfig:
+    return TrainConfig(
+        replay="pr2",
+        off_policy_steps=2,
+        prompts_per_batch=4,
+        samples_per_prompt=2,
+        lr=1e-3,
+        servers=["http://unused"],
+        **kw,
+    )
+
+
+def test_served_predictor_is_scaled_and_pushed(tiny_zero):
+    """--predictor-scale 0.5: the trainer keeps training W_p, the push carries 0.5 W_p, and
+    the next batch's diagnostics compare with what was served."""
+    from trainer.train_step import Learner
+
+    policy = Policy(str(tiny_zero))
+    batch = synthetic_batch(policy)
+    learner = Learner(policy, small_cfg(predictor_scale="0.5", predictor_lr_multiplier=10))
+    m = learner.train(batch)
+    assert m["predictor_scale"] == 0.5 and m["predictor_scale_served"] == 1.0
+    trained = [w.detach() for w in policy.predictor_parameters()]
+    assert max(float(w.abs().max()) for w in trained) > 0
+    tensors = policy.checkpoint_tensors(True, None, learner.served_predictors())
+    for name, w in zip(policy.replay.predictor_state_dict(), trained, strict=True):
+        torch.testing.assert_close(tensors[name], 0.5 * w)
+    m2 = learner.train(batch)
+    assert m2["predictor_scale_served"] == 0.5 and m2["predictor_scale_fit"] is not None
+
+
+def test_lookahead_predictor_serves_the_routers_adam_extrapolation(tiny_zero):
+    """--predictor lookahead --predictor-scale auto: nothing trained, the served predictor is
+    alpha x the routers' Adam look-ahead, alpha in [0, 1] fitted from the second batch on."""
+    from trainer.lookahead import router_lookahead
+    from trainer.train_step import Learner
+
+    policy = Policy(str(tiny_zero))
+    batch = synthetic_batch(policy)
+    learner = Learner(policy, small_cfg(predictor="lookahead", predictor_scale="auto"))
+    assert learner.pred_opt is None
+    rows = [learner.train(batch) for _ in range(3)]
+    assert all(r["predictor_loss"] is None for r in rows)
+    assert rows[0]["predictor_scale_fit"] is None  # the first rollout's predictor was zero
+    assert rows[2]["predictor_scale_fit"] is not None
+    assert all(0.0 <= r["predictor_scale"] <= 1.0 for r in rows)
+    ahead = router_lookahead(learner.opt, [r.weight for r in policy.replay.routers], 2)
+    assert max(float(a.abs().max()) for a in ahead) > 0
+    for got, a in zip(learner.served_predictors(), ahead, strict=True):
+        torch.testing.assert_close(got, rows[-1]["predictor_scale"] * a)

@@ -209,7 +209,8 @@ class Trainer:
         """Export (``state_dict``: the gathered weights of a sharded model) and push to every
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
-        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict)
+        served = self.learner.served_predictors()  # alpha x (W_p or look-ahead): issue 14
+        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict, served)
         version = self.version + 1
         if self.cfg.weight_transfer == "gloo":  # one collective to every server
             from .transfer import collective_push  # (vLLM's weight-transfer engines)

@@ -26,6 +26,7 @@ from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .batch import Batch, flat_routes
 from .config import TrainConfig
+from .lookahead import router_lookahead
 from .policy import (
     Policy,
     forward_logprobs,
@@ -35,6 +36,7 @@ from .policy import (
 )
 from .ppo import PPOStats, ppo_loss
 from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from .replay import RoutingControl
 
 
@@ -130,6 +132,7 @@ class MiniStepLog:
     hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
     hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
     zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
+    offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
     first_ratio_max_dev: float | None = None
 
 
@@ -219,10 +222,13 @@ def mini_steps(
     pred_opt: torch.optim.Optimizer | None,
     model: torch.nn.Module | None,
     shard: tuple[int, int],
+    served_raw: list[torch.Tensor] | None = None,
 ) -> MiniStepLog:
     """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
     of it), its loss scaled so that DDP's gradient average equals the single-process gradient
-    of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2)."""
+    of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2).
+    ``served_raw``: the rollout's unscaled predictor, for the served scale's fit
+    (:mod:`trainer.predictor_scale`) on the off-policy mini-steps."""
     rank, world = shard
     mode, k = cfg.replay, policy.replay.top_k
     server_routes = flat_routes(batch.routes)
@@ -255,8 +261,16 @@ def mini_steps(
         log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
         if step > 1:
             log.hist_off += hist
+            if served_raw is not None:  # the served offset's raw b vs the router's move n_s
+                h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+                sums = offset_fit_sums(h, z, ctl.logits, served_raw, valid_flat[rows])
+                log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]
         if pred_loss is not None:
             log.predictor_losses.append(pred_loss)
+    if world > 1:  # each rank's share of the fit's sums
+        sums = torch.tensor(log.offset_fit, dtype=torch.float64)
+        dist.all_reduce(sums)
+        log.offset_fit = sums.tolist()
     return log
 
 
@@ -313,6 +327,9 @@ def batch_metrics(
     m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
     policy.last_router_delta = delta
     m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
+    dot, sq = log.offset_fit  # the served scale's evidence (trainer.predictor_scale)
+    m["predictor_offset_fit_sums"] = [dot, sq]
+    m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
     return m
 
 
@@ -325,8 +342,12 @@ def train_batch(
     pred_opt: torch.optim.Optimizer | None,
     model: torch.nn.Module | None = None,
     shard: tuple[int, int] = (0, 1),
+    served: ServedPredictor | None = None,
 ) -> dict:
     """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
+
+    ``served``: the predictor the rollout was generated with (default: the policy's own at
+    scale 1); the diagnostics compare the served routes with it.
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
@@ -341,8 +362,11 @@ def train_batch(
     m["time_old_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     routers_before = [w.detach().clone() for w in policy.router_weights()]
-    predictor_at_rollout = [w.detach().clone() for w in policy.predictor_parameters()]
-    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard)
+    if served is None:
+        served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
+    predictor_at_rollout = served.weights()
+    raw = served.raw if cfg.replay == "pr2" else None
+    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw)
     m["first_ratio_max_dev"] = log.first_ratio_max_dev
     m["time_train"] = time.perf_counter() - t0
     m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
@@ -364,14 +388,38 @@ class Learner:
         self.policy, self.cfg, self.model, self.shard = policy, cfg, model, shard
         self.opt = make_policy_optimizer(policy, cfg)
         self.pred_opt = make_predictor_optimizer(policy, cfg)
+        self.scale = ScaleFit(cfg.predictor_scale)
+        # what the servers serve: at the start the checkpoint's predictor as it is (sync.py)
+        self.served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
 
     def train(self, batch: Batch | None) -> dict:
-        """Metrics of training on ``batch`` (nothing when there is none)."""
+        """Metrics of training on ``batch`` (nothing when there is none); then the predictor
+        the next push serves (:meth:`served_predictors`)."""
         if batch is None:
             return {}
-        return train_batch(
-            self.policy, batch, self.cfg, self.opt, self.pred_opt, self.model, self.shard
+        served = self.served  # what this batch's rollout was generated with
+        m = train_batch(
+            self.policy, batch, self.cfg, self.opt, self.pred_opt, self.model, self.shard, served
         )
+        if self.cfg.replay == "pr2":
+            m["predictor_scale_served"] = served.scale
+            m["predictor_scale"] = self.scale.update(*m["predictor_offset_fit_sums"])
+            self.served = ServedPredictor(self.next_raw_predictor(), self.scale.alpha)
+        return m
+
+    def next_raw_predictor(self) -> list[torch.Tensor]:
+        """The unscaled predictor of the next push: ``W_p`` (learned) or the routers' Adam
+        look-ahead over the next batch's off-policy mini-steps (a collective under FSDP2)."""
+        if self.cfg.predictor == "lookahead":
+            routers = [r.weight for r in self.policy.replay.routers]
+            ahead = router_lookahead(self.opt, routers, self.cfg.off_policy_steps)
+            return [w.to(self.policy.device) for w in ahead]
+        return [w.detach().clone() for w in self.policy.predictor_parameters()]
+
+    def served_predictors(self) -> list[torch.Tensor] | None:
+        """The predictor tensors a push sends (per MoE layer: scale x raw); None: the
+        policy's own (not pr2)."""
+        return self.served.weights() if self.cfg.replay == "pr2" else None
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole state dict to export, or None: the export reads the model itself."""
