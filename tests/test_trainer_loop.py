@@ -80,6 +80,12 @@ def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch)
         assert first["first_ratio_max_dev"] == 0.0
 
 
+def alternating_reward(prompts, completions, completion_ids, **_) -> list[float]:
+    """1, 0, 1, 0, ...: every GRPO group of 2 has non-zero advantages, so the router moves
+    (the toy reward of an untrained model is 0 everywhere: no gradient, a zero look-ahead)."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
 @pytest.mark.parametrize(
     "flags",
     [["--predictor-scale", "auto"], ["--predictor", "lookahead", "--predictor-scale", "0.5"]],
@@ -93,6 +99,7 @@ def test_served_predictor_reaches_the_server(server, tiny_zero, tmp_path, flags,
     args = ["--servers", server.http, "--model-dir", str(tiny_zero), "--replay", "pr2"]
     args += ["--off-policy-steps", "2", "--prompts-per-batch", "4", "--samples-per-prompt", "2"]
     args += ["--max-tokens", "4", "--steps", "2", "--eval-every", "0", "--lr", "1e-3"]
+    args += ["--reward", "tests.test_trainer_loop:alternating_reward"]
     train_main([*args, *flags, "--output-dir", str(out)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["predictor_scale"] <= 1.0 for r in rows), rows
