@@ -55,7 +55,9 @@ def test_data_parallel_step_equals_single_process(tiny_random, tmp_path, paralle
     l1 = json.loads((tmp_path / "one.json").read_text())
     l2 = json.loads((tmp_path / "two.json").read_text())
     assert abs(l1["loss"] - l2["loss"]) <= 1e-6
-    assert abs(l1["predictor_loss"] - l2["predictor_loss"]) <= 1e-6
+    # the predictor loss is the sum of the ranks' shares of each mini-step's tokens, its
+    # target each rank's own forward logits: agrees to float32 rounding (relative)
+    assert abs(l1["predictor_loss"] - l2["predictor_loss"]) <= 1e-5 * abs(l1["predictor_loss"])
     assert abs(l1["grad_norm"] - l2["grad_norm"]) <= 1e-5 * l1["grad_norm"]
     # teardown freed the gloo backend: no gloo thread runs into interpreter shutdown (the
     # flaky SIGABRT at exit, see trainer.distributed.teardown); FSDP2 still holds the group

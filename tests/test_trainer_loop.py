@@ -80,6 +80,37 @@ def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch)
         assert first["first_ratio_max_dev"] == 0.0
 
 
+def alternating_reward(prompts, completions, completion_ids, **_) -> list[float]:
+    """1, 0, 1, 0, ...: every GRPO group of 2 has non-zero advantages, so the router moves
+    (the toy reward of an untrained model is 0 everywhere: no gradient, a zero look-ahead)."""
+    return [float(i % 2 == 0) for i in range(len(completions))]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--predictor-scale", "auto"], ["--predictor", "lookahead", "--predictor-scale", "0.5"]],
+    ids=["auto", "lookahead"],
+)
+def test_served_predictor_reaches_the_server(server, tiny_zero, tmp_path, flags, monkeypatch):
+    """pr2 with the served predictor scaled (issue 14): the server selects exactly what the
+    trainer predicts with alpha x (W_p or the Adam look-ahead) it pushed; alpha logged."""
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    out = tmp_path / flags[-1]
+    args = ["--servers", server.http, "--model-dir", str(tiny_zero), "--replay", "pr2"]
+    args += ["--off-policy-steps", "2", "--prompts-per-batch", "4", "--samples-per-prompt", "2"]
+    args += ["--max-tokens", "4", "--steps", "2", "--eval-every", "0", "--lr", "1e-3"]
+    args += ["--reward", "tests.test_trainer_loop:alternating_reward"]
+    train_main([*args, *flags, "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["predictor_scale"] <= 1.0 for r in rows), rows
+    assert rows[1]["predictor_scale_served"] == rows[0]["predictor_scale"]
+    assert rows[1]["server_route_agreement"] >= 0.999, rows[1]
+    assert len(rows[1]["zero_deviation_per_mini_step"]) == 2
+    if "lookahead" in flags:  # the second rollout really ran with a non-zero served predictor
+        assert rows[1]["predictor_scale_served"] == 0.5 and rows[1]["predictor_loss"] is None
+        assert rows[1]["predictor_scale_fit"] is not None
+
+
 def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
     """Two CPU servers: rollouts come from both, both get every push, versions agree."""
     import httpx

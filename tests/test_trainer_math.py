@@ -62,15 +62,16 @@ def test_predictor_learns_a_known_router_drift():
     drift = [torch.randn(e, h_dim, generator=g) * 0.15 for _ in range(layers)]
     w_new = [w + d for w, d in zip(w_old, drift, strict=True)]
     zs = [h @ w.T for h, w in zip(hs, w_old, strict=True)]
+    z_new = [h @ w.T for h, w in zip(hs, w_new, strict=True)]  # the moved router's logits
     preds = [torch.zeros(e, h_dim, requires_grad=True) for _ in range(layers)]
     opt = torch.optim.Adam(preds, lr=0.05)
-    start = float(predictor_loss("kl-post", hs, zs, w_new, preds))
+    start = float(predictor_loss("kl-post", hs, zs, z_new, preds))
     for _ in range(30):
         opt.zero_grad()
-        loss = predictor_loss("kl-post", hs, zs, w_new, preds)
+        loss = predictor_loss("kl-post", hs, zs, z_new, preds)
         loss.backward()
         opt.step()
-    end = float(predictor_loss("kl-post", hs, zs, w_new, preds))
+    end = float(predictor_loss("kl-post", hs, zs, z_new, preds))
     assert end <= 0.5 * start, (start, end)
     hit = predictor_hit_rate(hs, zs, w_new, [p.detach() for p in preds], k)
     zero = predictor_hit_rate(hs, zs, w_new, None, k)
@@ -78,12 +79,12 @@ def test_predictor_learns_a_known_router_drift():
     # l2 also learns the drift
     preds2 = [torch.zeros(e, h_dim, requires_grad=True) for _ in range(layers)]
     opt2 = torch.optim.Adam(preds2, lr=0.05)
-    s2 = float(predictor_loss("l2", hs, zs, w_new, preds2))
+    s2 = float(predictor_loss("l2", hs, zs, z_new, preds2))
     for _ in range(30):
         opt2.zero_grad()
-        predictor_loss("l2", hs, zs, w_new, preds2).backward()
+        predictor_loss("l2", hs, zs, z_new, preds2).backward()
         opt2.step()
-    assert float(predictor_loss("l2", hs, zs, w_new, preds2)) <= 0.5 * s2
+    assert float(predictor_loss("l2", hs, zs, z_new, preds2)) <= 0.5 * s2
 
 
 def test_tasks_are_seeded_disjoint_and_scored_exactly():

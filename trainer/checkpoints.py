@@ -345,6 +345,13 @@ def check_supported(cfg, distributed: bool) -> None:
     """Checkpoint options that are valid here (torchrun: not supported yet)."""
     if cfg.save_every < 0 or cfg.keep_checkpoints < 0:
         raise ValueError("save_every and keep_checkpoints must be >= 0")
+    from .predictor_scale import parse_scale
+
+    if cfg.resume and (cfg.predictor != "learned" or parse_scale(cfg.predictor_scale) != 1.0):
+        raise SystemExit(  # (a checkpoint holds the trained W_p, not the served predictor)
+            "--resume with --predictor lookahead or a --predictor-scale other than 1 is not "
+            "supported yet (the served predictor and its scale are not checkpointed)"
+        )
     if distributed and (cfg.save_every or cfg.resume):
         raise SystemExit(
             "--save-every / --resume are not supported under torchrun yet "

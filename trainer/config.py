@@ -24,6 +24,7 @@ TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.pre
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnMismatch = Literal["push", "fail"]
 WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # weight transfer (issue 12)
+PredictorKind = Literal["learned", "lookahead"]  # the served predictor (issue 14)
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -147,6 +148,14 @@ class TrainConfig:
     behaviour_weight_cap: float = 5.0
     """Decoupled PPO (stale samples, ``max_staleness`` >= 1): tokens whose behaviour weight
     ``pi_prox / pi_server`` exceeds this are left out of the loss (AReaL's filter; 0: none)."""
+    # -- the served predictor (issue 14; trainer/predictor_scale.py, trainer/lookahead.py) --
+    predictor: PredictorKind = "learned"
+    """pr2: ``learned`` (the paper's trained W_p) or ``lookahead`` (no training: the routers'
+    expected move over the next batch's off-policy mini-steps, read from their Adam state)."""
+    predictor_scale: str = "1"
+    """pr2: the server gets alpha x the predictor (the trainer keeps the unscaled one): a number
+    >= 0, or ``auto`` (alpha in [0, 1] fitted after each batch on how well the served offset
+    predicted the router's actual move; 0 = R3 until there is evidence). Logged per step."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -165,6 +174,9 @@ class TrainConfig:
         if self.api_key is None:
             self.api_key = os.environ.get("PR2_API_KEY")
         self._check_data_fields()
+        from .predictor_scale import parse_scale
+
+        self.predictor_scale = str(parse_scale(self.predictor_scale))
 
     def _check_data_fields(self) -> None:
         """Data and reward fields (issue 11): defaults resolved, combinations checked."""

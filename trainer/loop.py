@@ -217,7 +217,8 @@ class Trainer:
         """Export (``state_dict``: the gathered weights of a sharded model) and push to every
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
-        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict)
+        served = self.learner.served_predictors()  # alpha x (W_p or look-ahead): issue 14
+        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict, served)
         tensors = self.async_rollouts.own(tensors)  # (copies when rollouts run ahead)
         version = self.version + 1
         if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server

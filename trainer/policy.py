@@ -79,12 +79,22 @@ class Policy:
         return autocast(self.device, self.dtype)
 
     def checkpoint_tensors(
-        self, with_predictor: bool, state_dict: dict | None = None
+        self,
+        with_predictor: bool,
+        state_dict: dict | None = None,
+        predictors: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{checkpoint name: CPU tensor}`` of the weights, in memory (no file).
 
-        ``state_dict``: the full (gathered) state dict when the model is sharded."""
-        return checkpoint_tensors(self.model, state_dict, with_predictor)
+        ``state_dict``: the full (gathered) state dict when the model is sharded.
+        ``predictors``: per MoE layer, the predictor to send instead of the trained one (the
+        served ``alpha x W_p`` or look-ahead: ``Learner.served_predictors``)."""
+        out = checkpoint_tensors(self.model, state_dict, with_predictor)
+        if with_predictor and predictors is not None:
+            names = list(self.replay.predictor_state_dict())
+            for name, w in zip(names, predictors, strict=True):
+                out[name] = w.detach().to("cpu", out[name].dtype).contiguous()
+        return out
 
     def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
         """The weights as ``out_dir/model.safetensors`` (+ the model's config files): an HF
@@ -133,7 +143,8 @@ def make_policy_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optim
 
 
 def make_predictor_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """Adam over the predictors at ``lr x predictor_lr_multiplier`` (pr2 only, else None)."""
-    if cfg.replay != "pr2":
+    """Adam over the predictors at ``lr x predictor_lr_multiplier`` (pr2 with the learned
+    predictor only, else None)."""
+    if cfg.replay != "pr2" or cfg.predictor != "learned":
         return None
     return torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)

@@ -1,13 +1,15 @@
 """Evolution-predictor losses and hit rate (PR2 paper Eq. 7-8). Pure torch.
 
 Per MoE layer, from the old-logprob pass: router inputs ``h_old [T, H]`` and logits
-``z_old = W_r^old h_old [T, E]``; the current router ``W_r`` has moved since (off-policy
-mini-steps). The predictor ``W_p`` should make ``z_old + W_p h_old`` pick the experts the
-*current* router picks:
+``z_old = W_r^old h_old [T, E]``. In off-policy mini-step ``s`` the forward's own router logits
+``z_s`` (the router after ``s - 1`` updates, applied to this forward's input: upstream layers'
+changes included) are the target; the predictor ``W_p`` should make ``z_old + W_p h_old`` pick
+the experts the router picks there (the reference code's ``COMPUTE_PREDICTIVE_LOSS`` branch,
+computed in the forward, before the optimizer step, on that mini-step's tokens):
 
-- ``kl-post``: ``KL( sg(softmax(W_r h_old)) || softmax(z_old + W_p h_old) )``, mean over tokens,
+- ``kl-post``: ``KL( sg(softmax(z_s)) || softmax(z_old + W_p h_old) )``, mean over tokens,
   summed over layers (the paper's / reference code's default);
-- ``l2``: ``MSE(W_p h_old, W_r h_old - z_old)`` (regress the logit drift directly).
+- ``l2``: ``MSE(W_p h_old, z_s - z_old)`` (regress the logit drift directly).
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ def predictor_loss(
     kind: str,
     h_old: Sequence[torch.Tensor],
     z_old: Sequence[torch.Tensor],
-    router_weights: Sequence[torch.Tensor],
+    target_logits: Sequence[torch.Tensor],
     predictor_weights: Sequence[torch.Tensor],
     mask: torch.Tensor | None = None,
+    count: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """Sum over layers of the per-token mean loss; gradients reach only the predictors."""
+    """Sum over layers of the per-token mean loss; gradients reach only the predictors.
+
+    ``target_logits``: per layer ``[T, E]`` the router logits to predict (a mini-step's own
+    ``z_s``, detached here). ``count``: the mean's divisor when ``mask`` holds only a share of
+    the tokens (a data-parallel rank's); default ``mask.sum()``."""
     total = torch.zeros((), dtype=torch.float32, device=predictor_weights[0].device)
-    for h, z, w_r, w_p in zip(h_old, z_old, router_weights, predictor_weights, strict=True):
-        h, z = h.detach().float(), z.detach().float()
-        target = F.linear(h, w_r.detach().float())
+    for h, z, z_s, w_p in zip(h_old, z_old, target_logits, predictor_weights, strict=True):
+        h, z, target = h.detach().float(), z.detach().float(), z_s.detach().float()
         pred = selection_scores(z, h, w_p.float())
         if kind == "kl-post":
             per_tok = F.kl_div(
@@ -47,7 +53,7 @@ def predictor_loss(
             per_tok = ((pred - target) ** 2).mean(-1)
         else:
             raise ValueError(f"predictor loss must be 'kl-post' or 'l2', got {kind!r}")
-        total = total + _masked_mean(per_tok, mask)
+        total = total + _masked_mean(per_tok, mask, count)
     return total
 
 
@@ -128,8 +134,11 @@ def drift_cosine(
     return float(a @ b / (na * nb))
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _masked_mean(
+    x: torch.Tensor, mask: torch.Tensor | None, count: torch.Tensor | float | None = None
+) -> torch.Tensor:
     if mask is None:
-        return x.mean()
+        return x.mean() if count is None else x.sum() / count
     m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
+    denom = m.sum() if count is None else torch.as_tensor(count, dtype=x.dtype, device=x.device)
+    return (x * m).sum() / denom.clamp(min=1)

@@ -4,9 +4,9 @@
    pr2), recording its own routes (r2), natural routing (none); keeps the router inputs and
    logits (``h_old``, ``z_old``) per MoE layer;
 2. ``off_policy_steps`` x :func:`mini_step` -- the clipped objective on a slice of the groups,
-   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) towards the moved
-   router, inside the same mini-step (before the next policy update: the reference code's
-   order);
+   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) inside the same
+   mini-step, before its policy update (the reference code's order): target = that forward's
+   own router logits ``z_s`` on that mini-step's tokens;
 3. :func:`batch_metrics` -- PPO health, routing deviation, predictor hit rates, router drift.
 
 :func:`train_batch` composes them. It is a pure function of the batch and the model, so
@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .batch import Batch, flat_routes
 from .config import TrainConfig
+from .lookahead import router_lookahead
 from .policy import (
     Policy,
     forward_logprobs,
@@ -34,6 +36,7 @@ from .policy import (
 )
 from .ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
 from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from .replay import RoutingControl
 from .version_metrics import by_staleness
 
@@ -129,7 +132,39 @@ class MiniStepLog:
     predictor_losses: list[float] = field(default_factory=list)
     hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
     hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
+    zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
+    offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
     first_ratio_max_dev: float | None = None
+
+
+@dataclass
+class PredictorFit:
+    """What an off-policy pr2 mini-step needs to fit the predictor on its own tokens."""
+
+    kind: str  # cfg.predictor_loss
+    h_old: list[torch.Tensor]  # per MoE layer, the mini-step's rows (this rank's share)
+    z_old: list[torch.Tensor]
+    valid: torch.Tensor  # [rows] real positions
+    count: torch.Tensor  # real positions of the whole mini-step (all ranks): the mean's divisor
+    opt: torch.optim.Optimizer
+    world: int
+
+
+def predictor_step(policy: Policy, fit: PredictorFit, z_s: list[torch.Tensor]) -> float:
+    """One predictor update: ``L_p = KL(sg(softmax(z_s)) || softmax(z_old + W_p h_old))``
+    (``cfg.predictor_loss``) over the mini-step's tokens, ``z_s`` = this forward's router
+    logits. Ranks hold shares of the tokens: their gradients (and losses) are summed."""
+    predictors = policy.predictor_parameters()
+    pl = predictor_loss(fit.kind, fit.h_old, fit.z_old, z_s, predictors, fit.valid, fit.count)
+    fit.opt.zero_grad(set_to_none=True)
+    pl.backward()
+    pl = pl.detach()
+    if fit.world > 1:  # predictors are replicated outside DDP/FSDP2: sum the shares here
+        for p in predictors:
+            dist.all_reduce(p.grad)
+        dist.all_reduce(pl)
+    fit.opt.step()
+    return float(pl)
 
 
 def mini_step(
@@ -141,9 +176,10 @@ def mini_step(
     cfg: TrainConfig,
     opt: torch.optim.Optimizer,
     model: torch.nn.Module | None,
-) -> tuple[torch.Tensor, PPOStats, float, RoutingControl]:
+    fit: PredictorFit | None = None,
+) -> tuple[torch.Tensor, PPOStats, float, RoutingControl, float | None]:
     """One update of the clipped objective on ``mb``; returns its log-probs, PPO stats, the
-    policy's grad norm and the routing record of its forward."""
+    policy's grad norm, the routing record of its forward and the predictor loss (``fit``)."""
     ctl = RoutingControl(forced_ids=forced, record=True)
     lp = forward_logprobs(policy, mb, ctl, model)
     behav_lp = behaviour_logprobs(mb.server_logprobs, old_lp, mb.staleness)  # fresh: old_lp
@@ -157,6 +193,9 @@ def mini_step(
         normalizer,
         cfg.behaviour_weight_cap or None,
     )
+    # pr2, off-policy: the predictor towards this forward's router logits z_s (s - 1 updates),
+    # before this mini-step's update (the reference code's COMPUTE_PREDICTIVE_LOSS branch)
+    pred_loss = None if fit is None else predictor_step(policy, fit, ctl.logits)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = policy.policy_parameters()
@@ -166,7 +205,7 @@ def mini_step(
         cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
     )
     opt.step()
-    return lp.detach(), st, float(full_tensor(gn)), ctl
+    return lp.detach(), st, float(full_tensor(gn)), ctl, pred_loss
 
 
 @torch.no_grad()
@@ -183,24 +222,6 @@ def route_deviation(
     return hist
 
 
-def predictor_step(
-    policy: Policy, old: OldPass, batch: Batch, cfg: TrainConfig, pred_opt: torch.optim.Optimizer
-) -> float:
-    """One predictor update towards where the router has moved (``cfg.predictor_loss``)."""
-    pl = predictor_loss(
-        cfg.predictor_loss,
-        old.hidden,
-        old.logits,
-        policy.router_weights(),
-        policy.predictor_parameters(),
-        batch.valid.reshape(-1),
-    )
-    pred_opt.zero_grad(set_to_none=True)
-    pl.backward()
-    pred_opt.step()
-    return float(pl)
-
-
 def mini_steps(
     policy: Policy,
     batch: Batch,
@@ -210,10 +231,13 @@ def mini_steps(
     pred_opt: torch.optim.Optimizer | None,
     model: torch.nn.Module | None,
     shard: tuple[int, int],
+    served_raw: list[torch.Tensor] | None = None,
 ) -> MiniStepLog:
     """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
     of it), its loss scaled so that DDP's gradient average equals the single-process gradient
-    of the mini-step's token mean; a predictor step after each from mini-step 2 on (pr2)."""
+    of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2).
+    ``served_raw``: the rollout's unscaled predictor, for the served scale's fit
+    (:mod:`trainer.predictor_scale`) on the off-policy mini-steps."""
     rank, world = shard
     mode, k = cfg.replay, policy.replay.top_k
     server_routes = flat_routes(batch.routes)
@@ -224,13 +248,18 @@ def mini_steps(
     log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     log.hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
     for step, gidx in enumerate(mini_step_groups(batch, cfg.off_policy_steps), start=1):
-        all_idx, _ = group_rows(batch, gidx, policy.device)
+        all_idx, all_rows = group_rows(batch, gidx, policy.device)
         normalizer = batch.loss_mask[all_idx].sum().clamp(min=1) / world  # the mini-step's
         idx, rows = group_rows(batch, gidx[rank::world], policy.device)
         mb = batch.select(idx)
         forced = None if replayed is None else replayed[rows]
-        lp, st, gn, ctl = mini_step(
-            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model
+        fit = None
+        if mode == "pr2" and pred_opt is not None and step > 1:
+            h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+            count = valid_flat[all_rows].sum()
+            fit = PredictorFit(cfg.predictor_loss, h, z, valid_flat[rows], count, pred_opt, world)
+        lp, st, gn, ctl, pred_loss = mini_step(
+            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model, fit
         )
         if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
             log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
@@ -238,10 +267,19 @@ def mini_steps(
         log.grad_norms.append(gn)
         hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
         log.hist += hist
+        log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
         if step > 1:
             log.hist_off += hist
-        if mode == "pr2" and pred_opt is not None and step > 1:
-            log.predictor_losses.append(predictor_step(policy, old, batch, cfg, pred_opt))
+            if served_raw is not None:  # the served offset's raw b vs the router's move n_s
+                h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+                sums = offset_fit_sums(h, z, ctl.logits, served_raw, valid_flat[rows])
+                log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]
+        if pred_loss is not None:
+            log.predictor_losses.append(pred_loss)
+    if world > 1:  # each rank's share of the fit's sums
+        sums = torch.tensor(log.offset_fit, dtype=torch.float64)
+        dist.all_reduce(sums)
+        log.offset_fit = sums.tolist()
     return log
 
 
@@ -268,6 +306,7 @@ def batch_metrics(
         "zero_deviation_offpolicy": (
             float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
         ),
+        "zero_deviation_per_mini_step": log.zero_per_step,  # mini-step 1, 2, ...
         # R2 vs R3 at theta_old: how many experts of the server's route (what R3 replays) are
         # not in the trainer's own top-k (what R2 replays: exactly so in r2/none, given the
         # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
@@ -305,6 +344,9 @@ def batch_metrics(
     m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
     policy.last_router_delta = delta
     m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
+    dot, sq = log.offset_fit  # the served scale's evidence (trainer.predictor_scale)
+    m["predictor_offset_fit_sums"] = [dot, sq]
+    m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
     return m
 
 
@@ -317,18 +359,20 @@ def train_batch(
     pred_opt: torch.optim.Optimizer | None,
     model: torch.nn.Module | None = None,
     shard: tuple[int, int] = (0, 1),
+    served: ServedPredictor | None = None,
     rollout_predictors: dict[int, list[torch.Tensor] | None] | None = None,
 ) -> dict:
     """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
 
-    ``rollout_predictors``: the predictor each sample was served with, by staleness
-    (:class:`trainer.async_rollouts.PredictorHistory`); default: the policy's own for every
-    sample (what the last push sent).
+    ``served``: the predictor the last push served (default: the policy's own at scale 1);
+    the scale fit reads its raw offset. ``rollout_predictors``: the predictor each sample was
+    served with, by staleness (:class:`trainer.async_rollouts.PredictorHistory`; default:
+    ``served`` for every sample); the diagnostics compare the served routes with it.
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
-    training forwards go through (the DDP wrapper). The old pass and the predictor loss are
-    computed on the whole batch on every rank (identical results, no communication).
+    training forwards go through (the DDP wrapper). The old pass is computed on the whole batch
+    on every rank; the predictor loss on each rank's share, its gradient summed over ranks.
     """
     batch = batch.to(policy.device)
     t0 = time.perf_counter()
@@ -338,11 +382,13 @@ def train_batch(
     m["time_old_pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     routers_before = [w.detach().clone() for w in policy.router_weights()]
-    current = [w.detach().clone() for w in policy.predictor_parameters()]
+    if served is None:
+        served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
     predictor_at_rollout = rollout_predictors or {
-        s: current for s in batch.staleness.long().tolist()
+        s: served.weights() for s in batch.staleness.long().tolist()
     }
-    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard)
+    raw = served.raw if cfg.replay == "pr2" else None
+    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw)
     m["first_ratio_max_dev"] = log.first_ratio_max_dev
     m["time_train"] = time.perf_counter() - t0
     m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
@@ -364,13 +410,18 @@ class Learner:
         self.policy, self.cfg, self.model, self.shard = policy, cfg, model, shard
         self.opt = make_policy_optimizer(policy, cfg)
         self.pred_opt = make_predictor_optimizer(policy, cfg)
+        self.scale = ScaleFit(cfg.predictor_scale)
+        # what the servers serve: at the start the checkpoint's predictor as it is (sync.py)
+        self.served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
 
     def train(self, batch: Batch | None, rollout_predictors: dict | None = None) -> dict:
-        """Metrics of training on ``batch`` (nothing when there is none); ``rollout_predictors``:
-        see :func:`train_batch`."""
+        """Metrics of training on ``batch`` (nothing when there is none; ``rollout_predictors``:
+        see :func:`train_batch`); then the predictor the next push serves
+        (:meth:`served_predictors`)."""
         if batch is None:
             return {}
-        return train_batch(
+        served = self.served  # what the last push served
+        m = train_batch(
             self.policy,
             batch,
             self.cfg,
@@ -378,8 +429,28 @@ class Learner:
             self.pred_opt,
             self.model,
             self.shard,
+            served,
             rollout_predictors,
         )
+        if self.cfg.replay == "pr2":
+            m["predictor_scale_served"] = served.scale
+            m["predictor_scale"] = self.scale.update(*m["predictor_offset_fit_sums"])
+            self.served = ServedPredictor(self.next_raw_predictor(), self.scale.alpha)
+        return m
+
+    def next_raw_predictor(self) -> list[torch.Tensor]:
+        """The unscaled predictor of the next push: ``W_p`` (learned) or the routers' Adam
+        look-ahead over the next batch's off-policy mini-steps (a collective under FSDP2)."""
+        if self.cfg.predictor == "lookahead":
+            routers = [r.weight for r in self.policy.replay.routers]
+            ahead = router_lookahead(self.opt, routers, self.cfg.off_policy_steps)
+            return [w.to(self.policy.device) for w in ahead]
+        return [w.detach().clone() for w in self.policy.predictor_parameters()]
+
+    def served_predictors(self) -> list[torch.Tensor] | None:
+        """The predictor tensors a push sends (per MoE layer: scale x raw); None: the
+        policy's own (not pr2)."""
+        return self.served.weights() if self.cfg.replay == "pr2" else None
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole state dict to export, or None: the export reads the model itself."""
