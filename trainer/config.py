@@ -138,6 +138,10 @@ class TrainConfig:
     vLLM's CUDA transport, by design only here."""
     weight_transfer_address: str = "127.0.0.1"
     """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
+    # -- load balancing (issue 14: a setting with persistent router drift; trainer/load_balance.py)
+    load_balance_coef: float = 0.0
+    """Switch-style load-balancing loss on the routers, ``E * sum_e f_e * P_e`` per MoE layer,
+    added to each mini-step's loss times this coefficient (0: off)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -149,6 +153,8 @@ class TrainConfig:
             raise ValueError("samples_per_prompt must be >= 2 (GRPO groups)")
         if not self.servers:
             raise ValueError("at least one server is needed")
+        if self.load_balance_coef < 0:
+            raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef}")
         if self.server_timeout < 0:
             raise ValueError("server_timeout must be >= 0 seconds")
         if self.api_key is None:

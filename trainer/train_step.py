@@ -25,6 +25,8 @@ from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .batch import Batch, flat_routes
 from .config import TrainConfig
+from .drift import lag_cosines, push_update
+from .load_balance import load_balance_loss
 from .policy import (
     Policy,
     forward_logprobs,
@@ -33,7 +35,7 @@ from .policy import (
     make_predictor_optimizer,
 )
 from .ppo import PPOStats, ppo_loss
-from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .predictor import predicted_route_agreement, predictor_hit_rate, predictor_loss
 from .replay import RoutingControl
 
 
@@ -129,6 +131,7 @@ class MiniStepLog:
     hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
     hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
     first_ratio_max_dev: float | None = None
+    load_balance: list[float] = field(default_factory=list)  # Switch aux loss per mini-step
 
 
 def mini_step(
@@ -148,6 +151,8 @@ def mini_step(
     loss, st = ppo_loss(
         lp, old_lp, mb.advantages.to(lp.device), mb.loss_mask, cfg.clip_eps, normalizer
     )
+    if cfg.load_balance_coef:  # Switch aux loss on the route this forward used
+        loss = loss + cfg.load_balance_coef * load_balance_loss(ctl.logits, ctl.ids, mb.valid)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     params = policy.policy_parameters()
@@ -227,6 +232,8 @@ def mini_steps(
             log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
         log.stats.append(st)
         log.grad_norms.append(gn)
+        with torch.no_grad():  # logged in every mode (the coefficient may be 0)
+            log.load_balance.append(float(load_balance_loss(ctl.logits, ctl.ids, mb.valid)))
         hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
         log.hist += hist
         if step > 1:
@@ -246,7 +253,7 @@ def batch_metrics(
     predictor_at_rollout: list[torch.Tensor],
 ) -> dict:
     """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
-    ``policy.last_router_delta`` := this batch's router update, for the next drift cosine)."""
+    this batch's router update added to ``policy.router_deltas``, for the next drift cosines)."""
     k, valid = policy.replay.top_k, batch.valid.reshape(-1)
     m = {
         "loss": float(np.mean([s.loss for s in log.stats])),  # this rank's share when sharded
@@ -285,9 +292,10 @@ def batch_metrics(
         torch.cat([d.reshape(-1) for d in delta]).norm()
         / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
     )
-    m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
-    policy.last_router_delta = delta
+    m.update(lag_cosines(policy.router_deltas, delta))
+    policy.router_deltas = push_update(policy.router_deltas, delta)
     m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
+    m["load_balance"] = float(np.mean(log.load_balance)) if log.load_balance else None
     return m
 
 
