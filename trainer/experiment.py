@@ -198,8 +198,14 @@ class ServerCache:
             from pr2_serve.launch import start_server
 
             state = self.out / "server-state"
-            shutil.rmtree(state, ignore_errors=True)
-            self.server = start_server(model_dir, state, api_key=self.key)
+            for attempt in (1, 2):  # a start on this shared machine can stall: try twice
+                shutil.rmtree(state, ignore_errors=True)
+                try:
+                    self.server = start_server(model_dir, state, api_key=self.key, timeout=600)
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
             self.model_dir, self.starts = model_dir, self.starts + 1
         return self.server
 
@@ -238,7 +244,7 @@ def cell_config(
         load_balance_coef=setting.load_balance_coef,
         steps=steps,
         eval_every=max(1, steps // 4),
-        eval_size=128,
+        eval_size=setting.eval_size,
         seed=key.seed,
         output_dir=str(cell_dir),
         api_key=api_key,

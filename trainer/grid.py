@@ -12,7 +12,7 @@ tuning.json``). A variant is a replay mode plus the PR2 predictor options (``pre
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 __all__ = [
@@ -94,7 +94,7 @@ class Setting:
     predictor_lr_multiplier: float = 10.0
     prompts_per_batch: int = 32
     samples_per_prompt: int = 8
-    extra: dict = field(default_factory=dict, compare=False)
+    eval_size: int = 128  # held-out problems per eval (4 evals a cell)
 
     def to_dict(self) -> dict:
         return asdict(self)
