@@ -68,8 +68,16 @@ def per_mini_step(rows: list[dict], key: str = "zero_deviation_per_mini_step") -
     return [mean_of(col) for col in itertools.zip_longest(*lists)]
 
 
+def _scalar(x):
+    """A metric as one number: lists (e.g. one value per MoE layer) by their mean."""
+    if isinstance(x, list | tuple):
+        return mean_of(x)
+    return x
+
+
 def summarize_cell(rows: list[dict], wall: float) -> dict:
     """A cell's headline numbers and per-step series (for the plots)."""
+    rows = [{**r, "predictor_scale": _scalar(r.get("predictor_scale"))} for r in rows]
 
     def mean(key):
         return mean_of(r.get(key) for r in rows)
@@ -170,16 +178,33 @@ def warm_model(out: Path, router_std: float = 0.02) -> Path:
     return model_dir
 
 
-def setting_model(out: Path, experts: tuple[int, ...] = (), bias: float = 0.0) -> Path:
-    """The warm start of a setting: the warm model, or it with biased routers (made once)."""
+def setting_model(
+    out: Path, experts: tuple[int, ...] = (), bias: float = 0.0, stage: str = "after"
+) -> Path:
+    """The warm start of a setting (made once): the warm model, or it with routers biased
+    towards ``experts`` -- after the warm-up (``stage="after"``), or before it (``"before"``:
+    the base model is biased, then warmed up, so the experts learn the imbalanced routes)."""
     model_dir = warm_model(out)
     if not bias:
         return model_dir
-    imb = out / f"model-imb-e{'-'.join(map(str, experts))}-b{bias:g}"
-    if not (imb / "model.safetensors").exists():
-        from .imbalance import make_imbalanced
+    from .imbalance import make_imbalanced
 
-        make_imbalanced(model_dir, imb, experts, bias, TASK)
+    name = f"e{'-'.join(map(str, experts))}-b{bias:g}"
+    if stage == "after":
+        imb = out / f"model-imb-{name}"
+        if not (imb / "model.safetensors").exists():
+            make_imbalanced(model_dir, imb, experts, bias, TASK)
+        return imb
+    imb = out / f"model-pre-imb-{name}"
+    if not (imb / "model.safetensors").exists():
+        from .warmup import warmup
+
+        base = out / f"base-imb-{name}"
+        info = make_imbalanced(out / "base", base, experts, bias, TASK)
+        warmup(base, imb, TASK, target_accuracy=0.2, seed=0)
+        from .imbalance import measure
+
+        (imb / "imbalance.json").write_text(json.dumps({**info, **measure(imb, experts, TASK)}))
     return imb
 
 
@@ -260,7 +285,9 @@ def run_cell(
     from .loop import Trainer
 
     if model_dir is None:
-        model_dir = setting_model(out, setting.imbalance_experts, setting.imbalance_bias)
+        model_dir = setting_model(
+            out, setting.imbalance_experts, setting.imbalance_bias, setting.imbalance_stage
+        )
     cell_dir = out / "cells" / "-".join(map(str, key))
     cfg = cell_config(setting, key, model_dir, "http://unused", servers.key, cell_dir)
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -331,25 +358,27 @@ def tune(out: Path, path: Path, runs: list[tuple], steps: int, off: int) -> None
     have = {_tune_key(r) for r in done}
     base = SETTINGS["B"]
     with ServerCache(out) as servers:
-        for replay, coef, bias, router in runs:
-            if (replay, coef, bias, router, steps) in have:
+        for replay, coef, bias, router, stage in runs:
+            if (replay, coef, bias, router, stage, steps) in have:
                 continue
             s = dataclasses.replace(
                 base,
                 load_balance_coef=coef,
                 imbalance_bias=bias,
+                imbalance_stage=stage,
                 router_lr_multiplier=router,
                 steps=steps,
             )
             key = CellKey("tune", replay, off, 0)
             entry = run_cell(servers, out, s, key)
-            imb = setting_model(out, s.imbalance_experts, bias) / "imbalance.json"
+            imb = setting_model(out, s.imbalance_experts, bias, stage) / "imbalance.json"
             done.append(
                 {
                     "replay": replay,
                     "load_balance_coef": coef,
                     "imbalance_bias": bias,
                     "router_lr_multiplier": router,
+                    "imbalance_stage": stage,
                     "imbalance_experts": list(s.imbalance_experts),
                     "steps": steps,
                     "warm_start": json.loads(imb.read_text()) if imb.exists() else None,
@@ -367,14 +396,17 @@ def _tune_key(r: dict) -> tuple:
         r["load_balance_coef"],
         r["imbalance_bias"],
         r.get("router_lr_multiplier", 30.0),
+        r.get("imbalance_stage", "after"),
         r["steps"],
     )
 
 
-def _tune_run(text: str) -> tuple[str, float, float, float]:
-    """``"REPLAY COEF BIAS [ROUTER_LR_X]"`` (router lr x 30 by default)."""
-    replay, coef, bias, *router = text.split()
-    return replay, float(coef), float(bias), float(router[0]) if router else 30.0
+def _tune_run(text: str) -> tuple[str, float, float, float, str]:
+    """``"REPLAY COEF BIAS [ROUTER_LR_X [after|before]]"`` (router lr x 30, bias after the
+    warm-up by default)."""
+    replay, coef, bias, *rest = text.split()
+    router = float(rest[0]) if rest else 30.0
+    return replay, float(coef), float(bias), router, rest[1] if len(rest) > 1 else "after"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -391,7 +423,7 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         type=_tune_run,
         default=[],
-        metavar='"REPLAY COEF BIAS [ROUTER_LR_X]"',
+        metavar='"REPLAY COEF BIAS [ROUTER_LR_X [STAGE]]"',
         help="tuning runs (off-policy 8, seed 0, --steps each)",
     )
     return ap

@@ -88,6 +88,7 @@ class Setting:
     load_balance_coef: float = 0.0
     imbalance_experts: tuple[int, ...] = ()  # favoured experts of the warm start (B)
     imbalance_bias: float = 0.0  # their logit bias on the mean router input
+    imbalance_stage: str = "after"  # biased after the warm-up, or "before" it
     extra_cells: tuple[tuple[str, int, int], ...] = ()  # (variant, off-policy, seed)
     steps: int = 40
     lr: float = 2e-4

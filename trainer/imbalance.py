@@ -23,7 +23,7 @@ import torch
 from .replay import MoEReplay, RoutingControl
 from .tasks import EOS, Task, encode
 
-__all__ = ["bias_routers", "expert_load", "make_imbalanced", "mean_router_inputs"]
+__all__ = ["bias_routers", "expert_load", "make_imbalanced", "mean_router_inputs", "measure"]
 
 
 def bias_routers(
@@ -67,6 +67,22 @@ def mean_router_inputs(model, replay: MoEReplay, tokens: torch.Tensor) -> tuple[
     with replay.control(ctl):
         model(input_ids=tokens)
     return [h.mean(0) for h in ctl.hidden], ctl.ids
+
+
+def measure(model_dir: str | Path, experts: Sequence[int], task: Task, seed: int = 0) -> dict:
+    """The expert load (per layer) and greedy held-out accuracy of a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from .warmup import greedy_accuracy
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()
+    replay = MoEReplay(model)
+    _, ids = mean_router_inputs(model, replay, _task_tokens(task, 256, seed))
+    return {
+        "load_after": expert_load(ids, replay.num_experts),
+        "eval_accuracy": greedy_accuracy(model, task, 128, seed, 8),
+    }
 
 
 def make_imbalanced(

@@ -141,7 +141,8 @@ def tuning_table(tuning: dict) -> list[str]:
         lb = [x for x in r.get("series", {}).get("load_balance", []) if x is not None]
         cos = " / ".join(_num(r.get(f"router_drift_cos_lag{lag}"), ".2f") for lag in LAGS)
         lines.append(
-            f"| {r['replay']} | {r['load_balance_coef']:g} | {r['imbalance_bias']:g} | "
+            f"| {r['replay']} | {r['load_balance_coef']:g} | {r['imbalance_bias']:g} "
+            f"({r.get('imbalance_stage', 'after')} warm-up) | "
             f"{r.get('router_lr_multiplier', 30):g} | {r['steps']} | "
             f"{_num(warm.get('eval_accuracy'), '.3f')} | {_pct(share)} | {cos} | "
             f"{_pct(r['zero_deviation_offpolicy'])} | "
