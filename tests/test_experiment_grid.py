@@ -64,7 +64,7 @@ def test_cell_config_carries_the_setting(tmp_path):
     cfg = experiment.cell_config(SETTINGS["B"], key, tmp_path, "http://x:1", "k", tmp_path / "c")
     assert (cfg.replay, cfg.off_policy_steps, cfg.seed) == ("r3", 8, 2)
     assert cfg.load_balance_coef == SETTINGS["B"].load_balance_coef
-    assert cfg.router_lr_multiplier == 30.0 and cfg.steps == 40
+    assert cfg.router_lr_multiplier == SETTINGS["B"].router_lr_multiplier and cfg.steps == 40
 
 
 # -- results file ----------------------------------------------------------------------------------

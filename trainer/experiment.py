@@ -24,7 +24,9 @@ import json
 import math
 import secrets
 import shutil
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
 
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)  # 2 shared cores: more threads only spin
+    # killed (SIGTERM) between cells: unwind, so the ServerCache stops its server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = Path(args.out)
     if args.tune:
         tune(out, Path(args.tune), args.tune_runs, args.steps, 8)

@@ -101,10 +101,12 @@ class Setting:
         return asdict(self)
 
 
-#: Setting B's tuned values (results/experiment/tuning.json).
+#: Setting B's tuned values (results/experiment/tuning.json: the best of 15 short runs; lag-3
+#: drift cosine 0.62 over 40 steps, >= 0.7 only over the first ~20: the 0.7 target is not met).
 B_LOAD_BALANCE_COEF = 0.1
 B_IMBALANCE_EXPERTS = (0, 1)
-B_IMBALANCE_BIAS = 2.0
+B_IMBALANCE_BIAS = 3.0
+B_ROUTER_LR_MULTIPLIER = 1.0
 
 SETTINGS: dict[str, Setting] = {
     "A": Setting(
@@ -118,10 +120,12 @@ SETTINGS: dict[str, Setting] = {
         "B",
         "persistent router drift: warm start whose routers favour experts "
         f"{list(B_IMBALANCE_EXPERTS)} (logit bias {B_IMBALANCE_BIAS:g} on the mean router "
-        f"input), Switch load-balancing loss x {B_LOAD_BALANCE_COEF:g}, router lr x 30",
+        f"input, after the warm-up), Switch load-balancing loss x {B_LOAD_BALANCE_COEF:g}, "
+        f"router lr x {B_ROUTER_LR_MULTIPLIER:g}",
         variants=("none", "r3", "pr2", "pr2-auto", "lookahead"),
         off_policy=(2, 8),
         seeds=(0, 1, 2),
+        router_lr_multiplier=B_ROUTER_LR_MULTIPLIER,
         load_balance_coef=B_LOAD_BALANCE_COEF,
         imbalance_experts=B_IMBALANCE_EXPERTS,
         imbalance_bias=B_IMBALANCE_BIAS,
