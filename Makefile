@@ -42,11 +42,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pr2-demo
 
-# All replay modes x off-policy levels (2, 4, 8) x 2 seeds from one warm start; resumes
-# finished cells; writes results/experiment/ and regenerates the README's results section.
+# The grid of trainer/grid.py (settings A and B, one server per setting); resumes finished
+# cells (results.json says partial until all are in); EXPERIMENT_ARGS e.g. "--setting B
+# --max-cells 10" for a sitting. Writes results/experiment/ (+ plots) and the README section.
 experiment: $(STAMP)
-	$(BIN)/python -m trainer.experiment --out runs/experiment --results results/experiment/results.json
-	cp runs/experiment/*.png results/experiment/
+	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --out runs/experiment \
+		--results results/experiment/results.json $(EXPERIMENT_ARGS)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
 # Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker

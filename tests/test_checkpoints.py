@@ -129,7 +129,7 @@ def test_round_trip(tiny_random, tmp_path):
     # the same next step from both: equal weights only if both Adam states came back
     ma, mb = a.learner.train(batch), b.learner.train(batch)
     assert_same_weights(a.policy, b.policy)
-    assert ma["router_drift_cos_prev"] == mb["router_drift_cos_prev"] is not None
+    assert ma["router_drift_cos_lag1"] == mb["router_drift_cos_lag1"] is not None
     assert ma["predictor_loss"] == mb["predictor_loss"]
 
     # a checkpoint of another replay mode does not fit (no predictor optimizer in r3)

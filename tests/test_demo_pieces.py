@@ -1,4 +1,5 @@
-"""Pieces of ``make demo`` / ``make experiment`` that need no server: warm-up, plots, report."""
+"""Pieces of ``make demo`` / ``make experiment`` that need no server: warm-up, plots, report
+(the report generator itself: tests/test_experiment_grid.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.experiment import aggregate, instability_events, summarize_cell
+from trainer.experiment import instability_events
 from trainer.plots import plot_run
-from trainer.report import BEGIN, END, load, render, replace_section
+from trainer.report import load, render, replace_section
 from trainer.tasks import Task
 from trainer.warmup import warmup
 
@@ -63,51 +64,12 @@ def test_instability_events():
     assert ev == {"reward_collapse": 1, "grad_norm_spike": 1, "nan": 1}
 
 
-def test_report_renders_and_replaces_section():
-    cells = [
-        {"replay": m, "off_policy_steps": 2, "seed": s, **summarize_cell(fake_rows(), 1.0)}
-        for m in ("none", "r2", "r3", "pr2")
-        for s in (0, 1)
-    ]
-    results = {
-        "settings": {
-            "task": "t",
-            "steps": 12,
-            "lr": 1e-4,
-            "predictor_lr_multiplier": 10,
-            "prompts_per_batch": 32,
-            "samples_per_prompt": 8,
-            "model": "m",
-        },
-        "cells": cells,
-        "aggregates": aggregate(cells),
-    }
-    text = render(results, "x.json")
-    assert "| 2 | pr2 |" in text and "ordering does NOT hold" in text  # all equal: no ordering
-    inv_run = {"router_lr_multiplier": 30.0, "predictor_lr_multiplier": 10.0, "loss": "l2"}
-    inv = {
-        "steps": 12,
-        "off_policy_steps": 8,
-        "runs": [{**inv_run, "replay": "pr2", **summarize_cell(fake_rows(), 1.0)}],
-    }
-    with_inv = render(results, "r/results.json", inv)
-    assert with_inv.startswith(render(results, "r/results.json"))
-    assert (
-        "`r/investigation.json`" in with_inv and "| pr2 | 8 | 32 x 8 | 30 | 10 | l2 |" in with_inv
-    )
-    doc = f"# t\n{BEGIN}\nold\n{END}\nrest\n"
-    assert replace_section(doc, text) == f"# t\n{BEGIN}\n{text}\n{END}\nrest\n"
-
-
 def test_readme_results_section_matches_the_committed_results():
     results = ROOT / "results" / "experiment" / "results.json"
     if not results.exists():
         pytest.fail("results/experiment/results.json is missing: run `make experiment`")
     readme = (ROOT / "README.md").read_text()
-    data, investigation = load(results)
-    expected = replace_section(
-        readme, render(data, "results/experiment/results.json", investigation)
-    )
+    expected = replace_section(readme, render(load(results), "results/experiment/results.json"))
     assert readme == expected, "README results section is stale: run `make report`"
 
 

@@ -38,6 +38,7 @@ import torch
 from pr2_serve.client.retry import Retrying
 
 from . import sync
+from .drift import history_from_tensors, history_tensors
 from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
 
 PREFIX = "checkpoint-"
@@ -172,8 +173,7 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
         if trainer.learner.pred_opt is not None:
             save_optimizer_state(trainer.learner.pred_opt, tmp / "predictor_optimizer")
         meta, tensors = rng_state()
-        for i, d in enumerate(trainer.policy.last_router_delta or []):
-            tensors[f"router_delta.{i}"] = d.detach().cpu().contiguous()
+        tensors.update(history_tensors(trainer.policy.router_deltas))
         save_file(tensors, str(tmp / STATE_TENSORS))
         state = {
             "format": FORMAT,
@@ -248,8 +248,7 @@ def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
     load_optimizer(learner.opt, ckpt / "optimizer")
     load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer")
     tensors = load_file(str(ckpt / STATE_TENSORS))
-    delta = [tensors[f"router_delta.{i}"] for i in range(len(trainer.policy.replay.routers))]
-    trainer.policy.last_router_delta = delta if "router_delta.0" in tensors else None
+    trainer.policy.router_deltas = history_from_tensors(tensors, len(trainer.policy.replay.routers))
     trainer.dropped_stale = state["dropped_stale"]
     trainer.dropped_bad_routes = state["dropped_bad_routes"]
     set_rng_state(state["rng"], tensors)

@@ -156,6 +156,10 @@ class TrainConfig:
     """pr2: the server gets alpha x the predictor (the trainer keeps the unscaled one): a number
     >= 0, or ``auto`` (alpha in [0, 1] fitted after each batch on how well the served offset
     predicted the router's actual move; 0 = R3 until there is evidence). Logged per step."""
+    # -- load balancing (issue 14: a setting with persistent router drift; trainer/load_balance.py)
+    load_balance_coef: float = 0.0
+    """Switch-style load-balancing loss on the routers, ``E * sum_e f_e * P_e`` per MoE layer,
+    added to each mini-step's loss times this coefficient (0: off)."""
 
     def __post_init__(self) -> None:
         for name, choices in literal_choices(TrainConfig).items():
@@ -169,6 +173,8 @@ class TrainConfig:
             raise ValueError("at least one server is needed")
         if self.max_staleness < 0 or self.behaviour_weight_cap < 0:
             raise ValueError("max_staleness and behaviour_weight_cap must be >= 0")
+        if self.load_balance_coef < 0:
+            raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef}")
         if self.server_timeout < 0:
             raise ValueError("server_timeout must be >= 0 seconds")
         if self.api_key is None:

@@ -1,32 +1,46 @@
-"""``make experiment``: every replay mode x off-policy level x seed from one warm start.
+"""``make experiment``: the grid of :mod:`trainer.grid` (settings A and B), resumable by cell.
 
-Same warmed-up checkpoint, same prompts per seed; one fresh ``pr2-serve`` per cell. Writes
-``<out>/cells/<mode>-off<k>-s<seed>/metrics.jsonl``, ``<out>/results.json`` (one entry per cell
-plus per (mode, off-policy) aggregates over seeds) and ``<out>/*.png``; then regenerate the
-README's results section from the results file with ``python -m trainer.report``.
+Each setting has one warm start (A: the supervised warm-up; B: the same with routers biased
+towards a few experts, :mod:`trainer.imbalance`) and ONE ``pr2-serve`` on it, reused by every
+cell of the setting: a cell's trainer pushes its starting weights (zero predictor outside pr2)
+when the server's fingerprints differ from them (:mod:`trainer.sync`), so each cell starts from
+the same served weights as on a fresh server. After each cell ``results.json`` is rewritten
+(``partial`` until every cell is done), so a run can stop and resume in several sittings.
 
-    python -m trainer.experiment --out runs/experiment [--steps 60] [--seeds 0 1]
+    python -m trainer.experiment --out runs/experiment --results results/experiment/results.json
+        [--setting A|B ...] [--max-cells N] [--steps 40]
+    python -m trainer.experiment --tune results/experiment/tuning.json --tune-runs "0.1 2" ...
+
+then ``python -m trainer.report results/experiment/results.json README.md`` (tables, goal lines
+and plots).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
 import secrets
 import shutil
+import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from .config import REPLAY_MODES, TrainConfig
+from .config import TrainConfig
+from .grid import SETTINGS, VARIANTS, CellKey, MissingFeature, Setting, grid_cells, pending
 from .tasks import Task
 
+TASK = Task("addition", 2)
+LAG_KEYS = tuple(f"router_drift_cos_lag{lag}" for lag in (1, 2, 3))
 
+
+# -- one cell's numbers ----------------------------------------------------------------------------
 def instability_events(rows: list[dict]) -> dict[str, int]:
     """Reward collapses (a 5-step mean below half the first 5 steps' mean, while that was
     > 0.05), grad-norm spikes (> 10x the run's median), NaN metrics."""
@@ -43,293 +57,397 @@ def instability_events(rows: list[dict]) -> dict[str, int]:
     return {"reward_collapse": collapses, "grad_norm_spike": spikes, "nan": nans}
 
 
-def summarize_cell(rows: list[dict], wall: float) -> dict:
-    def mean(key):
-        vals = [r[key] for r in rows if r.get(key) is not None]
-        return float(np.mean(vals)) if vals else None
-
-    hist = np.sum([r["deviation_hist"] for r in rows if r.get("deviation_hist")], axis=0)
-    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
-    return {
-        "zero_deviation": mean("zero_deviation"),
-        "zero_deviation_offpolicy": mean("zero_deviation_offpolicy"),
-        "deviation_hist": [int(x) for x in hist],
-        "train_infer_kl": mean("train_infer_kl"),
-        "predictor_hit_rate": mean("predictor_hit_rate"),
-        "zero_predictor_hit_rate": mean("zero_predictor_hit_rate"),
-        "rollout_predictor_hit_rate": mean("rollout_predictor_hit_rate"),
-        "router_drift_rel": mean("router_drift_rel"),
-        "router_drift_cos_prev": mean("router_drift_cos_prev"),
-        "final_eval_accuracy": evals[-1] if evals else None,
-        "reward_first": mean_of([r.get("reward_mean") for r in rows[:5]]),
-        "reward_last": mean_of([r.get("reward_mean") for r in rows[-5:]]),
-        "instability": instability_events(rows),
-        "wall_time_s": wall,
-        "steps": len(rows),
-    }
-
-
-def mean_of(xs):
+def mean_of(xs) -> float | None:
     xs = [x for x in xs if x is not None]
     return float(np.mean(xs)) if xs else None
 
 
-def aggregate(cells: list[dict]) -> list[dict]:
-    """Per (mode, off-policy): mean and spread (max - min over seeds) of the headline numbers."""
-    out = []
-    keys = sorted(
-        {(c["replay"], c["off_policy_steps"]) for c in cells},
-        key=lambda k: (k[1], REPLAY_MODES.index(k[0])),
+def per_mini_step(rows: list[dict], key: str = "zero_deviation_per_mini_step") -> list | None:
+    """Element-wise mean over steps of a per-mini-step list metric (None when not logged)."""
+    lists = [r[key] for r in rows if r.get(key)]
+    if not lists:
+        return None
+    return [mean_of(col) for col in itertools.zip_longest(*lists)]
+
+
+def _scalar(x):
+    """A metric as one number: lists (e.g. one value per MoE layer) by their mean."""
+    if isinstance(x, list | tuple):
+        return mean_of(x)
+    return x
+
+
+def summarize_cell(rows: list[dict], wall: float) -> dict:
+    """A cell's headline numbers and per-step series (for the plots)."""
+    rows = [{**r, "predictor_scale": _scalar(r.get("predictor_scale"))} for r in rows]
+
+    def mean(key):
+        return mean_of(r.get(key) for r in rows)
+
+    hist = np.sum([r["deviation_hist"] for r in rows if r.get("deviation_hist")], axis=0)
+    r2r3 = np.sum(
+        [r["r2_vs_r3_deviation_hist"] for r in rows if r.get("r2_vs_r3_deviation_hist")], 0
     )
-    for mode, off in keys:
-        group = [c for c in cells if (c["replay"], c["off_policy_steps"]) == (mode, off)]
-        agg = {"replay": mode, "off_policy_steps": off, "seeds": [c["seed"] for c in group]}
-        for key in (
-            "zero_deviation_offpolicy",
-            "zero_deviation",
-            "train_infer_kl",
-            "predictor_hit_rate",
-            "final_eval_accuracy",
-            "wall_time_s",
-        ):
+    evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+    series_keys = ("zero_deviation_offpolicy", "predictor_scale", "load_balance", *LAG_KEYS)
+    return {
+        "zero_deviation": mean("zero_deviation"),
+        "zero_deviation_offpolicy": mean("zero_deviation_offpolicy"),
+        "zero_deviation_per_mini_step": per_mini_step(rows),
+        "deviation_hist": [int(x) for x in np.atleast_1d(hist)],
+        "r2_vs_r3_zero_deviation": float(r2r3[0] / r2r3.sum()) if np.sum(r2r3) else None,
+        "train_infer_kl": mean("train_infer_kl"),
+        "predictor_hit_rate": mean("predictor_hit_rate"),
+        "zero_predictor_hit_rate": mean("zero_predictor_hit_rate"),
+        "rollout_predictor_hit_rate": mean("rollout_predictor_hit_rate"),
+        "predictor_scale": mean("predictor_scale"),
+        "load_balance": mean("load_balance"),
+        "router_drift_rel": mean("router_drift_rel"),
+        **{k: mean(k) for k in LAG_KEYS},
+        "final_eval_accuracy": evals[-1] if evals else None,
+        "reward_first": mean_of(r.get("reward_mean") for r in rows[:5]),
+        "reward_last": mean_of(r.get("reward_mean") for r in rows[-5:]),
+        "instability": instability_events(rows),
+        "wall_time_s": wall,
+        "steps": len(rows),
+        "series": {k: [r.get(k) for r in rows] for k in series_keys},
+    }
+
+
+AGG_KEYS = (
+    "zero_deviation_offpolicy",
+    "zero_deviation",
+    "train_infer_kl",
+    "r2_vs_r3_zero_deviation",
+    "predictor_hit_rate",
+    "predictor_scale",
+    "load_balance",
+    *LAG_KEYS,
+    "final_eval_accuracy",
+    "wall_time_s",
+)
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+    """Per (setting, variant, off-policy): mean and spread (max - min over seeds)."""
+    order = list(VARIANTS)
+    keys = sorted(
+        {(c["setting"], c["variant"], c["off_policy_steps"]) for c in cells},
+        key=lambda k: (k[0], k[2], order.index(k[1]) if k[1] in order else len(order), k[1]),
+    )
+    out = []
+    for setting, variant, off in keys:
+        group = [
+            c
+            for c in cells
+            if (c["setting"], c["variant"], c["off_policy_steps"]) == (setting, variant, off)
+        ]
+        agg = {
+            "setting": setting,
+            "variant": variant,
+            "replay": group[0]["replay"],
+            "off_policy_steps": off,
+            "seeds": sorted(c["seed"] for c in group),
+        }
+        for key in AGG_KEYS:
             vals = [c[key] for c in group if c.get(key) is not None]
             agg[key] = float(np.mean(vals)) if vals else None
             agg[key + "_spread"] = float(max(vals) - min(vals)) if len(vals) > 1 else 0.0
-        agg["deviation_hist"] = [
-            int(x) for x in np.sum([c["deviation_hist"] for c in group], axis=0)
-        ]
         agg["instability_events"] = int(sum(sum(c["instability"].values()) for c in group))
+        mini = [
+            c["zero_deviation_per_mini_step"]
+            for c in group
+            if c.get("zero_deviation_per_mini_step")
+        ]
+        agg["zero_deviation_per_mini_step"] = (
+            [mean_of(col) for col in itertools.zip_longest(*mini)] if mini else None
+        )
         out.append(agg)
     return out
 
 
-def run_cell(
-    model_dir: Path,
-    out: Path,
-    mode: str,
-    off: int,
-    seed: int,
-    steps: int,
-    lr: float,
-    pred_mult: float,
-    router_mult: float = 1.0,
-    pred_loss: str = "kl-post",
-    name: str | None = None,
-    prompts: int = 32,
-) -> dict:
-    from pr2_serve.launch import start_server
-
-    from .loop import Trainer
-
-    cell = out / "cells" / (name or f"{mode}-off{off}-s{seed}")
-    shutil.rmtree(cell, ignore_errors=True)
-    cell.mkdir(parents=True)
-    key = secrets.token_hex(16)
-    t0 = time.perf_counter()
-    server = start_server(model_dir, cell / "server-state", api_key=key)
-    try:
-        cfg = TrainConfig(
-            servers=[server.http],
-            model_dir=str(model_dir),
-            task="addition",
-            task_digits=2,
-            replay=mode,
-            off_policy_steps=off,
-            prompts_per_batch=prompts,
-            samples_per_prompt=8,
-            max_tokens=6,
-            lr=lr,
-            predictor_lr_multiplier=pred_mult,
-            predictor_loss=pred_loss,
-            router_lr_multiplier=router_mult,
-            steps=steps,
-            eval_every=max(1, steps // 4),
-            eval_size=128,
-            seed=seed,
-            output_dir=str(cell),
-            api_key=key,
-        )
-        with Trainer(cfg, log=lambda *a: None) as trainer:
-            rows = trainer.run()
-    finally:
-        server.stop()
-        shutil.rmtree(cell / "server-state", ignore_errors=True)
-    return {
-        "replay": mode,
-        "off_policy_steps": off,
-        "seed": seed,
-        **summarize_cell(rows, time.perf_counter() - t0),
-    }
-
-
-#: The investigation grid (off-policy 8, one seed): router drift size, predictor lr, loss type.
-#: One run a row: (mode, router lr x, predictor lr x, predictor loss, prompts per batch, experts).
-INVESTIGATION_TABLE = """
-none  1   0    kl-post  32   8
-pr2   1   10   kl-post  32   8
-none  30  0    kl-post  32   8
-pr2   30  1    kl-post  32   8
-pr2   30  10   kl-post  32   8
-pr2   30  100  kl-post  32   8
-pr2   30  10   l2       32   8
-pr2   30  100  l2       32   8
-none  30  0    kl-post  128  8
-pr2   30  10   kl-post  128  8
-pr2   30  10   l2       128  8
-none  30  0    kl-post  32   32
-pr2   30  10   kl-post  32   32
-"""
-# rows 9-11: 4x the batch (less gradient noise, so maybe more consistent drift between
-# batches); rows 12-13: 4x the experts (32, top-2: its own base model, warmed up the same way)
-INVESTIGATION = tuple(
-    (mode, float(router), float(pred), loss, int(prompts), int(experts))
-    for mode, router, pred, loss, prompts, experts in map(
-        str.split, INVESTIGATION_TABLE.strip().splitlines()
-    )
-)
-
-
-def _key(r: dict) -> tuple:
-    return (
-        r["replay"],
-        r["router_lr_multiplier"],
-        r["predictor_lr_multiplier"],
-        r["loss"],
-        r.get("prompts_per_batch", 32),
-        r.get("num_experts", 8),
-    )
-
-
-def warm_model(out: Path, router_std: float, experts: int = 8) -> Path:
-    """The warmed-up start of every run (made once, then reused)."""
-    suffix = "" if experts == 8 else f"-e{experts}"
-    model_dir = out / f"model{suffix}"
+# -- warm starts and servers -----------------------------------------------------------------------
+def warm_model(out: Path, router_std: float = 0.02) -> Path:
+    """The supervised warm start (made once, then reused)."""
+    model_dir = out / "model"
     if not (model_dir / "model.safetensors").exists():
         from pr2_serve.tiny_model import TinySpec, make_tiny_model
 
         from .warmup import warmup
 
-        spec = TinySpec(router_std=router_std, num_experts=experts)
-        base = make_tiny_model(out / f"base{suffix}", seed=0, spec=spec)
-        warmup(base, model_dir, Task("addition", 2), target_accuracy=0.2, seed=0)
+        base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=router_std))
+        warmup(base, model_dir, TASK, target_accuracy=0.2, seed=0)
     return model_dir
 
 
-def investigate(out: Path, path: Path, steps: int, lr: float, off: int, router_std: float) -> None:
-    """Why PR2 does (not) beat R3 here: each row one run; resumable like the main grid."""
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    done = {_key(r) for r in runs}
-    for mode, rmult, pmult, loss, prompts, experts in tqdm(
-        [c for c in INVESTIGATION if c not in done], desc="investigation"
-    ):
-        model_dir = warm_model(out, router_std, experts)
-        name = f"inv-{mode}-router{rmult:g}-pred{pmult:g}-{loss}-p{prompts}-e{experts}"
-        cell = run_cell(model_dir, out, mode, off, 0, steps, lr, pmult, rmult, loss, name, prompts)
-        runs.append(
-            {
-                "router_lr_multiplier": rmult,
-                "predictor_lr_multiplier": pmult,
-                "loss": loss,
-                "prompts_per_batch": prompts,
-                "num_experts": experts,
-                **cell,
-            }
-        )
-        path.write_text(
-            json.dumps({"steps": steps, "off_policy_steps": off, "lr": lr, "runs": runs}, indent=1)
-        )
+def setting_model(
+    out: Path, experts: tuple[int, ...] = (), bias: float = 0.0, stage: str = "after"
+) -> Path:
+    """The warm start of a setting (made once): the warm model, or it with routers biased
+    towards ``experts`` -- after the warm-up (``stage="after"``), or before it (``"before"``:
+    the base model is biased, then warmed up, so the experts learn the imbalanced routes)."""
+    model_dir = warm_model(out)
+    if not bias:
+        return model_dir
+    from .imbalance import make_imbalanced
+
+    name = f"e{'-'.join(map(str, experts))}-b{bias:g}"
+    if stage == "after":
+        imb = out / f"model-imb-{name}"
+        if not (imb / "model.safetensors").exists():
+            make_imbalanced(model_dir, imb, experts, bias, TASK)
+        return imb
+    imb = out / f"model-pre-imb-{name}"
+    if not (imb / "model.safetensors").exists():
+        from .warmup import warmup
+
+        base = out / f"base-imb-{name}"
+        info = make_imbalanced(out / "base", base, experts, bias, TASK)
+        warmup(base, imb, TASK, target_accuracy=0.2, seed=0)
+        from .imbalance import measure
+
+        (imb / "imbalance.json").write_text(json.dumps({**info, **measure(imb, experts, TASK)}))
+    return imb
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    out = Path(args.out)
-    if args.investigate:
-        investigate(out, Path(args.investigate), args.steps, args.lr, 8, args.router_std)
-        return
-    model_dir = warm_model(out, args.router_std)
-    results_path = Path(args.results or out / "results.json")
-    cells = []
-    if results_path.exists():  # resume: keep finished cells
-        cells = json.loads(results_path.read_text()).get("cells", [])
-    done = {(c["replay"], c["off_policy_steps"], c["seed"]) for c in cells}
-    todo = [
-        (m, o, s)
-        for o in args.off_policy
-        for m in args.modes
-        for s in args.seeds
-        if (m, o, s) not in done
-    ]
-    for mode, off, seed in tqdm(todo, desc="cells"):
-        cells.append(
-            run_cell(
-                model_dir,
-                out,
-                mode,
-                off,
-                seed,
-                args.steps,
-                args.lr,
-                args.predictor_lr_multiplier,
-                args.router_lr_multiplier,
-            )
-        )
-        _write(results_path, args, cells)
-    _write(results_path, args, cells)
-    from .report import plot_results
+class ServerCache:
+    """One ``pr2-serve`` per model directory, started on first use, stopped on exit (or when
+    another model's server is asked for: one at a time on this machine)."""
 
-    plot_results(json.loads(results_path.read_text()), out)
-    print(
-        f"wrote {results_path}; regenerate the README with: python -m trainer.report "
-        f"{results_path} README.md"
+    def __init__(self, out: Path) -> None:
+        self.out, self.model_dir, self.server, self.key = out, None, None, secrets.token_hex(16)
+        self.starts = 0
+
+    def get(self, model_dir: Path):
+        if self.server is not None and self.model_dir != model_dir:
+            self.close()
+        if self.server is None:
+            from pr2_serve.launch import start_server
+
+            state = self.out / "server-state"
+            for attempt in (1, 2):  # a start on this shared machine can stall: try twice
+                shutil.rmtree(state, ignore_errors=True)
+                try:
+                    self.server = start_server(model_dir, state, api_key=self.key, timeout=600)
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+            self.model_dir, self.starts = model_dir, self.starts + 1
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            shutil.rmtree(self.out / "server-state", ignore_errors=True)
+        self.server = self.model_dir = None
+
+    def __enter__(self) -> ServerCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def cell_config(
+    setting: Setting, key: CellKey, model_dir: Path, server_url: str, api_key: str, cell_dir: Path
+) -> TrainConfig:
+    """The trainer config of one cell (:class:`MissingFeature` if its variant needs a field
+    this checkout lacks)."""
+    available = {f.name for f in dataclasses.fields(TrainConfig)}
+    steps = setting.steps
+    return TrainConfig(
+        servers=[server_url],
+        model_dir=str(model_dir),
+        task=TASK.name,
+        task_digits=TASK.digits,
+        off_policy_steps=key.off_policy_steps,
+        prompts_per_batch=setting.prompts_per_batch,
+        samples_per_prompt=setting.samples_per_prompt,
+        max_tokens=6,
+        lr=setting.lr,
+        predictor_lr_multiplier=setting.predictor_lr_multiplier,
+        router_lr_multiplier=setting.router_lr_multiplier,
+        load_balance_coef=setting.load_balance_coef,
+        steps=steps,
+        eval_every=max(1, steps // 4),
+        eval_size=setting.eval_size,
+        seed=key.seed,
+        output_dir=str(cell_dir),
+        api_key=api_key,
+        **VARIANTS[key.variant].config_fields(available),
     )
+
+
+def run_cell(
+    servers: ServerCache, out: Path, setting: Setting, key: CellKey, model_dir: Path | None = None
+) -> dict:
+    """Train one cell against the setting's (shared) server; its results entry. The cell's
+    ``metrics.jsonl`` is in ``out/cells/<setting>-<variant>-<off>-<seed>/``."""
+    from .loop import Trainer
+
+    if model_dir is None:
+        model_dir = setting_model(
+            out, setting.imbalance_experts, setting.imbalance_bias, setting.imbalance_stage
+        )
+    cell_dir = out / "cells" / "-".join(map(str, key))
+    cfg = cell_config(setting, key, model_dir, "http://unused", servers.key, cell_dir)
+    shutil.rmtree(cell_dir, ignore_errors=True)
+    cell_dir.mkdir(parents=True)
+    server = servers.get(model_dir)
+    cfg.servers = [server.http]
+    t0 = time.perf_counter()
+    with Trainer(cfg, log=lambda *a: None) as trainer:
+        rows = trainer.run()
+    variant = VARIANTS[key.variant]
+    return {
+        **key._asdict(),
+        "replay": variant.replay,
+        "predictor": variant.predictor,
+        "predictor_scale_option": variant.predictor_scale,
+        "dtype": variant.dtype,
+        **summarize_cell(rows, time.perf_counter() - t0),
+    }
+
+
+# -- the grid --------------------------------------------------------------------------------------
+def write_results(path: Path, settings: list[Setting], cells: list[dict], total: int) -> dict:
+    """``results.json``: the settings, every finished cell, aggregates; ``partial`` until all
+    ``total`` cells of the grid are in."""
+    results = {
+        "partial": len(cells) < total,
+        "cells_done": len(cells),
+        "cells_total": total,
+        "task": "addition (2 digits)",
+        "model": "tiny Qwen3-MoE (hidden 64, 4 MoE layers, 8 experts, top-2), warmed up to "
+        "~20-30 % held-out accuracy",
+        "settings": {s.name: s.to_dict() for s in settings},
+        "cells": cells,
+        "aggregates": aggregate(cells),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def run_grid(out: Path, results_path: Path, names: list[str], max_cells: int | None, steps: int):
+    settings = [dataclasses.replace(SETTINGS[n], steps=steps) for n in names]
+    by_name = {s.name: s for s in settings}
+    all_settings = [by_name.get(n, SETTINGS[n]) for n in SETTINGS]
+    cells = json.loads(results_path.read_text())["cells"] if results_path.exists() else []
+    total = len(grid_cells(all_settings))
+    todo = pending(grid_cells(settings), cells)[:max_cells]
+    skipped = []
+    with ServerCache(out) as servers:
+        for i, key in enumerate(todo, 1):
+            print(f"[{i}/{len(todo)}] cell {key}", flush=True)
+            try:
+                cells.append(run_cell(servers, out, by_name[key.setting], key))
+            except MissingFeature as e:
+                skipped.append(str(e))
+                continue
+            write_results(results_path, all_settings, cells, total)
+    for msg in dict.fromkeys(skipped):
+        print(f"skipped: {msg}")
+    return write_results(results_path, all_settings, cells, total)
+
+
+# -- setting B's tuning ----------------------------------------------------------------------------
+def tune(out: Path, path: Path, runs: list[tuple], steps: int, off: int) -> None:
+    """Short runs ``(replay, load_balance_coef, imbalance_bias, router_lr_multiplier)`` at
+    ``off``, seed 0, into ``path`` (kept: a finished run is not repeated)."""
+    done = json.loads(path.read_text())["runs"] if path.exists() else []
+    have = {_tune_key(r) for r in done}
+    base = SETTINGS["B"]
+    with ServerCache(out) as servers:
+        for replay, coef, bias, router, stage in runs:
+            if (replay, coef, bias, router, stage, steps) in have:
+                continue
+            s = dataclasses.replace(
+                base,
+                load_balance_coef=coef,
+                imbalance_bias=bias,
+                imbalance_stage=stage,
+                router_lr_multiplier=router,
+                steps=steps,
+            )
+            key = CellKey("tune", replay, off, 0)
+            entry = run_cell(servers, out, s, key)
+            imb = setting_model(out, s.imbalance_experts, bias, stage) / "imbalance.json"
+            done.append(
+                {
+                    "replay": replay,
+                    "load_balance_coef": coef,
+                    "imbalance_bias": bias,
+                    "router_lr_multiplier": router,
+                    "imbalance_stage": stage,
+                    "imbalance_experts": list(s.imbalance_experts),
+                    "steps": steps,
+                    "warm_start": json.loads(imb.read_text()) if imb.exists() else None,
+                    **{k: v for k, v in entry.items() if k != "series"},
+                    "series": {k: entry["series"][k] for k in (*LAG_KEYS, "load_balance")},
+                }
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"off_policy_steps": off, "runs": done}, indent=1))
+
+
+def _tune_key(r: dict) -> tuple:
+    return (
+        r["replay"],
+        r["load_balance_coef"],
+        r["imbalance_bias"],
+        r.get("router_lr_multiplier", 30.0),
+        r.get("imbalance_stage", "after"),
+        r["steps"],
+    )
+
+
+def _tune_run(text: str) -> tuple[str, float, float, float, str]:
+    """``"REPLAY COEF BIAS [ROUTER_LR_X [after|before]]"`` (router lr x 30, bias after the
+    warm-up by default)."""
+    replay, coef, bias, *rest = text.split()
+    router = float(rest[0]) if rest else 30.0
+    return replay, float(coef), float(bias), router, rest[1] if len(rest) > 1 else "after"
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--modes", nargs="+", choices=REPLAY_MODES, default=list(REPLAY_MODES))
-    ap.add_argument("--off-policy", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--predictor-lr-multiplier", type=float, default=10.0)
-    ap.add_argument(
-        "--router-std",
-        type=float,
-        default=0.02,
-        help="router init std of the base model (HF's 0.02: routes that can drift)",
-    )
-    ap.add_argument(
-        "--router-lr-multiplier",
-        type=float,
-        default=30.0,
-        help="router lr = lr x this (a lever for router drift)",
-    )
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
+    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1, help="trainer torch threads")
+    ap.add_argument("--tune", metavar="PATH", default=None, help="run setting B's tuning runs")
     ap.add_argument(
-        "--investigate",
-        metavar="PATH",
-        default=None,
-        help="instead of the grid, run the investigation runs (off-policy 8, seed 0) into PATH",
+        "--tune-runs",
+        nargs="+",
+        type=_tune_run,
+        default=[],
+        metavar='"REPLAY COEF BIAS [ROUTER_LR_X [STAGE]]"',
+        help="tuning runs (off-policy 8, seed 0, --steps each)",
     )
     return ap
 
 
-def _write(path: Path, args, cells: list[dict]) -> None:
-    settings = {
-        "task": "addition (2 digits)",
-        "steps": args.steps,
-        "lr": args.lr,
-        "predictor_lr_multiplier": args.predictor_lr_multiplier,
-        "router_lr_multiplier": args.router_lr_multiplier,
-        "prompts_per_batch": 32,
-        "samples_per_prompt": 8,
-        "model": "tiny Qwen3-MoE "
-        "(hidden 64, 4 MoE layers, 8 experts, top-2), warmed up to ~20-30 % accuracy",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"settings": settings, "cells": cells, "aggregates": aggregate(cells)}, indent=1)
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)  # 2 shared cores: more threads only spin
+    # killed (SIGTERM) between cells: unwind, so the ServerCache stops its server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out = Path(args.out)
+    if args.tune:
+        tune(out, Path(args.tune), args.tune_runs, args.steps, 8)
+        return
+    results_path = Path(args.results or out / "results.json")
+    res = run_grid(out, results_path, args.setting, args.max_cells, args.steps)
+    state = "partial" if res["partial"] else "complete"
+    print(
+        f"wrote {results_path} ({res['cells_done']}/{res['cells_total']} cells, {state}); "
+        f"regenerate the README and plots with: python -m trainer.report {results_path} README.md"
     )
 
 

@@ -55,7 +55,8 @@ class Policy:
             tensors.update(load_file(str(f)))
         self.replay.load_predictors(tensors)
         self.device, self.dtype = device, dtype
-        self.last_router_delta: list[torch.Tensor] | None = None  # the previous batch's update
+        # the last batches' router updates, newest first (trainer.drift)
+        self.router_deltas: list[list[torch.Tensor]] = []
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:
         pred = {id(p) for m in self.replay.predictors for p in m.parameters()}

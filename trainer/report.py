@@ -1,9 +1,13 @@
-"""The README's results section, generated from the experiment's results file (never by hand).
+"""The README's results section and the experiment plots, generated from the experiment's
+results file (never by hand).
 
-    python -m trainer.report runs/experiment/results.json README.md     # rewrite the section
-    python -m trainer.report results.json README.md --check             # exit 1 if it differs
+    python -m trainer.report results/experiment/results.json README.md    # section + PNGs
+    python -m trainer.report results.json README.md --check              # exit 1 if it differs
 
-The section lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``.
+The section lives between ``<!-- results:begin -->`` and ``<!-- results:end -->``. Beside the
+results file: ``tuning.json`` (setting B's tuning runs) and ``investigation.json`` (earlier runs,
+from before the reference-timed predictor loss) are shown when present; the plots
+(:mod:`trainer.report_plots`) are written there too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+PR2_VARIANTS = ("pr2", "pr2-auto", "lookahead")
+LAGS = (1, 2, 3)
 
 
 def _pct(x) -> str:
@@ -24,110 +30,196 @@ def _num(x, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def load(results_path: str | Path) -> tuple[dict, dict | None]:
-    """The results file and, when present beside it, ``investigation.json``."""
+def load(results_path: str | Path) -> dict:
+    """The results file and the side files present beside it (``tuning``, ``investigation``)."""
     results_path = Path(results_path)
-    inv = results_path.with_name("investigation.json")
-    return (
-        json.loads(results_path.read_text()),
-        json.loads(inv.read_text()) if inv.exists() else None,
+    out = {"results": json.loads(results_path.read_text())}
+    for name in ("tuning", "investigation"):
+        side = results_path.with_name(f"{name}.json")
+        out[name] = json.loads(side.read_text()) if side.exists() else None
+    return out
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def setting_table(aggs: list[dict]) -> list[str]:
+    lines = [
+        "| variant | off-policy | zero-dev. % (off-policy mini-steps) | zero-dev. % (all) | "
+        "final eval acc. | instability events | α mean | drift cos lag 1 / 2 / 3 | "
+        "load-balance loss | R2 = R3 route % | train–infer KL | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in aggs:
+        cos = " / ".join(_num(a.get(f"router_drift_cos_lag{lag}"), ".2f") for lag in LAGS)
+        lines.append(
+            f"| {a['variant']} | {a['off_policy_steps']} | "
+            f"{_pct(a['zero_deviation_offpolicy'])} ± {_pct(a['zero_deviation_offpolicy_spread'])}"
+            f" | {_pct(a['zero_deviation'])} | "
+            f"{_num(a['final_eval_accuracy'], '.3f')} ± "
+            f"{_num(a['final_eval_accuracy_spread'], '.3f')} | {a['instability_events']} | "
+            f"{_num(a.get('predictor_scale'), '.2f')} | {cos} | "
+            f"{_num(a.get('load_balance'), '.2f')} | {_pct(a.get('r2_vs_r3_zero_deviation'))} | "
+            f"{_num(a['train_infer_kl'], '.1e')} | {_num(a['wall_time_s'], '.0f')} |"
+        )
+    return lines
+
+
+def _by(aggs: list[dict], setting: str) -> dict[tuple[str, int], dict]:
+    return {(a["variant"], a["off_policy_steps"]): a for a in aggs if a["setting"] == setting}
+
+
+def _zd(a: dict) -> tuple[float, float]:
+    return a["zero_deviation_offpolicy"] or 0.0, a["zero_deviation_offpolicy_spread"] or 0.0
+
+
+def goal_b(aggs: list[dict]) -> str:
+    """Setting B: the best PR2 variant (by off-policy 8 zero-deviation) above R3 by more than
+    the seed spread at 8, and not below R3 at 2."""
+    by = _by(aggs, "B")
+    cands = [v for v in PR2_VARIANTS if (v, 8) in by]
+    if ("r3", 8) not in by or ("r3", 2) not in by or not cands:
+        return "- Setting B: not measured yet (needs r3 and a PR2 variant at off-policy 2 and 8)."
+    best = max(cands, key=lambda v: _zd(by[(v, 8)])[0])
+    (b8, s8), (r8, rs8) = _zd(by[(best, 8)]), _zd(by[("r3", 8)])
+    spread = max(s8, rs8)
+    ok8 = b8 - r8 > spread
+    text = (
+        f"- Setting B: best PR2 variant at off-policy 8 is **{best}**: zero-deviation "
+        f"{_pct(b8)} vs r3 {_pct(r8)} (difference {100 * (b8 - r8):+.1f} pp, seed spread "
+        f"{_pct(spread)} pp) → {'met' if ok8 else 'NOT met'} at 8"
+    )
+    if (best, 2) not in by:
+        return text + f"; {best} at off-policy 2 not measured yet."
+    b2, r2 = _zd(by[(best, 2)])[0], _zd(by[("r3", 2)])[0]
+    return text + (
+        f"; at off-policy 2 {_pct(b2)} vs r3 {_pct(r2)} → "
+        f"{'met (not below)' if b2 >= r2 else 'NOT met (below)'}. "
+        f"Overall: {'met' if ok8 and b2 >= r2 else 'NOT met'}."
     )
 
 
-def render(results: dict, source: str, investigation: dict | None = None) -> str:
-    """Markdown of the results (deterministic: same files, same text)."""
-    s = results["settings"]
-    aggs = results["aggregates"]
-    lines = [
-        f"Generated by `python -m trainer.report` from `{source}` "
-        f"({len(results['cells'])} runs). Setting: {s['model']}; task {s['task']}; "
-        f"{s['steps']} RL steps of {s['prompts_per_batch']} prompts x "
-        f"{s['samples_per_prompt']} samples; lr {s['lr']:g}, router lr x "
-        f"{s.get('router_lr_multiplier', 1):g}, predictor lr x "
-        f"{s['predictor_lr_multiplier']:g}, predictor loss kl-post. "
-        "Values: mean over seeds (± spread = max − min).",
-        "",
-        "| off-policy | mode | zero-dev. % (off-policy mini-steps) | zero-dev. % (all) | "
-        "deviation histogram (0..k) | train–infer KL | predictor hit % | final eval acc. | "
-        "instability events | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for a in aggs:
-        lines.append(
-            f"| {a['off_policy_steps']} | {a['replay']} | "
-            f"{_pct(a['zero_deviation_offpolicy'])} ± {_pct(a['zero_deviation_offpolicy_spread'])}"
-            f" | {_pct(a['zero_deviation'])} | {a['deviation_hist']} | "
-            f"{_num(a['train_infer_kl'], '.2e')} | {_pct(a['predictor_hit_rate'])} | "
-            f"{_num(a['final_eval_accuracy'], '.3f')} ± "
-            f"{_num(a['final_eval_accuracy_spread'], '.3f')} | {a['instability_events']} | "
-            f"{_num(a['wall_time_s'], '.0f')} |"
+def goal_a(aggs: list[dict]) -> str:
+    """Setting A: pr2 + auto α not below R3 by more than the seed spread at any level."""
+    by = _by(aggs, "A")
+    offs = sorted({off for v, off in by if v == "pr2-auto" and ("r3", off) in by})
+    if not offs:
+        return "- Setting A: not measured yet (needs pr2-auto and r3 at the same level)."
+    parts, ok = [], True
+    for off in offs:
+        (p, ps), (r, rs) = _zd(by[("pr2-auto", off)]), _zd(by[("r3", off)])
+        spread = max(ps, rs)
+        good = p >= r - spread
+        ok &= good
+        parts.append(
+            f"off-policy {off}: {_pct(p)} vs r3 {_pct(r)} (spread {_pct(spread)}) "
+            f"→ {'met' if good else 'NOT met'}"
         )
-    lines += ["", *claims(aggs)]
-    if investigation:
-        lines += ["", *render_investigation(investigation, source)]
-    return "\n".join(lines)
+    return (
+        "- Setting A: pr2-auto vs r3, zero-deviation — "
+        + "; ".join(parts)
+        + (f". Overall: {'met' if ok else 'NOT met'}.")
+    )
 
 
-def render_investigation(inv: dict, source: str) -> list[str]:
-    """The investigation runs: router drift size, predictor lr and loss, drift consistency."""
-    name = str(Path(source).with_name("investigation.json"))
+def tuning_table(tuning: dict) -> list[str]:
     lines = [
-        f"Investigation (`{name}`, from `python -m trainer.experiment --investigate`): "
-        f"off-policy {inv['off_policy_steps']}, seed 0, {inv['steps']} steps each. "
-        "Predictor hit % = share of (token, layer) whose predicted top-k equals the router's "
-        "top-k after the batch's updates: *in-sample* with the predictor after it trained on "
-        "the batch, *rollout* with the predictor the server used for that batch (trained on "
-        "earlier batches: what PR2 relies on), *zero* with no predictor (= R3). Drift cos = "
-        "cosine between consecutive batches' router updates.",
+        f"Setting B's tuning runs (`tuning.json`; off-policy {tuning['off_policy_steps']}, "
+        "seed 0): targets drift cos lag 3 ≥ 0.7 and r3 zero-deviation ≤ 95 %.",
         "",
-        "| mode | experts | prompts / batch | router lr x | predictor lr x | loss | "
-        "zero-dev. % (off-policy) | "
-        "hit % in-sample | hit % rollout | hit % zero | router drift / batch (rel.) | "
-        "drift cos (consecutive) | final eval acc. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| replay | λ (load balance) | router bias | router lr x | steps | warm-start acc. | "
+        "favoured-expert share (layer mean) | drift cos lag 1 / 2 / 3 | zero-dev. % (off-policy) | "
+        "load-balance loss first → last | final eval acc. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in inv["runs"]:
-        pred = r["replay"] == "pr2"
+    for r in tuning["runs"]:
+        warm = r.get("warm_start") or {}
+        share = None
+        if warm.get("load_after"):
+            fav = warm["experts"]
+            share = sum(sum(layer[e] for e in fav) for layer in warm["load_after"]) / len(
+                warm["load_after"]
+            )
+        lb = [x for x in r.get("series", {}).get("load_balance", []) if x is not None]
+        cos = " / ".join(_num(r.get(f"router_drift_cos_lag{lag}"), ".2f") for lag in LAGS)
         lines.append(
-            f"| {r['replay']} | {r.get('num_experts', 8)} | {r.get('prompts_per_batch', 32)} x 8 | "
-            f"{r['router_lr_multiplier']:g} | "
-            f"{_num(r['predictor_lr_multiplier'], 'g') if pred else '–'} | "
-            f"{r['loss'] if pred else '–'} | {_pct(r['zero_deviation_offpolicy'])} | "
-            f"{_pct(r['predictor_hit_rate']) if pred else '–'} | "
-            f"{_pct(r.get('rollout_predictor_hit_rate')) if pred else '–'} | "
-            f"{_pct(r['zero_predictor_hit_rate'])} | {_num(r.get('router_drift_rel'), '.2e')} | "
-            f"{_num(r.get('router_drift_cos_prev'), '.3f')} | "
+            f"| {r['replay']} | {r['load_balance_coef']:g} | {r['imbalance_bias']:g} "
+            f"({r.get('imbalance_stage', 'after')} warm-up) | "
+            f"{r.get('router_lr_multiplier', 30):g} | {r['steps']} | "
+            f"{_num(warm.get('eval_accuracy'), '.3f')} | {_pct(share)} | {cos} | "
+            f"{_pct(r['zero_deviation_offpolicy'])} | "
+            f"{_num(lb[0] if lb else None, '.2f')} → {_num(lb[-1] if lb else None, '.2f')} | "
             f"{_num(r['final_eval_accuracy'], '.3f')} |"
         )
     return lines
 
 
-def claims(aggs: list[dict]) -> list[str]:
-    """The claim under test, checked per off-policy level, stated as measured."""
-    out = [
-        "Claim under test — zero-deviation none < r3 < pr2, and final accuracy pr2 ≥ r3 "
-        "within the seed spread:"
+def investigation_table(inv: dict) -> list[str]:
+    """The earlier investigation runs (old predictor timing): kept for their drift figures."""
+    lines = [
+        "Earlier investigation (`investigation.json`), run **before** the reference-timed "
+        "predictor loss (its pr2 rows trained the predictor one update too far; the none rows "
+        f"stand): off-policy {inv['off_policy_steps']}, seed 0, {inv['steps']} steps each; "
+        "drift cos = lag 1.",
+        "",
+        "| mode | experts | prompts / batch | router lr x | predictor lr x | loss | "
+        "zero-dev. % (off-policy) | hit % rollout | hit % zero | drift cos (lag 1) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for off in sorted({a["off_policy_steps"] for a in aggs}):
-        by = {a["replay"]: a for a in aggs if a["off_policy_steps"] == off}
-        if not {"none", "r3", "pr2"} <= set(by):
-            continue
-        zd = {m: by[m]["zero_deviation_offpolicy"] or 0.0 for m in ("none", "r3", "pr2")}
-        order = zd["none"] < zd["r3"] < zd["pr2"]
-        spread = max(
-            by["pr2"]["final_eval_accuracy_spread"], by["r3"]["final_eval_accuracy_spread"]
+    for r in inv["runs"]:
+        pred = r["replay"] == "pr2"
+        cos = r.get("router_drift_cos_lag1", r.get("router_drift_cos_prev"))
+        lines.append(
+            f"| {r['replay']} | {r.get('num_experts', 8)} | {r.get('prompts_per_batch', 32)} x 8 | "
+            f"{r['router_lr_multiplier']:g} | "
+            f"{_num(r['predictor_lr_multiplier'], 'g') if pred else '–'} | "
+            f"{r['loss'] if pred else '–'} | {_pct(r['zero_deviation_offpolicy'])} | "
+            f"{_pct(r.get('rollout_predictor_hit_rate')) if pred else '–'} | "
+            f"{_pct(r['zero_predictor_hit_rate'])} | {_num(cos, '.3f')} |"
         )
-        acc_ok = (by["pr2"]["final_eval_accuracy"] or 0) >= (
-            (by["r3"]["final_eval_accuracy"] or 0) - spread
+    return lines
+
+
+# -- the section -----------------------------------------------------------------------------------
+PLOTS = (
+    ("zero_deviation_per_mini_step.png", "zero-deviation per mini-step"),
+    ("predictor_scale.png", "predictor scale α over steps"),
+    ("drift_cosines.png", "router drift cosines at lag 1-3"),
+)
+
+
+def render(loaded: dict, source: str) -> str:
+    """Markdown of the results (deterministic: same files, same text)."""
+    res = loaded["results"]
+    aggs = res["aggregates"]
+    lines = [f"Generated by `python -m trainer.report` from `{source}`."]
+    if res.get("partial"):
+        lines.append(
+            f"**Partial results: {res['cells_done']} of {res['cells_total']} cells** (the grid "
+            "is still running; goal lines are provisional)."
         )
-        out.append(
-            f"- off-policy {off}: zero-deviation none {_pct(zd['none'])} / r3 {_pct(zd['r3'])} / "
-            f"pr2 {_pct(zd['pr2'])} → ordering {'holds' if order else 'does NOT hold'}; "
-            f"accuracy pr2 {_num(by['pr2']['final_eval_accuracy'], '.3f')} vs r3 "
-            f"{_num(by['r3']['final_eval_accuracy'], '.3f')} → "
-            f"{'holds' if acc_ok else 'does NOT hold'} within the spread."
-        )
-    return out
+    lines += [
+        "",
+        f"Model: {res['model']}; task {res['task']}. Values: mean over seeds "
+        "(± spread = max − min). α = the predictor scale (pr2-auto); R2 = R3 route % = share "
+        "of (token, layer) where the trainer's own old-pass top-k equals the server's route.",
+    ]
+    for name, s in res["settings"].items():
+        mine = [a for a in aggs if a["setting"] == name]
+        lines += [
+            "",
+            f"**Setting {name}** — {s['description']}. {s['steps']} RL steps of "
+            f"{s['prompts_per_batch']} prompts x {s['samples_per_prompt']} samples; lr "
+            f"{s['lr']:g}, router lr x {s['router_lr_multiplier']:g}, predictor lr x "
+            f"{s['predictor_lr_multiplier']:g}, load-balance λ {s['load_balance_coef']:g}.",
+            "",
+        ]
+        lines += setting_table(mine) if mine else ["(no cells finished yet)"]
+    lines += ["", "Goals (measured):", goal_b(aggs), goal_a(aggs)]
+    lines += ["", *[f"![{alt}](results/experiment/{f})" for f, alt in PLOTS]]
+    if loaded.get("tuning"):
+        lines += ["", *tuning_table(loaded["tuning"])]
+    if loaded.get("investigation"):
+        lines += ["", *investigation_table(loaded["investigation"])]
+    return "\n".join(lines)
 
 
 def replace_section(readme: str, body: str) -> str:
@@ -138,65 +230,16 @@ def replace_section(readme: str, body: str) -> str:
     return f"{head}{BEGIN}\n{body}\n{END}{tail}"
 
 
-def plot_results(results: dict, out_dir: str | Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    aggs = results["aggregates"]
-    offs = sorted({a["off_policy_steps"] for a in aggs})
-    modes = [m for m in ("none", "r2", "r3", "pr2") if any(a["replay"] == m for a in aggs)]
-    paths = []
-    for key, label in (
-        ("zero_deviation_offpolicy", "zero-deviation % (off-policy mini-steps)"),
-        ("final_eval_accuracy", "final held-out accuracy"),
-    ):
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        width = 0.8 / max(1, len(modes))
-        lows = []
-        for i, m in enumerate(modes):
-            vals, errs = [], []
-            for off in offs:
-                a = next(
-                    (a for a in aggs if a["replay"] == m and a["off_policy_steps"] == off), None
-                )
-                v = (a or {}).get(key)
-                scale = 100 if "deviation" in key else 1
-                vals.append(scale * v if v is not None else 0)
-                errs.append(scale * (a or {}).get(key + "_spread", 0) / 2)
-            ax.bar(
-                [j + i * width for j in range(len(offs))],
-                vals,
-                width,
-                yerr=errs,
-                label=m,
-                capsize=3,
-            )
-            lows += vals
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(offs))])
-        ax.set_xticklabels([f"off-policy {o}" for o in offs])
-        ax.set_ylabel(label)
-        if "deviation" in key and lows:  # zoom in: the differences are a few points
-            ax.set_ylim(max(0.0, 5 * (min(lows) // 5) - 5), 100)
-        ax.legend(ncol=len(modes), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
-        fig.tight_layout()
-        path = Path(out_dir) / f"{key}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pr2-report", description=__doc__.split("\n")[0])
     ap.add_argument("results")
     ap.add_argument("readme")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--plots", default=None, help="plot directory (default: beside results)")
     args = ap.parse_args(argv)
-    results, investigation = load(args.results)
+    loaded = load(args.results)
     readme = Path(args.readme).read_text()
-    new = replace_section(readme, render(results, args.results, investigation))
+    new = replace_section(readme, render(loaded, args.results))
     if args.check:
         if new != readme:
             print(
@@ -206,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         return
     Path(args.readme).write_text(new)
+    from .report_plots import plot_all
+
+    plot_all(loaded["results"], Path(args.plots or Path(args.results).parent))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pr2_serve.routing import deviation_counts, deviation_histogram
 
 from .batch import Batch, flat_routes
 from .config import TrainConfig
+from .drift import lag_cosines, push_update
+from .load_balance import load_balance_loss
 from .lookahead import router_lookahead
 from .policy import (
     Policy,
@@ -35,7 +37,7 @@ from .policy import (
     make_predictor_optimizer,
 )
 from .ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
-from .predictor import drift_cosine, predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .predictor import predicted_route_agreement, predictor_hit_rate, predictor_loss
 from .predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from .replay import RoutingControl
 from .version_metrics import by_staleness
@@ -135,6 +137,7 @@ class MiniStepLog:
     zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
     offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
     first_ratio_max_dev: float | None = None
+    load_balance: list[float] = field(default_factory=list)  # Switch aux loss per mini-step
 
 
 @dataclass
@@ -193,6 +196,8 @@ def mini_step(
         normalizer,
         cfg.behaviour_weight_cap or None,
     )
+    if cfg.load_balance_coef:  # Switch aux loss on the route this forward used
+        loss = loss + cfg.load_balance_coef * load_balance_loss(ctl.logits, ctl.ids, mb.valid)
     # pr2, off-policy: the predictor towards this forward's router logits z_s (s - 1 updates),
     # before this mini-step's update (the reference code's COMPUTE_PREDICTIVE_LOSS branch)
     pred_loss = None if fit is None else predictor_step(policy, fit, ctl.logits)
@@ -265,6 +270,8 @@ def mini_steps(
             log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
         log.stats.append(st)
         log.grad_norms.append(gn)
+        with torch.no_grad():  # logged in every mode (the coefficient may be 0)
+            log.load_balance.append(float(load_balance_loss(ctl.logits, ctl.ids, mb.valid)))
         hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
         log.hist += hist
         log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
@@ -293,7 +300,7 @@ def batch_metrics(
     predictor_at_rollout: dict[int, list[torch.Tensor] | None],
 ) -> dict:
     """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
-    ``policy.last_router_delta`` := this batch's router update, for the next drift cosine)."""
+    this batch's router update added to ``policy.router_deltas``, for the next drift cosines)."""
     k, valid = policy.replay.top_k, batch.valid.reshape(-1)
     m = {
         "loss": float(np.mean([s.loss for s in log.stats])),  # this rank's share when sharded
@@ -341,12 +348,13 @@ def batch_metrics(
         torch.cat([d.reshape(-1) for d in delta]).norm()
         / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
     )
-    m["router_drift_cos_prev"] = drift_cosine(policy.last_router_delta, delta)
-    policy.last_router_delta = delta
+    m.update(lag_cosines(policy.router_deltas, delta))
+    policy.router_deltas = push_update(policy.router_deltas, delta)
     m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
     dot, sq = log.offset_fit  # the served scale's evidence (trainer.predictor_scale)
     m["predictor_offset_fit_sums"] = [dot, sq]
     m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
+    m["load_balance"] = float(np.mean(log.load_balance)) if log.load_balance else None
     return m
 
 
