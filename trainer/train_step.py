@@ -7,7 +7,8 @@
    replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) inside the same
    mini-step, before its policy update (the reference code's order): target = that forward's
    own router logits ``z_s`` on that mini-step's tokens;
-3. :func:`batch_metrics` -- PPO health, routing deviation, predictor hit rates, router drift.
+3. :func:`trainer.step_metrics.batch_metrics` -- PPO health, routing deviation, predictor hit
+   rates, router drift.
 
 :func:`train_batch` composes them. It is a pure function of the batch and the model, so
 data-parallel training (``torchrun``) is the same code on a shard of each mini-step.
@@ -16,17 +17,13 @@ data-parallel training (``torchrun``) is the same code on a shard of each mini-s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from pr2_serve.routing import deviation_counts, deviation_histogram
-
 from .batch import Batch, flat_routes
 from .config import TrainConfig
-from .drift import lag_cosines, push_update
 from .load_balance import load_balance_loss
 from .lookahead import router_lookahead
 from .policy import (
@@ -37,10 +34,10 @@ from .policy import (
     make_predictor_optimizer,
 )
 from .ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
-from .predictor import predicted_route_agreement, predictor_hit_rate, predictor_loss
+from .predictor import predictor_loss
 from .predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from .replay import RoutingControl
-from .version_metrics import by_staleness
+from .step_metrics import MiniStepLog, batch_metrics, route_deviation, train_infer_metrics
 
 
 # -- how a batch is split --------------------------------------------------------------------------
@@ -111,35 +108,7 @@ def old_pass(
     return OldPass(old_lp, h_old, z_old, old_routes)
 
 
-def train_infer_metrics(batch: Batch, old_lp: torch.Tensor) -> dict:
-    """Trainer (old pass) vs server log-probs on the generated tokens: mean |dlogp| and the KL
-    estimate ``E[(r - 1) - log r]`` with ``r = pi_trainer / pi_server``."""
-    lm = batch.loss_mask
-    diff = (old_lp - batch.server_logprobs) * lm
-    n_tok = lm.sum().clamp(min=1)
-    log_r = old_lp - batch.server_logprobs  # trainer / server, on server samples
-    return {
-        "train_infer_abs_dlogp": float(diff.abs().sum() / n_tok),
-        "train_infer_kl": float((((log_r.exp() - 1) - log_r) * lm).sum() / n_tok),
-    }
-
-
 # -- 2. mini-steps ---------------------------------------------------------------------------------
-@dataclass
-class MiniStepLog:
-    """What the mini-steps of one batch report."""
-
-    stats: list[PPOStats] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
-    predictor_losses: list[float] = field(default_factory=list)
-    hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
-    hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
-    zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
-    offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
-    first_ratio_max_dev: float | None = None
-    load_balance: list[float] = field(default_factory=list)  # Switch aux loss per mini-step
-
-
 @dataclass
 class PredictorFit:
     """What an off-policy pr2 mini-step needs to fit the predictor on its own tokens."""
@@ -213,20 +182,6 @@ def mini_step(
     return lp.detach(), st, float(full_tensor(gn)), ctl, pred_loss
 
 
-@torch.no_grad()
-def route_deviation(
-    used: torch.Tensor, logits: list[torch.Tensor], valid: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Histogram (0..k, summed over layers) of how many experts of the route used
-    (``[rows, L, k]``: replayed, or the rollout's for ``none``) are not in the router's fresh
-    top-k in this forward, over real positions."""
-    used = used[valid]
-    hist = torch.zeros(k + 1, dtype=torch.long, device=used.device)
-    for layer, z in enumerate(logits):
-        hist += deviation_histogram(deviation_counts(used[:, layer], z.detach()[valid]), k)
-    return hist
-
-
 def mini_steps(
     policy: Policy,
     batch: Batch,
@@ -288,74 +243,6 @@ def mini_steps(
         dist.all_reduce(sums)
         log.offset_fit = sums.tolist()
     return log
-
-
-# -- 3. metrics ------------------------------------------------------------------------------------
-def batch_metrics(
-    policy: Policy,
-    batch: Batch,
-    old: OldPass,
-    log: MiniStepLog,
-    routers_before: list[torch.Tensor],
-    predictor_at_rollout: dict[int, list[torch.Tensor] | None],
-) -> dict:
-    """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
-    this batch's router update added to ``policy.router_deltas``, for the next drift cosines)."""
-    k, valid = policy.replay.top_k, batch.valid.reshape(-1)
-    m = {
-        "loss": float(np.mean([s.loss for s in log.stats])),  # this rank's share when sharded
-        "clip_fraction": float(np.mean([s.clip_fraction for s in log.stats])),
-        "approx_kl": float(np.mean([s.approx_kl for s in log.stats])),
-        "first_ratio_mean": log.stats[0].ratio_mean,
-        "grad_norm": float(np.mean(log.grad_norms)),
-        "deviation_hist": log.hist.tolist(),
-        "zero_deviation": float(log.hist[0] / log.hist.sum().clamp(min=1)),
-        "zero_deviation_offpolicy": (
-            float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
-        ),
-        "zero_deviation_per_mini_step": log.zero_per_step,  # mini-step 1, 2, ...
-        # R2 vs R3 at theta_old: how many experts of the server's route (what R3 replays) are
-        # not in the trainer's own top-k (what R2 replays: exactly so in r2/none, given the
-        # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
-        # routing mismatch (e.g. a bf16 trainer vs an fp32 server)
-        "r2_vs_r3_deviation_hist": route_deviation(
-            flat_routes(batch.routes), old.logits, valid.bool(), k
-        ).tolist(),
-    }
-    routers = policy.router_weights()
-    predictors = policy.predictor_parameters()
-    h_old, z_old = old.hidden, old.logits
-    m["predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, predictors, k, valid)
-    m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
-    # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
-    # (of each sample's version: predictor_at_rollout[staleness], trainer.version_metrics)
-    served = flat_routes(batch.routes)
-    m["server_route_agreement"] = by_staleness(
-        lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask),
-        batch.staleness,
-        valid,
-        predictor_at_rollout,
-    )
-    # out of sample: the predictor the server used for this rollout (trained on earlier batches)
-    m["rollout_predictor_hit_rate"] = by_staleness(
-        lambda wp, mask: predictor_hit_rate(h_old, z_old, routers, wp, k, mask),
-        batch.staleness,
-        valid,
-        predictor_at_rollout,
-    )
-    delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
-    m["router_drift_rel"] = float(
-        torch.cat([d.reshape(-1) for d in delta]).norm()
-        / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
-    )
-    m.update(lag_cosines(policy.router_deltas, delta))
-    policy.router_deltas = push_update(policy.router_deltas, delta)
-    m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
-    dot, sq = log.offset_fit  # the served scale's evidence (trainer.predictor_scale)
-    m["predictor_offset_fit_sums"] = [dot, sq]
-    m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
-    m["load_balance"] = float(np.mean(log.load_balance)) if log.load_balance else None
-    return m
 
 
 # -- one batch -------------------------------------------------------------------------------------

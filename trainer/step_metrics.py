@@ -1,0 +1,148 @@
+"""What one batch's training reports (:func:`trainer.train_step.train_batch`): train-inference
+agreement, PPO health, routing deviation (per mini-step and off-policy), predictor hit rates and
+route agreement (with each sample's served predictor), router drift and its lag-1..3 cosines.
+Pure functions of the batch, the old pass and the mini-steps' log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pr2_serve.routing import deviation_counts, deviation_histogram
+
+from .batch import Batch, flat_routes
+from .drift import lag_cosines, push_update
+from .policy import Policy
+from .ppo import PPOStats
+from .predictor import predicted_route_agreement, predictor_hit_rate
+from .version_metrics import by_staleness
+
+if TYPE_CHECKING:
+    from .train_step import OldPass
+
+
+@dataclass
+class MiniStepLog:
+    """What the mini-steps of one batch report."""
+
+    stats: list[PPOStats] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    predictor_losses: list[float] = field(default_factory=list)
+    hist: torch.Tensor | None = None  # routing deviation 0..k, every mini-step
+    hist_off: torch.Tensor | None = None  # the same from mini-step 2 on (off-policy)
+    zero_per_step: list[float] = field(default_factory=list)  # zero-deviation share per step
+    offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
+    first_ratio_max_dev: float | None = None
+    load_balance: list[float] = field(default_factory=list)  # Switch aux loss per mini-step
+
+
+def train_infer_metrics(batch: Batch, old_lp: torch.Tensor) -> dict:
+    """Trainer (old pass) vs server log-probs on the generated tokens: mean |dlogp| and the KL
+    estimate ``E[(r - 1) - log r]`` with ``r = pi_trainer / pi_server``."""
+    lm = batch.loss_mask
+    diff = (old_lp - batch.server_logprobs) * lm
+    n_tok = lm.sum().clamp(min=1)
+    log_r = old_lp - batch.server_logprobs  # trainer / server, on server samples
+    return {
+        "train_infer_abs_dlogp": float(diff.abs().sum() / n_tok),
+        "train_infer_kl": float((((log_r.exp() - 1) - log_r) * lm).sum() / n_tok),
+    }
+
+
+@torch.no_grad()
+def route_deviation(
+    used: torch.Tensor, logits: list[torch.Tensor], valid: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Histogram (0..k, summed over layers) of how many experts of the route used
+    (``[rows, L, k]``: replayed, or the rollout's for ``none``) are not in the router's fresh
+    top-k in this forward, over real positions."""
+    used = used[valid]
+    hist = torch.zeros(k + 1, dtype=torch.long, device=used.device)
+    for layer, z in enumerate(logits):
+        hist += deviation_histogram(deviation_counts(used[:, layer], z.detach()[valid]), k)
+    return hist
+
+
+def predictor_metrics(
+    policy: Policy,
+    batch: Batch,
+    old: OldPass,
+    predictor_at_rollout: dict[int, list[torch.Tensor] | None],
+) -> dict:
+    """Hit rates of the trained, zero and served predictors against the routers after the
+    batch's updates, and the served routes' agreement with the trainer's own selection."""
+    k, valid = policy.replay.top_k, batch.valid.reshape(-1)
+    routers = policy.router_weights()
+    m = {}
+    predictors = policy.predictor_parameters()
+    h_old, z_old = old.hidden, old.logits
+    m["predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, predictors, k, valid)
+    m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
+    # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
+    # (of each sample's version: predictor_at_rollout[staleness], trainer.version_metrics)
+    served = flat_routes(batch.routes)
+    m["server_route_agreement"] = by_staleness(
+        lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask),
+        batch.staleness,
+        valid,
+        predictor_at_rollout,
+    )
+    # out of sample: the predictor the server used for this rollout (trained on earlier batches)
+    m["rollout_predictor_hit_rate"] = by_staleness(
+        lambda wp, mask: predictor_hit_rate(h_old, z_old, routers, wp, k, mask),
+        batch.staleness,
+        valid,
+        predictor_at_rollout,
+    )
+    return m
+
+
+def batch_metrics(
+    policy: Policy,
+    batch: Batch,
+    old: OldPass,
+    log: MiniStepLog,
+    routers_before: list[torch.Tensor],
+    predictor_at_rollout: dict[int, list[torch.Tensor] | None],
+) -> dict:
+    """PPO health, routing deviation, predictor hit rates and router drift of one batch (and
+    this batch's router update added to ``policy.router_deltas``, for the next drift cosines)."""
+    k, valid = policy.replay.top_k, batch.valid.reshape(-1)
+    m = {
+        "loss": float(np.mean([s.loss for s in log.stats])),  # this rank's share when sharded
+        "clip_fraction": float(np.mean([s.clip_fraction for s in log.stats])),
+        "approx_kl": float(np.mean([s.approx_kl for s in log.stats])),
+        "first_ratio_mean": log.stats[0].ratio_mean,
+        "grad_norm": float(np.mean(log.grad_norms)),
+        "deviation_hist": log.hist.tolist(),
+        "zero_deviation": float(log.hist[0] / log.hist.sum().clamp(min=1)),
+        "zero_deviation_offpolicy": (
+            float(log.hist_off[0] / log.hist_off.sum()) if log.hist_off.sum() else None
+        ),
+        "zero_deviation_per_mini_step": log.zero_per_step,  # mini-step 1, 2, ...
+        # R2 vs R3 at theta_old: how many experts of the server's route (what R3 replays) are
+        # not in the trainer's own top-k (what R2 replays: exactly so in r2/none, given the
+        # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
+        # routing mismatch (e.g. a bf16 trainer vs an fp32 server)
+        "r2_vs_r3_deviation_hist": route_deviation(
+            flat_routes(batch.routes), old.logits, valid.bool(), k
+        ).tolist(),
+    }
+    routers = policy.router_weights()
+    m.update(predictor_metrics(policy, batch, old, predictor_at_rollout))
+    delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
+    m["router_drift_rel"] = float(
+        torch.cat([d.reshape(-1) for d in delta]).norm()
+        / torch.cat([w.detach().reshape(-1) for w in routers_before]).norm().clamp(min=1e-12)
+    )
+    m.update(lag_cosines(policy.router_deltas, delta))
+    policy.router_deltas = push_update(policy.router_deltas, delta)
+    m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
+    dot, sq = log.offset_fit  # the served scale's evidence (trainer.predictor_scale)
+    m["predictor_offset_fit_sums"] = [dot, sq]
+    m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
+    m["load_balance"] = float(np.mean(log.load_balance)) if log.load_balance else None
+    return m
