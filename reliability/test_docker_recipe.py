@@ -9,11 +9,13 @@ a read-only model directory (a read-only bind mount, where allowed; the model fi
 the user's either way) with a separate state directory. Checked: ``/readyz``, a generate with
 routes, a push, and a restart that restores the pushed version.
 
-Differences from a Docker build, on purpose: pip's download cache is used (the image sets
-``PIP_NO_CACHE_DIR``; here a later run installs from the cache) and no ``.pyc`` files are
-compiled (``PIP_NO_COMPILE``), an extra index this machine cannot reach is left out (its wheels
-come from the machine's own pip configuration), the server binds loopback on free ports, and
-``useradd`` is replaced by the existing ``nobody``.
+Differences from a Docker build, on purpose: the ``pip install``/``pip uninstall`` steps run
+through uv (``tools/uv_pip.py``: the same arguments and pip's index settings, the versions pip
+would pick) with uv's download cache, which ``make venv`` filled moments before (the image sets
+``PIP_NO_CACHE_DIR``): seconds instead of minutes; no ``.pyc`` files are compiled, an extra
+index this machine cannot reach is left out (its wheels come from the machine's own pip
+configuration), the server binds loopback on free ports, and ``useradd`` is replaced by the
+existing ``nobody``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pr2_serve.tiny_model import make_tiny_model
 from reliability.dockerfile import local_command, run_steps, stage
 from reliability.test_reliability import record
 from tests.helpers import API_KEY
+from tools.uv_pip import uv_command
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +82,14 @@ def _copy_sources(st, build: Path) -> None:
                 shutil.copy2(ROOT / src, target)
 
 
+def through_uv(cmd: list[str], venv: Path) -> list[str]:
+    """A ``pip install``/``pip uninstall`` step into ``venv`` done by uv; others unchanged."""
+    if cmd[0] != f"{venv}/bin/pip" or cmd[1] not in ("install", "uninstall"):
+        return cmd
+    args = [a for a in cmd[2:] if a not in ("-y", "--yes")]  # uv never asks
+    return uv_command(f"{venv}/bin/python", cmd[1], *args)
+
+
 def install(work: Path) -> tuple[Path, dict, list[str], float]:
     """Follow the stage's COPY, ENV and RUN; return (venv bin, env, entrypoint + cmd, seconds)."""
     st = stage((ROOT / "Dockerfile").read_text(), "cpu")
@@ -86,7 +97,7 @@ def install(work: Path) -> tuple[Path, dict, list[str], float]:
     _copy_sources(st, build)
     env = {**os.environ, **st.env(), "PATH": f"{venv}/bin:{os.environ['PATH']}"}
     env.pop("PIP_NO_CACHE_DIR", None)  # the download cache keeps later runs short
-    env["PIP_NO_COMPILE"] = "1"  # no .pyc for ~3 GB of packages: minutes on 2 cores
+    env["PIP_NO_COMPILE"] = "1"  # no .pyc for ~3 GB of packages (uv compiles none either)
     env.pop("PYTHONPATH", None)
     t0 = time.perf_counter()
     _run([base_python(), "-m", "venv", str(venv)], work, env, 120)
@@ -100,7 +111,7 @@ def install(work: Path) -> tuple[Path, dict, list[str], float]:
             wheel = str(next((build / "dist").glob("pr2-*.whl")))
         cmd = local_command(step, f"{venv}/bin", wheel, drop)
         if cmd is not None:
-            _run(cmd, build, env, 1800)
+            _run(through_uv(cmd, venv), build, env, 1800)
     assert wheel is not None, "the recipe never installs the package"
     return venv / "bin", env, st.exec_form("ENTRYPOINT") + st.exec_form("CMD"), t0
 

@@ -3,6 +3,7 @@ of a served checkpoint."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,21 @@ API_KEY = "test-key-1234"  # tests, benchmarks and the reliability suite only
 def start_server(model_dir, state_dir, *extra: str, api_key: str | None = API_KEY, **kw) -> Server:
     """``pr2_serve.launch.start_server`` with the test key by default."""
     return _start_server(model_dir, state_dir, *extra, api_key=api_key, **kw)
+
+
+def start_servers(*specs: tuple) -> list[Server]:
+    """Several servers started at once, one per ``(model_dir, state_dir, *extra)``: their
+    start-ups (mostly one busy core each) overlap instead of adding up. All or none: if one
+    fails, the others are stopped."""
+    with ThreadPoolExecutor(len(specs)) as pool:
+        futures = [pool.submit(start_server, *spec) for spec in specs]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        for f in futures:
+            if f.exception() is None:
+                f.result().stop()
+        raise errors[0]
+    return [f.result() for f in futures]
 
 
 def load_hf(model_dir: str | Path) -> tuple[torch.nn.Module, MoEReplay]:

@@ -14,7 +14,6 @@ import pybase64
 import pytest
 
 from pr2_serve.client import HttpClient
-from pr2_serve.tiny_model import make_tiny_model
 from tests.helpers import start_server
 
 pytestmark = pytest.mark.vllm
@@ -23,17 +22,13 @@ QUESTIONS = ["12+35=", "7+8=", "hello ", "40+2=", "99+1="]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_model(
-        tmp_path_factory.mktemp("eco"), seed=0, predictor="random", tokenizer="bpe"
-    )
+def model(bpe_random):
+    return bpe_random
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    srv = start_server(model, tmp_path_factory.mktemp("eco-state"))
-    yield srv
-    srv.stop()
+def server(bpe_server):
+    return bpe_server  # shared with test_openai_compat (read-only use)
 
 
 def greedy_text(server, prompt: str, max_tokens: int = 8) -> str:

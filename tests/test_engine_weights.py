@@ -86,13 +86,18 @@ def test_zero_predictor_is_stock_vllm(tiny_zero):
         assert [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)] == o.logprobs
 
 
-def test_updates_equal_fresh_engines(checkpoints, tmp_path):
-    a, b, mix, ta, _, policy_b, pred_b, _ = checkpoints
-    ref_a, ref_b, ref_mix = fresh(a), fresh(b), fresh(mix)
-    assert ref_a[0].output_token_ids != ref_b[0].output_token_ids  # the update is visible
-
+def test_updates_equal_fresh_engines_and_bad_ones_change_nothing(checkpoints, tmp_path):
+    """Bad updates are refused and change nothing; good ones (policy only, predictor only from
+    a file, both) equal a fresh engine on those weights. The engine on A is itself a fresh
+    engine on A: its first outputs are A's reference."""
+    a, b, mix, ta, _, policy_b, pred_b, pred = checkpoints
+    ref_b, ref_mix = fresh(b), fresh(mix)
     with RolloutEngine(a, dtype="float32", max_model_len=256) as engine:
-        assert_same(greedy(engine), ref_a)
+        ref_a = greedy(engine)
+        assert ref_a[0].output_token_ids != ref_b[0].output_token_ids  # the update is visible
+        refuse_bad_updates(engine, sorted(pred)[0])
+        assert engine.weight_version == 0
+        assert_same(greedy(engine), ref_a, tol=0.0)
         # policy only: B's policy, A's predictors
         res = engine.update_weights(policy_b, version=1)
         print(f"policy update: {res.num_tensors} tensors, reload {res.reload_seconds * 1e3:.1f} ms")
@@ -115,22 +120,18 @@ def test_updates_equal_fresh_engines(checkpoints, tmp_path):
         assert_same(out, ref_a)
 
 
-def test_bad_updates_are_refused_and_change_nothing(checkpoints):
-    a, _, _, _, _, _, _, pred = checkpoints
-    name = sorted(pred)[0]
-    with RolloutEngine(a, dtype="float32", max_model_len=256) as engine:
-        before = greedy(engine)
-        bad = [
-            ({"model.layers.0.mlp.nonexistent.weight": torch.zeros(8, 64)}, 1, "unknown"),
-            ({name: torch.zeros(8, 32)}, 1, "shape"),
-            ({name: torch.zeros(8, 64, dtype=torch.int64)}, 1, "dtype"),
-            ({name: torch.ones(8, 64)}, 0, "greater"),
-            ({}, 1, "empty"),
-        ]
-        for weights, version, msg in bad:
-            with pytest.raises(WeightValidationError, match=msg):
-                engine.update_weights(weights, version)
-        with pytest.raises(WeightValidationError, match="safetensors"):
-            engine.update_weights(__file__, 1)
-        assert engine.weight_version == 0
-        assert_same(greedy(engine), before, tol=0.0)
+def refuse_bad_updates(engine: RolloutEngine, name: str) -> None:
+    """Unknown names, wrong shapes/dtypes, a version not above the served one, nothing, and a
+    file that is not safetensors: each refused with a message naming the problem."""
+    bad = [
+        ({"model.layers.0.mlp.nonexistent.weight": torch.zeros(8, 64)}, 1, "unknown"),
+        ({name: torch.zeros(8, 32)}, 1, "shape"),
+        ({name: torch.zeros(8, 64, dtype=torch.int64)}, 1, "dtype"),
+        ({name: torch.ones(8, 64)}, 0, "greater"),
+        ({}, 1, "empty"),
+    ]
+    for weights, version, msg in bad:
+        with pytest.raises(WeightValidationError, match=msg):
+            engine.update_weights(weights, version)
+    with pytest.raises(WeightValidationError, match="safetensors"):
+        engine.update_weights(__file__, 1)

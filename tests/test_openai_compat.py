@@ -14,8 +14,7 @@ import openai
 import pytest
 
 from pr2_serve.client import HttpClient
-from pr2_serve.tiny_model import make_tiny_model
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY
 
 pytestmark = pytest.mark.vllm
 
@@ -23,17 +22,13 @@ PROMPTS = [[376, 14, 22, 24, 32], [5, 17, 99, 3]]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_tiny_model(
-        tmp_path_factory.mktemp("oai"), seed=0, predictor="random", tokenizer="bpe"
-    )
+def model(bpe_random):
+    return bpe_random
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
-    srv = start_server(model, tmp_path_factory.mktemp("oai-state"))
-    yield srv
-    srv.stop()
+def server(bpe_server):
+    return bpe_server  # shared with test_ecosystem (read-only use)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pr2_serve.client import (
     ServerError,
 )
 from pr2_serve.engine import RolloutEngine, Sampling
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY, start_server, start_servers
 
 pytestmark = pytest.mark.vllm
 
@@ -304,19 +304,26 @@ def test_bad_pushes_change_nothing(server, http, rpc, tmp_path, tiny_random):
     assert _committed_files(server) == files_before  # no partial or rejected files left
 
 
-def _fresh_server_outputs(tiny_random, weights: dict, tmp_path: Path, name: str):
-    """Outputs of a new server started on a checkpoint holding exactly ``weights``."""
-    d = tmp_path / name
-    d.mkdir()
-    for f in Path(tiny_random).iterdir():
-        if f.is_file() and f.suffix != ".safetensors":
-            (d / f.name).write_bytes(f.read_bytes())
-    save_file(weights, str(d / "model.safetensors"))
-    fresh = start_server(d, tmp_path / f"{name}-state")
+def _fresh_servers_outputs(tiny_random, checkpoints: dict[str, dict], tmp_path: Path) -> dict:
+    """Outputs of new servers, one per checkpoint holding exactly its weights (started at
+    once), by checkpoint name."""
+    dirs = {}
+    for name, weights in checkpoints.items():
+        dirs[name] = d = tmp_path / name
+        d.mkdir()
+        for f in Path(tiny_random).iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                (d / f.name).write_bytes(f.read_bytes())
+        save_file(weights, str(d / "model.safetensors"))
+    servers = start_servers(*[(d, tmp_path / f"{name}-state") for name, d in dirs.items()])
     try:
-        return HttpClient(fresh.http).generate(PROMPTS, **SEEDED).samples
+        return {
+            name: HttpClient(s.http).generate(PROMPTS, **SEEDED).samples
+            for name, s in zip(dirs, servers, strict=True)
+        }
     finally:
-        fresh.stop()
+        for s in servers:
+            s.stop()
 
 
 def _assert_matches_fresh(got, ref) -> None:
@@ -333,21 +340,22 @@ def test_pushes_over_both_protocols_equal_a_fresh_server(server, http, rpc, tiny
     base = load_file(str(Path(tiny_random) / "model.safetensors"))
     g = torch.Generator().manual_seed(2)
     first = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
+    second = {**first, **predictor_update(1)}  # + a predictor-only push over gRPC
+    fresh = _fresh_servers_outputs(tiny_random, {"a": first, "b": second}, tmp_path)
     path = tmp_path / "first.safetensors"
     save_file(first, str(path))
     res = http.push_weights(str(path), v + 1)
     assert res["weight_version"] == v + 1 and res["num_tensors"] == len(first)
     got = http.generate(PROMPTS, **SEEDED).samples
     assert {s.weight_version for s in got} == {v + 1}
-    _assert_matches_fresh(got, _fresh_server_outputs(tiny_random, first, tmp_path, "a"))
+    _assert_matches_fresh(got, fresh["a"])
     # predictor-only over gRPC: the rest stays as pushed before
-    second = {**first, **predictor_update(1)}
     res = rpc.push_weights(predictor_update(1), v + 2)
     assert res["weight_version"] == v + 2 and res["num_tensors"] == 4
     got_grpc = rpc.generate(PROMPTS, **SEEDED).samples
     assert {s.weight_version for s in got_grpc} == {v + 2}
     same(got_grpc, http.generate(PROMPTS, **SEEDED).samples, tol=0.0)
-    _assert_matches_fresh(got_grpc, _fresh_server_outputs(tiny_random, second, tmp_path, "b"))
+    _assert_matches_fresh(got_grpc, fresh["b"])
     for client in (http, rpc):  # versions must increase
         for old in (v + 1, v + 2):
             with pytest.raises(ServerError) as e:

@@ -7,17 +7,15 @@ import json
 
 import pytest
 
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY, start_servers
 from trainer.cli import main as train_main
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zero, tmp_path_factory):
-    srv = start_server(tiny_zero, tmp_path_factory.mktemp("train-state"))
-    yield srv
-    srv.stop()
+def server(zero_server):
+    return zero_server  # shared with test_trainer_resume
 
 
 @pytest.mark.parametrize("mode", ["none", "r2", "r3", "pr2"])
@@ -116,8 +114,7 @@ def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
     import httpx
 
     monkeypatch.setenv("PR2_API_KEY", API_KEY)
-    a = start_server(tiny_zero, tmp_path / "a-state")
-    b = start_server(tiny_zero, tmp_path / "b-state")
+    a, b = start_servers((tiny_zero, tmp_path / "a-state"), (tiny_zero, tmp_path / "b-state"))
     try:
         out = tmp_path / "two"
         train_main(

@@ -21,7 +21,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pr2_serve.client import HttpClient
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY
 from trainer.checkpoints import checkpoint_dirs
 from trainer.cli import main as train_main
 
@@ -29,10 +29,8 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zero, tmp_path_factory):
-    srv = start_server(tiny_zero, tmp_path_factory.mktemp("resume-state"))
-    yield srv
-    srv.stop()
+def server(zero_server):
+    return zero_server  # shared with test_trainer_loop (each run first rolls it back)
 
 
 def run_args(server, model_dir, out) -> list[str]:
