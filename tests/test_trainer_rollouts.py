@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import trainer.loop as loop
+from pr2_serve.fingerprint import fingerprints, tensor_digest
 from pr2_serve.routes import route_rows
 from pr2_serve.types import Rollout
 from trainer import sync
@@ -109,6 +110,9 @@ class FakeServer:
         return lambda rows: broken_routes(kind, self.rng, rows, self.shape)
 
     def push_weights(self, path, version: int) -> dict:
+        if isinstance(path, dict):  # tensors (sync.serve_exactly): it now serves them
+            digests = {n: tensor_digest(n, t) for n, t in path.items()}
+            self.fingerprints = {f"{k}_fingerprint": v for k, v in fingerprints(digests).items()}
         self.version = version
         self.pushes.append(version)
         return {"weight_version": version}
