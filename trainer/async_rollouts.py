@@ -153,9 +153,13 @@ class AsyncRollouts:
         self.predictors = PredictorHistory(names, cfg.max_staleness + 1, trainer.policy.device)
 
     def start(self, version: int) -> None:
-        """What the servers serve when the run (or its resume) starts: ``version``."""
-        t = self.trainer
-        self.predictors.record(version, t.policy.checkpoint_tensors(t.cfg.replay == "pr2"))
+        """What the servers serve when the run (or its resume) starts: ``version``. (The served
+        predictor only: an export here would gather FSDP2 shards on rank 0 alone, a collective
+        the other ranks never join.)"""
+        served = self.trainer.learner.served_predictors()  # None outside pr2
+        names = self.predictors.names
+        tensors = {} if served is None else dict(zip(names, served, strict=True))
+        self.predictors.record(version, tensors)
 
     def pushed(self, version: int, tensors: Mapping[str, torch.Tensor]) -> None:
         self.predictors.record(version, tensors)
