@@ -159,13 +159,6 @@ def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
         b.stop()
 
 
-@pytest.mark.skip(
-    reason="KNOWN REGRESSION (stop 21): torchrun --parallel fsdp2 against a real server hangs "
-    "until the 600 s timeout since the merge of the async-rollout, served-predictor and "
-    "drift work (passed on each branch alone); the synthetic DDP/FSDP2 tests in "
-    "test_trainer_ddp.py pass. Skipped so CI does not spend 10 min on a known hang: see the "
-    "closing note of stop 21"
-)
 @pytest.mark.timeout(600)
 def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
     """``torchrun`` with 2 ranks and ``--parallel fsdp2``: the weights gathered from the shards
