@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools
 	$(BIN)/hadolint Dockerfile
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu
-	$(BIN)/python -m pytest -q $(addprefix --ignore=,$(GPU_CHECK_TESTS))
+	$(BIN)/python -m pytest -q --durations=40 $(PYTEST_ARGS) $(addprefix --ignore=,$(GPU_CHECK_TESTS))
 
 # On a GPU host: needs only python3 with torch, pytest, transformers (no venv, no vLLM).
 gpu-check:
@@ -56,7 +56,7 @@ experiment: $(STAMP)
 # Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker
 # CPU recipe followed without Docker (~19 min here on 2 shared cores, ~9 of them the recipe).
 reliability: $(STAMP)
-	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider
+	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider --durations=20
 
 report: $(STAMP)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
