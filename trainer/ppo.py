@@ -59,6 +59,12 @@ def ppo_loss(
     Returns:
         ``(loss, stats)``; ``loss = -sum(min(r A, clip(r, 1-e, 1+e) A) * mask) / normalizer``.
     """
+    return _clipped_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer, None)
+
+
+def _clipped_loss(logprobs, old_logprobs, advantages, mask, clip_eps, normalizer, weight):
+    """``-sum(weight * min(r A, clip(r, 1-e, 1+e) A) * mask) / normalizer``, ``r = exp(lp - old)``;
+    ``weight`` None = 1 (plain PPO)."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     mask = mask.to(logprobs.dtype)
@@ -67,6 +73,8 @@ def ppo_loss(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
     per_token = -torch.minimum(unclipped, clipped)
+    if weight is not None:
+        per_token = per_token * weight
     n = mask.sum() if normalizer is None else normalizer
     loss = (per_token * mask).sum() / n
     return loss, _stats(loss, ratio, log_ratio, mask, clip_eps)
@@ -122,14 +130,4 @@ def decoupled_ppo_loss(
         w = (prox_logprobs - behav_logprobs).exp()
         if weight_cap is not None:
             w = torch.where(w > weight_cap, torch.zeros_like(w), w)
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - prox_logprobs
-    ratio = log_ratio.exp()
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    per_token = -torch.minimum(unclipped, clipped) * w
-    n = mask.sum() if normalizer is None else normalizer
-    loss = (per_token * mask).sum() / n
-    return loss, _stats(loss, ratio, log_ratio, mask, clip_eps)
+    return _clipped_loss(logprobs, prox_logprobs, advantages, mask, clip_eps, normalizer, w)
