@@ -68,18 +68,12 @@ def predictor_hit_rate(
 ) -> float:
     """Share of (token, layer) whose predicted top-k (``z_old + W_p h_old``; ``W_p = 0`` when
     ``predictor_weights`` is None) equals the current router's top-k as a set."""
-    hits, count = 0.0, 0.0
+    predicted, actual = [], []
     for i, (h, z, w_r) in enumerate(zip(h_old, z_old, router_weights, strict=True)):
-        h, z = h.float(), z.float()
-        w_p = None if predictor_weights is None else predictor_weights[i].float()
-        pred = selection_scores(z, h, w_p)
-        a = torch.topk(pred, top_k, -1).indices.sort(-1).values
-        b = torch.topk(F.linear(h, w_r.float()), top_k, -1).indices.sort(-1).values
-        same = (a == b).all(-1).float()
-        m = torch.ones_like(same) if mask is None else mask.float()
-        hits += float((same * m).sum())
-        count += float(m.sum())
-    return hits / max(count, 1.0)
+        w_p = _layer(predictor_weights, i)
+        predicted.append(torch.topk(selection_scores(z.float(), h.float(), w_p), top_k, -1).indices)
+        actual.append(torch.topk(F.linear(h.float(), w_r.float()), top_k, -1).indices)
+    return _set_agreement(predicted, actual, mask)
 
 
 @torch.no_grad()
@@ -98,13 +92,27 @@ def predicted_route_agreement(
     way the trainer applies it.
     """
     k = routes.shape[-1]
+    predicted = [
+        torch.topk(
+            selection_scores(z.float(), h.float(), _layer(predictor_weights, i)), k, -1
+        ).indices
+        for i, (h, z) in enumerate(zip(h_old, z_old, strict=True))
+    ]
+    return _set_agreement(predicted, [routes[:, i] for i in range(len(predicted))], mask)
+
+
+def _layer(weights: Sequence[torch.Tensor] | None, i: int) -> torch.Tensor | None:
+    return None if weights is None else weights[i].float()
+
+
+def _set_agreement(
+    ids_a: Sequence[torch.Tensor], ids_b: Sequence[torch.Tensor], mask: torch.Tensor | None
+) -> float:
+    """Share of (token, layer) whose expert ids ``[T, k]`` in ``ids_a`` and ``ids_b`` are equal
+    as sets, over the tokens where ``mask [T]`` is set (all when None)."""
     hits, count = 0.0, 0.0
-    for i, (h, z) in enumerate(zip(h_old, z_old, strict=True)):
-        w_p = None if predictor_weights is None else predictor_weights[i].float()
-        pred = selection_scores(z.float(), h.float(), w_p)
-        a = torch.topk(pred, k, -1).indices.sort(-1).values
-        b = routes[:, i].long().sort(-1).values
-        same = (a == b).all(-1).float()
+    for a, b in zip(ids_a, ids_b, strict=True):
+        same = (a.long().sort(-1).values == b.long().sort(-1).values).all(-1).float()
         m = torch.ones_like(same) if mask is None else mask.float()
         hits += float((same * m).sum())
         count += float(m.sum())

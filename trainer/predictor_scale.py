@@ -39,10 +39,8 @@ def parse_scale(value: str | float) -> str | float:
     try:
         alpha = float(value)
     except ValueError:
-        raise ValueError(
-            f"predictor_scale must be 'auto' or a number >= 0, got {value!r}"
-        ) from None
-    if not alpha >= 0.0 or alpha == float("inf"):
+        alpha = float("nan")
+    if not 0.0 <= alpha < float("inf"):
         raise ValueError(f"predictor_scale must be 'auto' or a number >= 0, got {value!r}")
     return alpha
 
