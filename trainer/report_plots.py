@@ -32,6 +32,16 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
+def _label(ax, title: str, xlabel: str) -> None:
+    """Title, x label, and a legend of the panel's lines (or a "not logged yet" note)."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ax.lines:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        ax.text(0.5, 0.5, "not logged yet", ha="center", transform=ax.transAxes)
+
+
 def plot_mini_steps(results: dict, path: Path) -> Path:
     """Zero-deviation % at each mini-step, per variant and off-policy level (seed mean)."""
     plt, fig, axes = _panels(results)
@@ -48,13 +58,8 @@ def plot_mini_steps(results: dict, path: Path) -> Path:
                 label=f"{a['variant']} off {a['off_policy_steps']}",
                 linestyle="-" if a["off_policy_steps"] > 2 else "--",
             )
-        ax.set_title(f"setting {name}: zero-deviation per mini-step")
-        ax.set_xlabel("mini-step")
+        _label(ax, f"setting {name}: zero-deviation per mini-step", "mini-step")
         ax.set_ylabel("zero-deviation %")
-        if ax.lines:
-            ax.legend(fontsize=7, ncol=2)
-        else:
-            ax.text(0.5, 0.5, "not logged yet", ha="center", transform=ax.transAxes)
     return _save(plt, fig, path)
 
 
@@ -72,12 +77,7 @@ def plot_alpha(results: dict, path: Path) -> Path:
                 lw=1,
                 label=f"{c['variant']} off {c['off_policy_steps']} s{c['seed']}",
             )
-        ax.set_title(f"setting {name}: predictor scale α")
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7, ncol=2)
-        else:
-            ax.text(0.5, 0.5, "not logged yet", ha="center", transform=ax.transAxes)
+        _label(ax, f"setting {name}: predictor scale α", "step")
     return _save(plt, fig, path)
 
 
