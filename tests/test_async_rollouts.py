@@ -13,7 +13,6 @@ import torch
 import trainer.loop as loop
 from pr2_serve.routing import selection_scores
 from tests.test_trainer_rollouts import FakeServer
-from trainer import sync
 from trainer.async_rollouts import PredictorHistory, Prefetcher, trainer_thread_only
 from trainer.config import TrainConfig
 from trainer.predictor import predicted_route_agreement
@@ -162,10 +161,7 @@ class GoodServer(FakeServer):
 
 @pytest.mark.timeout(300)
 def test_async_run_lags_by_at_most_one_and_drops_what_is_older(tiny_random, tmp_path, monkeypatch):
-    server = GoodServer()
-    start = sync.starting_target(tiny_random, "pr2").fingerprints
-    server.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
-    monkeypatch.setattr(loop, "make_client", lambda address, api_key: server)
+    server = GoodServer().serve_start_of(tiny_random, monkeypatch)
     cfg = TrainConfig(
         servers=["http://fake"],
         model_dir=str(tiny_random),

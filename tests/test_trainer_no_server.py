@@ -13,7 +13,7 @@ import pytest
 
 import trainer.loop as loop
 from tests.test_trainer_rollouts import FakeServer
-from trainer import checkpoints, sync
+from trainer import checkpoints
 from trainer.config import TrainConfig
 from trainer.no_server import stop_point
 from trainer.servers import NoServerLeft
@@ -25,8 +25,7 @@ class Flaky(FakeServer):
 
     def __init__(self, model_dir) -> None:
         super().__init__()
-        start = sync.starting_target(model_dir, "pr2").fingerprints
-        self.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
+        self.model_dir = model_dir
         self.down, self.refuse_info, self.down_at_push = False, 0, None
 
     def _gate(self) -> None:
@@ -74,7 +73,7 @@ def config(model_dir, out, **kw) -> TrainConfig:
 
 
 def trainer_on(server, cfg, monkeypatch, lines: list[str]) -> loop.Trainer:
-    monkeypatch.setattr(loop, "make_client", lambda address, api_key: server)
+    server.serve_start_of(server.model_dir, monkeypatch)
     t = loop.Trainer(cfg, log=lines.append)
     server.shape = t.route_shape
     return t

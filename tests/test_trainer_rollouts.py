@@ -91,6 +91,14 @@ class FakeServer:
         self.pushes: list[int] = []
         self.fingerprints: dict[str, str] = {}  # what it serves (set to the trainer's start)
 
+    def serve_start_of(self, model_dir, monkeypatch, replay: str = "pr2"):
+        """Serve what a run of ``replay`` on ``model_dir`` starts from, as the trainer's only
+        server (``trainer.loop.make_client`` patched); returns ``self``."""
+        start = sync.starting_target(model_dir, replay).fingerprints
+        self.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
+        monkeypatch.setattr(loop, "make_client", lambda address, api_key: self)
+        return self
+
     def info(self) -> dict:
         return {"weight_version": self.version, "max_model_len": 2048, **self.fingerprints}
 
@@ -123,10 +131,7 @@ class FakeServer:
 
 @pytest.mark.timeout(300)
 def test_bad_routes_drop_their_group_and_training_goes_on(tiny_random, tmp_path, monkeypatch):
-    server = FakeServer()
-    start = sync.starting_target(tiny_random, "pr2").fingerprints
-    server.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
-    monkeypatch.setattr(loop, "make_client", lambda address, api_key: server)
+    server = FakeServer().serve_start_of(tiny_random, monkeypatch)
     cfg = TrainConfig(
         servers=["http://fake"],
         model_dir=str(tiny_random),
