@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.experiment import instability_events
+from trainer.cell_summary import instability_events
 from trainer.plots import plot_run
 from trainer.report import load, render, replace_section
 from trainer.tasks import Task

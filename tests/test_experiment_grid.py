@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from trainer import experiment, report
+from trainer import cell_summary, experiment, report
 from trainer.config import TrainConfig
 from trainer.grid import SETTINGS, VARIANTS, CellKey, MissingFeature, grid_cells, pending
 from trainer.imbalance import bias_routers, expert_load
@@ -103,7 +103,7 @@ def synthetic_results(tmp_path, keys) -> dict:
             {
                 **k._asdict(),
                 "replay": VARIANTS[k.variant].replay,
-                **experiment.summarize_cell(rows, 10.0),
+                **cell_summary.summarize_cell(rows, 10.0),
             }
         )
     total = len(grid_cells(list(SETTINGS.values())))
@@ -152,7 +152,7 @@ def test_report_goal_not_met_and_partial(tmp_path):
     for c in res["cells"]:  # pr2 now below r3 everywhere
         if c["variant"] == "pr2":
             c["zero_deviation_offpolicy"] -= 0.05
-    res["aggregates"] = experiment.aggregate(res["cells"])
+    res["aggregates"] = cell_summary.aggregate(res["cells"])
     text = report.render({"results": res}, "r.json")
     assert f"**Partial results: {len(keys)} of" in text
     assert "→ NOT met at 8" in text and "NOT met (below)" in text
