@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from .report_findings import LAGS, PR2_VARIANTS, _zd, findings
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-PR2_VARIANTS = ("pr2", "pr2-auto", "lookahead")
-LAGS = (1, 2, 3)
 
 
 def _pct(x) -> str:
@@ -65,10 +65,6 @@ def setting_table(aggs: list[dict]) -> list[str]:
 
 def _by(aggs: list[dict], setting: str) -> dict[tuple[str, int], dict]:
     return {(a["variant"], a["off_policy_steps"]): a for a in aggs if a["setting"] == setting}
-
-
-def _zd(a: dict) -> tuple[float, float]:
-    return a["zero_deviation_offpolicy"] or 0.0, a["zero_deviation_offpolicy_spread"] or 0.0
 
 
 def goal_b(aggs: list[dict]) -> str:
@@ -214,6 +210,7 @@ def render(loaded: dict, source: str) -> str:
         ]
         lines += setting_table(mine) if mine else ["(no cells finished yet)"]
     lines += ["", "Goals (measured):", goal_b(aggs), goal_a(aggs)]
+    lines += ["", *findings(aggs, list(res["settings"]))]
     lines += ["", *[f"![{alt}](results/experiment/{f})" for f, alt in PLOTS]]
     if loaded.get("tuning"):
         lines += ["", *tuning_table(loaded["tuning"])]
