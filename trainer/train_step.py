@@ -233,9 +233,7 @@ def mini_steps(
         if step > 1:
             log.hist_off += hist
             if served_raw is not None:  # the served offset's raw b vs the router's move n_s
-                h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
-                sums = offset_fit_sums(h, z, ctl.logits, served_raw, valid_flat[rows])
-                log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]
+                _add_fit_sums(log, old, rows, ctl.logits, served_raw, valid_flat[rows])
         if pred_loss is not None:
             log.predictor_losses.append(pred_loss)
     if world > 1:  # each rank's share of the fit's sums
@@ -243,6 +241,13 @@ def mini_steps(
         dist.all_reduce(sums)
         log.offset_fit = sums.tolist()
     return log
+
+
+def _add_fit_sums(log: MiniStepLog, old: OldPass, rows, logits, served_raw, valid) -> None:
+    """Add a mini-step's ``offset_fit_sums`` (served offset vs the router's move) to the log."""
+    h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+    sums = offset_fit_sums(h, z, logits, served_raw, valid)
+    log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]
 
 
 # -- one batch -------------------------------------------------------------------------------------
