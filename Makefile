@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
 UV_PIP := $(BIN)/python tools/uv_pip.py
 
-.PHONY: venv test test-fast gpu-check demo experiment report reliability lint bench clean
+.PHONY: venv test test-fast gpu-check demo experiment report reliability lint bench vs-trl clean
 
 venv: $(STAMP)
 
@@ -67,6 +67,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/plugin_overhead.py
+
+# TRL's GRPOTrainer vs pr2-train sync/async on the demo config (needs `make demo`'s model first)
+vs-trl: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.vs_trl
 
 clean:
 	rm -rf $(VENV) runs models .pytest_cache
