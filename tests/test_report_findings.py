@@ -49,3 +49,22 @@ def test_findings_name_each_level_alpha_drift_and_accuracy():
     assert "At off-policy 8 (R3 94.4 %, 3 seeds): pr2-auto 94.4 % is within the spread" in text
     assert "α ≈ 0.14" in text
     assert "ranges 0.250–0.300 across the fp32 cells, within the largest seed spread" in text
+
+
+def test_the_reading_sums_up_the_levels():
+    aggs = [
+        agg("r3", 2, 0.988, 0.002),
+        agg("r3", 8, 0.944, 0.004),
+        agg("pr2", 2, 0.979, 0.005),
+        agg("pr2", 8, 0.923, 0.008),
+        agg("pr2-auto", 2, 0.987, 0.003, predictor_scale=0.27),
+        agg("pr2-auto", 8, 0.944, 0.011, predictor_scale=0.14),
+        agg("lookahead", 2, 0.989, 0.002),
+        agg("lookahead", 8, 0.953, 0.008),
+    ]
+    text = "\n".join(findings(aggs, ["B"]))
+    assert "full scale is below R3 at every level" in text
+    assert "the fitted scale (α 0.14–0.27) shrinks it to R3's level, not below it" in text
+    assert "only the Adam look-ahead is above R3 beyond the spread (off-policy 8)" in text
+    aggs[-1] = agg("lookahead", 8, 0.930, 0.008)  # below at 8: no such claim
+    assert "look-ahead" not in "\n".join(findings(aggs, ["B"]))

@@ -104,6 +104,33 @@ def _precision_sentence(by: dict) -> str | None:
     )
 
 
+def _reading(by: dict, offs: list[int]) -> str | None:
+    """What the level-by-level comparisons add up to, per PR2 variant."""
+    words = {  # variant -> {level: above / below / within the spread}
+        v: {
+            o: versus_r3(by[(v, o)], by[("r3", o)])[0]
+            for o in offs
+            if {(v, o), ("r3", o)} <= by.keys()
+        }
+        for v in PR2_VARIANTS
+    }
+    parts = []
+    if words["pr2"] and set(words["pr2"].values()) == {"below"}:
+        parts.append("the learned predictor served at full scale is below R3 at every level")
+    if words["pr2-auto"] and "below" not in words["pr2-auto"].values():
+        alphas = [by[("pr2-auto", o)].get("predictor_scale") for o in words["pr2-auto"]]
+        alphas = [x for x in alphas if x is not None]
+        span = f" (α {min(alphas):.2f}–{max(alphas):.2f})" if alphas else ""
+        parts.append(f"the fitted scale{span} shrinks it to R3's level, not below it")
+    above = [o for o, w in words["lookahead"].items() if w == "above"]
+    if above and "below" not in words["lookahead"].values():
+        levels = ", ".join(map(str, above))
+        parts.append(
+            f"only the Adam look-ahead is above R3 beyond the spread (off-policy {levels})"
+        )
+    return "; ".join(parts) if parts else None
+
+
 def findings(aggs: list[dict], settings: list[str]) -> list[str]:
     """Markdown lines: "What this shows", a bullet per setting with a sub-bullet per fact."""
     lines = ["**What this shows** (derived from the table by `trainer/report_findings.py`):"]
@@ -115,7 +142,7 @@ def findings(aggs: list[dict], settings: list[str]) -> list[str]:
         by = {(a["variant"], a["off_policy_steps"]): a for a in mine}
         offs = sorted({a["off_policy_steps"] for a in mine})
         facts = [_drift_sentence(mine), *(_level_sentence(by, off) for off in offs)]
-        facts += [_accuracy_sentence(mine), _precision_sentence(by)]
+        facts += [_reading(by, offs), _accuracy_sentence(mine), _precision_sentence(by)]
         lines.append(f"- Setting {name}:")
         lines += [f"  - {f[0].upper()}{f[1:]}." for f in facts if f]
     return lines
