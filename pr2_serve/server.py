@@ -24,11 +24,14 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .api import config
 from .api.config import KEEP_ALIVE_S, ServerConfig, engine_kwargs, validate_parallelism
-from .api.service import RolloutService
 from .api.startup import StartupError, preflight
+
+if TYPE_CHECKING:  # the service imports vLLM: only once the start-up checks have passed
+    from .api.service import RolloutService
 
 __all__ = [
     "KEEP_ALIVE_S",
@@ -106,6 +109,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
     from vllm.platforms import current_platform
 
     from .api.grpc_server import set_serving, start_grpc
+    from .api.service import RolloutService
 
     validate_parallelism(cfg, on_cpu=current_platform.is_cpu())
     api_key = read_api_key(cfg)

@@ -266,3 +266,11 @@ def test_read_only_model_dir_serves_with_its_own_state(tiny_zero, tmp_path):
         proc.terminate()
         proc.wait(60)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in model.rglob("*")) == before
+
+
+def test_start_up_checks_run_before_vllm_is_imported():
+    """A bad start-up flag fails in well under a second: ``pr2_serve.server`` imports neither
+    vLLM nor torch until the checks have passed (the service imports them in ``serve``)."""
+    code = "import sys, pr2_serve.server; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
