@@ -74,9 +74,10 @@ def test_readme_results_section_matches_the_committed_results():
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
-def test_demo_stops_the_server_on_ctrl_c_or_error(tmp_path, monkeypatch, fault):
-    """``make demo`` interrupted (Ctrl-C) or failing mid-training leaves no server running."""
+def test_demo_stops_the_server_on_ctrl_c(tmp_path, monkeypatch):
+    """``make demo`` interrupted (Ctrl-C) mid-training leaves no server running. (An error
+    takes the same ``finally``; KeyboardInterrupt is the one an ``except Exception`` misses.)"""
+    fault = KeyboardInterrupt
     import shutil
 
     import pr2_serve.launch
