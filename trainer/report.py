@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from .report_findings import LAGS, PR2_VARIANTS, _zd, findings
+from .report_findings import LAGS, PR2_VARIANTS, _zd, by_cell, findings, versus_r3
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -63,21 +63,17 @@ def setting_table(aggs: list[dict]) -> list[str]:
     return lines
 
 
-def _by(aggs: list[dict], setting: str) -> dict[tuple[str, int], dict]:
-    return {(a["variant"], a["off_policy_steps"]): a for a in aggs if a["setting"] == setting}
-
-
 def goal_b(aggs: list[dict]) -> str:
     """Setting B: the best PR2 variant (by off-policy 8 zero-deviation) above R3 by more than
     the seed spread at 8, and not below R3 at 2."""
-    by = _by(aggs, "B")
+    by = by_cell(aggs, "B")
     cands = [v for v in PR2_VARIANTS if (v, 8) in by]
     if ("r3", 8) not in by or ("r3", 2) not in by or not cands:
         return "- Setting B: not measured yet (needs r3 and a PR2 variant at off-policy 2 and 8)."
     best = max(cands, key=lambda v: _zd(by[(v, 8)])[0])
-    (b8, s8), (r8, rs8) = _zd(by[(best, 8)]), _zd(by[("r3", 8)])
-    spread = max(s8, rs8)
-    ok8 = b8 - r8 > spread
+    (b8, _), (r8, _) = _zd(by[(best, 8)]), _zd(by[("r3", 8)])
+    word, _, spread = versus_r3(by[(best, 8)], by[("r3", 8)])
+    ok8 = word == "above"
     text = (
         f"- Setting B: best PR2 variant at off-policy 8 is **{best}**: zero-deviation "
         f"{_pct(b8)} vs r3 {_pct(r8)} (difference {100 * (b8 - r8):+.1f} pp, seed spread "
@@ -95,15 +91,15 @@ def goal_b(aggs: list[dict]) -> str:
 
 def goal_a(aggs: list[dict]) -> str:
     """Setting A: pr2 + auto α not below R3 by more than the seed spread at any level."""
-    by = _by(aggs, "A")
+    by = by_cell(aggs, "A")
     offs = sorted({off for v, off in by if v == "pr2-auto" and ("r3", off) in by})
     if not offs:
         return "- Setting A: not measured yet (needs pr2-auto and r3 at the same level)."
     parts, ok = [], True
     for off in offs:
-        (p, ps), (r, rs) = _zd(by[("pr2-auto", off)]), _zd(by[("r3", off)])
-        spread = max(ps, rs)
-        good = p >= r - spread
+        (p, _), (r, _) = _zd(by[("pr2-auto", off)]), _zd(by[("r3", off)])
+        word, _, spread = versus_r3(by[("pr2-auto", off)], by[("r3", off)])
+        good = word != "below"
         ok &= good
         parts.append(
             f"off-policy {off}: {_pct(p)} vs r3 {_pct(r)} (spread {_pct(spread)}) "

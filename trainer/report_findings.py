@@ -16,6 +16,11 @@ def _zd(a: dict) -> tuple[float, float]:
     return a["zero_deviation_offpolicy"] or 0.0, a["zero_deviation_offpolicy_spread"] or 0.0
 
 
+def by_cell(aggs: list[dict], setting: str) -> dict[tuple[str, int], dict]:
+    """A setting's aggregates by (variant, off-policy level)."""
+    return {(a["variant"], a["off_policy_steps"]): a for a in aggs if a["setting"] == setting}
+
+
 def versus_r3(a: dict, r3: dict) -> tuple[str, float, float]:
     """``("above" | "below" | "within the spread", difference, spread)`` of ``a`` against R3
     (zero-deviation over the off-policy mini-steps, fractions)."""
@@ -139,7 +144,7 @@ def findings(aggs: list[dict], settings: list[str]) -> list[str]:
         if not mine:
             lines.append(f"- Setting {name}: no cells yet.")
             continue
-        by = {(a["variant"], a["off_policy_steps"]): a for a in mine}
+        by = by_cell(mine, name)
         offs = sorted({a["off_policy_steps"] for a in mine})
         facts = [_drift_sentence(mine), *(_level_sentence(by, off) for off in offs)]
         facts += [_reading(by, offs), _accuracy_sentence(mine), _precision_sentence(by)]
