@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pr2-installed
 UV_PIP := $(BIN)/python tools/uv_pip.py
 
-.PHONY: venv test test-fast gpu-check demo experiment report reliability lint bench vs-trl clean
+.PHONY: venv test test-slow test-fast gpu-check demo experiment report reliability lint bench vs-trl clean
 
 venv: $(STAMP)
 
@@ -28,19 +28,29 @@ $(STAMP): pyproject.toml protos/pr2/rollout/v1/rollout.proto tools/uv_pip.py
 # The GPU check's tests run once, through the script (so the script cannot rot).
 GPU_CHECK_TESTS := tests/test_routing.py tests/test_cuda_readiness.py tests/test_gpu_graph.py
 
+# Three tiers (README, Tests): `make test` is every test but the slow tier, on a few shared
+# servers (tests/conftest.py) -- at most START_BUDGET vLLM engines, or the run fails naming who
+# started what (tests/start_budget.py); `make test-slow` is the tier that cannot share them;
+# `make test-fast` needs no vLLM at all. CI (.ci/run) runs all three and `make reliability`.
+START_BUDGET := 8
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider $(addprefix --ignore=,$(GPU_CHECK_TESTS))
+
 test: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools
 	$(BIN)/hadolint Dockerfile
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu
-	$(BIN)/python -m pytest -q --durations=40 $(PYTEST_ARGS) $(addprefix --ignore=,$(GPU_CHECK_TESTS))
+	$(PYTEST) -m "not slow" --start-budget $(START_BUDGET) --durations=15 $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow --durations=15 $(PYTEST_ARGS)
 
 # On a GPU host: needs only python3 with torch, pytest, transformers (no venv, no vLLM).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# Pure tests only (no vLLM engine): seconds.
+# Pure tests only (no vLLM engine, no torchrun): seconds.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not vllm"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not vllm and not slow" --start-budget 0 $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/pr2-demo

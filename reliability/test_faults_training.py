@@ -161,18 +161,16 @@ def config(model: Path, servers: list[Restartable], out: Path, **kw) -> TrainCon
 
 
 def during_next_generate(trainer: Trainer, srv: Restartable, fault) -> None:
-    """Run ``fault()`` (a kill) shortly after the trainer's next generate on ``srv`` was sent:
-    the request dies with the server."""
+    """Run ``fault()`` (a kill) as the trainer's next generate on ``srv`` is sent, before it
+    leaves: that call finds the server dead and is re-sent once the server is back. The fault
+    lands in that generate on any machine: a timer racing the request (it used to fire 50 ms
+    after the send) landed in the step's push instead wherever the generate took less."""
     entry = next(s for s in trainer.servers.servers if s.address == srv.address)
     real = entry.client.generate
 
-    fired = threading.Event()  # once: the retries call this same function again
-
     def generate(*a, **kw):
-        if not fired.is_set():
-            fired.set()
-            entry.client.generate = real
-            threading.Timer(0.05, fault).start()
+        entry.client.generate = real  # once: the retries call the real one
+        fault()
         return real(*a, **kw)
 
     entry.client.generate = generate

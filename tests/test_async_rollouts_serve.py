@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import trainer.loop as loop
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY
 from trainer.batch import flat_routes
 from trainer.config import TrainConfig
 from trainer.predictor import predicted_route_agreement
@@ -54,10 +54,8 @@ class NewPredictorEachPush(Learner):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zero, tmp_path_factory):
-    srv = start_server(tiny_zero, tmp_path_factory.mktemp("async-state"))
-    yield srv
-    srv.stop()
+def server(zero_server):
+    return zero_server  # the run starts on whatever version it serves
 
 
 @pytest.mark.timeout(600)

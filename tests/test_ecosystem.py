@@ -191,6 +191,7 @@ def processed(model, tmp_path_factory):
     srv.stop()
 
 
+@pytest.mark.slow
 def test_trl_vllm_client_generate_and_chat(processed, server):
     from trl.generation.vllm_client import VLLMClient
 
@@ -229,6 +230,7 @@ def test_trl_vllm_client_generate_and_chat(processed, server):
         assert out == r.output_token_ids
 
 
+@pytest.mark.slow
 def test_server_flag_fills_routed_experts(processed):
     body = {"prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}
     choice = httpx.post(f"{processed.http}/v1/completions", json=body, timeout=60).json()[

@@ -18,7 +18,7 @@ from pr2_serve.checkpoint import WeightValidationError
 from pr2_serve.engine import RolloutEngine, Sampling
 from pr2_serve.tiny_model import make_tiny_model
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PROMPTS = [[5, 6, 7], list(range(40, 80)), [200, 1, 2, 3, 4, 5, 6, 7, 8], list(range(100, 117))]
 GREEDY = Sampling(temperature=0.0, max_tokens=12)

@@ -15,7 +15,7 @@ import pytest
 from trainer.experiment import ServerCache, run_cell
 from trainer.grid import CellKey, Setting
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 SKIP = ("time_", "weight_version", "rollout_versions", "pushed_version", "live_servers")
 

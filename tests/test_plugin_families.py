@@ -12,6 +12,7 @@ from tests.helpers import hf_logprobs, hf_routes, load_hf, same_rows
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "olmoe"])
 def test_family_routes_and_logprobs(arch, tmp_path):
     model_dir = make_tiny_model(

@@ -19,8 +19,8 @@ from pr2_serve.client import (
     HttpClient,
     ServerError,
 )
-from pr2_serve.engine import RolloutEngine, Sampling
-from tests.helpers import API_KEY, start_server, start_servers
+from pr2_serve.engine import Sampling
+from tests.helpers import API_KEY, start_server
 
 pytestmark = pytest.mark.vllm
 
@@ -74,7 +74,7 @@ def same(a, b, tol=1e-5) -> None:
         assert x.weight_version == y.weight_version
 
 
-def test_protocols_agree_with_each_other_and_the_engine(server, http, rpc, tiny_random):
+def test_protocols_agree_with_each_other_and_the_engine(server, http, rpc, reference):
     h = http.generate(PROMPTS, **SEEDED)
     g = rpc.generate(PROMPTS, **SEEDED)
     same(h.samples, g.samples, tol=0.0)
@@ -82,8 +82,7 @@ def test_protocols_agree_with_each_other_and_the_engine(server, http, rpc, tiny_
     gs = _collect_stream(rpc.stream(PROMPTS, **SEEDED))
     same(hs, h.samples, tol=0.0)
     same(gs, h.samples, tol=0.0)
-    with RolloutEngine(tiny_random, dtype="float32", max_model_len=512) as engine:
-        local = engine.generate(PROMPTS, Sampling(**SEEDED))
+    local = reference.generate(PROMPTS, Sampling(**SEEDED))
     same(h.samples, local, tol=0.0)
     tail = http.generate(PROMPTS[:1], routes_from=3, max_tokens=4, seed=1)
     full = http.generate(PROMPTS[:1], max_tokens=4, seed=1)
@@ -304,26 +303,16 @@ def test_bad_pushes_change_nothing(server, http, rpc, tmp_path, tiny_random):
     assert _committed_files(server) == files_before  # no partial or rejected files left
 
 
-def _fresh_servers_outputs(tiny_random, checkpoints: dict[str, dict], tmp_path: Path) -> dict:
-    """Outputs of new servers, one per checkpoint holding exactly its weights (started at
-    once), by checkpoint name."""
-    dirs = {}
-    for name, weights in checkpoints.items():
-        dirs[name] = d = tmp_path / name
-        d.mkdir()
-        for f in Path(tiny_random).iterdir():
-            if f.is_file() and f.suffix != ".safetensors":
-                (d / f.name).write_bytes(f.read_bytes())
-        save_file(weights, str(d / "model.safetensors"))
-    servers = start_servers(*[(d, tmp_path / f"{name}-state") for name, d in dirs.items()])
-    try:
-        return {
-            name: HttpClient(s.http).generate(PROMPTS, **SEEDED).samples
-            for name, s in zip(dirs, servers, strict=True)
-        }
-    finally:
-        for s in servers:
-            s.stop()
+def _reference_outputs(reference, updates: list[dict]) -> list:
+    """Outputs of the reference engine after each update in turn (updates it; the
+    ``reference`` fixture puts it back): what a server given the same pushes must serve.
+    (That an update serves exactly as an engine started on those weights is proven once, in
+    test_engine_weights.)"""
+    out = []
+    for weights in updates:
+        reference.update_weights(weights, reference.weight_version + 1)
+        out.append(reference.generate(PROMPTS, Sampling(**SEEDED)))
+    return out
 
 
 def _assert_matches_fresh(got, ref) -> None:
@@ -333,15 +322,18 @@ def _assert_matches_fresh(got, ref) -> None:
         np.testing.assert_array_equal(a.routes, b.routes)
 
 
-def test_pushes_over_both_protocols_equal_a_fresh_server(server, http, rpc, tiny_random, tmp_path):
+def test_pushes_over_both_protocols_equal_a_fresh_server(
+    server, http, rpc, tiny_random, reference, tmp_path
+):
     """HTTP push (policy + predictor, from a file), then gRPC push (from a state dict in
-    memory): after each, outputs equal a fresh server started on those weights."""
+    memory): after each, outputs equal an engine holding those weights (the reference engine
+    given the same updates)."""
     v = http.info()["weight_version"]
     base = load_file(str(Path(tiny_random) / "model.safetensors"))
     g = torch.Generator().manual_seed(2)
     first = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
-    second = {**first, **predictor_update(1)}  # + a predictor-only push over gRPC
-    fresh = _fresh_servers_outputs(tiny_random, {"a": first, "b": second}, tmp_path)
+    ref_a, ref_b = _reference_outputs(reference, [first, predictor_update(1)])
+    fresh = {"a": ref_a, "b": ref_b}
     path = tmp_path / "first.safetensors"
     save_file(first, str(path))
     res = http.push_weights(str(path), v + 1)
@@ -396,7 +388,7 @@ def test_interrupted_grpc_upload_changes_nothing(server, http, tmp_path):
     assert _committed_files(server) == files
 
 
-def test_concurrent_clients_during_pushes(server, http, tiny_random):
+def test_concurrent_clients_during_pushes(server, http, reference):
     """16 concurrent generate clients while 3 pushes happen: zero errors, and every sample's
     tokens are what its reported version produces (regenerated greedily on that version)."""
     start_version = http.info()["weight_version"]
@@ -435,20 +427,21 @@ def test_concurrent_clients_during_pushes(server, http, tiny_random):
     seen = {r.weight_version for _, r in results}
     assert len(seen) >= 3, seen
     # regenerate each (prompt, version) greedily on an engine holding that version's weights
-    with RolloutEngine(tiny_random, dtype="float32", max_model_len=512) as engine:
-        if start_version:
-            engine.update_weights(start_weights, start_version)
-        for v in sorted(seen):
-            if v > engine.weight_version:
-                engine.update_weights(updates[v], v)
-            mine = [(p, r) for p, r in results if r.weight_version == v]
-            ref = engine.generate([p for p, _ in mine], Sampling(temperature=0.0, max_tokens=8))
-            bad = [
-                (r.output_token_ids, want.output_token_ids)
-                for (_, r), want in zip(mine, ref, strict=True)
-                if r.output_token_ids != want.output_token_ids
-            ]
-            assert not bad, (v, len(mine), bad[:3])
+    # (the reference engine numbers its versions from its own: server version v is its base + v)
+    base = reference.weight_version
+    if start_version:
+        reference.update_weights(start_weights, base + start_version)
+    for v in sorted(seen):
+        if base + v > reference.weight_version:
+            reference.update_weights(updates[v], base + v)
+        mine = [(p, r) for p, r in results if r.weight_version == v]
+        ref = reference.generate([p for p, _ in mine], Sampling(temperature=0.0, max_tokens=8))
+        bad = [
+            (r.output_token_ids, want.output_token_ids)
+            for (_, r), want in zip(mine, ref, strict=True)
+            if r.output_token_ids != want.output_token_ids
+        ]
+        assert not bad, (v, len(mine), bad[:3])
 
 
 def _server_weights_at(state: Path) -> dict[str, torch.Tensor]:
@@ -459,7 +452,9 @@ def _server_weights_at(state: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_restart_comes_back_on_the_committed_version(server, http, tiny_random):
+    http.push_weights(predictor_update(5), http.info()["weight_version"] + 1)  # (alone: v1)
     before = http.generate(PROMPTS, **SEEDED)
     version = http.info()["weight_version"]
     assert version > 0

@@ -235,6 +235,7 @@ def _serve(cmd: list[str], env: dict, timeout: float = 240.0):
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
 def test_read_only_model_dir_serves_with_its_own_state(tiny_zero, tmp_path):
     """Read-only model, default state dir (per user): serves, takes a push into the state
     dir only; ``--fresh`` then starts on the model's weights and says so."""

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import trainer.loop as loop
-from tests.helpers import API_KEY, start_server
+from pr2_serve.client import HttpClient
+from tests.helpers import API_KEY
 from trainer.cli import main as train_main
 from trainer.config import TrainConfig
 from trainer.data import DatasetError
@@ -80,10 +81,13 @@ def tokenizer(bpe_model):
 
 
 @pytest.fixture(scope="module")
-def server(bpe_model, tmp_path_factory):
-    srv = start_server(bpe_model, tmp_path_factory.mktemp("dataset-state"), timeout=600)
-    yield srv
-    srv.stop()
+def server(bpe_server):
+    """The session's BPE server (its checkpoint is ``bpe_model``'s plus random predictors: a
+    run's start-up agreement pushes the run's starting weights); back on its own after."""
+    yield bpe_server
+    client = HttpClient(bpe_server.http, api_key=API_KEY)
+    client.rollback(0)
+    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 from safetensors.torch import load_file
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_data_parallel_step_equals_single_process(tiny_random, tmp_path, parallel):

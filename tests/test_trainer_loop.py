@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import API_KEY, start_servers
+from tests.helpers import API_KEY
 from trainer.cli import main as train_main
 
 pytestmark = pytest.mark.vllm
@@ -109,56 +109,41 @@ def test_served_predictor_reaches_the_server(server, tiny_zero, tmp_path, flags,
         assert rows[1]["predictor_scale_fit"] is not None
 
 
-def test_rollouts_spread_over_two_servers(tiny_zero, tmp_path, monkeypatch):
-    """Two CPU servers: rollouts come from both, both get every push, versions agree."""
+def requests_served(srv) -> float:
+    """The server's ``pr2_requests_total``, summed over its labels."""
+    import httpx
+
+    text = httpx.get(f"{srv.http}/metrics").text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("pr2_requests_total")
+    )
+
+
+def test_rollouts_spread_over_two_servers(server, second_server, tiny_zero, tmp_path, monkeypatch):
+    """Two CPU servers (the session's): rollouts come from both, both get every push, versions
+    agree."""
     import httpx
 
     monkeypatch.setenv("PR2_API_KEY", API_KEY)
-    a, b = start_servers((tiny_zero, tmp_path / "a-state"), (tiny_zero, tmp_path / "b-state"))
-    try:
-        out = tmp_path / "two"
-        train_main(
-            [
-                "--servers",
-                a.http,
-                f"grpc://{b.grpc}",
-                "--model-dir",
-                str(tiny_zero),
-                "--replay",
-                "pr2",
-                "--off-policy-steps",
-                "2",
-                "--prompts-per-batch",
-                "4",
-                "--samples-per-prompt",
-                "2",
-                "--max-tokens",
-                "4",
-                "--steps",
-                "2",
-                "--eval-every",
-                "0",
-                "--output-dir",
-                str(out),
-            ]
-        )
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert rows[1]["rollout_versions"] == [rows[0]["pushed_version"]]
-        for srv in (a, b):
-            info = httpx.get(f"{srv.http}/v1/info").json()
-            assert info["weight_version"] == rows[-1]["pushed_version"]
-            text = httpx.get(f"{srv.http}/metrics").text
-            served = sum(
-                float(line.split()[-1])
-                for line in text.splitlines()
-                if line.startswith("pr2_requests_total")
-            )
-            assert served >= 2, text  # each server answered rollouts of both steps
-    finally:
-        a.stop()
-        b.stop()
+    a, b = server, second_server
+    before = [requests_served(srv) for srv in (a, b)]
+    out = tmp_path / "two"
+    args = ["--servers", a.http, f"grpc://{b.grpc}", "--model-dir", str(tiny_zero)]
+    args += ["--replay", "pr2", "--off-policy-steps", "2", "--prompts-per-batch", "4"]
+    args += ["--samples-per-prompt", "2", "--max-tokens", "4", "--steps", "2"]
+    train_main([*args, "--eval-every", "0", "--output-dir", str(out)])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["rollout_versions"] == [rows[0]["pushed_version"]]
+    for srv, was in zip((a, b), before, strict=True):
+        info = httpx.get(f"{srv.http}/v1/info").json()
+        assert info["weight_version"] == rows[-1]["pushed_version"]
+        # each server answered rollouts of both steps
+        assert requests_served(srv) - was >= 2, httpx.get(f"{srv.http}/metrics").text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
     """``torchrun`` with 2 ranks and ``--parallel fsdp2``: the weights gathered from the shards

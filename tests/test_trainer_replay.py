@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pr2_serve.engine import RolloutEngine, Sampling
+from pr2_serve.engine import Sampling
 from trainer.batch import make_batch
 from trainer.config import TrainConfig
 from trainer.policy import Policy, forward_logprobs
@@ -19,11 +19,12 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def rollouts(tiny_random):
+def rollouts(random_engine):
+    """Seeded samples of the session's engine on ``tiny_random`` (the weights ``policy`` has:
+    a test that updates the engine puts it back on them)."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 256, size=int(n)).tolist() for n in (4, 9, 17, 30)]
-    with RolloutEngine(tiny_random, dtype="float32", max_model_len=256) as engine:
-        return engine.generate(prompts, Sampling(n=2, temperature=1.0, max_tokens=10, seed=3))
+    return random_engine.generate(prompts, Sampling(n=2, temperature=1.0, max_tokens=10, seed=3))
 
 
 @pytest.fixture(scope="module")

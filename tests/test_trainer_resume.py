@@ -25,7 +25,7 @@ from tests.helpers import API_KEY
 from trainer.checkpoints import checkpoint_dirs
 from trainer.cli import main as train_main
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from tests.helpers import API_KEY, start_server
 from trainer.cli import main as train_main
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 WARMUP_STEPS = 150  # the demo's warm-up, shortened: rewards vary within groups, so routers move
 

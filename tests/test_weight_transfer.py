@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
+from pr2_serve.types import Sampling
 from tests.helpers import API_KEY, assert_same_samples, start_server
 from trainer.cli import main as train_main
 from trainer.transfer import CollectivePusher, GroupNotFormed
@@ -74,21 +75,20 @@ def write_model_dir(src, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_zero, tmp_path_factory):
-    state = tmp_path_factory.mktemp("xfer") / "state"
-    srv = start_server(tiny_zero, state, "--enable-weight-transfer")
+def setup(zero_server, tiny_zero):
+    """The shared server (``--enable-weight-transfer``) and a trainer-side pusher."""
+    srv = zero_server
     http = HttpClient(srv.http, api_key=API_KEY)
     pusher = CollectivePusher([http], timeout_s=20)
-    yield srv, http, pusher, state, tiny_zero
+    yield srv, http, pusher, srv.state_dir, tiny_zero
     pusher.close()
     http.close()
-    assert srv.stop() == 0, "".join(srv.log[-40:])
 
 
 @pytest.fixture(scope="module")
 def fresh(tiny_zero, tmp_path_factory):
-    """A second server, freshly started on tiny_zero + policy(5) + predictors(6) (the state
-    the first one reaches by transfers below); also the second server of the trainer run."""
+    """A second server, freshly started on tiny_zero + policy(5) + predictors(6): the second
+    server of the two-server trainer run."""
     target = {**policy(tiny_zero, 5), **predictors(6)}
     root = tmp_path_factory.mktemp("fresh")
     model = write_model_dir(tiny_zero, root / "model", target)
@@ -220,12 +220,17 @@ def test_a_trainer_killed_mid_transfer_changes_nothing(setup):
     assert res["weight_version"] == v + 1
 
 
-def test_transfers_serve_as_a_freshly_started_server(setup, fresh, tiny_zero):
-    """Each kind of transfer brings the first server to the weights the fresh one started on:
-    both at once; the policy alone (after the old policy back); the predictors alone (after
-    zeros). Greedy tokens identical, log-probs within 1e-5, routes equal."""
+def test_transfers_serve_as_a_freshly_started_server(setup, reference, tiny_zero):
+    """Each kind of transfer brings the server to the target weights (tiny_zero + policy(5) +
+    predictors(6)): both at once; the policy alone (after the old policy back); the predictors
+    alone (after zeros). Greedy tokens identical to an engine holding the target, log-probs
+    within 1e-5, routes equal. (The engine is the session's reference on tiny_random, given
+    the target: the same tensors, as its predictors are all replaced; that an update serves as
+    an engine started on its weights is proven once, in test_engine_weights.)"""
     _, http, pusher, _, _ = setup
-    _, _, target, fresh_out = fresh
+    target = {**policy(tiny_zero, 5), **predictors(6)}
+    reference.update_weights(target, reference.weight_version + 1)
+    fresh_out = reference.generate(PROMPTS, Sampling(**GREEDY))
     new_policy = {n: t for n, t in target.items() if "predictor" not in n}
     new_preds = {n: t for n, t in target.items() if "predictor" in n}
     steps = [
@@ -249,7 +254,7 @@ def test_transfers_serve_as_a_freshly_started_server(setup, fresh, tiny_zero):
             ), what
 
 
-def test_a_grpc_driven_transfer_commits_and_serves(setup, fresh):
+def test_a_grpc_driven_transfer_commits_and_serves(setup):
     """gRPC ``TransferInit`` / ``TransferWeights``: committed and served as over HTTP; its
     refusals carry the HTTP route's codes (INVALID_ARGUMENT, UNAUTHENTICATED) and change
     nothing."""
@@ -280,14 +285,16 @@ def test_a_grpc_driven_transfer_commits_and_serves(setup, fresh):
         grpc.close()
 
 
-def test_two_servers_one_trainer_over_gloo_then_a_restart(
-    setup, fresh, tiny_zero, tmp_path, monkeypatch
-):
+@pytest.mark.slow
+def test_two_servers_one_trainer_over_gloo_then_a_restart(fresh, tiny_zero, tmp_path, monkeypatch):
     """``pr2-train --weight-transfer gloo`` against two servers (the control calls over HTTP to
     one, gRPC to the other): one group of the trainer + both servers' workers; both commit every
     version, the versions and weights agree, both serve the same outputs. Then the first one,
-    restarted on its state directory, serves the last transferred version again."""
-    srv, http, _, state, _ = setup
+    restarted on its state directory, serves the last transferred version again. (The first
+    server is this test's own: it is stopped and restarted.)"""
+    state = tmp_path / "state"
+    srv = start_server(tiny_zero, state, "--enable-weight-transfer")
+    http = HttpClient(srv.http, api_key=API_KEY)
     fsrv, fhttp, _, _ = fresh
     monkeypatch.setenv("PR2_API_KEY", API_KEY)
     out = tmp_path / "run"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY
 from tests.helpers import assert_same_samples as assert_same
 
 pytestmark = pytest.mark.vllm
@@ -30,20 +30,19 @@ def predictors(seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_zero, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("load")
-    allowed, state = tmp / "allowed", tmp / "state"
-    (allowed / "step-1").mkdir(parents=True)
-    save_file(predictors(11), str(allowed / "step-1" / "model.safetensors"))
-    save_file(predictors(12), str(allowed / "b.safetensors"))
+def setup(model_weights_server, weights_dir, tmp_path_factory):
+    """The shared server (``--weights-dir weights_dir``) on the model's weights; a checkpoint
+    directory and a file inside the allowed directory, one outside, and a symlink leading out."""
+    srv, tmp = model_weights_server, tmp_path_factory.mktemp("load")
+    (weights_dir / "step-1").mkdir()
+    save_file(predictors(11), str(weights_dir / "step-1" / "model.safetensors"))
+    save_file(predictors(12), str(weights_dir / "b.safetensors"))
     save_file(predictors(13), str(tmp / "outside.safetensors"))
-    os.symlink(tmp / "outside.safetensors", allowed / "escape.safetensors")
-    srv = start_server(tiny_zero, state, "--weights-dir", str(allowed))
+    os.symlink(tmp / "outside.safetensors", weights_dir / "escape.safetensors")
     http, rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, api_key=API_KEY)
-    yield srv, http, rpc, tmp
+    yield srv, http, rpc, tmp, weights_dir
     http.close()
     rpc.close()
-    assert srv.stop() == 0, "".join(srv.log[-40:])
 
 
 def outputs(client) -> list:
@@ -51,22 +50,22 @@ def outputs(client) -> list:
 
 
 def test_a_loaded_checkpoint_serves_as_the_same_tensors_pushed(setup):
-    _, http, rpc, tmp = setup
-    base = outputs(http)
-    assert http.load_weights("step-1", 1)["weight_version"] == 1  # relative to --weights-dir
+    srv, http, rpc, _, allowed = setup
+    base, v = outputs(http), http.info()["weight_version"]
+    assert http.load_weights("step-1", v + 1)["weight_version"] == v + 1  # in --weights-dir
     loaded = outputs(http)
-    assert {s.weight_version for s in loaded} == {1}
+    assert {s.weight_version for s in loaded} == {v + 1}
     assert any(a.output_token_ids != b.output_token_ids for a, b in zip(base, loaded, strict=True))
-    http.push_weights(predictors(11), 2)
+    http.push_weights(predictors(11), v + 2)
     assert_same(outputs(http), loaded)
-    src = tmp / "allowed" / "b.safetensors"
-    assert rpc.load_weights(str(src), 3)["weight_version"] == 3  # absolute, inside
+    src = allowed / "b.safetensors"
+    assert rpc.load_weights(str(src), v + 3)["weight_version"] == v + 3  # absolute, inside
     served = outputs(rpc)
     # copied in, not linked: the committed version keeps its tensors when the source changes
-    record = json.loads((tmp / "state" / "committed.json").read_text())
-    assert record["version"] == 3 and record["source"] == f"load {src}"
-    stored = tmp / "state" / "weights" / record["files"][PRED.format(0)]
-    assert stored.parent == tmp / "state" / "weights" and stored.exists()
+    record = json.loads((srv.state_dir / "committed.json").read_text())
+    assert record["version"] == v + 3 and record["source"] == f"load {src}"
+    stored = srv.state_dir / "weights" / record["files"][PRED.format(0)]
+    assert stored.parent == srv.state_dir / "weights" and stored.exists()
     save_file(predictors(99), str(src))
     torch.testing.assert_close(
         load_file(str(stored))[PRED.format(0)], predictors(12)[PRED.format(0)]
@@ -75,7 +74,7 @@ def test_a_loaded_checkpoint_serves_as_the_same_tensors_pushed(setup):
 
 
 def test_paths_outside_the_weights_dir_are_refused_and_nothing_changes(setup):
-    srv, http, rpc, tmp = setup
+    srv, http, rpc, tmp, _ = setup
     v = http.info()["weight_version"]
     before = outputs(http)
     cases = [
@@ -105,4 +104,4 @@ def test_paths_outside_the_weights_dir_are_refused_and_nothing_changes(setup):
     assert r.status_code == 422 and r.json()["error"]["field"] == "extra"
     assert http.info()["weight_version"] == v
     assert_same(outputs(http), before)
-    assert sorted(p.name for p in (tmp / "state" / "weights").glob("*.part")) == []
+    assert sorted(p.name for p in (srv.state_dir / "weights").glob("*.part")) == []

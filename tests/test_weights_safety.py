@@ -24,7 +24,7 @@ from pr2_serve.api.errors import TYPE_METADATA_KEY
 from pr2_serve.api.proto import load
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.launch import server_command
-from tests.helpers import API_KEY, start_server
+from tests.helpers import API_KEY
 from tests.helpers import assert_same_samples as assert_same
 
 pytestmark = pytest.mark.vllm
@@ -36,13 +36,11 @@ BREAKS = "model.layers.0.post_attention_layernorm.weight"  # x 1e30: the experts
 
 
 @pytest.fixture(scope="module")
-def server(tiny_zero, tmp_path_factory):
-    srv = start_server(
-        tiny_zero, tmp_path_factory.mktemp("state"), env={"PR2_ENABLE_FAULT_INJECTION": "1"}
-    )
-    srv.base = HttpClient(srv.http).generate(PROMPTS, **GREEDY).samples  # version 0
-    yield srv
-    assert srv.stop() == 0, "".join(srv.log[-40:])
+def server(model_weights_server):
+    """The shared server (fault injection on), serving the model's weights: ``base``."""
+    srv = model_weights_server
+    srv.base = HttpClient(srv.http).generate(PROMPTS, **GREEDY).samples
+    return srv
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +118,9 @@ def test_a_push_that_breaks_generation_is_rolled_back_by_the_canary(server, http
         assert httpx.get(f"{server.http}/readyz").status_code == 200
         assert http.info()["weight_version"] == before.weight_version
         assert_same(http.generate(PROMPTS, **GREEDY).samples, before.samples)
-    code, kind = grpc_error_type(server.grpc, lambda pb2, stub: _raw_push(pb2, stub, broken, 99))
+    code, kind = grpc_error_type(
+        server.grpc, lambda pb2, stub: _raw_push(pb2, stub, broken, before.weight_version + 1)
+    )
     assert (code, kind) == (grpc.StatusCode.FAILED_PRECONDITION, "canary_failed")
     assert leftovers(server.state_dir) == []
     # a good push right after goes through; its timing split shows the check and the canary
@@ -172,7 +172,10 @@ def test_rollback_to_a_kept_version_gives_its_outputs(server, http, rpc):
     assert http.info()["weight_version"] == v + 5
 
 
-def test_loading_and_transfers_are_refused_without_their_flags(server, http, rpc, tiny_zero):
+def test_loading_and_transfers_are_refused_without_their_flags(second_server, tiny_zero):
+    server = second_server  # started without --weights-dir and --enable-weight-transfer
+    http = HttpClient(server.http, api_key=API_KEY)
+    rpc = GrpcClient(server.grpc, api_key=API_KEY)
     v = http.info()["weight_version"]
     for client in (http, rpc):
         with pytest.raises(ServerError) as e:
@@ -236,6 +239,7 @@ def _start_unchecked(model, state, timeout: float = 240.0):
     return proc, f"http://{found['http']}", found["grpc"], found["line"], log
 
 
+@pytest.mark.slow
 def test_restored_weights_that_fail_the_canary_are_not_ready(server, tiny_zero, tmp_path):
     """A state directory whose committed version breaks generation (e.g. written by an older
     server): the server comes up not ready, refuses generates in the error shape, takes a
