@@ -167,10 +167,13 @@ def during_next_generate(trainer: Trainer, srv: Restartable, fault) -> None:
     after the send) landed in the step's push instead wherever the generate took less."""
     entry = next(s for s in trainer.servers.servers if s.address == srv.address)
     real = entry.client.generate
+    fired = threading.Event()  # once: a retry may call this same function again
 
     def generate(*a, **kw):
-        entry.client.generate = real  # once: the retries call the real one
-        fault()
+        if not fired.is_set():
+            fired.set()
+            entry.client.generate = real
+            fault()
         return real(*a, **kw)
 
     entry.client.generate = generate
