@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.start_budget"]
+pytest_plugins = ["tests.start_budget", "tests.skip_unselected"]
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

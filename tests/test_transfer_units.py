@@ -29,6 +29,8 @@ from pr2_serve.transfer.wire import (
     safetensors_layout,
 )
 
+pytestmark = pytest.mark.vllm  # needs vLLM (imports it; starts no engine)
+
 register()
 
 

@@ -17,6 +17,8 @@ from pr2_serve.api.service import MODEL_DIR_SOURCE, RolloutService
 from pr2_serve.types import EngineInfo
 from trainer import sync
 
+pytestmark = pytest.mark.vllm  # needs vLLM (imports it; starts no engine)
+
 
 # -- the server side on a stub vLLM --------------------------------------------------------------
 class _StubLLM:
