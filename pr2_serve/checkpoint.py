@@ -119,21 +119,35 @@ def st_dtype(dtype) -> str:
     return _TORCH_TO_ST.get(s, s)
 
 
-def checkpoint_files(model_dir: str | Path) -> dict[str, str]:
-    """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded).
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files that hold a checkpoint directory's weights, the one rule for
+    every reader (the engine, the trainer, ``POST /v1/weights/load``).
 
-    As transformers reads one: the index, else ``model.safetensors`` alone (a trainer
-    checkpoint keeps its optimizer states in other ``.safetensors`` files beside it), else
-    every ``*.safetensors`` of the folder."""
+    As transformers reads one: the files of ``model.safetensors.index.json``, else
+    ``model.safetensors`` alone (a ``pr2-train`` ``checkpoint-N`` keeps its optimizer and RNG
+    states in other ``.safetensors`` files beside it), else every ``*.safetensors`` of the
+    folder. FileNotFoundError if there are none."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    files = [single] if single.exists() else sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    return files
+
+
+def checkpoint_files(model_dir: str | Path) -> dict[str, str]:
+    """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded), its
+    files chosen by :func:`weight_files`."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: str(model_dir / f) for name, f in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    files = [single] if single.exists() else sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no safetensors weights in {model_dir}")
+    files = weight_files(model_dir)
     from safetensors import safe_open
 
     out: dict[str, str] = {}

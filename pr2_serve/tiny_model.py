@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +158,19 @@ def make_tiny_model(
         _add_random_predictors(out / "model.safetensors", config.to_dict(), spec, gen, std)
     meta = {"seed": seed, "predictor": predictor, "tokenizer": tokenizer}
     (out / "pr2_tiny.json").write_text(json.dumps({**meta, "spec": _spec_dict(spec)}, indent=1))
+    _readable_as_umask_allows(out)
     return out
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """Give every file of ``folder`` the mode a plain ``open()`` would (0666 less the umask):
+    transformers writes ``model.safetensors`` through a private temporary file (0600), which
+    other users of a shared model store could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _add_random_predictors(weights_file: Path, config: dict, spec: TinySpec, gen, std: float):

@@ -63,3 +63,18 @@ def test_bpe_tokenizer_is_subword_with_a_chat_template(tmp_path):
     ]
     again = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "b", tokenizer="bpe"))
     assert again(text)["input_ids"] == tok(text)["input_ids"]  # same corpus, same tokenizer
+
+
+def test_every_file_is_readable_as_the_umask_allows(tmp_path):
+    """``model.safetensors`` included (transformers writes it through a 0600 temporary file):
+    a shared model store is readable by its other users."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        model = make_tiny_model(tmp_path / "m", seed=0, predictor="random")
+    finally:
+        os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in model.iterdir() if f.is_file()}
+    assert modes["model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o644}, modes

@@ -72,3 +72,11 @@ def test_trainer_step_on_cuda(tiny_random):
     pred_opt = torch.optim.Adam(policy.predictor_parameters(), lr=1e-2)
     m = train_batch(policy, batch, cfg, opt, pred_opt)
     assert m["first_ratio_max_dev"] == 0.0 and m["predictor_loss"] is not None
+
+
+def test_the_logged_config_names_the_task_only_for_toy_data(tmp_path):
+    toy = TrainConfig(servers=["http://x"], task="addition")
+    assert toy.to_dict()["task"] == "addition" and toy.to_dict()["dataset"] == "toy:addition"
+    data = TrainConfig(servers=["http://x"], dataset=str(tmp_path / "d.jsonl"))
+    assert data.to_dict()["task"] is None  # not used with a dataset file
+    assert data.to_dict()["api_key"] in (None, "***")

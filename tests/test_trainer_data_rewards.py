@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -189,3 +190,50 @@ def test_toy_source_gives_the_toy_tasks_ids_problems_and_rewards(tiny_zero, tmp_
     rewards, means = source.score([ex], [group])
     assert rewards == [exact_match(o, answer) for o in outputs] == [1, 0, 0, 0, 1, 0]
     assert means == {"toy": 2 / 6}
+
+
+def _train_without_a_server(tiny_zero, tmp_path, *flags: str) -> tuple[SystemExit, float]:
+    """``pr2-train`` against an address where nothing listens, with a 120 s server wait: what
+    it exits with, and after how long."""
+    import time
+
+    from trainer.cli import main as train_main
+
+    args = ["--servers", "http://127.0.0.1:9", "--model-dir", str(tiny_zero)]
+    args += ["--server-timeout", "120", "--output-dir", str(tmp_path / "out"), *flags]
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        train_main(args)
+    return e.value, time.perf_counter() - t0
+
+
+def test_the_users_mistakes_are_found_before_any_server_is_waited_for(
+    tiny_zero, tmp_path, monkeypatch, capsys
+):
+    """A missing dataset file, an unimportable reward and a reward function that raises are
+    each reported in seconds with no server up (not after --server-timeout); the raising one
+    prints its traceback in the user's own frames, then the one-line message (exit status 1)."""
+    (tmp_path / "user_rewards_c.py").write_text(
+        "def helper(texts):\n"
+        "    return [len(t) / 0 for t in texts]\n"
+        "\n"
+        "def bad(prompts, completions, completion_ids, **kwargs):\n"
+        "    return helper(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [
+        (["--dataset", str(tmp_path / "missing.jsonl")], r"missing\.jsonl: no such file"),
+        (["--reward", "no_such_module:fn"], r"no_such_module"),
+        (["--reward", "user_rewards_c:bad"], r"'user_rewards_c:bad' raised ZeroDivisionError"),
+    ]
+    for flags, words in cases:
+        capsys.readouterr()
+        err, seconds = _train_without_a_server(tiny_zero, tmp_path, *flags)
+        assert isinstance(err.code, str) and err.code.startswith("pr2-train: "), err.code
+        assert re.search(words, err.code), (words, err.code)
+        assert seconds < 60, (flags, seconds)  # the server wait is 120 s
+    tb = capsys.readouterr().err
+    assert tb.startswith("Traceback (most recent call last):"), tb
+    assert 'user_rewards_c.py", line 5, in bad' in tb and "line 2, in helper" in tb
+    assert tb.rstrip().endswith("ZeroDivisionError: division by zero")
+    assert "trainer" + "/" not in tb  # the trainer's own frames are left out

@@ -165,7 +165,8 @@ def test_math_reward_on_chat_data(
     assert [m["reward/math"] for m in rows] == pytest.approx(rewards[:3])
     assert [m["reward_mean"] for m in rows] == pytest.approx(rewards[:3])
     assert rows[-1]["eval_accuracy"] == pytest.approx(rewards[3])
-    assert len(verified) == 3 * 8 + 4  # every rollout sample and eval sample went through it
+    # every rollout and eval sample went through it, and the start-up's synthetic completion
+    assert len(verified) == 3 * 8 + 4 + 1
 
 
 def test_math_reward_scores_a_right_and_a_wrong_completion(bpe_model, tokenizer, dataset, tmp_path):
@@ -217,7 +218,9 @@ def test_user_reward_module_gets_the_columns(
         [m] = trainer.run()
     import user_rewards_a
 
-    [seen] = user_rewards_a.seen
+    probe, seen = user_rewards_a.seen  # the start-up's synthetic completion, then the step's
+    assert len(probe["completions"]) == 1 and probe["completions"][0][0]["role"] == "assistant"
+    assert probe["answer"][0] in {r["answer"] for r in word_problems()}  # a row's columns
     by_prompt = {r["prompt"][0]["content"]: r for r in word_problems()}
     [(_, _, res)] = calls
     assert len(seen["completions"]) == len(res.samples) == 8
@@ -235,6 +238,8 @@ def test_user_reward_module_gets_the_columns(
 def test_a_raising_reward_stops_the_run_with_its_name(
     server, bpe_model, dataset, tmp_path, monkeypatch, calls
 ):
+    """Called once on a synthetic completion before any server is asked anything: the run
+    stops with the function's name; nothing was generated or pushed."""
     (tmp_path / "user_rewards_b.py").write_text(
         "def boom(prompts, completions, completion_ids, **kwargs):\n"
         "    raise ValueError('no answer column here')\n"
@@ -243,12 +248,13 @@ def test_a_raising_reward_stops_the_run_with_its_name(
     cfg = config(
         server, bpe_model, tmp_path / "out", dataset=str(dataset), reward=["user_rewards_b:boom"]
     )
-    with loop.Trainer(cfg, log=lambda *a: None) as trainer:
-        version = trainer.version
-        with pytest.raises(RewardError, match=r"'user_rewards_b:boom' raised ValueError: no ans"):
-            trainer.run()
-        assert trainer.clients[0].info()["weight_version"] == version  # nothing pushed
-    assert (tmp_path / "out" / "metrics.jsonl").read_text() == ""
+    client = HttpClient(server.http)
+    version = client.info()["weight_version"]
+    with pytest.raises(RewardError, match=r"'user_rewards_b:boom' raised ValueError: no ans"):
+        loop.Trainer(cfg, log=lambda *a: None)
+    assert client.info()["weight_version"] == version  # nothing pushed
+    assert calls == [] and not (tmp_path / "out").exists()
+    client.close()
 
 
 LONG = " ".join(str(i) for i in range(3000))  # far more than 2048 - 8 tokens
@@ -262,7 +268,12 @@ LONG = " ".join(str(i) for i in range(3000))  # far more than 2048 - 8 tokens
         ("d.jsonl", [{"prompt": "a"}, {"question": "b"}], "prompt", r"row 1: missing field"),
         ("d.jsonl", [{"q": "a"}], "question", r"d\.jsonl: row 0: missing field 'question'"),
         ("d.jsonl", [{"prompt": [{"role": "user", "content": " "}]}], "prompt", r"row 0: .*empty"),
-        ("d.jsonl", [{"prompt": "hi"}, {"prompt": LONG}], "prompt", r"row 1: prompt of \d+ tok"),
+        (
+            "d.jsonl",  # (answers: the default reward, exact, is called once before the check)
+            [{"prompt": "hi", "answer": "1"}, {"prompt": LONG, "answer": "2"}],
+            "prompt",
+            r"row 1: prompt of \d+ tok",
+        ),
     ],
 )
 def test_bad_data_is_refused_before_any_rollout(

@@ -213,7 +213,13 @@ def test_fail_names_the_server_its_version_source_and_the_reset(models):
     msg = str(e.value)
     for words in ("http://x:1", "version 7", "restored from the state directory /s", "--fresh"):
         assert words in msg
-    assert "predictor fingerprints differ" in msg and not clients[0].pushed
+    assert "the predictor fingerprint differs." in msg and not clients[0].pushed
+
+
+def test_the_differing_fingerprints_are_named_in_plain_words():
+    assert sync.fingerprints_differ(["predictor"]) == "predictor fingerprint differs"
+    both = sync.fingerprints_differ(["policy", "predictor"])
+    assert both == "policy and predictor fingerprints differ"
 
 
 def test_the_predictor_follows_the_mode(models):

@@ -105,3 +105,26 @@ def test_paths_outside_the_weights_dir_are_refused_and_nothing_changes(setup):
     assert http.info()["weight_version"] == v
     assert_same(outputs(http), before)
     assert sorted(p.name for p in (srv.state_dir / "weights").glob("*.part")) == []
+
+
+def test_a_trainer_checkpoint_loads_as_the_run_pushed_it(setup, tiny_zero, monkeypatch):
+    """A ``pr2-train --save-every 1`` run writes ``checkpoint-1`` into --weights-dir (its
+    ``model.safetensors`` beside the optimizer and RNG states): loading that directory serves
+    exactly what the run pushed at step 1 (policy and predictor fingerprints equal)."""
+    from trainer.cli import main as train_main
+
+    srv, http, _, _, allowed = setup
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    out = allowed / "run"
+    args = ["--servers", srv.http, "--model-dir", str(tiny_zero), "--replay", "pr2"]
+    args += ["--off-policy-steps", "1", "--prompts-per-batch", "2", "--samples-per-prompt", "2"]
+    args += ["--max-tokens", "4", "--steps", "1", "--eval-every", "0", "--save-every", "1"]
+    train_main([*args, "--output-dir", str(out)])
+    assert len(list((out / "checkpoint-1").glob("*.safetensors"))) > 1  # not the weights alone
+    keys = ("policy_fingerprint", "predictor_fingerprint")
+    pushed = {k: http.info()[k] for k in keys}
+    v = http.info()["weight_version"] + 1
+    http.push_weights(predictors(14), v)  # something else serves meanwhile
+    assert {k: http.info()[k] for k in keys} != pushed
+    assert http.load_weights("run/checkpoint-1", v + 1)["weight_version"] == v + 1
+    assert {k: http.info()[k] for k in keys} == pushed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -46,11 +47,13 @@ def format_line(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from .data import DatasetError
-    from .rewards import RewardError
+    from .rewards import RewardError, user_traceback
 
     try:
         _main(argv)
-    except (DatasetError, RewardError) as e:  # bad data or a failing reward: its message only
+    except (DatasetError, RewardError) as e:  # bad data or a failing reward: its message
+        if isinstance(e, RewardError) and (tb := user_traceback(e)):
+            sys.stderr.write(tb)  # the user's own frames: where in their code it raised
         raise SystemExit(f"pr2-train: {e}") from e
 
 

@@ -204,8 +204,12 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as logged and checkpointed: the key hidden, ``task`` null unless the
+        data are a toy task (with a ``dataset`` file it is not used)."""
         d = asdict(self)
         d["api_key"] = "***" if self.api_key else None
+        if not self.dataset.startswith("toy:"):
+            d["task"] = None
         return d
 
 

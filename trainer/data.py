@@ -120,19 +120,29 @@ def prompt_ids(example: Example, tokenizer) -> list[int]:
 
 
 def encode_all(
-    examples: Sequence[Example], tokenize: Callable[[Example], list[int]], source: str, limit: int
+    examples: Sequence[Example],
+    tokenize: Callable[[Example], list[int]],
+    source: str,
+    limit: int | None,
 ) -> list[list[int]]:
-    """Every prompt's ids; a prompt with more than ``limit`` tokens is a :class:`DatasetError`."""
-    out = []
-    for ex in examples:
-        ids = tokenize(ex)
-        if len(ids) > limit:
-            raise DatasetError(
-                f"{source}: row {ex.row}: prompt of {len(ids)} tokens exceeds the limit {limit} "
-                "(the server's max_model_len minus max_tokens)"
-            )
-        out.append(ids)
+    """Every prompt's ids, checked by :func:`check_lengths` (``limit`` None: not yet known)."""
+    out = [tokenize(ex) for ex in examples]
+    check_lengths(examples, out, source, limit)
     return out
+
+
+def check_lengths(
+    examples: Sequence[Example], ids: Sequence[list[int]], source: str, limit: int | None
+) -> None:
+    """A prompt with more than ``limit`` tokens is a :class:`DatasetError` naming its row."""
+    if limit is None:
+        return
+    for ex, prompt in zip(examples, ids, strict=True):
+        if len(prompt) > limit:
+            raise DatasetError(
+                f"{source}: row {ex.row}: prompt of {len(prompt)} tokens exceeds the limit "
+                f"{limit} (the server's max_model_len minus max_tokens)"
+            )
 
 
 def split_eval(

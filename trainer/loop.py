@@ -152,11 +152,13 @@ class Trainer:
         self.cfg = cfg
         self.log = log
         check_backend(cfg.weight_transfer)  # (nccl: refused at once without CUDA)
+        # everything local first (every row loaded, checked and encoded; every reward function
+        # imported and called once): a mistake of the user's costs no server wait and no push
+        self.source = Source.local(cfg)
         self.clients = [make_client(a, cfg.api_key) for a in cfg.servers]
         calls = start_clients(self.clients, cfg, log)  # (a server may be coming up)
-        # prompts and rewards: every row loaded, checked and encoded before anything is sent
         infos = [c.info() for c in calls]  # model facts: asked once (versions may change below)
-        self.source = Source.build(cfg, infos)
+        self.source.fit(infos)  # prompts within the servers' max_model_len
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
             self.version = max(c.info()["weight_version"] for c in calls)
         else:  # every server serves the starting weights (predictor as the mode serves it)

@@ -20,14 +20,37 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 RewardFn = Callable[..., list]
 
 
 class RewardError(RuntimeError):
     """A reward function failed; the message names it."""
+
+
+def user_traceback(error: RewardError) -> str | None:
+    """The traceback of what a reward function raised, in the user's own frames (the trainer's
+    are left out), as Python prints one; None when no frame of it is the user's (a built-in)."""
+    cause = error.__cause__
+    if cause is None or cause.__traceback__ is None:
+        return None
+    ours = Path(__file__).resolve().parent
+    frames = [
+        f
+        for f in traceback.extract_tb(cause.__traceback__)
+        if not Path(f.filename).resolve().is_relative_to(ours)
+    ]
+    if not frames:
+        return None
+    return (
+        "Traceback (most recent call last):\n"
+        + "".join(traceback.format_list(frames))
+        + "".join(traceback.format_exception_only(cause))
+    )
 
 
 def _text(c) -> str:

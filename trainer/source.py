@@ -1,14 +1,16 @@
 """What the loop asks for: a batch of prompts as token ids with their columns, and rewards for
 completions.
 
-:meth:`Source.build` runs before any rollout: it loads the checkpoint's tokenizer
-(``AutoTokenizer`` on ``model_dir``), reads its stop tokens (the tokenizer's EOS and
+:meth:`Source.local` runs before any server is asked anything: it loads the checkpoint's
+tokenizer (``AutoTokenizer`` on ``model_dir``), reads its stop tokens (the tokenizer's EOS and
 ``generation_config.json``'s ``eos_token_id``), loads and checks every row of ``--dataset`` and
 ``--eval-dataset`` (:mod:`trainer.data`), encodes every prompt (text as is; chat messages through
-the checkpoint's chat template with the generation prompt) and refuses one longer than the
-servers allow (``max_model_len`` of ``/v1/info`` minus ``max_tokens``), and imports the reward
-functions (:mod:`trainer.rewards`). Bad data is a :class:`~trainer.data.DatasetError` naming the
-file, row and field; a bad reward spec a :class:`~trainer.rewards.RewardError`.
+the checkpoint's chat template with the generation prompt), imports the reward functions
+(:mod:`trainer.rewards`) and calls each once on a synthetic completion of the first prompt, in
+the shape a rollout gives (TRL's signature). :meth:`Source.fit` then refuses a prompt longer
+than the servers allow (``max_model_len`` of ``/v1/info`` minus ``max_tokens``). Bad data is a
+:class:`~trainer.data.DatasetError` naming the file, row and field; a bad reward spec, or a
+reward function that raises, a :class:`~trainer.rewards.RewardError`.
 
 - :meth:`Source.batch`: the prompts of a step -- a file's rows in a seeded order reshuffled each
   epoch (a pure function of the step, so a resumed run needs only its step); ``toy:<task>`` is a
@@ -34,6 +36,7 @@ from .data import (
     DatasetError,
     Example,
     batch_indices,
+    check_lengths,
     encode_all,
     load_examples,
     prompt_ids,
@@ -41,6 +44,13 @@ from .data import (
     toy_examples,
 )
 from .rewards import Reward, load_rewards, score
+
+
+@dataclass(frozen=True)
+class _Synthetic:
+    """A stand-in sample (what :meth:`Source.score` reads of one)."""
+
+    output_token_ids: list[int]
 
 
 @dataclass
@@ -73,10 +83,10 @@ def load_tokenizer(model_dir: str | Path):
 class Source:
     """Prompts and rewards of a run (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, max_model_len: int) -> None:
+    def __init__(self, cfg: TrainConfig, tokenizer, max_model_len: int | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.limit = max_model_len - cfg.max_tokens
+        self.limit = None if max_model_len is None else max_model_len - cfg.max_tokens
         self.stop_token_ids = stop_token_ids(tokenizer, cfg.model_dir)
         self.rewards: list[Reward] = load_rewards(cfg.reward, cfg.reward_weights or None)
         self.toy = cfg.dataset.startswith(TOY_PREFIX)
@@ -97,12 +107,33 @@ class Source:
         if cfg.eval_dataset:
             ev = load_examples(cfg.eval_dataset, cfg.prompt_field)[: cfg.eval_size]
             self.eval = self._encode(ev, cfg.eval_dataset)
+        self._call_rewards_once()
 
     @classmethod
-    def build(cls, cfg: TrainConfig, infos: Sequence[dict]) -> Source:
-        """From the config and every server's ``/v1/info`` (the smallest ``max_model_len``)."""
-        max_model_len = min(int(info["max_model_len"]) for info in infos)
-        return cls(cfg, load_tokenizer(cfg.model_dir), max_model_len)
+    def local(cls, cfg: TrainConfig) -> Source:
+        """Everything checkable without a server (the prompt length limit waits for
+        :meth:`fit`)."""
+        return cls(cfg, load_tokenizer(cfg.model_dir))
+
+    def fit(self, infos: Sequence[dict]) -> None:
+        """Every server's ``/v1/info``: prompts longer than the smallest ``max_model_len``
+        minus ``max_tokens`` are refused now, naming their row."""
+        cfg = self.cfg
+        self.limit = min(int(info["max_model_len"]) for info in infos) - cfg.max_tokens
+        if self.toy:
+            self.batch(1)
+        else:
+            check_lengths(self.train.examples, self.train.ids, cfg.dataset, self.limit)
+        source = cfg.eval_dataset or f"{cfg.dataset} (eval split)"
+        check_lengths(self.eval.examples, self.eval.ids, source, self.limit)
+
+    def _call_rewards_once(self) -> None:
+        """Each reward function called on one synthetic completion ("0") of the first prompt,
+        as a rollout's would be passed: a function that cannot score fails now, not after the
+        servers were waited for and the first rollouts made."""
+        first = self.batch(1).examples[0]
+        ids = self.tokenizer.encode("0", add_special_tokens=False)
+        self.score([first], [[_Synthetic(ids)]])
 
     def _encode(self, examples: list[Example], source: str) -> Prompts:
         encode = lambda ex: prompt_ids(ex, self.tokenizer)  # noqa: E731

@@ -40,6 +40,7 @@ __all__ = [
     "Target",
     "agree",
     "differences",
+    "fingerprints_differ",
     "serve_exactly",
     "starting_target",
     "tensors_target",
@@ -124,13 +125,23 @@ def _describe(address: str, info: Mapping) -> str:
     )
 
 
+def fingerprints_differ(diff: Sequence[str]) -> str:
+    """``"policy fingerprint differs"``, ``"policy and predictor fingerprints differ"``;
+    ``"fingerprints agree"`` for none (the versions alone differ)."""
+    if not diff:
+        return "fingerprints agree"
+    return " and ".join(diff) + (
+        " fingerprints differ" if len(diff) > 1 else " fingerprint differs"
+    )
+
+
 def mismatch_message(address: str, info: Mapping, target: Target) -> str:
     """The ``--on-mismatch fail`` message: the server, its version and weight source, what
     differs, how to reset it."""
-    diff = " and ".join(differences(info, target.fingerprints)) or "nothing but the version"
+    diff = fingerprints_differ(differences(info, target.fingerprints))
     return (
-        f"pr2-train: server {_describe(address, info)}, not {target.what}: the {diff} "
-        "fingerprints differ. Restart that server with `pr2-serve --fresh` (it then serves its "
+        f"pr2-train: server {_describe(address, info)}, not {target.what}: the {diff}. "
+        "Restart that server with `pr2-serve --fresh` (it then serves its "
         "model directory and forgets its state directory) or run with --on-mismatch push "
         "(the trainer pushes its weights as the next version)"
     )
@@ -179,7 +190,7 @@ def agree(
     serve_exactly(clients, addresses, target, version)
     why = (
         "; ".join(
-            f"{_describe(a, i)}, {' and '.join(differences(i, target.fingerprints))} differ"
+            f"{_describe(a, i)}, {fingerprints_differ(differences(i, target.fingerprints))}"
             for a, i in off
         )
         or f"versions differ ({sorted(versions)})"

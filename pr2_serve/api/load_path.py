@@ -5,7 +5,9 @@ trainer checkpoint). It is accepted only inside the directory given by ``pr2-ser
 --weights-dir``: relative paths are taken from that directory, ``..`` is refused outright, and
 the path is resolved (every symlink followed) before the containment check, so a symlink that
 leads out of the directory is refused too. Without ``--weights-dir`` the route is disabled.
-A directory means its ``*.safetensors`` files (an HF checkpoint, sharded or not).
+A directory means its weight files, chosen as every other reader of a checkpoint chooses them
+(:func:`pr2_serve.checkpoint.weight_files`: an HF checkpoint, sharded or not, or a trainer
+``checkpoint-N``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path, PurePosixPath
 
 from .errors import ApiError
 
-__all__ = ["checkpoint_files", "resolve_load_path"]
+__all__ = ["files_to_load", "resolve_load_path"]
 
 
 def _forbidden(message: str) -> ApiError:
@@ -44,10 +46,29 @@ def resolve_load_path(path: str, weights_dir: str | None) -> Path:
     return real
 
 
-def checkpoint_files(real: Path) -> list[Path]:
-    """The safetensors files of a file or checkpoint directory (sorted; 400 if none)."""
-    files = sorted(real.glob("*.safetensors")) if real.is_dir() else [real]
-    if not files or any(f.suffix != ".safetensors" for f in files):
-        what = "not a .safetensors file or a directory of them"
-        raise ApiError(400, "invalid_argument", f"{real}: {what}", "path")
+def files_to_load(real: Path, weights_dir: str) -> list[Path]:
+    """The safetensors files a resolved load path stands for: the file itself, or a
+    checkpoint directory's weight files by the one rule of :func:`pr2_serve.checkpoint.
+    weight_files` (a ``pr2-train`` ``checkpoint-N``: its ``model.safetensors``, not its
+    optimizer state). 400 if none; 403 for a file of a sharded index that resolves outside
+    ``weights_dir``."""
+    from pr2_serve.checkpoint import weight_files
+
+    what = "not a .safetensors file or a checkpoint directory holding one"
+    if not real.is_dir():
+        if real.suffix != ".safetensors":
+            raise ApiError(400, "invalid_argument", f"{real}: {what}", "path")
+        return [real]
+    try:
+        files = [f.resolve() for f in weight_files(real)]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ApiError(400, "invalid_argument", f"{real}: {what} ({e})", "path") from e
+    root = Path(weights_dir).resolve()
+    for f in files:
+        if not f.is_relative_to(root):
+            raise _forbidden(f"{real}: its index names {f}, outside --weights-dir {root}")
+        if not f.is_file():
+            raise ApiError(
+                404, "not_found", f"{real}: its index names {f}, which is missing", "path"
+            )
     return files

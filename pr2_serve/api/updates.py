@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..checkpoint import require_newer
 from .errors import ENGINE_ERRORS, ApiError, from_engine
-from .load_path import checkpoint_files, resolve_load_path
+from .load_path import files_to_load, resolve_load_path
 from .transfer import TransferInitRequest, TransferRequest
 
 __all__ = ["WeightUpdates", "served_as"]
@@ -56,7 +56,7 @@ class WeightUpdates:
         """Load a checkpoint from the server's own filesystem (only inside ``--weights-dir``,
         see :mod:`.load_path`) as ``version``: copied into the state directory (so a restart
         restores it), then checked and applied exactly as a push."""
-        files = checkpoint_files(resolve_load_path(path, self.weights_dir))
+        files = files_to_load(resolve_load_path(path, self.weights_dir), self.weights_dir)
 
         async def receive() -> tuple[list[Path], int]:
             return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
