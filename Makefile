@@ -64,7 +64,7 @@ experiment: $(STAMP)
 	$(BIN)/python -m trainer.report results/experiment/results.json README.md
 
 # Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker
-# CPU recipe followed without Docker (17 min here on 2 shared cores, 2.5 of them the recipe).
+# CPU recipe followed without Docker (10 min here on 2 cores, 1 of them the recipe).
 reliability: $(STAMP)
 	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider --durations=20
 
