@@ -119,6 +119,13 @@ def st_dtype(dtype) -> str:
     return _TORCH_TO_ST.get(s, s)
 
 
+def _index_map(model_dir: Path) -> dict[str, str] | None:
+    """``weight_map`` of a sharded checkpoint's ``model.safetensors.index.json`` (None: no
+    index)."""
+    index = model_dir / "model.safetensors.index.json"
+    return json.loads(index.read_text())["weight_map"] if index.exists() else None
+
+
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files that hold a checkpoint directory's weights, the one rule for
     every reader (the engine, the trainer, ``POST /v1/weights/load``).
@@ -128,9 +135,7 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     states in other ``.safetensors`` files beside it), else every ``*.safetensors`` of the
     folder. FileNotFoundError if there are none."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    if (weight_map := _index_map(model_dir)) is not None:
         return [model_dir / f for f in sorted(set(weight_map.values()))]
     single = model_dir / "model.safetensors"
     files = [single] if single.exists() else sorted(model_dir.glob("*.safetensors"))
@@ -143,9 +148,7 @@ def checkpoint_files(model_dir: str | Path) -> dict[str, str]:
     """``{tensor name: safetensors file}`` of a HF checkpoint (single file or sharded), its
     files chosen by :func:`weight_files`."""
     model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    if (weight_map := _index_map(model_dir)) is not None:
         return {name: str(model_dir / f) for name, f in weight_map.items()}
     files = weight_files(model_dir)
     from safetensors import safe_open
