@@ -333,21 +333,20 @@ def test_pushes_over_both_protocols_equal_a_fresh_server(
     g = torch.Generator().manual_seed(2)
     first = {n: t + 0.02 * torch.randn(t.shape, generator=g) for n, t in base.items()}
     ref_a, ref_b = _reference_outputs(reference, [first, predictor_update(1)])
-    fresh = {"a": ref_a, "b": ref_b}
     path = tmp_path / "first.safetensors"
     save_file(first, str(path))
     res = http.push_weights(str(path), v + 1)
     assert res["weight_version"] == v + 1 and res["num_tensors"] == len(first)
     got = http.generate(PROMPTS, **SEEDED).samples
     assert {s.weight_version for s in got} == {v + 1}
-    _assert_matches_fresh(got, fresh["a"])
+    _assert_matches_fresh(got, ref_a)
     # predictor-only over gRPC: the rest stays as pushed before
     res = rpc.push_weights(predictor_update(1), v + 2)
     assert res["weight_version"] == v + 2 and res["num_tensors"] == 4
     got_grpc = rpc.generate(PROMPTS, **SEEDED).samples
     assert {s.weight_version for s in got_grpc} == {v + 2}
     same(got_grpc, http.generate(PROMPTS, **SEEDED).samples, tol=0.0)
-    _assert_matches_fresh(got_grpc, fresh["b"])
+    _assert_matches_fresh(got_grpc, ref_b)
     for client in (http, rpc):  # versions must increase
         for old in (v + 1, v + 2):
             with pytest.raises(ServerError) as e:
