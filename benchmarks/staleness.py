@@ -41,7 +41,7 @@ def demo_config(server: str, key: str, model: str, out: Path, steps: int, stalen
         samples_per_prompt=8,
         max_tokens=6,
         lr=2e-4,
-        predictor_lr_multiplier=10.0,
+        predictor_lr_ratio=10.0,
         steps=steps,
         eval_every=0,
         seed=0,

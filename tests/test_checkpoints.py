@@ -78,7 +78,7 @@ def make_trainer(model_dir, out: Path, replay: str = "pr2") -> SimpleNamespace:
         prompts_per_batch=4,
         samples_per_prompt=2,
         lr=1e-3,
-        predictor_lr_multiplier=10,
+        predictor_lr_ratio=10,
         output_dir=str(out),
         keep_checkpoints=2,
     )

@@ -41,7 +41,7 @@ def test_literal_fields_are_the_choices(capsys):
         "device": ("auto", "cpu", "cuda"),
         "on_mismatch": ("push", "fail"),
         "weight_transfer": ("http", "grpc", "gloo", "nccl"),
-        "predictor": ("learned", "lookahead"),
+        "predictor": ("learned", "lookahead", "ridge"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):

@@ -73,8 +73,8 @@ def test_predictor_learns_a_known_router_drift():
         opt.step()
     end = float(predictor_loss("kl-post", hs, zs, z_new, preds))
     assert end <= 0.5 * start, (start, end)
-    hit = predictor_hit_rate(hs, zs, w_new, [p.detach() for p in preds], k)
-    zero = predictor_hit_rate(hs, zs, w_new, None, k)
+    hit = predictor_hit_rate(hs, zs, z_new, [p.detach() for p in preds], k)
+    zero = predictor_hit_rate(hs, zs, z_new, None, k)
     assert hit > zero, (hit, zero)
     # l2 also learns the drift
     preds2 = [torch.zeros(e, h_dim, requires_grad=True) for _ in range(layers)]

@@ -93,7 +93,7 @@ def test_served_predictor_is_scaled_and_pushed(tiny_zero):
 
     policy = Policy(str(tiny_zero))
     batch = synthetic_batch(policy)
-    learner = Learner(policy, small_cfg(predictor_scale="0.5", predictor_lr_multiplier=10))
+    learner = Learner(policy, small_cfg(predictor_scale="0.5", predictor_lr_ratio=10))
     m = learner.train(batch)
     assert m["predictor_scale"] == 0.5 and m["predictor_scale_served"] == 1.0
     trained = [w.detach() for w in policy.predictor_parameters()]

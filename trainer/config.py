@@ -24,7 +24,7 @@ TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.pre
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnMismatch = Literal["push", "fail"]
 WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # weight transfer (issue 12)
-PredictorKind = Literal["learned", "lookahead"]  # the served predictor (issue 14)
+PredictorKind = Literal["learned", "lookahead", "ridge"]  # the served predictor
 
 #: The routing replay modes, in the order tables and plots list them.
 REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
@@ -83,10 +83,22 @@ class TrainConfig:
     """Max global grad norm of the policy (0: off)."""
     predictor_loss: PredictorLoss = "kl-post"
     """Predictor objective: ``kl-post`` (paper) or ``l2``."""
-    predictor_lr_multiplier: float = 1.0
-    """Predictor lr = ``lr`` x this. Measured (``benchmarks/predictor_lr.py``): at lr 1e-4, x10
-    already costs routing and x1000 wrecks it; the paper's 1e4 (verl's 1e3) is relative to a
-    base lr near 1e-6."""
+    predictor_lr_ratio: float = 1.0
+    """Learned predictor's lr = this x the ROUTER's lr (``lr x router_lr_multiplier``): what
+    matters is how far Adam moves ``W_p`` per step against how far the router it forecasts
+    moves (docs/results.md, the counterfactual table: above ~1 the offset is mostly the
+    optimiser's own noise)."""
+    predictor_weight_decay: float = 0.0
+    """Learned predictor: decoupled weight decay (AdamW) pulling ``W_p`` towards 0 (= R3)."""
+    predictor_lr_multiplier: float | None = None
+    """Deprecated: predictor lr = ``lr`` x this; converted to ``predictor_lr_ratio`` (this /
+    ``router_lr_multiplier``) with a warning."""
+    ridge_strength: float = 1.0
+    """``--predictor ridge``: the ridge penalty on ``W_p`` (per unit of the router inputs'
+    mean square)."""
+    ridge_memory: float = 0.5
+    """``--predictor ridge``: weight of the earlier batches' drift in the fit (each batch
+    multiplies the old sums by this; 0: the last batch only)."""
     max_staleness: int = 0
     """Asynchronous rollouts with bounded staleness: 0, the synchronous loop (rollout, train,
     push); K >= 1, the rollouts of the next K steps are requested while this one trains
@@ -150,8 +162,10 @@ class TrainConfig:
     ``pi_prox / pi_server`` exceeds this are left out of the loss (AReaL's filter; 0: none)."""
     # -- the served predictor (issue 14; trainer/predictor_scale.py, trainer/lookahead.py) --
     predictor: PredictorKind = "learned"
-    """pr2: ``learned`` (the paper's trained W_p) or ``lookahead`` (no training: the routers'
-    expected move over the next batch's off-policy mini-steps, read from their Adam state)."""
+    """pr2: ``learned`` (the paper's trained W_p), ``lookahead`` (no training: the routers'
+    expected move over the next batch's off-policy mini-steps, read from their Adam state) or
+    ``ridge`` (closed form: per layer the ridge map from ``h_old`` to the router's mean
+    off-policy move over the last batches, ``ridge_strength``/``ridge_memory``)."""
     predictor_scale: str = "1"
     """pr2: the server gets alpha x the predictor (the trainer keeps the unscaled one): a number
     >= 0, or ``auto`` (alpha in [0, 1] fitted after each batch on how well the served offset
@@ -177,12 +191,33 @@ class TrainConfig:
             raise ValueError(f"load_balance_coef must be >= 0, got {self.load_balance_coef}")
         if self.server_timeout < 0:
             raise ValueError("server_timeout must be >= 0 seconds")
+        self._check_predictor_fields()
         if self.api_key is None:
             self.api_key = os.environ.get("PR2_API_KEY")
         self._check_data_fields()
         from .predictor_scale import parse_scale
 
         self.predictor_scale = str(parse_scale(self.predictor_scale))
+
+    def _check_predictor_fields(self) -> None:
+        """The predictor's lr (the deprecated multiplier converted) and ridge settings."""
+        if self.predictor_lr_multiplier is not None:
+            import warnings
+
+            ratio = self.predictor_lr_multiplier / self.router_lr_multiplier
+            warnings.warn(
+                f"predictor_lr_multiplier is deprecated: predictor_lr_ratio = "
+                f"{self.predictor_lr_multiplier:g} / router_lr_multiplier "
+                f"{self.router_lr_multiplier:g} = {ratio:g} used (the predictor's lr is now "
+                "keyed to the router's)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.predictor_lr_ratio, self.predictor_lr_multiplier = ratio, None
+        if self.predictor_lr_ratio < 0 or self.predictor_weight_decay < 0:
+            raise ValueError("predictor_lr_ratio and predictor_weight_decay must be >= 0")
+        if self.ridge_strength <= 0 or not 0 <= self.ridge_memory < 1:
+            raise ValueError("ridge_strength must be > 0 and ridge_memory in [0, 1)")
 
     def _check_data_fields(self) -> None:
         """Data and reward fields (issue 11): defaults resolved, combinations checked."""
@@ -238,6 +273,12 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _scalar_type(hint) -> type:
+    """The type that parses a flag of a field: ``X`` for ``X`` or ``X | None``."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.suffix == ".toml":
@@ -271,7 +312,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         elif f.name in choices:  # the value is checked by TrainConfig: a ValueError naming it
             kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         else:
-            kw["type"] = str if hints[f.name] in (str, str | None) else hints[f.name]
+            kw["type"] = _scalar_type(hints[f.name])
         ap.add_argument(flag, **kw)
     args = ap.parse_args(argv)
     values: dict[str, Any] = load_file(args.config) if args.config else {}

@@ -22,6 +22,7 @@ __all__ = [
     "full_tensor",
     "make_policy_optimizer",
     "make_predictor_optimizer",
+    "predictor_lr",
 ]
 
 
@@ -144,8 +145,16 @@ def make_policy_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optim
 
 
 def make_predictor_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """Adam over the predictors at ``lr x predictor_lr_multiplier`` (pr2 with the learned
-    predictor only, else None)."""
+    """Adam over the predictors (pr2 with the learned predictor only, else None) at
+    :func:`predictor_lr`; AdamW when ``cfg.predictor_weight_decay`` is set."""
     if cfg.replay != "pr2" or cfg.predictor != "learned":
         return None
-    return torch.optim.Adam(policy.predictor_parameters(), lr=cfg.lr * cfg.predictor_lr_multiplier)
+    params, lr = policy.predictor_parameters(), predictor_lr(cfg)
+    if cfg.predictor_weight_decay:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.predictor_weight_decay)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def predictor_lr(cfg: TrainConfig) -> float:
+    """The learned predictor's lr: ``predictor_lr_ratio`` x the router's lr."""
+    return cfg.predictor_lr_ratio * cfg.lr * cfg.router_lr_multiplier

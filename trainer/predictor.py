@@ -61,18 +61,20 @@ def predictor_loss(
 def predictor_hit_rate(
     h_old: Sequence[torch.Tensor],
     z_old: Sequence[torch.Tensor],
-    router_weights: Sequence[torch.Tensor],
+    target_logits: Sequence[torch.Tensor],
     predictor_weights: Sequence[torch.Tensor] | None,
     top_k: int,
     mask: torch.Tensor | None = None,
 ) -> float:
     """Share of (token, layer) whose predicted top-k (``z_old + W_p h_old``; ``W_p = 0`` when
-    ``predictor_weights`` is None) equals the current router's top-k as a set."""
+    ``predictor_weights`` is None) equals the top-k of ``target_logits`` (per layer ``[T, E]``)
+    as a set: each token's own off-policy mini-step logits ``z_s`` (what the predictor aims
+    at), or the router after the batch applied to ``h_old`` (the ``_final`` diagnostics)."""
     predicted, actual = [], []
-    for i, (h, z, w_r) in enumerate(zip(h_old, z_old, router_weights, strict=True)):
+    for i, (h, z, target) in enumerate(zip(h_old, z_old, target_logits, strict=True)):
         w_p = _layer(predictor_weights, i)
         predicted.append(torch.topk(selection_scores(z.float(), h.float(), w_p), top_k, -1).indices)
-        actual.append(torch.topk(F.linear(h.float(), w_r.float()), top_k, -1).indices)
+        actual.append(torch.topk(target.float(), top_k, -1).indices)
     return _set_agreement(predicted, actual, mask)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pr2_serve.routing import deviation_counts, deviation_histogram
 
@@ -37,6 +38,18 @@ class MiniStepLog:
     offset_fit: list[float] = field(default_factory=lambda: [0.0, 0.0])  # sum <b, n>, ||b||^2
     first_ratio_max_dev: float | None = None
     load_balance: list[float] = field(default_factory=list)  # Switch aux loss per mini-step
+    # per MoE layer [rows, E]: each off-policy token's own mini-step router logits z_s
+    step_logits: list[torch.Tensor] | None = None
+    step_rows: torch.Tensor | None = None  # [rows] bool: rows step_logits holds
+
+    def keep_step_logits(self, rows: torch.Tensor, logits: list[torch.Tensor], n: int) -> None:
+        """Keep ``logits`` (per layer, ``[len(rows), E]``) as the rows' mini-step logits."""
+        if self.step_logits is None:
+            self.step_logits = [z.new_zeros(n, z.shape[-1]) for z in logits]
+            self.step_rows = torch.zeros(n, dtype=torch.bool, device=logits[0].device)
+        for kept, z in zip(self.step_logits, logits, strict=True):
+            kept[rows] = z.detach()
+        self.step_rows[rows] = True
 
 
 def train_infer_metrics(batch: Batch, old_lp: torch.Tensor) -> dict:
@@ -70,29 +83,49 @@ def predictor_metrics(
     policy: Policy,
     batch: Batch,
     old: OldPass,
+    log: MiniStepLog,
     predictor_at_rollout: dict[int, list[torch.Tensor] | None],
 ) -> dict:
-    """Hit rates of the trained, zero and served predictors against the routers after the
-    batch's updates, and the served routes' agreement with the trainer's own selection."""
+    """Hit rates of the trained, zero and served predictors, and the served routes' agreement
+    with the trainer's own selection.
+
+    A hit rate is the share of (token, layer) whose predicted top-k equals, as a set, the top-k
+    of the token's own off-policy mini-step router logits ``z_s`` -- the target the predictors
+    aim at (over the off-policy mini-steps: a mean over them). The ``_final`` ones compare with
+    the routers after all the batch's updates instead (one step further than any mini-step)."""
     k, valid = policy.replay.top_k, batch.valid.reshape(-1)
     routers = policy.router_weights()
     m = {}
     predictors = policy.predictor_parameters()
     h_old, z_old = old.hidden, old.logits
-    m["predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, predictors, k, valid)
-    m["zero_predictor_hit_rate"] = predictor_hit_rate(h_old, z_old, routers, None, k, valid)
+    final = [F.linear(h.float(), w.float()) for h, w in zip(h_old, routers, strict=True)]
+    targets = {"": log.step_logits, "_final": final}
+    for suffix, target in targets.items():
+        mask = (
+            valid if suffix else (None if log.step_rows is None else valid.bool() & log.step_rows)
+        )
+        if target is None:  # on-policy (one mini-step): nothing to predict
+            m[f"predictor_hit_rate{suffix}"] = m[f"zero_predictor_hit_rate{suffix}"] = None
+            m[f"rollout_predictor_hit_rate{suffix}"] = None
+            continue
+        m[f"predictor_hit_rate{suffix}"] = predictor_hit_rate(
+            h_old, z_old, target, predictors, k, mask
+        )
+        m[f"zero_predictor_hit_rate{suffix}"] = predictor_hit_rate(
+            h_old, z_old, target, None, k, mask
+        )
+        # out of sample: the predictor the server used for this rollout (trained on earlier
+        # batches), of each sample's version (trainer.version_metrics)
+        m[f"rollout_predictor_hit_rate{suffix}"] = by_staleness(
+            lambda wp, msk, target=target: predictor_hit_rate(h_old, z_old, target, wp, k, msk),
+            batch.staleness,
+            mask,
+            predictor_at_rollout,
+        )
     # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
-    # (of each sample's version: predictor_at_rollout[staleness], trainer.version_metrics)
     served = flat_routes(batch.routes)
     m["server_route_agreement"] = by_staleness(
         lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask),
-        batch.staleness,
-        valid,
-        predictor_at_rollout,
-    )
-    # out of sample: the predictor the server used for this rollout (trained on earlier batches)
-    m["rollout_predictor_hit_rate"] = by_staleness(
-        lambda wp, mask: predictor_hit_rate(h_old, z_old, routers, wp, k, mask),
         batch.staleness,
         valid,
         predictor_at_rollout,
@@ -132,7 +165,7 @@ def batch_metrics(
         ).tolist(),
     }
     routers = policy.router_weights()
-    m.update(predictor_metrics(policy, batch, old, predictor_at_rollout))
+    m.update(predictor_metrics(policy, batch, old, log, predictor_at_rollout))
     delta = [w.detach() - w0 for w, w0 in zip(routers, routers_before, strict=True)]
     m["router_drift_rel"] = float(
         torch.cat([d.reshape(-1) for d in delta]).norm()

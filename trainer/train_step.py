@@ -17,6 +17,7 @@ data-parallel training (``torchrun``) is the same code on a shard of each mini-s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from .ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
 from .predictor import predictor_loss
 from .predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from .replay import RoutingControl
+from .ridge import RidgeFit
 from .step_metrics import MiniStepLog, batch_metrics, route_deviation, train_infer_metrics
 
 
@@ -192,12 +194,15 @@ def mini_steps(
     model: torch.nn.Module | None,
     shard: tuple[int, int],
     served_raw: list[torch.Tensor] | None = None,
+    observers: Sequence = (),
 ) -> MiniStepLog:
     """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
     of it), its loss scaled so that DDP's gradient average equals the single-process gradient
     of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2).
     ``served_raw``: the rollout's unscaled predictor, for the served scale's fit
-    (:mod:`trainer.predictor_scale`) on the off-policy mini-steps."""
+    (:mod:`trainer.predictor_scale`) on the off-policy mini-steps. ``observers``: objects
+    whose ``mini_step(step, old, rows, z_s, valid)`` sees each mini-step's router logits
+    after its forward (the ridge predictor's fit, the research recorders)."""
     rank, world = shard
     mode, k = cfg.replay, policy.replay.top_k
     server_routes = flat_routes(batch.routes)
@@ -221,6 +226,10 @@ def mini_steps(
         lp, st, gn, ctl, pred_loss = mini_step(
             policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model, fit
         )
+        for obs in observers:
+            obs.mini_step(step, old, rows, ctl.logits, valid_flat[rows])
+        if step > 1:  # each off-policy token's own router logits z_s: the predictors' target
+            log.keep_step_logits(rows, ctl.logits, valid_flat.numel())
         if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
             log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
         log.stats.append(st)
@@ -261,6 +270,7 @@ def train_batch(
     shard: tuple[int, int] = (0, 1),
     served: ServedPredictor | None = None,
     rollout_predictors: dict[int, list[torch.Tensor] | None] | None = None,
+    observers: Sequence = (),
 ) -> dict:
     """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
 
@@ -268,6 +278,7 @@ def train_batch(
     the scale fit reads its raw offset. ``rollout_predictors``: the predictor each sample was
     served with, by staleness (:class:`trainer.async_rollouts.PredictorHistory`; default:
     ``served`` for every sample); the diagnostics compare the served routes with it.
+    ``observers``: see :func:`mini_steps` (their ``begin(batch, old)`` is called first).
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
@@ -288,7 +299,9 @@ def train_batch(
         s: served.weights() for s in batch.staleness.long().tolist()
     }
     raw = served.raw if cfg.replay == "pr2" else None
-    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw)
+    for obs in observers:
+        obs.begin(batch, old)
+    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw, observers)
     m["first_ratio_max_dev"] = log.first_ratio_max_dev
     m["time_train"] = time.perf_counter() - t0
     m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
@@ -311,6 +324,11 @@ class Learner:
         self.opt = make_policy_optimizer(policy, cfg)
         self.pred_opt = make_predictor_optimizer(policy, cfg)
         self.scale = ScaleFit(cfg.predictor_scale)
+        self.ridge = (
+            RidgeFit(cfg.ridge_strength, cfg.ridge_memory) if cfg.predictor == "ridge" else None
+        )
+        #: mini-step observers (:func:`mini_steps`): the ridge fit, and any a study adds
+        self.observers: list = [self.ridge] if self.ridge is not None else []
         # what the servers serve: at the start the checkpoint's predictor as it is (sync.py)
         self.served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
 
@@ -331,7 +349,10 @@ class Learner:
             self.shard,
             served,
             rollout_predictors,
+            self.observers,
         )
+        if self.ridge is not None:
+            self.ridge.end_batch(self.shard[1])
         if self.cfg.replay == "pr2":
             m["predictor_scale_served"] = served.scale
             m["predictor_scale"] = self.scale.update(*m["predictor_offset_fit_sums"])
@@ -340,7 +361,10 @@ class Learner:
 
     def next_raw_predictor(self) -> list[torch.Tensor]:
         """The unscaled predictor of the next push: ``W_p`` (learned) or the routers' Adam
-        look-ahead over the next batch's off-policy mini-steps (a collective under FSDP2)."""
+        look-ahead over the next batch's off-policy mini-steps (a collective under FSDP2), or the
+        ridge fit of the last batches' drift."""
+        if self.ridge is not None:
+            return self.ridge.weights(self.policy.predictor_parameters())
         if self.cfg.predictor == "lookahead":
             routers = [r.weight for r in self.policy.replay.routers]
             ahead = router_lookahead(self.opt, routers, self.cfg.off_policy_steps)
