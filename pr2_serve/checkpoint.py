@@ -277,9 +277,15 @@ class WeightTable:
 
 
 def moe_layer_indices(config: dict) -> list[int]:
-    """Decoder layers with an MoE block, from a config.json dict (Qwen rules; Mixtral, OLMoE:
-    every layer)."""
+    """Decoder layers with an MoE block, from a config.json dict (Qwen rules; DeepSeek-V3 and
+    GLM-4.5: dense below ``first_k_dense_replace``; Mixtral, OLMoE, GPT-OSS: every layer)."""
     step = config.get("decoder_sparse_step", 1) or 1
     dense = set(config.get("mlp_only_layers", []) or [])
+    first = config.get("first_k_dense_replace", 0) or 0
+    freq = config.get("moe_layer_freq", 1) or 1
     n = config["num_hidden_layers"]
-    return [i for i in range(n) if i not in dense and (i + 1) % step == 0]
+    return [
+        i
+        for i in range(n)
+        if i not in dense and (i + 1) % step == 0 and i >= first and i % freq == 0
+    ]

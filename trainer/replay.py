@@ -1,7 +1,7 @@
 """Routing control for the trainer's HF transformers MoE model: replay, record, natural.
 
-Every MoE router (``model.model.layers[i].mlp.gate`` in transformers 5.x, all four families)
-gets its ``forward`` replaced by one that, per the active :class:`RoutingControl`:
+Every MoE router (``model.model.layers[i].mlp.gate`` in transformers 5.x; ``mlp.router`` in
+GPT-OSS) gets its ``forward`` replaced by one that, per the active :class:`RoutingControl`:
 
 - **force** given expert ids (routing replay: R2, R3, PR2) -- gating is recomputed from the
   *current* router's logits gathered at those ids with the family's normalisation, so gradients
@@ -10,6 +10,13 @@ gets its ``forward`` replaced by one that, per the active :class:`RoutingControl
 - **natural** top-k, optionally on ``z + W_p h`` (the predictor-adjusted selection the server
   makes) -- still gated by the unadjusted ``z``;
 - **record** the router input ``h``, logits ``z`` and chosen ids per layer.
+
+Each family keeps its own router (:func:`router_kind`): softmax top-k (Qwen, Mixtral, OLMoE);
+GPT-OSS, whose logits hold the router's bias (trained like the weight); and the grouped sigmoid
+routers of DeepSeek-V3 / GLM-4.5, which select by group-limited top-k on
+``sigmoid(z + W_p h) + c`` and gate with ``sigmoid(z)`` (:func:`pr2_serve.routing.grouped_route`)
+-- their correction bias ``c`` is a buffer, as in those models: load-balancing state adjusted
+outside the gradient, never a trained parameter.
 
 Predictors are ``nn.Linear(hidden, num_experts, bias=False)`` modules added as
 ``layers[i].mlp.predictor`` (state-dict name ``model.layers.{i}.mlp.predictor.weight``, the name
@@ -30,9 +37,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pr2_serve.routing import gate_weights, select_experts
+from pr2_serve.routing import gate_weights, grouped_gate, grouped_select, select_experts
 
-__all__ = ["MoEReplay", "RoutingControl"]
+__all__ = ["MoEReplay", "RoutingControl", "router_kind"]
+
+ROUTER_NAMES = ("gate", "router")  # the router's attribute in the family's MoE block
+
+
+def router_kind(router: nn.Module) -> str:
+    """``"grouped"`` (sigmoid, correction bias, group-limited top-k), ``"biased"`` (a Linear
+    with a bias: GPT-OSS) or ``"softmax"`` (plain top-k)."""
+    if getattr(router, "e_score_correction_bias", None) is not None:
+        return "grouped"
+    if getattr(router, "bias", None) is not None:
+        return "biased"
+    return "softmax"
 
 
 @dataclass
@@ -76,8 +95,8 @@ class MoEReplay:
         device = next(model.parameters()).device
         for i, layer in enumerate(model.model.layers):
             block = getattr(layer, "mlp", None)
-            router = getattr(block, "gate", None)
-            if router is None or not hasattr(router, "top_k"):
+            router = _router_of(block)
+            if router is None:
                 continue  # dense layer
             if not hasattr(block, "predictor"):
                 block.predictor = nn.Linear(
@@ -111,6 +130,31 @@ class MoEReplay:
         finally:
             self._control = prev
 
+    def select(
+        self, router: nn.Module, z: torch.Tensor, h: torch.Tensor, w_p: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The family's natural selection on the logits ``z`` (``w_p``: PR2's, on ``z + W_p h``),
+        ``[T, k]`` int64."""
+        if router_kind(router) != "grouped":
+            return select_experts(z, h, w_p, self.top_k)
+        return grouped_select(
+            z,
+            h,
+            w_p,
+            self.top_k,
+            router.num_group,
+            router.topk_group,
+            "sigmoid",
+            router.e_score_correction_bias,
+        )
+
+    def gate(self, router: nn.Module, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The family's gating of the plain logits ``z`` at ``ids``, in the dtype the family's
+        router returns (its logits' dtype; fp32 for the grouped routers, as they compute)."""
+        if router_kind(router) == "grouped":
+            return grouped_gate(z, ids, router.norm_topk_prob, router.routed_scaling_factor)
+        return gate_weights(z.float(), ids, self.renormalize(router)).to(z.dtype)
+
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:
         """``{"model.layers.{i}.mlp.predictor.weight": W_p}`` for every MoE layer."""
         return {
@@ -129,19 +173,34 @@ class MoEReplay:
         return n
 
 
+def _router_of(block: nn.Module | None) -> nn.Module | None:
+    for name in ROUTER_NAMES:
+        router = getattr(block, name, None)
+        if router is not None and hasattr(router, "top_k"):
+            return router
+    return None
+
+
+def _logits(router: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``z`` as the family computes it: fp32 for the grouped routers, with the bias for
+    GPT-OSS, in the model's dtype otherwise."""
+    if router_kind(router) == "grouped":
+        return F.linear(h.float(), router.weight.float())
+    return F.linear(h, router.weight, getattr(router, "bias", None))
+
+
 def _make_forward(replay: MoEReplay, ordinal: int, predictor: nn.Linear):
     def forward(self, hidden_states: torch.Tensor):
         h = hidden_states.reshape(-1, self.hidden_dim)
-        z = F.linear(h, self.weight)
+        z = _logits(self, h)
         ctl = replay._control or RoutingControl()
         if ctl.forced_ids is not None:
             ids = ctl.forced_ids[:, ordinal].to(device=z.device, dtype=torch.long)
             if ids.shape[0] != z.shape[0]:
                 raise ValueError(f"forced ids have {ids.shape[0]} tokens, the batch {z.shape[0]}")
         else:
-            w_p = predictor.weight if ctl.use_predictor else None
-            ids = select_experts(z, h, w_p, self.top_k)
-        weights = gate_weights(z.float(), ids, replay.renormalize(self)).to(z.dtype)
+            ids = replay.select(self, z, h, predictor.weight if ctl.use_predictor else None)
+        weights = replay.gate(self, z, ids)
         if ctl.record:
             ctl.hidden.append(h)
             ctl.logits.append(z)

@@ -1,0 +1,102 @@
+"""Trainer-side routing control on the HF models of the grouped (GLM-4.5, DeepSeek-V3) and
+GPT-OSS families: the natural and forced routes reproduce the stock forward, the predictor moves
+the selection only, the correction bias is used but never trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pr2_serve.tiny_model import TinySpec, make_tiny_model
+from trainer.replay import MoEReplay, RoutingControl, router_kind
+
+FAMILIES = ["glm4_moe", "deepseek_v3", "gpt_oss"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_dir(request, tmp_path_factory):
+    arch = request.param
+    d = tmp_path_factory.mktemp(arch)
+    return arch, make_tiny_model(d, seed=2, predictor="random", spec=TinySpec(arch=arch))
+
+
+def _load(d):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
+
+
+def _with_predictors(d):
+    from safetensors.torch import load_file
+
+    model = _load(d)
+    replay = MoEReplay(model)
+    assert replay.load_predictors(load_file(str(d / "model.safetensors"))) == 3 + (
+        "gpt_oss" in str(d)
+    )
+    return model, replay
+
+
+def test_forced_natural_routes_reproduce_the_stock_forward(family_dir):
+    arch, d = family_dir
+    stock = _load(d)
+    model, replay = _with_predictors(d)
+    kind = "biased" if arch == "gpt_oss" else "grouped"
+    assert {router_kind(r) for r in replay.routers} == {kind}
+    x = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        ref = stock(x).logits
+        ctl = RoutingControl(record=True)
+        with replay.control(ctl):
+            natural = model(x).logits
+        with replay.control(RoutingControl(forced_ids=ctl.recorded_routes())):
+            forced = model(x).logits
+    # the grouped routers are computed op for op as HF does: bitwise. GPT-OSS's HF router sorts
+    # its top-k (ours does not, as vLLM's), so the softmax sums in another order: ~1 ulp
+    tol = 1e-6 if arch == "gpt_oss" else 0
+    torch.testing.assert_close(natural, ref, atol=tol, rtol=0)
+    torch.testing.assert_close(forced, natural, atol=0, rtol=0)
+
+
+def test_the_predictor_moves_the_selection_only(family_dir):
+    """With the checkpoint's random predictor some routes move; the forward is then exactly
+    the forward with those routes forced (gating from the plain router)."""
+    _, d = family_dir
+    model, replay = _with_predictors(d)
+    x = torch.randint(0, 256, (2, 29))
+    with torch.no_grad():
+        plain, pred = RoutingControl(record=True), RoutingControl(record=True, use_predictor=True)
+        with replay.control(plain):
+            model(x)
+        with replay.control(pred):
+            out = model(x).logits
+        with replay.control(RoutingControl(forced_ids=pred.recorded_routes())):
+            forced = model(x).logits
+    moved = plain.recorded_routes().sort(-1).values != pred.recorded_routes().sort(-1).values
+    assert 0 < int(moved.any(-1).sum()) < moved.shape[0] * moved.shape[1]
+    torch.testing.assert_close(out, forced, atol=0, rtol=0)
+
+
+def test_forced_routes_train_the_router_not_the_correction_bias(family_dir):
+    arch, d = family_dir
+    model, replay = _with_predictors(d)
+    x = torch.randint(0, 256, (1, 11))
+    ctl = RoutingControl(record=True)
+    with torch.no_grad(), replay.control(ctl):
+        natural = model(x).logits
+    other = (ctl.recorded_routes() + 5) % replay.num_experts
+    with replay.control(RoutingControl(forced_ids=other)):
+        out = model(x).logits
+    assert not torch.allclose(out, natural)
+    out.sum().backward()
+    router = replay.routers[0]
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    params = dict(model.named_parameters())
+    if arch == "gpt_oss":  # the router's bias is a trained parameter of GPT-OSS
+        assert router.bias.grad is not None and router.bias.grad.abs().sum() > 0
+    else:
+        assert not any("e_score_correction_bias" in n for n in params)
+        assert router.e_score_correction_bias.abs().sum() > 0  # non-zero, and used
