@@ -32,6 +32,31 @@ def test_the_grid_is_the_issues_grid():
     assert len(set(a + b)) == len(a + b)
     assert SETTINGS["B"].load_balance_coef > 0 and SETTINGS["B"].imbalance_bias > 0
     assert SETTINGS["A"].load_balance_coef == 0 and not SETTINGS["A"].imbalance_bias
+    # A's predictor lr as it was: x 10 of the base lr with the router at x 30
+    assert SETTINGS["A"].predictor_lr_ratio * SETTINGS["A"].router_lr_multiplier == 10
+    c = SETTINGS["C"]  # the paper's routing regime at toy size
+    assert (c.experts, c.top_k, c.router_lr_multiplier) == (32, 4, 1.0)
+    assert {k.off_policy_steps for k in grid_cells([c])} == {2, 8}
+
+
+def test_warm_starts_are_a_fixed_number_of_steps(tmp_path):
+    """The warm-up's length does not depend on a noisy eval: the same steps every time."""
+    from pr2_serve.tiny_model import make_tiny_model
+    from trainer.tasks import Task
+    from trainer.warmup import warmup
+
+    base = make_tiny_model(tmp_path / "base", seed=0)
+    res = warmup(
+        base,
+        tmp_path / "w",
+        Task("addition", 2),
+        target_accuracy=None,
+        max_steps=3,
+        eval_every=1,
+        eval_size=2,
+        progress=False,
+    )
+    assert res.steps == 3
 
 
 def test_pending_skips_finished_cells_in_order():
@@ -65,6 +90,10 @@ def test_cell_config_carries_the_setting(tmp_path):
     assert (cfg.replay, cfg.off_policy_steps, cfg.seed) == ("r3", 8, 2)
     assert cfg.load_balance_coef == SETTINGS["B"].load_balance_coef
     assert cfg.router_lr_multiplier == SETTINGS["B"].router_lr_multiplier and cfg.steps == 40
+    assert cfg.predictor_lr_ratio == SETTINGS["B"].predictor_lr_ratio
+    tuned = CellKey("C", "pr2-c0.1", 8, 0)
+    cfg = experiment.cell_config(SETTINGS["C"], tuned, tmp_path, "http://x:1", "k", tmp_path)
+    assert cfg.predictor_lr_ratio == 0.1 and cfg.lr == SETTINGS["C"].lr
 
 
 # -- results file ----------------------------------------------------------------------------------

@@ -36,47 +36,84 @@ TASK = Task("addition", 2)
 
 
 # -- warm starts and servers -----------------------------------------------------------------------
-def warm_model(out: Path, router_std: float = 0.02) -> Path:
-    """The supervised warm start (made once, then reused)."""
-    model_dir = out / "model"
+def warm_model(out: Path, setting: Setting, router_std: float = 0.02) -> Path:
+    """The supervised warm start of ``setting``'s model shape (made once, then reused): exactly
+    ``setting.warmup_steps`` steps, so the same code on the same machine makes the same bytes
+    (each cell records its fingerprint)."""
+    model_dir = out / f"model-{_shape(setting)}-w{setting.warmup_steps}"
     if not (model_dir / "model.safetensors").exists():
         from pr2_serve.tiny_model import TinySpec, make_tiny_model
 
         from .warmup import warmup
 
-        base = make_tiny_model(out / "base", seed=0, spec=TinySpec(router_std=router_std))
-        warmup(base, model_dir, TASK, target_accuracy=0.2, seed=0)
+        spec = TinySpec(
+            router_std=router_std,
+            num_experts=setting.experts,
+            top_k=setting.top_k,
+            moe_intermediate_size=setting.expert_size,
+        )
+        base = make_tiny_model(out / f"base-{_shape(setting)}", seed=0, spec=spec)
+        warmup(base, model_dir, TASK, target_accuracy=None, max_steps=setting.warmup_steps)
     return model_dir
 
 
-def setting_model(
-    out: Path, experts: tuple[int, ...] = (), bias: float = 0.0, stage: str = "after"
-) -> Path:
+def setting_model(out: Path, setting: Setting) -> Path:
     """The warm start of a setting (made once): the warm model, or it with routers biased
-    towards ``experts`` -- after the warm-up (``stage="after"``), or before it (``"before"``:
-    the base model is biased, then warmed up, so the experts learn the imbalanced routes)."""
-    model_dir = warm_model(out)
+    towards ``setting.imbalance_experts`` -- after the warm-up (``imbalance_stage="after"``),
+    or before it (``"before"``: the base model is biased, then warmed up, so the experts learn
+    the imbalanced routes)."""
+    model_dir = warm_model(out, setting)
+    experts, bias = setting.imbalance_experts, setting.imbalance_bias
     if not bias:
         return model_dir
     from .imbalance import make_imbalanced
 
-    name = f"e{'-'.join(map(str, experts))}-b{bias:g}"
-    if stage == "after":
-        imb = out / f"model-imb-{name}"
+    name = f"{model_dir.name}-e{'-'.join(map(str, experts))}-b{bias:g}"
+    if setting.imbalance_stage == "after":
+        imb = out / f"{name}-imb"
         if not (imb / "model.safetensors").exists():
             make_imbalanced(model_dir, imb, experts, bias, TASK)
         return imb
-    imb = out / f"model-pre-imb-{name}"
+    imb = out / f"{name}-pre-imb"
     if not (imb / "model.safetensors").exists():
         from .warmup import warmup
 
-        base = out / f"base-imb-{name}"
-        info = make_imbalanced(out / "base", base, experts, bias, TASK)
-        warmup(base, imb, TASK, target_accuracy=0.2, seed=0)
+        base = out / f"base-{name}"
+        info = make_imbalanced(
+            out / f"base-{_shape(setting)}",
+            base,
+            experts,
+            bias,
+            TASK,
+        )
+        warmup(base, imb, TASK, target_accuracy=None, max_steps=setting.warmup_steps)
         from .imbalance import measure
 
         (imb / "imbalance.json").write_text(json.dumps({**info, **measure(imb, experts, TASK)}))
     return imb
+
+
+def _shape(setting: Setting) -> str:
+    return f"e{setting.experts}k{setting.top_k}i{setting.expert_size}"
+
+
+def provenance(model_dir: Path) -> dict:
+    """What a cell ran from: the warm start's fingerprint and the code's commit."""
+    import hashlib
+    import subprocess
+
+    digest = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"warm_start_sha256": digest[:16], "code_commit": commit}
 
 
 class ServerCache:
@@ -125,6 +162,10 @@ def cell_config(
     this checkout lacks)."""
     available = {f.name for f in dataclasses.fields(TrainConfig)}
     steps = setting.steps
+    fields = {
+        "predictor_lr_ratio": setting.predictor_lr_ratio,
+        **VARIANTS[key.variant].config_fields(available),
+    }
     return TrainConfig(
         servers=[server_url],
         model_dir=str(model_dir),
@@ -135,7 +176,6 @@ def cell_config(
         samples_per_prompt=setting.samples_per_prompt,
         max_tokens=6,
         lr=setting.lr,
-        predictor_lr_multiplier=setting.predictor_lr_multiplier,
         router_lr_multiplier=setting.router_lr_multiplier,
         load_balance_coef=setting.load_balance_coef,
         steps=steps,
@@ -144,21 +184,26 @@ def cell_config(
         seed=key.seed,
         output_dir=str(cell_dir),
         api_key=api_key,
-        **VARIANTS[key.variant].config_fields(available),
+        **fields,
     )
 
 
 def run_cell(
-    servers: ServerCache, out: Path, setting: Setting, key: CellKey, model_dir: Path | None = None
+    servers: ServerCache,
+    out: Path,
+    setting: Setting,
+    key: CellKey,
+    model_dir: Path | None = None,
+    learner_hook=None,
 ) -> dict:
     """Train one cell against the setting's (shared) server; its results entry. The cell's
-    ``metrics.jsonl`` is in ``out/cells/<setting>-<variant>-<off>-<seed>/``."""
+    ``metrics.jsonl`` is in ``out/cells/<setting>-<variant>-<off>-<seed>/``.
+    ``learner_hook(learner, cell_dir)``: called on the cell's learner before it trains (a
+    study's recorder attaches itself there)."""
     from .loop import Trainer
 
     if model_dir is None:
-        model_dir = setting_model(
-            out, setting.imbalance_experts, setting.imbalance_bias, setting.imbalance_stage
-        )
+        model_dir = setting_model(out, setting)
     cell_dir = out / "cells" / "-".join(map(str, key))
     cfg = cell_config(setting, key, model_dir, "http://unused", servers.key, cell_dir)
     shutil.rmtree(cell_dir, ignore_errors=True)
@@ -167,6 +212,8 @@ def run_cell(
     cfg.servers = [server.http]
     t0 = time.perf_counter()
     with Trainer(cfg, log=lambda *a: None) as trainer:
+        if learner_hook is not None:
+            learner_hook(trainer.learner, cell_dir)
         rows = trainer.run()
     variant = VARIANTS[key.variant]
     return {
@@ -175,6 +222,8 @@ def run_cell(
         "predictor": variant.predictor,
         "predictor_scale_option": variant.predictor_scale,
         "dtype": variant.dtype,
+        "predictor_lr_ratio": cfg.predictor_lr_ratio if variant.replay == "pr2" else None,
+        **provenance(model_dir),
         **summarize_cell(rows, time.perf_counter() - t0),
     }
 
@@ -188,8 +237,8 @@ def write_results(path: Path, settings: list[Setting], cells: list[dict], total:
         "cells_done": len(cells),
         "cells_total": total,
         "task": "addition (2 digits)",
-        "model": "tiny Qwen3-MoE (hidden 64, 4 MoE layers, 8 experts, top-2), warmed up to "
-        "~20-30 % held-out accuracy",
+        "model": "tiny Qwen3-MoE (hidden 64, 4 MoE layers; 8 experts top-2, or setting C's 32 "
+        "top-4), warmed up by a fixed number of supervised steps",
         "settings": {s.name: s.to_dict() for s in settings},
         "cells": cells,
         "aggregates": aggregate(cells),
@@ -242,7 +291,7 @@ def tune(out: Path, path: Path, runs: list[tuple], steps: int, off: int) -> None
             )
             key = CellKey("tune", replay, off, 0)
             entry = run_cell(servers, out, s, key)
-            imb = setting_model(out, s.imbalance_experts, bias, stage) / "imbalance.json"
+            imb = setting_model(out, s) / "imbalance.json"
             done.append(
                 {
                     "replay": replay,

@@ -38,16 +38,17 @@ class Variant:
 
     name: str
     replay: str
-    predictor: str | None = None  # "learned" | "lookahead" (trainer field ``predictor``)
+    predictor: str | None = None  # "learned" | "lookahead" | "ridge" (trainer ``predictor``)
     predictor_scale: str | None = None  # "auto" | a float (trainer field ``predictor_scale``)
     dtype: str = "float32"  # trainer precision; the servers stay fp32
+    predictor_lr_ratio: float | None = None  # None: the setting's own
 
     def config_fields(self, available: Iterable[str]) -> dict:
         """The ``TrainConfig`` keyword arguments of this variant; :class:`MissingFeature` when
         it sets a field ``available`` lacks."""
         have = set(available)
         out = {"replay": self.replay, "dtype": self.dtype}
-        for name in ("predictor", "predictor_scale"):
+        for name in ("predictor", "predictor_scale", "predictor_lr_ratio"):
             value = getattr(self, name)
             if value is None:
                 continue
@@ -68,6 +69,11 @@ VARIANTS: dict[str, Variant] = {
         Variant("pr2", "pr2"),
         Variant("pr2-auto", "pr2", predictor_scale="auto"),
         Variant("lookahead", "pr2", predictor="lookahead"),
+        Variant("ridge", "pr2", predictor="ridge"),
+        # the paper's learned predictor with its lr keyed low to the router's
+        # (results/counterfactual: chosen on the recording seeds, not the grid's)
+        Variant("pr2-c0.1", "pr2", predictor_lr_ratio=0.1),
+        Variant("pr2-c0.3", "pr2", predictor_lr_ratio=0.3),
         # trainer bf16 / server fp32: R2 (trainer's own routes) and R3 (server's) differ
         Variant("r2-bf16", "r2", dtype="bfloat16"),
         Variant("r3-bf16", "r3", dtype="bfloat16"),
@@ -92,10 +98,16 @@ class Setting:
     extra_cells: tuple[tuple[str, int, int], ...] = ()  # (variant, off-policy, seed)
     steps: int = 40
     lr: float = 2e-4
-    predictor_lr_multiplier: float = 10.0
+    predictor_lr_ratio: float = 10.0  # x the router's lr (A: x 10 of the base lr = 1/3)
     prompts_per_batch: int = 32
     samples_per_prompt: int = 8
     eval_size: int = 128  # held-out problems per eval (4 evals a cell)
+    # the warm start's model and its supervised warm-up: a fixed number of steps (an accuracy
+    # threshold made the warm start's length, and every cell after it, depend on float noise)
+    experts: int = 8
+    top_k: int = 2
+    expert_size: int = 64  # moe_intermediate_size
+    warmup_steps: int = 600
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,6 +120,9 @@ B_IMBALANCE_EXPERTS = (0, 1)
 B_IMBALANCE_BIAS = 3.0
 B_ROUTER_LR_MULTIPLIER = 1.0
 
+#: Setting C's base lr (results/counterfactual/tuning.json: R3's off-policy-8 zero-deviation)
+C_LR = 4e-4
+
 SETTINGS: dict[str, Setting] = {
     "A": Setting(
         "A",
@@ -115,6 +130,7 @@ SETTINGS: dict[str, Setting] = {
         variants=("r3", "pr2", "pr2-auto"),
         off_policy=(2, 4, 8),
         seeds=(0, 1),
+        predictor_lr_ratio=10.0 / 30.0,
     ),
     "B": Setting(
         "B",
@@ -130,6 +146,22 @@ SETTINGS: dict[str, Setting] = {
         imbalance_experts=B_IMBALANCE_EXPERTS,
         imbalance_bias=B_IMBALANCE_BIAS,
         extra_cells=(("r2-bf16", 8, 0), ("r3-bf16", 8, 0)),
+    ),
+    "C": Setting(
+        "C",
+        "the paper's routing regime at toy size: 32 fine-grained experts, top-4 (a crowded "
+        f"top-k boundary), router lr x 1, base lr {C_LR:g} (R3 at off-policy 8 in the "
+        "85-92 % zero-deviation range), Switch load-balancing loss x 0.01",
+        variants=("r3", "pr2-c0.1", "ridge", "lookahead"),
+        off_policy=(8, 2),
+        seeds=(0, 1, 2),
+        router_lr_multiplier=1.0,
+        load_balance_coef=0.01,
+        lr=C_LR,
+        predictor_lr_ratio=1.0,
+        experts=32,
+        top_k=4,
+        expert_size=32,
     ),
 }
 

@@ -41,6 +41,13 @@ def load(results_path: str | Path) -> dict:
 
 
 # -- tables ----------------------------------------------------------------------------------------
+def _predictor_lr(s: dict) -> str:
+    """A setting's predictor lr as written (older results: a multiplier of the base lr)."""
+    if "predictor_lr_ratio" in s:
+        return f"{s['predictor_lr_ratio']:.3g} x the router's"
+    return f"x {s['predictor_lr_multiplier']:g}"
+
+
 def setting_table(aggs: list[dict]) -> list[str]:
     lines = [
         "| variant | off-policy | zero-dev. % (off-policy mini-steps) | zero-dev. % (all) | "
@@ -200,8 +207,8 @@ def render(loaded: dict, source: str) -> str:
             "",
             f"**Setting {name}** — {s['description']}. {s['steps']} RL steps of "
             f"{s['prompts_per_batch']} prompts x {s['samples_per_prompt']} samples; lr "
-            f"{s['lr']:g}, router lr x {s['router_lr_multiplier']:g}, predictor lr x "
-            f"{s['predictor_lr_multiplier']:g}, load-balance λ {s['load_balance_coef']:g}.",
+            f"{s['lr']:g}, router lr x {s['router_lr_multiplier']:g}, predictor lr "
+            f"{_predictor_lr(s)}, load-balance λ {s['load_balance_coef']:g}.",
             "",
         ]
         lines += setting_table(mine) if mine else ["(no cells finished yet)"]

@@ -1,0 +1,1 @@
+"""Research code: studies of the predictors that the library does not import."""

@@ -1,0 +1,95 @@
+"""Record the router drift a predictor would have to forecast, during a real (R3) run.
+
+A mini-step observer (:class:`trainer.train_step.Learner.observers`). For every batch it keeps a
+sample of ``tokens`` real positions and, per MoE layer: the router input ``h_old``, the logits
+``z_old`` (the router at the rollout) and the logits ``z_s`` the router gives the same tokens
+in every mini-step ``s = 1..S`` (the router after ``s - 1`` updates, upstream layers' changes
+included: a no-grad forward of the sampled sequences with the replayed routes after each
+update), plus ``z_{S+1}`` (after the batch), the routers' weights before the batch and the Adam
+look-ahead the trainer would serve next. :mod:`trainer.experiments.counterfactual` replays this
+stream offline and scores every predictor on identical data.
+
+Arrays (``numpy.savez``): ``h [N, L, n, H]``, ``z [N, S + 1, L, n, E]`` (index 0 = ``z_old``
+= mini-step 1), ``routers [N, L, E, H]``, ``lookahead [N, L, E, H]`` and the run's facts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..batch import flat_routes
+from ..lookahead import router_lookahead
+from ..policy import forward_logprobs
+from ..replay import RoutingControl
+
+__all__ = ["DriftRecorder"]
+
+
+class DriftRecorder:
+    """Attach with ``learner.observers.append(DriftRecorder(learner, path))``; :meth:`save`
+    writes the stream (also called after every batch, so a cut run keeps what it had)."""
+
+    def __init__(self, learner, path: Path, tokens: int = 128, sequences: int = 32) -> None:
+        self.learner, self.path = learner, Path(path)
+        self.tokens, self.sequences = tokens, sequences
+        self.h, self.z, self.routers, self.lookahead = [], [], [], []
+        self._sample = None
+
+    # -- observer protocol (trainer.train_step.mini_steps) --
+    def begin(self, batch, old) -> None:
+        g = torch.Generator().manual_seed(len(self.h))
+        n_seq = batch.input_ids.shape[0]
+        seqs = torch.randperm(n_seq, generator=g)[: self.sequences].sort().values
+        t = batch.input_ids.shape[1]
+        rows = (seqs[:, None] * t + torch.arange(t)).reshape(-1)
+        valid = batch.valid.reshape(-1)[rows].bool()
+        pick = torch.nonzero(valid).reshape(-1)
+        pick = pick[torch.randperm(len(pick), generator=g)[: self.tokens].sort().values]
+        self._sample = (batch.select(seqs), flat_routes(batch.routes)[rows], pick)
+        self._h = [x[rows][pick].float().clone() for x in old.hidden]
+        self._z = [[x[rows][pick].float().clone() for x in old.logits]]  # z_1 = z_old
+        self._routers = [w.detach().float().clone() for w in self.learner.policy.router_weights()]
+
+    def mini_step(self, step: int, old, rows, z_s, valid) -> None:
+        """After mini-step ``step``'s update: the router now gives ``z_{step + 1}``."""
+        self._z.append(self._sample_logits())
+        if step == self.learner.cfg.off_policy_steps:
+            self._end_batch()
+
+    # -- helpers --
+    @torch.no_grad()
+    def _sample_logits(self) -> list[torch.Tensor]:
+        mb, routes, pick = self._sample
+        ctl = RoutingControl(forced_ids=routes, record=True)
+        forward_logprobs(self.learner.policy, mb, ctl)
+        return [z.float()[pick].clone() for z in ctl.logits]
+
+    def _end_batch(self) -> None:
+        learner = self.learner
+        routers = [r.weight for r in learner.policy.replay.routers]
+        ahead = router_lookahead(learner.opt, routers, learner.cfg.off_policy_steps)
+        self.h.append(torch.stack(self._h).numpy())
+        self.z.append(torch.stack([torch.stack(zs) for zs in self._z]).numpy())
+        self.routers.append(torch.stack(self._routers).numpy())
+        self.lookahead.append(torch.stack([a.float() for a in ahead]).numpy())
+        self.save()
+
+    def save(self) -> None:
+        cfg = self.learner.cfg
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp,
+            h=np.stack(self.h),
+            z=np.stack(self.z),
+            routers=np.stack(self.routers),
+            lookahead=np.stack(self.lookahead),
+            top_k=self.learner.policy.replay.top_k,
+            router_lr=cfg.lr * cfg.router_lr_multiplier,
+            off_policy_steps=cfg.off_policy_steps,
+            seed=cfg.seed,
+        )
+        tmp.replace(self.path)
