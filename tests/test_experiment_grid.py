@@ -212,3 +212,18 @@ def test_bias_routers_raises_favoured_logits_on_the_mean_input():
     with pytest.raises(ValueError, match="expert 9"):
         bias_routers(w, h, [9], 1.0)
     assert expert_load([torch.tensor([[0, 1], [0, 2]])], 4) == [[0.5, 0.25, 0.25, 0.0]]
+
+
+def test_a_collapsed_cell_is_flagged_in_the_table():
+    rows = fake_rows(10, 8, 0.9, False)
+    for r in rows[-5:]:
+        r["reward_mean"] = 0.01  # from 0.3 to 0.01: learning collapsed
+    bad = cell_summary.summarize_cell(rows, 1.0)
+    good = cell_summary.summarize_cell(fake_rows(10, 8, 0.9, False), 1.0)
+    assert bad["collapsed"] and not good["collapsed"]
+    cells = [
+        {**CellKey("B", "r3", 8, s)._asdict(), "replay": "r3", **c}
+        for s, c in enumerate((bad, good))
+    ]
+    table = "\n".join(report.setting_table(cell_summary.aggregate(cells)))
+    assert "⚠ 1 of 2" in table

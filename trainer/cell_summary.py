@@ -52,6 +52,16 @@ def _scalar(x):
     return x
 
 
+def collapsed(evals: list[float], rows: list[dict]) -> bool:
+    """A run whose learning collapsed: final held-out accuracy under 5 %, or the last five
+    steps' reward under a quarter of the first five's. Flagged in the tables (such a cell's
+    routing numbers describe a broken policy, not the method)."""
+    first = mean_of(r.get("reward_mean") for r in rows[:5])
+    last = mean_of(r.get("reward_mean") for r in rows[-5:])
+    low_acc = bool(evals) and evals[-1] < 0.05
+    return bool(low_acc or (first and last is not None and last < 0.25 * first))
+
+
 def summarize_cell(rows: list[dict], wall: float) -> dict:
     """A cell's headline numbers and per-step series (for the plots)."""
     rows = [{**r, "predictor_scale": _scalar(r.get("predictor_scale"))} for r in rows]
@@ -83,6 +93,7 @@ def summarize_cell(rows: list[dict], wall: float) -> dict:
         "reward_first": mean_of(r.get("reward_mean") for r in rows[:5]),
         "reward_last": mean_of(r.get("reward_mean") for r in rows[-5:]),
         "instability": instability_events(rows),
+        "collapsed": collapsed(evals, rows),
         "wall_time_s": wall,
         "steps": len(rows),
         "series": {k: [r.get(k) for r in rows] for k in series_keys},
@@ -129,6 +140,7 @@ def aggregate(cells: list[dict]) -> list[dict]:
             agg[key] = float(np.mean(vals)) if vals else None
             agg[key + "_spread"] = float(max(vals) - min(vals)) if len(vals) > 1 else 0.0
         agg["instability_events"] = int(sum(sum(c["instability"].values()) for c in group))
+        agg["collapsed"] = sum(1 for c in group if c.get("collapsed"))
         mini = [
             c["zero_deviation_per_mini_step"]
             for c in group

@@ -48,12 +48,18 @@ def _predictor_lr(s: dict) -> str:
     return f"x {s['predictor_lr_multiplier']:g}"
 
 
+def _collapsed(a: dict) -> str:
+    """How many of the row's seeds collapsed (kept in the means, flagged here)."""
+    n = a.get("collapsed", 0)
+    return f"⚠ {n} of {len(a['seeds'])}" if n else "0"
+
+
 def setting_table(aggs: list[dict]) -> list[str]:
     lines = [
         "| variant | off-policy | zero-dev. % (off-policy mini-steps) | zero-dev. % (all) | "
         "final eval acc. | instability events | α mean | drift cos lag 1 / 2 / 3 | "
-        "load-balance loss | R2 = R3 route % | train–infer KL | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "load-balance loss | R2 = R3 route % | train–infer KL | wall (s) | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in aggs:
         cos = " / ".join(_num(a.get(f"router_drift_cos_lag{lag}"), ".2f") for lag in LAGS)
@@ -65,7 +71,8 @@ def setting_table(aggs: list[dict]) -> list[str]:
             f"{_num(a['final_eval_accuracy_spread'], '.3f')} | {a['instability_events']} | "
             f"{_num(a.get('predictor_scale'), '.2f')} | {cos} | "
             f"{_num(a.get('load_balance'), '.2f')} | {_pct(a.get('r2_vs_r3_zero_deviation'))} | "
-            f"{_num(a['train_infer_kl'], '.1e')} | {_num(a['wall_time_s'], '.0f')} |"
+            f"{_num(a['train_infer_kl'], '.1e')} | {_num(a['wall_time_s'], '.0f')} | "
+            f"{_collapsed(a)} |"
         )
     return lines
 
