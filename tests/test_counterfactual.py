@@ -103,7 +103,7 @@ def test_in_sample_ridge_bounds_every_predictor_on_a_synthetic_stream():
     best = off.pop(InSampleRidge.name)
     assert all(best >= v for v in off.values()), (best, off)
     # a persistent drift is forecast: ridge beats R3 out of sample
-    assert off["ridge λ=1 memory=0.5"] > off[Zero.name]
+    assert off[Ridge(1.0, 0.5).name] > off[Zero.name]
 
 
 def test_paired_difference_of_identical_runs_is_zero():
@@ -134,3 +134,32 @@ def test_predictor_lr_is_keyed_to_the_routers(tiny_zero):
         old = TrainConfig(predictor_lr_multiplier=10.0, router_lr_multiplier=30.0, servers=["x"])
     assert old.predictor_lr_ratio == pytest.approx(1 / 3)
     assert any("deprecated" in str(w.message) for w in caught)
+
+
+def test_shadow_predictor_is_what_pr2_trains(tiny_zero, tmp_path):
+    """The recorder's shadow learned predictor at ratio c, trained beside the run, equals the
+    predictor ``--replay pr2 --predictor-lr-ratio c`` trains on the same batch (the served
+    routes come with the batch, so the first batch's forwards are the same in both)."""
+    from trainer.distributed import synthetic_batch
+    from trainer.experiments.drift_record import DriftRecorder
+    from trainer.policy import Policy
+    from trainer.train_step import Learner
+
+    cfg = TrainConfig(
+        replay="pr2",
+        off_policy_steps=2,
+        prompts_per_batch=4,
+        samples_per_prompt=2,
+        lr=1e-3,
+        predictor_lr_ratio=0.3,
+        servers=["http://unused"],
+    )
+    policy = Policy(str(tiny_zero))
+    learner = Learner(policy, cfg)
+    rec = DriftRecorder(learner, tmp_path / "s.npz", tokens=8, sequences=2)
+    learner.observers.append(rec)
+    learner.train(synthetic_batch(policy))
+    trained = torch.stack([w.detach() for w in policy.predictor_parameters()])
+    shadow = torch.from_numpy(np.load(tmp_path / "s.npz")["shadow:kl c=0.3"][0])
+    assert trained.abs().max() > 0
+    torch.testing.assert_close(shadow, trained, rtol=1e-4, atol=1e-7)

@@ -34,7 +34,9 @@ __all__ = [
     "Learned",
     "Lookahead",
     "RandomMatched",
+    "Recorded",
     "Ridge",
+    "RidgeFull",
     "Stream",
     "Zero",
     "paired_difference",
@@ -50,12 +52,24 @@ class Stream:
     lookahead: torch.Tensor  # [N, L, E, H] served for batch t + 1
     top_k: int
     router_lr: float
+    # recorded on the WHOLE batch by the run itself (drift_record): per batch the ridge sums
+    # [N, L, H, H] / [N, L, H, E] / [N], and each shadow learned predictor after the batch
+    ridge_a: torch.Tensor | None = None
+    ridge_b: torch.Tensor | None = None
+    ridge_n: torch.Tensor | None = None
+    shadows: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def load(cls, path) -> Stream:
         a = np.load(path)
-        t = {k: torch.from_numpy(a[k]).double() for k in ("h", "z", "routers", "lookahead")}
-        return cls(**t, top_k=int(a["top_k"]), router_lr=float(a["router_lr"]))
+        names = ("h", "z", "routers", "lookahead", "ridge_a", "ridge_b", "ridge_n")
+        t = {k: torch.from_numpy(a[k]).double() for k in names if k in a.files}
+        shadows = {
+            k[len("shadow:") :]: torch.from_numpy(a[k]).double()
+            for k in a.files
+            if k.startswith("shadow:")
+        }
+        return cls(**t, top_k=int(a["top_k"]), router_lr=float(a["router_lr"]), shadows=shadows)
 
     @property
     def steps(self) -> int:  # S, the mini-steps per batch
@@ -91,22 +105,28 @@ class Learned:
         self.name = f"learned {kind} c={c:g}{gated}"
         self.w = self.opt = None
 
+    def start(self, like: torch.Tensor, router_lr: float) -> None:
+        """``W_p = 0`` shaped ``like`` (``[L, E, H]``) and its optimiser."""
+        self.w = torch.zeros_like(like, requires_grad=True)
+        self.opt = torch.optim.AdamW([self.w], lr=self.c * router_lr, weight_decay=self.wd)
+
     def predict(self, st: Stream, t: int) -> torch.Tensor:
         if self.w is None:
-            self.w = torch.zeros_like(st.routers[t], requires_grad=True)
-            lr = self.c * st.router_lr
-            self.opt = torch.optim.AdamW([self.w], lr=lr, weight_decay=self.wd)
+            self.start(st.routers[t], st.router_lr)
         w = self.w.detach()
         return w if self.gate is None else w * torch.as_tensor(self.gate)[:, None, None]
 
     def observe(self, st: Stream, t: int) -> None:
-        h, z_old = st.h[t], st.z[t, 0]
         for s in range(1, st.steps):  # mini-steps 2..S
-            pred = z_old + torch.einsum("lnh,leh->lne", h, self.w)
-            loss = self._loss(pred, st.z[t, s], z_old, st.top_k)
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
+            self.step(st.h[t], st.z[t, 0], st.z[t, s], st.top_k)
+
+    def step(self, h, z_old, z_s, k: int) -> None:
+        """One Adam step towards the logits ``z_s`` (``[L, n, E]``; ``h [L, n, H]``)."""
+        pred = z_old + torch.einsum("lnh,leh->lne", h, self.w)
+        loss = self._loss(pred, z_s, z_old, k)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
 
     def _loss(self, pred, target, z_old, k):
         if self.kind == "l2":
@@ -126,7 +146,7 @@ class Ridge:
 
     def __init__(self, strength: float, memory: float):
         self.strength, self.memory = strength, memory
-        self.name = f"ridge λ={strength:g} memory={memory:g}"
+        self.name = f"ridge (sample) λ={strength:g} memory={memory:g}"
         self.a = self.b = None
         self.count = 0.0
 
@@ -142,6 +162,36 @@ class Ridge:
 
     def observe(self, st: Stream, t: int) -> None:
         a, b, n = batch_sums(st, t)
+        g = self.memory
+        self.a = a if self.a is None else g * self.a + a
+        self.b = b if self.b is None else g * self.b + b
+        self.count = g * self.count + n
+
+
+class Recorded(Zero):
+    """A predictor the run trained alongside itself on the whole batch (a shadow: it never
+    served): ``W`` after batch ``t - 1`` serves batch ``t``; ``gate`` as in :class:`Learned`."""
+
+    def __init__(self, key: str, gate=None):
+        self.key, self.gate = key, gate
+        self.name = f"learned {key}" + ("" if gate is None else ", depth-gated")
+
+    def predict(self, st: Stream, t: int) -> torch.Tensor:
+        if t == 0:
+            return torch.zeros_like(st.routers[0])
+        w = st.shadows[self.key][t - 1]
+        return w if self.gate is None else w * torch.as_tensor(self.gate)[:, None, None]
+
+
+class RidgeFull(Ridge):
+    """:class:`Ridge` on the whole batches' sums, as ``--predictor ridge`` fits them."""
+
+    def __init__(self, strength: float, memory: float):
+        super().__init__(strength, memory)
+        self.name = f"ridge λ={strength:g} memory={memory:g}"
+
+    def observe(self, st: Stream, t: int) -> None:
+        a, b, n = st.ridge_a[t], st.ridge_b[t], float(st.ridge_n[t])
         g = self.memory
         self.a = a if self.a is None else g * self.a + a
         self.b = b if self.b is None else g * self.b + b
@@ -167,7 +217,10 @@ class InSampleRidge:
         self.strength = strength
 
     def predict(self, st: Stream, t: int) -> torch.Tensor:
-        a, b, n = batch_sums(st, t)
+        if st.ridge_a is not None:  # the whole batch's own moves
+            a, b, n = st.ridge_a[t], st.ridge_b[t], float(st.ridge_n[t])
+        else:
+            a, b, n = batch_sums(st, t)
         return torch.stack(
             [ridge_solve(x / n, y / n, self.strength) for x, y in zip(a, b, strict=True)]
         )

@@ -22,7 +22,9 @@ from .counterfactual import (
     Learned,
     Lookahead,
     RandomMatched,
+    Recorded,
     Ridge,
+    RidgeFull,
     Stream,
     Zero,
     paired_difference,
@@ -33,15 +35,25 @@ LR_RATIOS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 METRICS = ("exact_all", "exact_off", "overlap_all")
 
 
-def predictors(layers: int) -> list:
-    """The predictors of the table, fresh (each keeps state through one stream)."""
-    gate = np.linspace(1.0, 0.25, layers)  # later layers damped
-    out: list = [Zero(), *[Learned(c) for c in LR_RATIOS]]
-    for c in (0.3, 1.0):
-        out += [Learned(c, "l2"), Learned(c, "kl-margin"), Learned(c, gate=gate)]
-    out += [Ridge(lam, mem) for lam in (0.1, 1.0, 10.0) for mem in (0.0, 0.5, 0.9)]
-    out += [Lookahead(), HalfPreviousDrift(), RandomMatched(Ridge(1.0, 0.5)), InSampleRidge()]
-    return out
+RIDGES = [(lam, mem) for lam in (0.1, 1.0, 10.0) for mem in (0.0, 0.5, 0.9)]
+
+
+def predictors(st: Stream) -> list:
+    """The predictors of the table, fresh (each keeps state through one stream): the run's
+    shadow learned predictors and whole-batch ridge sums when the stream has them (what the
+    trainer would have served), else the same rules fitted on the token sample."""
+    gate = np.linspace(1.0, 0.25, st.h.shape[1])  # later layers damped
+    if st.shadows:
+        learned = [Recorded(k) for k in st.shadows]
+        learned += [Recorded(k, gate) for k in ("kl c=0.1", "kl c=0.3") if k in st.shadows]
+        ridges = [RidgeFull(lam, mem) for lam, mem in RIDGES]
+    else:
+        learned = [Learned(c) for c in LR_RATIOS]
+        for c in (0.3, 1.0):
+            learned += [Learned(c, "l2"), Learned(c, "kl-margin"), Learned(c, gate=gate)]
+        ridges = [Ridge(lam, mem) for lam, mem in RIDGES]
+    control = RandomMatched(type(ridges[4])(1.0, 0.5))
+    return [Zero(), *learned, *ridges, Lookahead(), HalfPreviousDrift(), control, InSampleRidge()]
 
 
 def per_batch(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -59,7 +71,7 @@ def score_streams(paths: list[Path]) -> dict:
     for path in sorted(paths):
         setting, off, _seed = path.stem.split("-")
         st = Stream.load(path)
-        for p in predictors(st.h.shape[1]):
+        for p in predictors(st):
             sc = score(st, p)
             for metric, values in per_batch(sc).items():
                 table[(setting, int(off))][p.name][metric].append(values)
@@ -132,11 +144,14 @@ METHOD = [
     "each seed. Scored from batch 2 on. First-order: a predictor's effect on training itself "
     "is not in the stream (the online grid measures that).",
     "",
-    "Learned predictors take one Adam step per off-policy mini-step on the sample at `c x` "
-    "the router's lr; `kl-margin` weighs tokens by `min(10, 1/margin)` (the gap between the "
-    "k-th and (k+1)-th logit); depth-gated serves `g_l W_p` with `g` from 1 to 0.25 over "
-    "the layers. Ridge is `--predictor ridge`'s rule; the random control has, per layer, the "
-    "norm of ridge λ=1 memory=0.5.",
+    "The learned predictors are shadows the R3 run trained beside itself exactly as "
+    "`--replay pr2` would (the whole batch, one Adam step per off-policy mini-step on its "
+    "own tokens, at `c x` the router's lr) without serving them; `kl-margin` weighs tokens "
+    "by `min(10, 1/margin)` (the gap between the k-th and (k+1)-th logit of `z_old`); "
+    "depth-gated serves `g_l W_p` with `g` from 1 to 0.25 over the layers. Ridge is "
+    "`--predictor ridge` on the whole batches' sums; the random control has, per layer, the "
+    "norm of ridge λ=1 memory=0.5; the in-sample ridge is fitted on the scored batch's own "
+    "moves (it sees the future: an upper bound for a linear predictor).",
 ]
 
 

@@ -6,8 +6,12 @@ sample of ``tokens`` real positions and, per MoE layer: the router input ``h_old
 in every mini-step ``s = 1..S`` (the router after ``s - 1`` updates, upstream layers' changes
 included: a no-grad forward of the sampled sequences with the replayed routes after each
 update), plus ``z_{S+1}`` (after the batch), the routers' weights before the batch and the Adam
-look-ahead the trainer would serve next. :mod:`trainer.experiments.counterfactual` replays this
-stream offline and scores every predictor on identical data.
+look-ahead the trainer would serve next. On the WHOLE batch (each off-policy token in its own
+mini-step, as the trainer sees them) it also keeps the ridge sums of ``--predictor ridge`` and
+trains shadow learned predictors (``SHADOWS``: the paper's loss at several lr ratios, and
+variants) exactly as the trainer would, without serving them: their ``W_p`` after each batch
+is stored. :mod:`trainer.experiments.counterfactual` replays this stream offline and scores
+every predictor on identical data.
 
 Arrays (``numpy.savez``): ``h [N, L, n, H]``, ``z [N, S + 1, L, n, E]`` (index 0 = ``z_old``
 = mini-step 1), ``routers [N, L, E, H]``, ``lookahead [N, L, E, H]`` and the run's facts.
@@ -24,8 +28,17 @@ from ..batch import flat_routes
 from ..lookahead import router_lookahead
 from ..policy import forward_logprobs
 from ..replay import RoutingControl
+from ..ridge import RidgeFit
+from .counterfactual import Learned
 
-__all__ = ["DriftRecorder"]
+__all__ = ["SHADOWS", "DriftRecorder"]
+
+#: Shadow learned predictors: name -> (lr ratio c, loss).
+SHADOWS = {
+    **{f"kl c={c:g}": (c, "kl") for c in (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)},
+    **{f"l2 c={c:g}": (c, "l2") for c in (0.1, 0.3)},
+    **{f"kl-margin c={c:g}": (c, "kl-margin") for c in (0.1, 0.3)},
+}
 
 
 class DriftRecorder:
@@ -36,6 +49,9 @@ class DriftRecorder:
         self.learner, self.path = learner, Path(path)
         self.tokens, self.sequences = tokens, sequences
         self.h, self.z, self.routers, self.lookahead = [], [], [], []
+        self.ridge_a, self.ridge_b, self.ridge_n = [], [], []
+        self.shadows = {name: Learned(c, kind) for name, (c, kind) in SHADOWS.items()}
+        self.shadow_w: dict[str, list] = {name: [] for name in SHADOWS}
         self._sample = None
 
     # -- observer protocol (trainer.train_step.mini_steps) --
@@ -52,9 +68,26 @@ class DriftRecorder:
         self._h = [x[rows][pick].float().clone() for x in old.hidden]
         self._z = [[x[rows][pick].float().clone() for x in old.logits]]  # z_1 = z_old
         self._routers = [w.detach().float().clone() for w in self.learner.policy.router_weights()]
+        self._ridge = RidgeFit(1.0, 0.0)  # this batch's sums only
+        self._ridge.begin(batch, old)
+        if all(sh.w is None for sh in self.shadows.values()):
+            like = torch.stack(self._routers).double()
+            cfg = self.learner.cfg
+            for sh in self.shadows.values():
+                sh.start(like, cfg.lr * cfg.router_lr_multiplier)
 
     def mini_step(self, step: int, old, rows, z_s, valid) -> None:
-        """After mini-step ``step``'s update: the router now gives ``z_{step + 1}``."""
+        """After mini-step ``step``'s update: the router now gives ``z_{step + 1}``; the
+        mini-step's own tokens (``rows``, logits ``z_s``) feed the ridge sums and shadows."""
+        if step > 1:
+            self._ridge.mini_step(step, old, rows, z_s, valid)
+            m = valid.bool()
+            h = torch.stack([x[rows][m] for x in old.hidden]).double()
+            z0 = torch.stack([x[rows][m] for x in old.logits]).double()
+            zs = torch.stack([x.detach()[m] for x in z_s]).double()
+            k = self.learner.policy.replay.top_k
+            for sh in self.shadows.values():
+                sh.step(h, z0, zs, k)
         self._z.append(self._sample_logits())
         if step == self.learner.cfg.off_policy_steps:
             self._end_batch()
@@ -75,6 +108,13 @@ class DriftRecorder:
         self.z.append(torch.stack([torch.stack(zs) for zs in self._z]).numpy())
         self.routers.append(torch.stack(self._routers).numpy())
         self.lookahead.append(torch.stack([a.float() for a in ahead]).numpy())
+        fit = self._ridge
+        fit.end_batch()
+        self.ridge_a.append(torch.stack(fit.a).numpy())
+        self.ridge_b.append(torch.stack(fit.b).numpy())
+        self.ridge_n.append(fit.count)
+        for name, sh in self.shadows.items():
+            self.shadow_w[name].append(sh.w.detach().float().numpy().copy())
         self.save()
 
     def save(self) -> None:
@@ -87,6 +127,10 @@ class DriftRecorder:
             z=np.stack(self.z),
             routers=np.stack(self.routers),
             lookahead=np.stack(self.lookahead),
+            ridge_a=np.stack(self.ridge_a),
+            ridge_b=np.stack(self.ridge_b),
+            ridge_n=np.array(self.ridge_n),
+            **{f"shadow:{k}": np.stack(v) for k, v in self.shadow_w.items()},
             top_k=self.learner.policy.replay.top_k,
             router_lr=cfg.lr * cfg.router_lr_multiplier,
             off_policy_steps=cfg.off_policy_steps,
