@@ -185,7 +185,7 @@ class WeightTable:
     def from_checkpoint(cls, model_dir: str | Path) -> WeightTable:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         specs = read_specs(checkpoint_files(model_dir))
-        num_experts = config.get("num_experts") or config.get("num_local_experts")
+        num_experts = config_num_experts(config)
         float_dtypes = [s.dtype for s in specs.values() if s.dtype in FLOAT_DTYPES]
         dtype = max(set(float_dtypes), key=float_dtypes.count) if float_dtypes else "F32"
         for layer in moe_layer_indices(config):
@@ -274,6 +274,16 @@ class WeightTable:
         path = Path(staging_dir) / f"update-v{version}-{uuid.uuid4().hex[:8]}.safetensors"
         save_file({n: t.detach().cpu().contiguous() for n, t in weights.items()}, str(path))
         return dict.fromkeys(weights, str(path))
+
+
+def config_num_experts(config: dict) -> int:
+    """Routed experts per MoE layer, from a config.json dict (each family names it its own
+    way: Qwen ``num_experts``, Mixtral / GPT-OSS ``num_local_experts``, DeepSeek-V3 / GLM-4.5
+    ``n_routed_experts``; shared experts are not routed)."""
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if config.get(key):
+            return int(config[key])
+    raise KeyError("config.json names no expert count")
 
 
 def moe_layer_indices(config: dict) -> list[int]:

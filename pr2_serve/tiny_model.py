@@ -125,7 +125,17 @@ def _family_fields(spec: TinySpec) -> tuple[str, dict]:
             {"num_experts": e, "intermediate_size": i, "norm_topk_prob": False},
         ),
         "glm4_moe": ("Glm4MoeConfig", {**_grouped_fields(spec), "head_dim": spec.head_dim}),
-        "deepseek_v3": ("DeepseekV3Config", {**_grouped_fields(spec), **_mla_fields(spec)}),
+        "deepseek_v3": (
+            "DeepseekV3Config",
+            # vLLM reads the router kind from these, as DeepSeek-V3's own config.json has them
+            # (transformers' DeepSeek-V3 router is always this one)
+            {
+                **_grouped_fields(spec),
+                **_mla_fields(spec),
+                "topk_method": "noaux_tc",
+                "scoring_func": "sigmoid",
+            },
+        ),
         "gpt_oss": (
             "GptOssConfig",
             {

@@ -14,9 +14,9 @@ WORKER_EXTENSION = "pr2_serve.plugin.worker.PR2WorkerExtension"
 
 def stock_facts(config: dict) -> dict[str, Any]:
     """The routing facts ``pr2_setup`` reports, read from a stock checkpoint's config."""
-    from .checkpoint import moe_layer_indices
+    from .checkpoint import config_num_experts, moe_layer_indices
 
-    experts = int(config.get("num_experts") or config["num_local_experts"])
+    experts = config_num_experts(config)
     layers = moe_layer_indices(config)
     return {
         "num_moe_layers": len(layers),

@@ -25,6 +25,9 @@ PR2_ARCHITECTURES: dict[str, str] = {
     "Qwen2MoeForCausalLM": "PR2Qwen2MoeForCausalLM",
     "MixtralForCausalLM": "PR2MixtralForCausalLM",
     "OlmoeForCausalLM": "PR2OlmoeForCausalLM",
+    "Glm4MoeForCausalLM": "PR2Glm4MoeForCausalLM",
+    "DeepseekV3ForCausalLM": "PR2DeepseekV3ForCausalLM",
+    "GptOssForCausalLM": "PR2GptOssForCausalLM",
 }
 
 

@@ -7,7 +7,10 @@ Each class subclasses the stock vLLM class and changes three things:
    :class:`PR2Router`. vLLM then picks its custom-routing router on every platform (``CPURouter``
    honours the function on CPU, ``CustomRoutingRouter`` on CUDA), and kernel selection sees the
    custom routing from the start. The router computes ``ids = topk(z + W_p h, k)`` and gates with
-   the unadjusted ``z`` (:func:`pr2_serve.routing.pr2_route`).
+   the unadjusted ``z`` (:func:`pr2_serve.routing.pr2_route`); a grouped layer (DeepSeek-V3,
+   GLM-4.5) is built without vLLM's grouped top-k and its settings go to the PR2 router instead
+   (:func:`grouped_settings`), which selects by the same group-limited rule on the
+   predictor-adjusted scores (:func:`pr2_serve.routing.grouped_route`).
 2. **Predictors.** Each MoE block gets a ``predictor`` module (``weight [E, H]``, zero-initialised)
    loaded from ``model.layers.{i}.mlp.predictor.weight`` when the checkpoint has it.
 3. **Capture.** Each router writes its ids into one preallocated device buffer
@@ -28,7 +31,7 @@ from torch import nn
 
 from .compat import PR2ConfigError
 from .refusals import SIMULATION_ENV, check_engine_config
-from .router import PR2Predictor, PR2Router, RouteCapture
+from .router import GroupedRouting, PR2Predictor, PR2Router, RouteCapture
 
 PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
 
@@ -43,12 +46,11 @@ def _pr2_moe_factory(model_module: ModuleType, routers: dict[int, PR2Router]) ->
     def factory(*args, **kwargs):
         if kwargs.get("custom_routing_function") is not None:
             raise PR2ConfigError("this model already uses a custom routing function")
-        if kwargs.get("use_grouped_topk") or kwargs.get("scoring_func", "softmax") != "softmax":
-            raise PR2ConfigError("PR2 supports softmax top-k routers only (no grouped top-k)")
-        if kwargs.get("e_score_correction_bias") is not None:
-            raise PR2ConfigError("PR2 does not support routers with a score-correction bias")
-        router = PR2Router(extract_layer_index(kwargs.get("prefix", "")))
+        grouped = grouped_settings(kwargs)
+        router = PR2Router(extract_layer_index(kwargs.get("prefix", "")), grouped)
         routers[router.layer_index] = router
+        if grouped is not None:  # vLLM's grouped router would run instead of ours
+            kwargs["use_grouped_topk"] = False
         return stock(*args, custom_routing_function=router, **kwargs)
 
     model_module.FusedMoEFactory = factory
@@ -56,6 +58,35 @@ def _pr2_moe_factory(model_module: ModuleType, routers: dict[int, PR2Router]) ->
         yield
     finally:
         model_module.FusedMoEFactory = stock
+
+
+def grouped_settings(kwargs: dict) -> GroupedRouting | None:
+    """A MoE layer's grouped-routing settings from its ``FusedMoEFactory`` arguments (None: a
+    plain softmax top-k layer); refuses the routers PR2 does not define."""
+    scoring = kwargs.get("scoring_func", "softmax")
+    bias = kwargs.get("e_score_correction_bias")
+    if kwargs.get("fuse_shared_experts"):
+        raise PR2ConfigError(
+            "shared experts fused into the routed kernel (ROCm AITER) would appear among the "
+            "routed experts; serve with VLLM_ROCM_USE_AITER_FUSION_SHARED_EXPERTS=0"
+        )
+    if not kwargs.get("use_grouped_topk"):
+        if scoring != "softmax" or bias is not None:
+            raise PR2ConfigError(
+                f"PR2 does not define routing for an ungrouped {scoring} router"
+                + (" with a correction bias" if bias is not None else "")
+            )
+        return None
+    if scoring not in ("sigmoid", "softmax"):
+        raise PR2ConfigError(f"PR2 does not define grouped routing with {scoring} scores")
+    scale = kwargs.get("routed_scaling_factor", 1.0)
+    return GroupedRouting(
+        num_groups=int(kwargs["num_expert_group"]),
+        topk_group=int(kwargs["topk_group"]),
+        scoring_func=scoring,
+        correction_bias=bias,
+        routed_scaling_factor=1.0 if kwargs.get("apply_routed_scale_to_output") else scale,
+    )
 
 
 class PR2MoEMixin:
@@ -182,3 +213,6 @@ PR2Qwen3MoeForCausalLM = _make("vllm.model_executor.models.qwen3_moe", "Qwen3Moe
 PR2Qwen2MoeForCausalLM = _make("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM")
 PR2MixtralForCausalLM = _make("vllm.model_executor.models.mixtral", "MixtralForCausalLM")
 PR2OlmoeForCausalLM = _make("vllm.model_executor.models.olmoe", "OlmoeForCausalLM")
+PR2Glm4MoeForCausalLM = _make("vllm.model_executor.models.glm4_moe", "Glm4MoeForCausalLM")
+PR2DeepseekV3ForCausalLM = _make("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM")
+PR2GptOssForCausalLM = _make("vllm.model_executor.models.gpt_oss", "GptOssForCausalLM")

@@ -2,20 +2,37 @@
 
 vLLM calls :class:`PR2Router` as the layer's ``custom_routing_function``; it selects
 ``topk(z + W_p h)`` with the family's gating of ``z`` (:func:`pr2_serve.routing.pr2_route`,
-compiled on CUDA) and writes the ids into :class:`RouteCapture` -- a slice copy into one
-preallocated buffer, no host sync, so it runs unchanged inside CUDA graphs (the GPU check
-captures it at padded batch sizes).
+compiled on CUDA) -- or, for a grouped layer (DeepSeek-V3, GLM-4.5: :class:`GroupedRouting`),
+the group-limited top-k of ``sigmoid(z + W_p h) + c`` gated by ``sigmoid(z)``
+(:func:`pr2_serve.routing.grouped_route`) -- and writes the ids into :class:`RouteCapture` -- a
+slice copy into one preallocated buffer, no host sync, so it runs unchanged inside CUDA graphs
+(the GPU check captures it at padded batch sizes).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pr2_serve.routes import capture_dtype
-from pr2_serve.routing import compiled_pr2_route, pr2_route
+from pr2_serve.routing import compiled, grouped_route, pr2_route
+
+
+@dataclass(frozen=True)
+class GroupedRouting:
+    """What a grouped layer's router needs besides the logits: the layer's own settings, as
+    vLLM's grouped router would have received them."""
+
+    num_groups: int
+    topk_group: int
+    scoring_func: str
+    correction_bias: torch.Tensor | None  # the gate's parameter itself (loads update it)
+    # 1.0 where vLLM scales the layer's output instead (apply_routed_scale_to_output)
+    routed_scaling_factor: float
 
 
 class PR2Predictor(nn.Module):
@@ -49,8 +66,9 @@ class RouteCapture:
 class PR2Router:
     """vLLM ``custom_routing_function`` for one MoE layer (bound to its predictor after init)."""
 
-    def __init__(self, layer_index: int) -> None:
+    def __init__(self, layer_index: int, grouped: GroupedRouting | None = None) -> None:
         self.layer_index = layer_index
+        self.grouped = grouped
         self.moe_layer = -1
         self.predictor: PR2Predictor | None = None
         self.capture: RouteCapture | None = None
@@ -59,7 +77,19 @@ class PR2Router:
     def _choose_route(self, hidden_states: torch.Tensor):
         """Compiled routing on CUDA (``PR2_COMPILE_ROUTING=0``: eager), eager elsewhere."""
         compile_ = hidden_states.is_cuda and os.environ.get("PR2_COMPILE_ROUTING", "1") != "0"
-        self._route = compiled_pr2_route() if compile_ else pr2_route
+        route = grouped_route if self.grouped is not None else pr2_route
+        route = compiled(route) if compile_ else route
+        if self.grouped is not None:
+            g = self.grouped
+            route = functools.partial(
+                route,
+                num_groups=g.num_groups,
+                topk_group=g.topk_group,
+                scoring_func=g.scoring_func,
+                correction_bias=g.correction_bias,
+                routed_scaling_factor=g.routed_scaling_factor,
+            )
+        self._route = route
         return self._route
 
     def __call__(
