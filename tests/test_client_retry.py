@@ -1,16 +1,21 @@
 """The HTTP clients survive a connection the server drops before answering (the keep-alive
-race: a pooled connection closed by the server just as the client reuses it)."""
+race: a pooled connection closed by the server just as the client reuses it), and a hung server
+(connections accepted, never answered) is down after the retry budget, not the client's
+600 s timeout."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from pr2_serve.client import KEEPALIVE_EXPIRY_S, HttpClient
+from pr2_serve.client.retry import Hung, Retrying, RetryPolicy, ServerDown, within_deadline
 from pr2_serve.server import KEEP_ALIVE_S
 
 
@@ -83,3 +88,82 @@ def test_sync_client_retries_a_dropped_connection(flaky):
         "GET /v1/info",
         "PUT /v1/weights/3",
     ]
+
+
+# -- a hung server: accepts connections, never answers ---------------------------------------------
+@pytest.fixture()
+def hung():
+    """A stand-in for a stopped server process: the kernel accepts connections (and this
+    thread holds them open), nothing ever answers."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for s in held:
+        s.close()
+    sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_server_is_down_after_the_budget_not_the_client_timeout(hung):
+    client = HttpClient(hung, timeout=600.0)
+    assert not client.alive(0.5) and not client.ready()
+    lines: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(ServerDown, match="no sign of life"):
+        Retrying(client, "hung", RetryPolicy(budget_s=3), log=lines.append).info()
+    took = time.monotonic() - t0
+    assert 3 <= took < 8, took
+    assert "giving up after 3." in lines[-1] or "giving up after 4." in lines[-1]
+
+
+@pytest.mark.timeout(60)
+def test_the_pool_drops_a_hung_server_and_its_prompts_go_to_the_others(hung, tmp_path):
+    from tests.test_server_pool import PROMPTS, FakeServer, check_groups
+    from trainer.servers import ServerPool
+
+    good, lines = FakeServer("good"), []
+    clients = [HttpClient(hung, timeout=600.0), good]
+    pool = ServerPool(
+        clients, ["hung", "good"], 0, policy=RetryPolicy(budget_s=3), log=lines.append
+    )
+    t0 = time.monotonic()
+    check_groups(pool.generate(PROMPTS, seed=0))
+    took = time.monotonic() - t0
+    pool.close()
+    assert 3 <= took < 8, took
+    assert [s.address for s in pool.live] == ["good"]
+    assert any("server hung dropped from the rotation" in line for line in lines)
+
+
+def test_a_slow_answer_from_a_live_server_is_waited_for():
+    """The deadline is on silence, not on a call's length: a long generate on a busy server
+    that answers its liveness probe is not given up."""
+    probes: list[float] = []
+
+    def alive(timeout: float) -> bool:
+        probes.append(timeout)
+        return True
+
+    def slow() -> str:
+        time.sleep(1.0)
+        return "done"
+
+    assert within_deadline(slow, 0.2, alive) == "done" and probes
+    with pytest.raises(Hung):
+        within_deadline(slow, 0.2, lambda timeout: False)
+    with pytest.raises(ValueError, match="boom"):  # its own error, in the caller's thread
+        within_deadline(lambda: int("boom"), 5.0)

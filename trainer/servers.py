@@ -3,7 +3,8 @@ when one fails.
 
 * every call to a server is retried on transient failures (:mod:`pr2_serve.client.retry`)
   for up to ``--server-timeout`` seconds; a generate is re-sent as it was (same seed), a push
-  only after the server says the version is not committed;
+  only after the server says the version is not committed; a server silent for that long
+  (hung: no answer, none to a liveness probe) fails the call as a dead one does;
 * a server that failed transiently is *stale* until re-synced: before it is used again the
   ``resync(client)`` hook makes it serve the trainer's weights (default
   :meth:`ServerPool.push_current`: if it restarted on an older version, the kept weights of the
@@ -172,6 +173,7 @@ class ServerPool:
                 clock=self.clock,
                 stats=stats,
                 on_failure=failed,
+                alive=getattr(srv.client, "alive", None),
             )
         finally:
             with self._lock:

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from ..types import Rollout
 
+#: How long a liveness or readiness probe waits for an answer: a hung server (a stopped process,
+#: a black-holed network) never answers, and a probe must not block for a call's long timeout.
+PROBE_TIMEOUT_S = 5.0
+
 
 class ServerError(RuntimeError):
     """The server refused a request: ``status`` is the HTTP status or the gRPC code name;

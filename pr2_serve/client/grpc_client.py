@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
-from .common import GenerateResult, ServerError
+from .common import PROBE_TIMEOUT_S, GenerateResult, ServerError
 from .payload import WeightsPayload, weights_payload
 
 GRPC_CHUNK = 2 << 20
@@ -40,14 +40,25 @@ class GrpcClient:
     def ready(self) -> bool:
         """Whether the server serves: its ``grpc.health.v1`` status is SERVING (loaded, the
         committed weights restored, the canary passed) -- what ``/readyz`` says over HTTP."""
+        from grpc_health.v1 import health_pb2
+
+        res = self._health(PROBE_TIMEOUT_S)
+        return res is not None and res.status == health_pb2.HealthCheckResponse.SERVING
+
+    def alive(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
+        """Whether the server process answers at all (a health check, any status, within
+        ``timeout``): a busy server does, a hung one does not."""
+        return self._health(timeout) is not None
+
+    def _health(self, timeout: float):
+        """The ``grpc.health.v1`` answer, or None when none came within ``timeout``."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         request = health_pb2.HealthCheckRequest(service="")
         try:
-            res = health_pb2_grpc.HealthStub(self._channel).Check(request, timeout=10)
+            return health_pb2_grpc.HealthStub(self._channel).Check(request, timeout=timeout)
         except self._grpc.RpcError:
-            return False
-        return res.status == health_pb2.HealthCheckResponse.SERVING
+            return None
 
     def generate(self, prompts, **sampling) -> GenerateResult:
         samples, version = [], 0

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from ..routes import EncodedRoutes, decode_routes
 from ..types import Rollout, StreamEvent
-from .common import GenerateResult, ServerError, push_result
+from .common import PROBE_TIMEOUT_S, GenerateResult, ServerError, push_result
 from .payload import WeightsPayload, weights_payload
 from .retry import push_attempts
 
@@ -36,10 +36,20 @@ class HttpClient:
         return r.json()
 
     def ready(self) -> bool:
+        """Whether ``/readyz`` answers 200 (within :data:`PROBE_TIMEOUT_S`)."""
         try:
-            return self._http.get("/readyz").status_code == 200
+            return self._http.get("/readyz", timeout=PROBE_TIMEOUT_S).status_code == 200
         except Exception:
             return False
+
+    def alive(self, timeout: float = PROBE_TIMEOUT_S) -> bool:
+        """Whether the server process answers at all (``/healthz``, any status, within
+        ``timeout``): a busy server does, a hung one does not."""
+        try:
+            self._http.get("/healthz", timeout=timeout)
+        except Exception:
+            return False
+        return True
 
     def generate(self, prompts, **sampling) -> GenerateResult:
         body = _request(prompts, **sampling)

@@ -9,6 +9,10 @@
   (``pr2-train --server-timeout``) and an optional attempt cap.
 * :func:`call` -- try ``fn`` until it succeeds, a failure is not transient, or the budget is
   spent (then :class:`ServerDown`); one log line when an outage starts and one when it ends.
+  Each try has a deadline (:func:`within_deadline`): a server that shows no sign of life for
+  the budget -- no answer, none to a liveness probe: a hung process, a black-holed network --
+  counts as down from when it went silent, instead of holding the call for the client's own
+  timeout (600 s); a slow answer from a live server is waited for.
 * :func:`push_attempts` -- a weight push is re-sent only after the server says the version is
   not committed (a push whose answer was lost may have been applied).
 * :class:`Retrying` -- a client whose ``info`` and ``push_weights`` follow these rules (the
@@ -21,13 +25,14 @@ fake clock).
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from .common import ServerError
+from .common import PROBE_TIMEOUT_S, ServerError
 
 T = TypeVar("T")
 
@@ -48,6 +53,15 @@ class ServerDown(RuntimeError):
             f"the budget is spent): last error {last!r}"
         )
         self.what, self.seconds, self.attempts, self.last = what, seconds, attempts, last
+
+
+class Hung(TimeoutError):
+    """A server showed no sign of life for a try's deadline; ``since``: when it last did (the
+    outage starts there, not when the deadline ran out)."""
+
+    def __init__(self, what: str, silent_s: float, since: float):
+        super().__init__(f"{what}: no answer and no sign of life for {silent_s:.1f} s")
+        self.since = since
 
 
 def is_stale_server(exc: BaseException) -> bool:
@@ -101,6 +115,13 @@ class RetryPolicy:
     backoff: Backoff = field(default_factory=Backoff)
     max_attempts: int | None = None
     transient: Callable[[BaseException], bool] = is_transient
+    #: a try whose server is silent this long is given up (:func:`within_deadline`); None: the
+    #: budget; 0: no deadline
+    deadline_s: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.budget_s if self.deadline_s is None else self.deadline_s
 
 
 @dataclass
@@ -124,6 +145,50 @@ class Clock:
     uniform: Callable[[], float] = random.random
 
 
+#: How often a try that has not answered yet probes its server's liveness (seconds, at most).
+PROBE_EVERY_S = 2.0
+
+
+def within_deadline(
+    fn: Callable[[], T],
+    deadline_s: float,
+    alive: Callable[[float], bool] | None = None,
+    *,
+    what: str = "call",
+    now: Callable[[], float] = time.monotonic,
+) -> T:
+    """``fn()``, given up with :class:`Hung` once its server has shown no sign of life for
+    ``deadline_s``: neither the answer nor an answer to ``alive(timeout)`` (probed while ``fn``
+    runs; None: only the answer counts). A long call on a live server is waited for.
+
+    ``fn`` runs in a daemon thread; a given-up one is left to end with its client's own
+    timeout (its result is dropped)."""
+    if deadline_s <= 0:
+        return fn()
+    box: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["err"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"pr2-call {what}", daemon=True).start()
+    last = now()
+    while not done.wait(min(PROBE_EVERY_S, deadline_s / 4)):
+        left = deadline_s - (now() - last)
+        if alive is not None and alive(max(0.05, min(PROBE_TIMEOUT_S, left))):
+            last = now()
+        elif now() - last >= deadline_s and not done.is_set():
+            raise Hung(what, now() - last, last)
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
 def call(
     fn: Callable[[], T],
     what: str,
@@ -133,25 +198,27 @@ def call(
     clock: Clock | None = None,
     stats: RetryStats | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    alive: Callable[[float], bool] | None = None,
 ) -> T:
     """``fn()``, tried again on transient failures until ``policy``'s budget is spent.
 
     ``on_failure(exc)`` runs after each transient failure (e.g. to mark the server for a
-    re-sync that ``fn`` does before its next try). Raises the first non-transient error, or
-    :class:`ServerDown` once the budget is spent."""
+    re-sync that ``fn`` does before its next try). Each try has ``policy.deadline``
+    (:func:`within_deadline`, ``alive``: the server's liveness probe). Raises the first
+    non-transient error, or :class:`ServerDown` once the budget is spent."""
     clock = clock or Clock()
     stats = stats if stats is not None else RetryStats()
     start, attempts = None, 0
     while True:
         try:
-            out = fn()
+            out = within_deadline(fn, policy.deadline, alive, what=what, now=clock.now)
         except Exception as e:
             if not policy.transient(e):
                 raise
             attempts += 1
             now = clock.now()
             if start is None:
-                start = now
+                start = e.since if isinstance(e, Hung) else now
                 stats.outages += 1
                 log(f"outage: {what} failed ({e!r}); retrying for up to {policy.budget_s:g} s")
             if on_failure is not None:
@@ -209,7 +276,8 @@ class Retrying:
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
         what = f"{what} on {self.address}"
-        return call(fn, what, self.policy, log=self.log, clock=self.clock)
+        alive = getattr(self.client, "alive", None)
+        return call(fn, what, self.policy, log=self.log, clock=self.clock, alive=alive)
 
     def info(self) -> dict:
         return self._call(self.client.info, "info")
