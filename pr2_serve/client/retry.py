@@ -159,11 +159,12 @@ def within_deadline(
 ) -> T:
     """``fn()``, given up with :class:`Hung` once its server has shown no sign of life for
     ``deadline_s``: neither the answer nor an answer to ``alive(timeout)`` (probed while ``fn``
-    runs; None: only the answer counts). A long call on a live server is waited for.
+    runs). A long call on a live server is waited for; without ``alive`` (a client that cannot
+    be probed cannot tell hung from slow) or with ``deadline_s <= 0`` there is no deadline.
 
     ``fn`` runs in a daemon thread; a given-up one is left to end with its client's own
     timeout (its result is dropped)."""
-    if deadline_s <= 0:
+    if deadline_s <= 0 or alive is None:
         return fn()
     box: dict = {}
     done = threading.Event()
@@ -180,7 +181,7 @@ def within_deadline(
     last = now()
     while not done.wait(min(PROBE_EVERY_S, deadline_s / 4)):
         left = deadline_s - (now() - last)
-        if alive is not None and alive(max(0.05, min(PROBE_TIMEOUT_S, left))):
+        if alive(max(0.05, min(PROBE_TIMEOUT_S, left))):
             last = now()
         elif now() - last >= deadline_s and not done.is_set():
             raise Hung(what, now() - last, last)
