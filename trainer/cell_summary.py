@@ -74,7 +74,14 @@ def summarize_cell(rows: list[dict], wall: float) -> dict:
         [r["r2_vs_r3_deviation_hist"] for r in rows if r.get("r2_vs_r3_deviation_hist")], 0
     )
     evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
-    series_keys = ("zero_deviation_offpolicy", "predictor_scale", "load_balance", *LAG_KEYS)
+    series_keys = (
+        "zero_deviation",
+        "zero_deviation_offpolicy",
+        "predictor_scale",
+        "load_balance",
+        "reward_mean",
+        *LAG_KEYS,
+    )
     return {
         "zero_deviation": mean("zero_deviation"),
         "zero_deviation_offpolicy": mean("zero_deviation_offpolicy"),

@@ -248,13 +248,21 @@ def write_results(path: Path, settings: list[Setting], cells: list[dict], total:
     return results
 
 
-def run_grid(out: Path, results_path: Path, names: list[str], max_cells: int | None, steps: int):
+def run_grid(
+    out: Path,
+    results_path: Path,
+    names: list[str],
+    max_cells: int | None,
+    steps: int,
+    variants: list[str] | None = None,
+):
     settings = [dataclasses.replace(SETTINGS[n], steps=steps) for n in names]
     by_name = {s.name: s for s in settings}
     all_settings = [by_name.get(n, SETTINGS[n]) for n in SETTINGS]
     cells = json.loads(results_path.read_text())["cells"] if results_path.exists() else []
     total = len(grid_cells(all_settings))
-    todo = pending(grid_cells(settings), cells)[:max_cells]
+    todo = pending(grid_cells(settings), cells)
+    todo = [c for c in todo if not variants or c.variant in variants][:max_cells]
     skipped = []
     with ServerCache(out) as servers:
         for i, key in enumerate(todo, 1):
@@ -333,8 +341,9 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
-    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["C", "B"])
     ap.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
+    ap.add_argument("--variants", nargs="+", default=None, help="only these variants' cells")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1, help="trainer torch threads")
     ap.add_argument("--tune", metavar="PATH", default=None, help="run setting B's tuning runs")
@@ -361,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         tune(out, Path(args.tune), args.tune_runs, args.steps, 8)
         return
     results_path = Path(args.results or out / "results.json")
-    res = run_grid(out, results_path, args.setting, args.max_cells, args.steps)
+    res = run_grid(out, results_path, args.setting, args.max_cells, args.steps, args.variants)
     state = "partial" if res["partial"] else "complete"
     print(
         f"wrote {results_path} ({res['cells_done']}/{res['cells_total']} cells, {state}); "

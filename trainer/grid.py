@@ -154,7 +154,7 @@ SETTINGS: dict[str, Setting] = {
         "85-92 % zero-deviation range), Switch load-balancing loss x 0.01",
         variants=("r3", "pr2-c0.1", "ridge", "lookahead"),
         off_policy=(8, 2),
-        seeds=(0, 1, 2),
+        seeds=(0, 1, 2, 3),
         router_lr_multiplier=1.0,
         load_balance_coef=0.01,
         lr=C_LR,

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .report_findings import LAGS, PR2_VARIANTS, _zd, by_cell, findings, versus_r3
+from .report_paired import paired_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -219,6 +220,7 @@ def render(loaded: dict, source: str) -> str:
             "",
         ]
         lines += setting_table(mine) if mine else ["(no cells finished yet)"]
+    lines += ["", *paired_table(res["cells"])]
     lines += ["", "Goals (measured):", goal_b(aggs), goal_a(aggs)]
     lines += ["", *findings(aggs, list(res["settings"]))]
     lines += ["", *[f"![{alt}](results/experiment/{f})" for f, alt in PLOTS]]

@@ -37,8 +37,10 @@ __all__ = [
     "Recorded",
     "Ridge",
     "RidgeFull",
+    "Scaled",
     "Stream",
     "Zero",
+    "direction_cosine",
     "paired_difference",
     "score",
 ]
@@ -267,6 +269,33 @@ class RandomMatched(Zero):
 
 
 # -- scoring -------------------------------------------------------------------------------------
+class Scaled(Zero):
+    """``alpha x`` another predictor's offset (how far along the forecast to go)."""
+
+    def __init__(self, inner, alpha: float):
+        self.inner, self.alpha = inner, alpha
+        self.name = f"{inner.name} x{alpha:g}"
+
+    def predict(self, st: Stream, t: int) -> torch.Tensor:
+        return self.alpha * self.inner.predict(st, t)
+
+    def observe(self, st: Stream, t: int) -> None:
+        self.inner.observe(st, t)
+
+
+def direction_cosine(st: Stream, t: int, w: torch.Tensor) -> float | None:
+    """Cosine between the offsets ``W_p h`` and the router's mean off-policy move on batch
+    ``t``'s sample (both centred over experts; all tokens and layers as one vector): does the
+    predictor point where the router goes? None for a zero offset."""
+    off = torch.einsum("lnh,leh->lne", st.h[t], w)
+    off = off - off.mean(-1, keepdim=True)
+    move = st.moves(t).mean(0)
+    na, nb = off.norm(), move.norm()
+    if na == 0 or nb == 0:
+        return None
+    return float((off * move).sum() / (na * nb))
+
+
 def route_scores(st: Stream, t: int, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Exact-set agreement and top-k overlap of batch ``t``'s predicted routes with each
     mini-step's router, ``[S]`` each."""
@@ -286,15 +315,21 @@ def route_scores(st: Stream, t: int, w: torch.Tensor) -> tuple[np.ndarray, np.nd
 def score(st: Stream, predictor, first: int = 2) -> dict[str, np.ndarray]:
     """Run ``predictor`` through the stream; ``exact``/``overlap`` ``[N - first, S]`` from batch
     ``first`` on (every predictor has seen the same history by then)."""
-    exact, overlap = [], []
+    exact, overlap, cosine = [], [], []
     for t in range(st.h.shape[0]):
         w = predictor.predict(st, t)
         if t >= first:
             e, o = route_scores(st, t, w)
             exact.append(e)
             overlap.append(o)
+            cosine.append(direction_cosine(st, t, w))
         predictor.observe(st, t)
-    return {"exact": np.array(exact), "overlap": np.array(overlap)}
+    cos = [c for c in cosine if c is not None]
+    return {
+        "exact": np.array(exact),
+        "overlap": np.array(overlap),
+        "cosine": float(np.mean(cos)) if cos else None,
+    }
 
 
 def paired_difference(

@@ -25,6 +25,7 @@ from .counterfactual import (
     Recorded,
     Ridge,
     RidgeFull,
+    Scaled,
     Stream,
     Zero,
     paired_difference,
@@ -53,7 +54,8 @@ def predictors(st: Stream) -> list:
             learned += [Learned(c, "l2"), Learned(c, "kl-margin"), Learned(c, gate=gate)]
         ridges = [Ridge(lam, mem) for lam, mem in RIDGES]
     control = RandomMatched(type(ridges[4])(1.0, 0.5))
-    return [Zero(), *learned, *ridges, Lookahead(), HalfPreviousDrift(), control, InSampleRidge()]
+    ahead = [Lookahead(), *[Scaled(Lookahead(), a) for a in (0.5, 0.75, 1.5)]]
+    return [Zero(), *learned, *ridges, *ahead, HalfPreviousDrift(), control, InSampleRidge()]
 
 
 def per_batch(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -68,6 +70,7 @@ def score_streams(paths: list[Path]) -> dict:
     per-mini-step exact curves."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     curves: dict = defaultdict(lambda: defaultdict(list))
+    cosines: dict = defaultdict(lambda: defaultdict(list))
     for path in sorted(paths):
         setting, off, _seed = path.stem.split("-")
         st = Stream.load(path)
@@ -76,7 +79,8 @@ def score_streams(paths: list[Path]) -> dict:
             for metric, values in per_batch(sc).items():
                 table[(setting, int(off))][p.name][metric].append(values)
             curves[(setting, int(off))][p.name].append(sc["exact"].mean(0))
-    return {"table": table, "curves": curves}
+            cosines[(setting, int(off))][p.name].append(sc["cosine"])
+    return {"table": table, "curves": curves, "cosines": cosines}
 
 
 def summarize(scored: dict) -> list[dict]:
@@ -91,6 +95,8 @@ def summarize(scored: dict) -> list[dict]:
                 row[m] = float(np.mean([v.mean() for v in metrics[m]]))
                 row[f"{m}_vs_r3"] = paired_difference(list(zip(metrics[m], ref[m], strict=True)))
             row["exact_per_mini_step"] = np.mean(scored["curves"][(setting, off)][name], 0).tolist()
+            cos = [c for c in scored["cosines"][(setting, off)][name] if c is not None]
+            row["direction_cosine"] = float(np.mean(cos)) if cos else None
             rows.append(row)
     return rows
 
@@ -98,6 +104,10 @@ def summarize(scored: dict) -> list[dict]:
 def _pp(d: dict) -> str:
     lo, hi = d["ci95"]
     return f"{100 * d['mean']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def _cos(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -117,14 +127,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"## Setting {key[0]}, off-policy {key[1]} ({mine[0]['seeds']} recording seeds)",
             "",
             "| predictor | exact, all mini-steps % | vs R3 pp [95 % CI] | exact, off-policy % "
-            "| vs R3 pp [95 % CI] | overlap % | vs R3 pp [95 % CI] |",
-            "|---|---|---|---|---|---|---|",
+            "| vs R3 pp [95 % CI] | overlap % | vs R3 pp [95 % CI] | direction cos |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(mine, key=lambda r: -r["exact_all"]):
             lines.append(
                 f"| {r['predictor']} | {100 * r['exact_all']:.2f} | {_pp(r['exact_all_vs_r3'])} "
                 f"| {100 * r['exact_off']:.2f} | {_pp(r['exact_off_vs_r3'])} "
-                f"| {100 * r['overlap_all']:.2f} | {_pp(r['overlap_all_vs_r3'])} |"
+                f"| {100 * r['overlap_all']:.2f} | {_pp(r['overlap_all_vs_r3'])} "
+                f"| {_cos(r['direction_cosine'])} |"
             )
         lines.append("")
     lines += meta.get("findings", [])
@@ -151,7 +162,16 @@ METHOD = [
     "depth-gated serves `g_l W_p` with `g` from 1 to 0.25 over the layers. Ridge is "
     "`--predictor ridge` on the whole batches' sums; the random control has, per layer, the "
     "norm of ridge λ=1 memory=0.5; the in-sample ridge is fitted on the scored batch's own "
-    "moves (it sees the future: an upper bound for a linear predictor).",
+    "moves (it sees the future: an upper bound for a linear predictor). `look-ahead xα` serves "
+    "α times the look-ahead. **direction cos**: the cosine between the served offsets "
+    "`W_p h_old` and the router's mean off-policy move on the scored batch (both centred over "
+    "experts, all tokens and layers as one vector): 1 = the offset points where the router "
+    "goes, 0 = noise.",
+    "",
+    "**All mini-steps** weighs every mini-step equally, as the training forwards use the served "
+    "routes in all of them (the grid's zero-deviation); mini-step 1 runs before any update, so "
+    "there every non-zero offset can only cost. **Off-policy** is mini-steps 2..S, what the "
+    "predictors are fitted to.",
 ]
 
 
