@@ -1,10 +1,12 @@
 """The trainer's server pool (``trainer/servers.py``) with fake clients: rollouts spread over
 live servers, outages outlived with the same request, a restarted server re-synced before use,
-a dead server dropped (its prompts go to the others) and taken back, no server left."""
+a dead server dropped (its prompts go to the others) and taken back -- by version and content
+fingerprints --, no server left, and a failed collective push finished server by server."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -212,3 +214,82 @@ def test_pr2_train_exits_non_zero_with_the_message_when_no_server_is_left(monkey
     with pytest.raises(SystemExit) as e:  # a string code: printed, exit status 1
         cli.main([])
     assert e.value.code == "pr2-train: no rollout server left: a failed for more than 5 s"
+
+
+# -- fingerprints: the server at an address may be another one ------------------------------------
+class PrintedServer(FakeServer):
+    """A :class:`FakeServer` that reports content fingerprints: the policy's is the pushed
+    file's content, the predictor's what it started with (a policy-only push keeps it)."""
+
+    def __init__(self, name: str, version: int = 0):
+        super().__init__(name, version)
+        self.fps = {"policy": "start", "predictor": "zero"}
+
+    def info(self) -> dict:
+        return {**super().info(), **{f"{k}_fingerprint": v for k, v in self.fps.items()}}
+
+    def push_weights(self, path, version: int) -> dict:
+        out = super().push_weights(path, version)
+        self.fps = {**self.fps, "policy": Path(path).read_text()}
+        return out
+
+
+def test_a_server_taking_a_dead_servers_address_is_taken_back_only_with_the_runs_weights(
+    tmp_path,
+):
+    a, b = PrintedServer("a"), PrintedServer("b")
+    pool, lines, _ = make_pool([a, b], tmp_path, fingerprints=dict(a.fps))
+    pool.push(weights(tmp_path, 1), 1)
+    assert pool.fingerprints == {"policy": "weights 1", "predictor": "zero"}  # asked of a server
+    a.down = True
+    pool.generate(PROMPTS, seed=0)  # a is dropped
+    pool.push(weights(tmp_path, 2), 2)  # b only
+    # another server on a's address: the run's version number, another run's weights
+    a.down, a.version, a.fps = False, 2, {"policy": "other run", "predictor": "zero"}
+    assert pool.take_back() == [] and len(a.uploads) == 1  # (version 1's): nothing pushed
+    assert "policy fingerprint differs" in lines[-1] and "--fresh" in lines[-1]
+    # a fresh one whose model directory has a trained predictor: a policy push leaves it
+    a.version, a.fps = 0, {"policy": "model dir", "predictor": "trained"}
+    assert pool.take_back() == [] and a.uploads[-1][1] == 2
+    assert "predictor fingerprint differs" in lines[-1]
+    a.version, a.fps = 0, {"policy": "model dir", "predictor": "zero"}  # fresh, no predictor
+    assert pool.take_back() == ["a"] and a.fps == b.fps and a.version == 2
+    pool.close()
+
+
+def broken_group(commit_on=(), error: Exception | None = None):
+    """A collective push that commits the version on the servers in ``commit_on``, then
+    fails with ``error`` (a broken group by default)."""
+
+    def send(clients, version):
+        for c in clients:
+            if c in commit_on:
+                c.version = version
+        raise error or RuntimeError("gloo: Connection closed by peer")
+
+    return send
+
+
+def test_a_failed_collective_push_is_finished_by_the_per_server_push(tmp_path):
+    a, b = FakeServer("a"), FakeServer("b")
+    pool, lines, _ = make_pool([a, b], tmp_path)
+    w = weights(tmp_path, 1)
+    ok = pool.push(w, 1, collective=lambda clients, v: [{"weight_version": v} for _ in clients])
+    assert ok == [{"weight_version": 1}] * 2 and a.uploads == b.uploads == []
+    results = pool.push(weights(tmp_path, 2), 2, collective=broken_group(commit_on=[a]))
+    assert results == [{"weight_version": 2}] * 2
+    assert a.uploads == [] and b.uploads[-1][1] == 2  # a had committed it: not sent twice
+    assert any("collective push of version 2 failed" in line for line in lines)
+    refused = ServerError(403, "weight transfer is not enabled")
+    with pytest.raises(ServerError, match="not enabled"):  # a setup mistake is not hidden
+        pool.push(weights(tmp_path, 3), 3, collective=broken_group(error=refused))
+    pool.close()
+
+
+def test_a_failed_collective_push_with_no_server_left_runs_the_hook(tmp_path):
+    a, said = FakeServer("a"), []
+    pool, _, _ = make_pool([a], tmp_path, on_no_server=said.append)
+    a.down = True
+    with pytest.raises(NoServerLeft):
+        pool.push(weights(tmp_path, 1), 1, collective=broken_group())
+    assert len(said) == 1 and a.version == 0

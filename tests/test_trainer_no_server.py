@@ -2,18 +2,19 @@
 start-up outlives a server that is briefly down; with no server left the run writes a
 checkpoint of the right step (also with ``--save-every 0``), names it in the
 :class:`NoServerLeft` message, and ``--resume`` continues it, pushing the weights the server
-lacks."""
+lacks; a failed ``--weight-transfer gloo`` push is handled as a failed HTTP push."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 import trainer.loop as loop
 from tests.test_trainer_rollouts import FakeServer
-from trainer import checkpoints
+from trainer import checkpoints, transfer
 from trainer.config import TrainConfig
 from trainer.no_server import stop_point
 from trainer.servers import NoServerLeft
@@ -139,3 +140,37 @@ def test_no_server_during_a_push_saves_that_step_and_resume_pushes_it(
     assert "resume: pushed checkpoint-2 as version 2" in "\n".join(lines)
     assert server.pushes == [1, 2, 3]
     assert [r["step"] for r in history] == [1, 2, 3] and history[2]["rollout_versions"] == [2]
+
+
+class BrokenGroup:
+    """A ``--weight-transfer gloo`` group whose every broadcast breaks (a server gone
+    mid-push, a network fault): the pool must finish the push as an HTTP one."""
+
+    def __init__(self, clients, **_) -> None:
+        self.client = SimpleNamespace(clients=list(clients))
+
+    def push(self, tensors, version: int):
+        raise RuntimeError("gloo: Connection closed by peer")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_gloo_push_is_handled_as_a_failed_http_push(tiny_random, tmp_path, monkeypatch):
+    """Step 1's broken broadcast is finished over the server's own connection; step 2's, with
+    the server gone, writes the push-phase checkpoint that ``--resume`` continues from."""
+    monkeypatch.setattr(transfer, "CollectivePusher", BrokenGroup)
+    server, lines = Flaky(tiny_random), []
+    server.down_at_push = 2
+    cfg = config(tiny_random, tmp_path, weight_transfer="gloo")
+    t = trainer_on(server, cfg, monkeypatch, lines)
+    with t, pytest.raises(NoServerLeft, match=r"checkpoint-2 .*--resume"):
+        t.run()
+    assert server.pushes == [1]  # version 1 over HTTP; version 2 never landed
+    assert any("collective push of version 1 failed" in line for line in lines)
+    rows = steps_in(tmp_path)
+    assert [(r["step"], r["pushed_version"]) for r in rows] == [(1, 1), (2, 2)]
+    assert rows[1]["stopped"] == "no rollout server left"
+    state = checkpoints.read_state(tmp_path / "checkpoint-2")
+    assert (state["step"], state["weight_version"]) == (2, 2)

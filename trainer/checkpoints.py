@@ -303,7 +303,7 @@ def resync_servers(trainer, ckpt: Path, version: int) -> int:
             f"resume: pushed {ckpt.name} as version {new_version} to "
             f"{[addresses[i] for i in push]} (they served {[versions[i] for i in push]})"
         )
-    pool.pushed(ckpt / "model.safetensors", new_version)
+    pool.pushed(ckpt / "model.safetensors", new_version, target.fingerprints)
     return new_version
 
 

@@ -159,11 +159,13 @@ class Trainer:
         calls = start_clients(self.clients, cfg, log)  # (a server may be coming up)
         infos = [c.info() for c in calls]  # model facts: asked once (versions may change below)
         self.source.fit(infos)  # prompts within the servers' max_model_len
+        fingerprints = None  # what every server serves at self.version (pool re-syncs check it)
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
             self.version = max(c.info()["weight_version"] for c in calls)
         else:  # every server serves the starting weights (predictor as the mode serves it)
             target = sync.starting_target(cfg.model_dir, cfg.replay)
             self.version = sync.agree(calls, cfg.servers, target, cfg.on_mismatch, log)
+            fingerprints = target.fingerprints
         self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
         served = [i.get("dtype") for i in infos]  # absent: "unknown"
@@ -173,6 +175,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.servers = make_pool(self.clients, cfg, self.version, self.out, log)
+        self.servers.fingerprints = fingerprints
         self.servers.on_no_server = trainer_thread_only(
             lambda msg: no_server.checkpoint_on_no_server(self, msg)
         )
@@ -224,10 +227,11 @@ class Trainer:
         tensors = self.async_rollouts.own(tensors)  # (copies when rollouts run ahead)
         version = self.version + 1
         if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server
-            from .transfer import collective_push  # (vLLM's weight-transfer engines)
+            from .transfer import collective_sender  # (vLLM's weight-transfer engines)
 
-            results = collective_push(self, tensors, version)
-            self.servers.pushed(tensors, version)
+            # (on failure the pool pushes over HTTP/gRPC: its retries, drops, checkpoint)
+            send = collective_sender(self, tensors)
+            results = self.servers.push(tensors, version, collective=send)
         else:
             results = self.servers.push(weights_payload(tensors), version)
         if {r["weight_version"] for r in results} != {version}:
@@ -296,6 +300,8 @@ class Trainer:
         """Stop the request threads and close the clients (no thread outlives the trainer)."""
         self.async_rollouts.close()  # (first: its request runs on the server pool's threads)
         self.servers.close()
+        if getattr(self, "_collective", None) is not None:
+            self._collective.close()
         for c in self.clients:
             c.close()
 

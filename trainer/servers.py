@@ -7,9 +7,13 @@ when one fails.
   (hung: no answer, none to a liveness probe) fails the call as a dead one does;
 * a server that failed transiently is *stale* until re-synced: before it is used again the
   ``resync(client)`` hook makes it serve the trainer's weights (default
-  :meth:`ServerPool.push_current`: if it restarted on an older version, the kept weights of the
-  current version are pushed again). A request that died with the server is sent again whole:
+  :meth:`ServerPool.push_current`: judged by version *and* content fingerprints, since another
+  server may have taken the address; one on an older version is pushed the kept weights of the
+  current version again and checked). A request that died with the server is sent again whole:
   no sample of it is used;
+* a push over a collective (``--weight-transfer gloo|nccl``: the ``collective`` argument of
+  :meth:`ServerPool.push`) that fails for any reason but a server's refusal is completed by the
+  pool's own per-server push, with its retries, drops and no-server checkpoint;
 * a server still failing after the budget is dropped from the rotation (its prompts go to the
   others) and taken back, after a re-sync, when it answers ready again
   (:meth:`ServerPool.take_back`, between steps);
@@ -30,8 +34,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pr2_serve.client import retry
+from pr2_serve.client import ServerError, retry
+from pr2_serve.client.payload import weights_payload
 from pr2_serve.client.retry import Clock, RetryPolicy, RetryStats, ServerDown
+
+from .sync import differences, fingerprints_differ
 
 T = TypeVar("T")
 
@@ -65,7 +72,10 @@ class ServerPool:
     """The live servers of a run, all serving weight ``version`` (the trainer's).
 
     ``keep_dir``: where the file of the current version is kept for re-syncs (a hard link of
-    each pushed file; None: the pushed path itself is kept, the caller keeps it alive)."""
+    each pushed file; None: the pushed path itself is kept, the caller keeps it alive).
+    ``fingerprints``: what the servers report serving at ``version`` (``/v1/info``'s
+    ``policy_fingerprint`` / ``predictor_fingerprint`` as ``{"policy", "predictor"}``; after
+    each push the pool asks a server)."""
 
     def __init__(
         self,
@@ -79,10 +89,12 @@ class ServerPool:
         on_no_server: Callable[[str], str | None] | None = None,
         log: Callable[[str], None] = print,
         clock: Clock | None = None,
+        fingerprints: dict[str, str] | None = None,
     ) -> None:
         self.servers = [Server(a, c) for a, c in zip(addresses, clients, strict=True)]
         self.version = version
         self.weights: Any = None  # what was pushed as `version` (file or payload), once pushed
+        self.fingerprints = fingerprints  # what the servers serve as `version` (None: unknown)
         self.policy = policy or RetryPolicy()
         self.keep_dir = keep_dir
         self.resync = resync or self.push_current
@@ -230,14 +242,29 @@ class ServerPool:
             except ServerDown as e:
                 self._drop(srv, e)
 
-    def push(self, weights, version: int) -> list[dict]:
+    def push(
+        self, weights, version: int, collective: Callable[[list, int], list[dict]] | None = None
+    ) -> list[dict]:
         """Push ``weights`` (a file path, or what ``push_weights`` takes: e.g. an in-memory
         payload) as ``version`` to every live server; the servers' results (a server dropped
         meanwhile has none). They are kept for re-syncs: an in-memory payload views the
         policy's tensors, which equal ``version``'s until the next training step, and re-syncs
-        only run before rollouts (a push needs none: it sends every policy tensor)."""
+        only run before rollouts (a push needs none: it sends every policy tensor).
+
+        ``collective(clients, version)``: one push to all the live servers' clients at once (a
+        weight-transfer group), tried first; when it fails (not a server's refusal) each server
+        that did not commit ``version`` gets ``weights`` over its own connection."""
         live = self._live()
-        futures = [self._executor.submit(self._push_on, srv, weights, version) for srv in live]
+        if collective is not None:
+            results = self._push_collective(collective, live, version)
+            if results is not None:
+                self._keep(weights, version, self._served_fingerprints())
+                return results
+            weights = weights_payload(weights) if isinstance(weights, dict) else weights
+        sent = collective is not None  # (some servers may have committed it)
+        futures = [
+            self._executor.submit(self._push_on, srv, weights, version, sent) for srv in live
+        ]
         results = []
         for srv, fut in zip(live, futures, strict=True):
             try:
@@ -245,29 +272,61 @@ class ServerPool:
             except ServerDown as e:
                 self._drop(srv, e)
         self._live()
-        self._keep(weights, version)
+        self._keep(weights, version, self._served_fingerprints())
         return results
 
-    def _push_on(self, srv: Server, weights, version: int) -> dict:
+    def _push_collective(self, collective, live: list[Server], version: int) -> list | None:
+        """The servers' results of a collective push, or None when it failed and the per-server
+        push must finish it. A server's refusal (bad weights, transfers not enabled) is raised:
+        a per-server push would be refused the same way or hide a setup mistake."""
+        try:
+            return collective([s.client for s in live], version)
+        except ServerError as e:
+            if not retry.is_transient(e):
+                raise
+            err: Exception = e
+        except Exception as e:  # a broken group, a dead server mid-broadcast
+            err = e
+        self.log(
+            f"the collective push of version {version} failed ({err!r}); pushing it to "
+            "each server over its own connection"
+        )
+        return None
+
+    def _push_on(self, srv: Server, weights, version: int, maybe_sent: bool = False) -> dict:
         c = srv.client
         attempt = retry.push_attempts(
             partial(c.push_weights, _pushable(weights), version),
             lambda: c.info()["weight_version"],
             version,
+            maybe_sent=maybe_sent,
         )
         return self._call(srv, f"push of version {version}", attempt, resync_first=False)
 
-    def pushed(self, weights, version: int) -> None:
-        """Record that ``weights`` reached every live server as ``version`` by another path
-        (a collective transfer): kept for re-syncs as a push's are."""
-        self._keep(weights, version)
+    def _served_fingerprints(self) -> dict[str, str] | None:
+        """What a live server reports serving now (after a push: the new version's
+        fingerprints, for re-syncs to check against); None when none answers."""
+        for srv in self.live:
+            try:
+                return _fingerprints(srv.client.info())
+            except Exception:
+                continue
+        return None
 
-    def _keep(self, weights, version: int) -> None:
-        """Remember ``weights`` as those of ``version`` (a file: linked into ``keep_dir``); the
-        pair changes at once for a re-sync in another thread (a rollout requested ahead)."""
+    def pushed(self, weights, version: int, fingerprints: dict[str, str] | None = None) -> None:
+        """Record that ``weights`` reached every live server as ``version`` by another path
+        (a start-up or resume re-sync) with these ``fingerprints`` (None: asked of a server):
+        kept for re-syncs as a push's are."""
+        self._keep(weights, version, fingerprints or self._served_fingerprints())
+
+    def _keep(self, weights, version: int, fingerprints: dict[str, str] | None) -> None:
+        """Remember ``weights`` as those of ``version`` (a file: linked into ``keep_dir``) with
+        their ``fingerprints``; they change at once for a re-sync in another thread (a rollout
+        requested ahead)."""
         if not isinstance(weights, (str, os.PathLike)) or self.keep_dir is None:
             with self._lock:
                 self.weights, self.version = weights, version
+                self.fingerprints = fingerprints
             return
         path = Path(weights)
         self.keep_dir.mkdir(parents=True, exist_ok=True)
@@ -279,22 +338,32 @@ class ServerPool:
             shutil.copyfile(path, dst)
         with self._lock:
             old, self.weights, self.version = self.weights, dst, version
+            self.fingerprints = fingerprints
         if isinstance(old, Path) and old != dst and old.parent == self.keep_dir:
             old.unlink(missing_ok=True)
 
     def push_current(self, client) -> None:
-        """The default re-sync: a server serving an older version (a restart on an older
-        state) is pushed the kept weights of the current version again; the same version: nothing
-        to do; a newer one: an error (another run's state)."""
+        """The default re-sync, by version and content (the server at an address may be another
+        one now): the current version with the current fingerprints: nothing to do; an older
+        version: the kept weights of the current one are pushed again, then checked; a newer
+        version, or the current number with other weights (another run's state): an error
+        naming the reset (the server stays out of the rotation)."""
         with self._lock:
-            version, weights = self.version, self.weights
-        serving = client.info()["weight_version"]
-        if serving == version:
+            version, weights, fps = self.version, self.weights, self.fingerprints
+        info = client.info()
+        serving, diff = info["weight_version"], differences(info, fps) if fps else []
+        if serving == version and not diff:
             return
-        if serving > version:
+        if serving >= version:
+            what = (
+                f"weight version {serving}, newer than this run's {version}"
+                if serving > version
+                else f"this run's weight version {version} with other weights ("
+                f"{fingerprints_differ(diff)})"
+            )
             raise RuntimeError(
-                f"a server serves weight version {serving}, newer than this run's "
-                f"{version}: it was restarted on another run's state directory"
+                f"a server serves {what}: it was restarted on another run's state directory "
+                "(restart it with `pr2-serve --fresh`)"
             )
         if weights is None:
             raise RuntimeError(
@@ -305,6 +374,7 @@ class ServerPool:
         client.push_weights(_pushable(weights), version)
         with self._lock:
             self.resync_pushes += 1
+        _check_served(client.info(), version, fps)
 
     def close(self) -> None:
         """Stop the request threads (the clients are the caller's)."""
@@ -314,3 +384,19 @@ class ServerPool:
 def _pushable(weights):
     """A path as the string the clients take; anything else as it is."""
     return str(weights) if isinstance(weights, os.PathLike) else weights
+
+
+def _fingerprints(info: dict) -> dict[str, str]:
+    return {part: info.get(f"{part}_fingerprint") for part in ("policy", "predictor")}
+
+
+def _check_served(info: dict, version: int, fingerprints: dict[str, str] | None) -> None:
+    """A re-synced server must serve ``version`` with ``fingerprints`` (e.g. a re-sync push of
+    the policy alone leaves the predictor the server started with)."""
+    diff = differences(info, fingerprints) if fingerprints else []
+    if info["weight_version"] != version or diff:
+        raise RuntimeError(
+            f"after a re-sync push of version {version} a server serves version "
+            f"{info['weight_version']} ({fingerprints_differ(diff)} from the other servers'); "
+            "restart it with `pr2-serve --fresh`"
+        )

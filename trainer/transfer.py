@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ __all__ = [
     "GroupNotFormed",
     "ServersClient",
     "check_backend",
-    "collective_push",
+    "collective_sender",
 ]
 
 
@@ -222,17 +222,24 @@ class CollectivePusher:
         self.client.close()
 
 
-def collective_push(trainer, tensors: dict, version: int) -> list[dict]:
-    """``Trainer.push`` with ``--weight-transfer gloo|nccl``: the checkpoint-named tensors to
-    every server over one group (opened on the first push, kept on the trainer)."""
-    pusher = getattr(trainer, "_collective", None)
-    if pusher is None:
-        cfg = trainer.cfg
-        pusher = CollectivePusher(
-            trainer.clients, address=cfg.weight_transfer_address, backend=cfg.weight_transfer
-        )
-        trainer._collective = pusher
-    return pusher.push(tensors, version)
+def collective_sender(trainer, tensors: dict) -> Callable[[Sequence, int], list[dict]]:
+    """``--weight-transfer gloo|nccl``: what the server pool calls to push ``tensors``
+    (checkpoint names) to the live servers' clients over one group (kept on the trainer, opened
+    again when the live servers changed: a dropped server would never join)."""
+
+    def send(clients: Sequence, version: int) -> list[dict]:
+        pusher = getattr(trainer, "_collective", None)
+        if pusher is None or pusher.client.clients != list(clients):
+            if pusher is not None:
+                pusher.close()
+            cfg = trainer.cfg
+            pusher = CollectivePusher(
+                clients, address=cfg.weight_transfer_address, backend=cfg.weight_transfer
+            )
+            trainer._collective = pusher
+        return pusher.push(tensors, version)
+
+    return send
 
 
 def _free_port(address: str) -> int:

@@ -241,12 +241,17 @@ def call(
 
 
 def push_attempts(
-    send: Callable[[], dict], served_version: Callable[[], int], version: int
+    send: Callable[[], dict],
+    served_version: Callable[[], int],
+    version: int,
+    maybe_sent: bool = False,
 ) -> Callable[[], dict]:
     """A push as repeatable attempts: the first sends; each later one first asks the server
     which version it serves -- ``version`` already: the lost push was committed, done (no
-    second upload); older: send again; newer: a :class:`ServerError` (someone else pushed)."""
-    sent = False
+    second upload); older: send again; newer: a :class:`ServerError` (someone else pushed).
+    ``maybe_sent``: the version may already have arrived by another path (a failed collective
+    push): the first attempt asks too."""
+    sent = maybe_sent
 
     def attempt() -> dict:
         nonlocal sent
