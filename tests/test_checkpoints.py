@@ -69,7 +69,7 @@ def test_save_due():
 
 
 # -- the round trip --------------------------------------------------------------------------------
-def make_trainer(model_dir, out: Path, replay: str = "pr2") -> SimpleNamespace:
+def make_trainer(model_dir, out: Path, replay: str = "pr2", **options) -> SimpleNamespace:
     cfg = TrainConfig(
         servers=["http://unused"],
         model_dir=str(model_dir),
@@ -81,6 +81,7 @@ def make_trainer(model_dir, out: Path, replay: str = "pr2") -> SimpleNamespace:
         predictor_lr_ratio=10,
         output_dir=str(out),
         keep_checkpoints=2,
+        **options,
     )
     policy = Policy(str(model_dir), seed=0)
     learner = Learner(policy, cfg)
@@ -136,6 +137,38 @@ def test_round_trip(tiny_random, tmp_path):
     c = make_trainer(tiny_random, tmp_path / "r3", replay="r3")
     with pytest.raises(ck.CheckpointError, match=r"predictor_optimizer\.safetensors"):
         ck.load_checkpoint(c, path)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"predictor": "lookahead"}, {"predictor_scale": "auto"}, {"predictor": "ridge"}],
+    ids=["lookahead", "auto-scale", "ridge"],
+)
+def test_round_trip_of_every_predictor_option(tiny_random, tmp_path, options):
+    """The served predictor, its scale fit and the ridge sums come back: the resumed run
+    serves what the uninterrupted one serves, and its model file is what the last push sent."""
+    from safetensors.torch import load_file
+
+    a = make_trainer(tiny_random, tmp_path, **options)
+    batch = synthetic_batch(a.policy)
+    a.learner.train(batch)
+    a.learner.train(batch)
+    served = a.learner.served_predictors()
+    assert any(w.abs().max() > 0 for w in served) or options.get("predictor_scale")
+    path = ck.save_checkpoint(a, step=2)
+    saved = load_file(str(path / "model.safetensors"))
+    for name, w in zip(a.policy.replay.predictor_state_dict(), served, strict=True):
+        assert torch.equal(saved[name], w.cpu()), name
+    b = make_trainer(tiny_random, tmp_path, **options)
+    ck.load_checkpoint(b, path)
+    for x, y in zip(served, b.learner.served_predictors(), strict=True):
+        assert torch.equal(x, y)
+    assert b.learner.scale.alpha == a.learner.scale.alpha
+    a.learner.train(batch)
+    b.learner.train(batch)
+    assert_same_weights(a.policy, b.policy)
+    for x, y in zip(a.learner.served_predictors(), b.learner.served_predictors(), strict=True):
+        assert torch.equal(x, y)
 
 
 def test_keeps_the_newest(tiny_zero, tmp_path):

@@ -40,6 +40,7 @@ from pr2_serve.client.retry import Retrying
 from . import sync
 from .drift import history_from_tensors, history_tensors
 from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
+from .predictor_state import predictor_state, restore_predictor_state
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -168,12 +169,23 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        trainer.policy.export(tmp, with_predictor=cfg.replay == "pr2", state_dict=state_dict)
+        # the weights as served: the predictor the last push sent (scaled, look-ahead, ridge),
+        # so a resume's re-sync and a load-from-path serve exactly what the run pushed
+        served = trainer.learner.served_predictors()
+        trainer.policy.export(tmp, cfg.replay == "pr2", state_dict, predictors=served)
         save_optimizer_state(trainer.learner.opt, tmp / "optimizer")
         if trainer.learner.pred_opt is not None:
             save_optimizer_state(trainer.learner.pred_opt, tmp / "predictor_optimizer")
         meta, tensors = rng_state()
         tensors.update(history_tensors(trainer.policy.router_deltas))
+        pred_meta, pred_tensors = predictor_state(trainer.learner)
+        tensors.update(pred_tensors)
+        tensors.update(
+            {
+                f"predictor_trained.{i}": w.detach().cpu()
+                for i, w in enumerate(trainer.policy.predictor_parameters())
+            }
+        )
         save_file(tensors, str(tmp / STATE_TENSORS))
         state = {
             "format": FORMAT,
@@ -184,6 +196,7 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
             "dropped_stale": trainer.dropped_stale,
             "dropped_bad_routes": trainer.dropped_bad_routes,
             "rng": meta,
+            "predictor": pred_meta,
             "config": cfg.to_dict(),
         }
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
@@ -251,6 +264,15 @@ def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
     trainer.policy.router_deltas = history_from_tensors(tensors, len(trainer.policy.replay.routers))
     trainer.dropped_stale = state["dropped_stale"]
     trainer.dropped_bad_routes = state["dropped_bad_routes"]
+    trained = [
+        tensors[f"predictor_trained.{i}"]
+        for i in range(len(trainer.policy.replay.routers))
+        if f"predictor_trained.{i}" in tensors
+    ]
+    with torch.no_grad():  # the trained W_p (the model file holds the served one)
+        for p, w in zip(trainer.policy.predictor_parameters(), trained, strict=False):
+            p.copy_(w.to(p.device, p.dtype))
+    restore_predictor_state(learner, state.get("predictor", {}), tensors)
     set_rng_state(state["rng"], tensors)
     return state
 
@@ -344,13 +366,6 @@ def check_supported(cfg, distributed: bool) -> None:
     """Checkpoint options that are valid here (torchrun: not supported yet)."""
     if cfg.save_every < 0 or cfg.keep_checkpoints < 0:
         raise ValueError("save_every and keep_checkpoints must be >= 0")
-    from .predictor_scale import parse_scale
-
-    if cfg.resume and (cfg.predictor != "learned" or parse_scale(cfg.predictor_scale) != 1.0):
-        raise SystemExit(  # (a checkpoint holds the trained W_p, not the served predictor)
-            "--resume with --predictor lookahead or a --predictor-scale other than 1 is not "
-            "supported yet (the served predictor and its scale are not checkpointed)"
-        )
     if distributed and (cfg.save_every or cfg.resume):
         raise SystemExit(
             "--save-every / --resume are not supported under torchrun yet "

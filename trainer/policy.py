@@ -98,9 +98,16 @@ class Policy:
                 out[name] = w.detach().to("cpu", out[name].dtype).contiguous()
         return out
 
-    def export(self, out_dir: Path, with_predictor: bool, state_dict: dict | None = None) -> Path:
+    def export(
+        self,
+        out_dir: Path,
+        with_predictor: bool,
+        state_dict: dict | None = None,
+        predictors: list[torch.Tensor] | None = None,
+    ) -> Path:
         """The weights as ``out_dir/model.safetensors`` (+ the model's config files): an HF
-        checkpoint directory, written in one pass."""
+        checkpoint directory, written in one pass (``predictors``: see
+        :meth:`checkpoint_tensors`)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(out_dir)
         if self.model.can_generate():
@@ -108,7 +115,8 @@ class Policy:
         from safetensors.torch import save_file
 
         path = out_dir / "model.safetensors"
-        save_file(self.checkpoint_tensors(with_predictor, state_dict), path, {"format": "pt"})
+        tensors = self.checkpoint_tensors(with_predictor, state_dict, predictors)
+        save_file(tensors, path, {"format": "pt"})
         return path
 
 
