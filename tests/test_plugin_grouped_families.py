@@ -3,7 +3,14 @@ independent HF forward with the same predictor on every (token, layer) row, log-
 1e-5 (fp32), and a zero predictor is bit-identical to stock vLLM.
 
 GLM-4.5 and DeepSeek-V3: grouped sigmoid routing with a correction bias, one shared expert
-(not routed, so not captured), the first layer dense. GPT-OSS: a router with a bias."""
+(not routed, so not captured), the first layer dense.
+
+DeepSeek-V3 is served through vLLM's CPU MLA attention, whose forward differs from
+transformers' by ~1e-3 in log-probs already with no PR2 at all (stock vLLM): the HF oracle
+cannot be exact there, and a few near-tied routes flip with it. For it the test holds PR2 to
+what does not depend on that gap -- zero predictor bit-identical to stock vLLM -- and the HF
+agreement to that gap's size. GPT-OSS is refused on the CPU build at start (its weight reloads
+are wrong there: :mod:`pr2_serve.plugin.refusals`)."""
 
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ from pr2_serve.engine import RolloutEngine, Sampling
 from pr2_serve.tiny_model import TinySpec, make_tiny_model
 from tests.helpers import assert_same_samples, hf_logprobs, hf_routes, load_hf, same_rows
 
-SERVED_ON_CPU = ["glm4_moe"]
+# family -> (share of (token, layer) rows equal to HF, worst |log-prob| gap to HF)
+SERVED_ON_CPU = {"glm4_moe": (1.0, 1e-5), "deepseek_v3": (0.95, 1e-2)}
 
 
 def _prompts():
@@ -49,19 +57,32 @@ def test_served_routes_equal_hf_and_zero_predictor_is_stock(arch, tmp_path):
     sampling = Sampling(n=2, max_tokens=10, seed=0)
     with RolloutEngine(live, dtype="float32", max_model_len=256) as engine:
         assert engine.info.top_k == spec.top_k and engine.info.num_experts == spec.num_experts
-        assert engine.info.moe_layer_indices == tuple(range(spec.first_dense_layers, 4))
+        first = spec.first_dense_layers
+        assert engine.info.moe_layer_indices == tuple(range(first, 4))
         rollouts = engine.generate(_prompts(), sampling)
         zeros = {
-            f"model.layers.{i}.mlp.predictor.weight": torch.zeros(16, spec.hidden_size)
+            f"model.layers.{i}.mlp.predictor.weight": torch.zeros(
+                spec.num_experts, spec.hidden_size
+            )
             for i in engine.info.moe_layer_indices
         }
         engine.update_weights(zeros, version=1)
         zero_pr2 = engine.generate(_prompts(), sampling, return_routes=False)
-    assert rollouts[0].routes.shape[1:] == (3, spec.top_k)
+    assert rollouts[0].routes.shape[1:] == (4 - first, spec.top_k)
     agree, total, moved, worst = _oracle_rows(live, rollouts)
-    assert agree == total, f"{total - agree} of {total} (token, layer) rows differ from HF"
+    share, gap = SERVED_ON_CPU[arch]
+    print(f"{arch}: {agree}/{total} rows = HF, {moved} moved by the predictor, gap {worst:.1e}")
+    assert agree >= share * total, f"{total - agree} of {total} (token, layer) rows differ from HF"
     assert moved > 0  # the predictor changed some routes, and HF agrees on them
-    assert worst < 1e-5
+    assert worst < gap
     with RolloutEngine(stock_dir, dtype="float32", max_model_len=256, plugin=False) as stock:
         plain = stock.generate(_prompts(), sampling, return_routes=False)
     assert_same_samples(zero_pr2, plain, atol=0.0)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_gpt_oss_is_refused_at_start_on_the_cpu_build(tmp_path):
+    model_dir = make_tiny_model(tmp_path, seed=3, spec=TinySpec(arch="gpt_oss"))
+    with pytest.raises(Exception, match=r"GPT-OSS is refused on vLLM 0\.32.s CPU build"):
+        RolloutEngine(model_dir, dtype="float32", max_model_len=256)

@@ -31,9 +31,13 @@ def test_monolithic_kernel_is_refused():
 @pytest.mark.parametrize(
     "kwargs, msg",
     [
-        ({"use_grouped_topk": True}, "grouped"),
-        ({"scoring_func": "sigmoid"}, "softmax"),
+        (
+            {"use_grouped_topk": True, "scoring_func": "sqrtsoftplus", "num_expert_group": 1},
+            "grouped routing with sqrtsoftplus",
+        ),
+        ({"scoring_func": "sigmoid"}, "ungrouped sigmoid"),
         ({"e_score_correction_bias": object()}, "correction"),
+        ({"fuse_shared_experts": True}, "shared experts fused"),
         ({"custom_routing_function": print}, "already uses"),
     ],
 )

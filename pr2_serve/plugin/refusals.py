@@ -52,6 +52,30 @@ def engine_config_problems(vllm_config) -> list[str]:
     return problems
 
 
+# PR2 architecture -> why vLLM's CPU build cannot serve it (one line, said at start)
+CPU_REFUSALS = {
+    "PR2GptOssForCausalLM": (
+        "GPT-OSS is refused on vLLM 0.32's CPU build: an in-place weight reload (every push) "
+        "leaves its routed experts' weights different from a fresh load of the same "
+        "checkpoint, so pushed policies would be served wrong"
+    ),
+}
+
+
+def platform_problem(architecture: str, on_cpu: bool) -> str | None:
+    """Why this platform cannot serve ``architecture`` (None: it can)."""
+    return CPU_REFUSALS.get(architecture) if on_cpu else None
+
+
+def check_platform(architecture: str) -> None:
+    """Raise :class:`PR2ConfigError` with :func:`platform_problem`'s reason, if any."""
+    from vllm.platforms import current_platform
+
+    problem = platform_problem(architecture, current_platform.is_cpu())
+    if problem:
+        raise PR2ConfigError(problem)
+
+
 def check_engine_config(vllm_config) -> None:
     """Raise :class:`PR2ConfigError` listing every problem of :func:`engine_config_problems`."""
     problems = engine_config_problems(vllm_config)

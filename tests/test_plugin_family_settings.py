@@ -1,0 +1,90 @@
+"""How the plugin builds the MoE layers of the grouped families (DeepSeek-V3, GLM-4.5): vLLM's
+grouped top-k switched off, the layer's settings handed to the PR2 router, which then routes
+exactly as :func:`pr2_serve.routing.grouped_route`; and the per-platform refusals."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from pr2_serve.plugin.refusals import platform_problem
+from pr2_serve.plugin.router import PR2Router, RouteCapture
+from pr2_serve.routing import grouped_route
+
+GROUPED = {
+    "prefix": "model.layers.2.mlp.experts",
+    "use_grouped_topk": True,
+    "num_expert_group": 4,
+    "topk_group": 2,
+    "scoring_func": "sigmoid",
+    "routed_scaling_factor": 2.5,
+}
+
+
+def _build(**kwargs):
+    pytest.importorskip("vllm")
+    from pr2_serve.plugin.models import _pr2_moe_factory
+
+    module = types.SimpleNamespace(FusedMoEFactory=lambda **kw: kw)
+    routers: dict = {}
+    with _pr2_moe_factory(module, routers):
+        built = module.FusedMoEFactory(**kwargs)
+    return built, routers
+
+
+@pytest.mark.parametrize("to_output", [True, False])
+def test_grouped_layer_is_built_with_the_pr2_router(to_output):
+    bias = torch.randn(16)
+    built, routers = _build(
+        **GROUPED, e_score_correction_bias=bias, apply_routed_scale_to_output=to_output
+    )
+    router = built["custom_routing_function"]
+    assert routers == {2: router} and isinstance(router, PR2Router)
+    assert built["use_grouped_topk"] is False  # else vLLM's grouped router runs, not ours
+    g = router.grouped
+    assert (g.num_groups, g.topk_group, g.scoring_func) == (4, 2, "sigmoid")
+    assert g.correction_bias is bias  # the gate's own parameter: weight loads update it
+    # vLLM scales the layer's output itself when asked to, and then gives routers 1.0
+    assert g.routed_scaling_factor == (1.0 if to_output else 2.5)
+
+
+def test_softmax_layer_has_no_grouped_settings():
+    built, _ = _build(prefix="model.layers.0.mlp.experts", renormalize=True)
+    assert built["custom_routing_function"].grouped is None
+    assert "use_grouped_topk" not in built
+
+
+def test_grouped_pr2_router_routes_and_captures_as_grouped_route():
+    g = torch.Generator().manual_seed(0)
+    h, w_p = torch.randn(9, 64, generator=g), torch.randn(16, 64, generator=g)
+    z = h @ torch.randn(16, 64, generator=g).T
+    bias = torch.randn(16, generator=g) * 0.1
+    built, _ = _build(**GROUPED, e_score_correction_bias=bias, apply_routed_scale_to_output=False)
+    router = built["custom_routing_function"]
+    router.predictor = types.SimpleNamespace(weight=w_p)
+    router.capture, router.moe_layer = RouteCapture(16, 3, 4, 16), 1
+    w, ids = router(h, z, 4, True)
+    ref_w, ref_ids = grouped_route(
+        h,
+        z,
+        w_p,
+        4,
+        True,
+        num_groups=4,
+        topk_group=2,
+        correction_bias=bias,
+        routed_scaling_factor=2.5,
+    )
+    assert torch.equal(ids, ref_ids) and torch.equal(w, ref_w)
+    assert torch.equal(router.capture.buffer[:9, 1].long(), ids.long())
+
+
+def test_gpt_oss_is_refused_on_the_cpu_build_only():
+    reason = platform_problem("PR2GptOssForCausalLM", on_cpu=True)
+    assert reason.startswith("GPT-OSS is refused on vLLM 0.32's CPU build")
+    assert "\n" not in reason
+    assert platform_problem("PR2GptOssForCausalLM", on_cpu=False) is None
+    for arch in ("PR2Glm4MoeForCausalLM", "PR2DeepseekV3ForCausalLM", "PR2Qwen3MoeForCausalLM"):
+        assert platform_problem(arch, on_cpu=True) is None
