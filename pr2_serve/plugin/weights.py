@@ -8,13 +8,29 @@ the CPU experts' own ``process_weights_after_loading`` again (it is only called 
 is first built), so the experts would read unpacked weights through the packed-layout kernel.
 :func:`reload_all_weights` reruns that prepack for every CPU MoE layer. The update tests prove the
 result equal to a freshly started engine (greedy tokens identical, log-probs within 1e-5).
+
+A reload also logs warnings that are expected on every push and read like errors; they are
+dropped while it runs (:func:`quiet_reload_logs`), every other warning is kept.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+#: Layers a reload never finds in the pushed files, by design: rotary embeddings (their cos/sin
+#: cache is computed, never a checkpoint tensor) and the predictors a stock checkpoint lacks
+#: (vLLM keeps their current values: zeros until one is pushed, which the files then hold).
+NO_CHECKPOINT_WEIGHTS = ("RotaryEmbedding", "PR2Predictor")
+#: vLLM's loggers of those warnings: layerwise reload ("X: Failed to load weights") and the
+#: weight loader ("Attempted to load weight W with dtype D into parameter with dtype P").
+RELOAD_LOGGERS = (
+    "vllm.model_executor.model_loader.reload.layerwise",
+    "vllm.model_executor.models.utils",
+)
 
 
 def iter_safetensors(files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -28,8 +44,52 @@ def iter_safetensors(files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]
 
 def reload_all_weights(model_runner, files: dict[str, str]) -> None:
     """Reload the runner's model from ``{name: file}`` (every weight of the model)."""
-    model_runner.reload_weights(weights_iterator=iter_safetensors(files))
+    with quiet_reload_logs():
+        model_runner.reload_weights(weights_iterator=iter_safetensors(files))
     _redo_cpu_moe_prepack(model_runner.get_model())
+
+
+class ReloadNoise(logging.Filter):
+    """Drops what every reload logs by design: "Failed to load weights" of the layers in
+    :data:`NO_CHECKPOINT_WEIGHTS`, and one "Attempted to load weight ... with dtype" line per
+    tensor whose float dtype differs from the served one (a trainer pushes fp32 to a bf16
+    server: the cast is the documented behaviour). A layer of another kind that loads nothing,
+    or a cast that is not float to float, still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_no_checkpoint_layer(record) or _float_cast(record))
+
+
+def _no_checkpoint_layer(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return (
+        record.msg == "%s: Failed to load weights"
+        and len(args) == 1
+        and str(args[0]).endswith(NO_CHECKPOINT_WEIGHTS)
+    )
+
+
+def _float_cast(record: logging.LogRecord) -> bool:
+    args = record.args if isinstance(record.args, tuple) else ()
+    return (
+        str(record.msg).startswith("Attempted to load weight %s with dtype %s")
+        and len(args) == 3
+        and all(isinstance(d, torch.dtype) and d.is_floating_point for d in args[1:])
+    )
+
+
+@contextmanager
+def quiet_reload_logs():
+    """:class:`ReloadNoise` on vLLM's reload loggers while the block runs."""
+    noise = ReloadNoise()
+    loggers = [logging.getLogger(name) for name in RELOAD_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def _redo_cpu_moe_prepack(model: torch.nn.Module) -> None:
