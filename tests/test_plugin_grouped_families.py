@@ -86,3 +86,53 @@ def test_gpt_oss_is_refused_at_start_on_the_cpu_build(tmp_path):
     model_dir = make_tiny_model(tmp_path, seed=3, spec=TinySpec(arch="gpt_oss"))
     with pytest.raises(Exception, match=r"GPT-OSS is refused on vLLM 0\.32.s CPU build"):
         RolloutEngine(model_dir, dtype="float32", max_model_len=256)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_glm4_through_pr2_serve_dialects_and_training(tmp_path, monkeypatch):
+    """One GLM-4.5 ``pr2-serve``: the routes of ``/v1/generate``, OpenAI ``routed_experts`` and
+    SGLang ``/generate`` are the same rows; then 3 ``pr2-train`` steps replaying them (r3) keep
+    the trainer's old pass equal to the server (train–infer KL 0 in fp32)."""
+    import base64
+    import io
+    import json
+
+    import httpx
+
+    from pr2_serve.client import HttpClient
+    from tests.helpers import API_KEY, start_server
+    from trainer.cli import main as train_main
+
+    spec = TinySpec(arch="glm4_moe")
+    model_dir = make_tiny_model(tmp_path / "m", seed=3, predictor="random", spec=spec)
+    prompt = _prompts()[1]
+    server = start_server(model_dir, tmp_path / "state")
+    try:
+        [ref] = HttpClient(server.http).generate([prompt], max_tokens=6, temperature=0.0).samples
+        body = {"prompt": [prompt], "max_tokens": 6, "temperature": 0, "logprobs": 0}
+        body |= {"return_token_ids": True, "return_routed_experts": True}
+        headers = {"authorization": f"Bearer {API_KEY}"}
+        oa = httpx.post(f"{server.http}/v1/completions", json=body, headers=headers, timeout=60)
+        routes = np.load(io.BytesIO(base64.b64decode(oa.json()["choices"][0]["routed_experts"])))
+        np.testing.assert_array_equal(routes, ref.routes)
+        sg_body = {"input_ids": prompt, "return_routed_experts": True}
+        sg_body["sampling_params"] = {"max_new_tokens": 6, "temperature": 0}
+        sg = httpx.post(f"{server.http}/generate", json=sg_body, timeout=60).json()
+        sg_routes = np.frombuffer(
+            base64.b64decode(sg["meta_info"]["routed_experts"]), dtype=np.int32
+        ).reshape(ref.routes.shape)
+        np.testing.assert_array_equal(sg_routes, ref.routes.astype(np.int32))
+        agree, total, moved, _ = _oracle_rows(model_dir, [ref])
+        assert agree == total and moved > 0
+        monkeypatch.setenv("PR2_API_KEY", API_KEY)
+        out = tmp_path / "train"
+        args = ["--servers", server.http, "--model-dir", str(model_dir), "--replay", "r3"]
+        args += ["--off-policy-steps", "2", "--prompts-per-batch", "4"]
+        args += ["--samples-per-prompt", "2", "--max-tokens", "4", "--steps", "3"]
+        train_main([*args, "--eval-every", "0", "--output-dir", str(out), "--lr", "1e-3"])
+    finally:
+        server.stop()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    assert rows[0]["train_infer_kl"] < 1e-6 and rows[0]["first_ratio_max_dev"] == 0.0
