@@ -1,5 +1,6 @@
 """Real upstream clients against a real ``pr2-serve``: lm-evaluation-harness
-(``local-completions`` on ``/v1/completions`` and ``sglang-generate`` on ``/generate``), slime's
+(``local-completions`` on ``/v1/completions``, ``local-chat-completions`` on
+``/v1/chat/completions`` and ``sglang-generate`` on ``/generate``), slime's
 ``routed_experts`` decoding of ``/generate``, and TRL's ``VLLMClient`` (processed log-probs,
 ``--enable-return-routed-experts``). Each is checked against ``/v1/generate`` on the same
 server."""
@@ -124,6 +125,58 @@ def test_lm_eval_loglikelihoods_agree_across_dialects(server, model, tmp_path, m
     b = run_lm_eval(tmp_path, "sglang-generate", server.http + "/generate", model)
     lls = [[float(np.ravel(s["resps"])[0]) for s in r["samples"]["pr2_ll"]] for r in (a, b)]
     assert lls[0] == pytest.approx(lls[1], abs=1e-5)
+
+
+def greedy_chat(server, model_id: str, question: str) -> str:
+    """``/v1/chat/completions``' greedy answer to ``question`` as one user message, cut at a
+    newline (what lm-eval's chat request asks for)."""
+    body = {
+        "model": model_id,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stop": ["\n", "<|im_end|>"],
+    }
+    res = httpx.post(f"{server.http}/v1/chat/completions", json=body, timeout=60).json()
+    return res["choices"][0]["message"]["content"]
+
+
+def test_lm_eval_local_chat_completions(server, model, tmp_path, monkeypatch):
+    """lm-eval's ``local-chat-completions`` with its chat template applied (one request per
+    doc: ``messages``, ``model``, ``max_tokens``, ``temperature``, ``stop`` = the task's
+    ``until``, ``seed``) on ``/v1/chat/completions``: its exact match counts the docs whose
+    target is the server's own greedy chat answer (two of five)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    write_tasks(tmp_path, server)
+    model_id = str(model.resolve())
+    answers = [greedy_chat(server, model_id, q) for q in QUESTIONS]
+    assert answers[0] and answers[1]
+    rows = [
+        {"question": q, "answer": a if i < 2 else a + "#"}
+        for i, (q, a) in enumerate(zip(QUESTIONS, answers, strict=True))
+    ]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args={
+            "base_url": server.http + "/v1/chat/completions",
+            "model": model_id,
+            "num_concurrent": 1,
+            "max_retries": 1,
+            "eos_string": "<|im_end|>",
+        },
+        tasks=["pr2_gen"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        apply_chat_template=True,
+        log_samples=True,
+    )
+    responses = [s["filtered_resps"][0] for s in out["samples"]["pr2_gen"]]
+    assert sorted(responses) == sorted(answers)
+    assert out["results"]["pr2_gen"]["exact_match,none"] == pytest.approx(2 / len(QUESTIONS))
 
 
 # -- SGLang /generate as slime reads it ------------------------------------------------------------

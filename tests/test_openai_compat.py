@@ -149,6 +149,28 @@ def test_streaming_equals_the_whole_answer(client, model_id):
     assert got == whole.choices[0].message.content
 
 
+def test_streamed_choices_carry_no_routed_experts_as_in_vllm(client, model_id):
+    """vLLM 0.32 puts ``routed_experts`` on whole choices only: its stream choice types have
+    no such field (should one appear, the streamed shape must follow). Asked for, a stream
+    here carries none either."""
+    from vllm.entrypoints.openai.chat_completion import protocol as chat
+    from vllm.entrypoints.openai.completion import protocol as completion
+
+    assert "routed_experts" in completion.CompletionResponseChoice.model_fields
+    assert "routed_experts" in chat.ChatCompletionResponseChoice.model_fields
+    assert "routed_experts" not in completion.CompletionResponseStreamChoice.model_fields
+    assert "routed_experts" not in chat.ChatCompletionResponseStreamChoice.model_fields
+    ask = {"extra_body": {"return_routed_experts": True}, "stream": True}
+    kw = dict(model=model_id, max_tokens=4, temperature=0, **ask)
+    msgs = [{"role": "user", "content": "hi"}]
+    for chunks in (
+        list(client.completions.create(prompt="12+35=", **kw)),
+        list(client.chat.completions.create(messages=msgs, **kw)),
+    ):
+        choices = [c for chunk in chunks for c in chunk.choices]
+        assert choices and all("routed_experts" not in (c.model_extra or {}) for c in choices)
+
+
 def test_stop_strings_and_echo_with_prompt_logprobs(server, client, model_id):
     full = client.completions.create(model=model_id, prompt="12+35=", max_tokens=12, temperature=0)
     text = full.choices[0].text

@@ -94,7 +94,9 @@ def sampling_fields(req: SamplingFields, service: RolloutService) -> dict:
         "seed": req.seed,
         "stop": [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         "stop_token_ids": list(req.stop_token_ids or []),
-        "return_routes": want_routes,
+        # vLLM 0.32 streams no routed_experts (its stream choices have no such field): none
+        # are fetched for a stream
+        "return_routes": want_routes and not req.stream,
         "routes_from": req.routed_experts_prompt_start,
         "min_weight_version": req.min_weight_version,
         "detokenize": bool(req.stream),  # else the text is decoded here, off the engine thread
