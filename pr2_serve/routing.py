@@ -41,6 +41,7 @@ __all__ = [
     "grouped_route",
     "grouped_select",
     "pr2_route",
+    "route_misses",
     "select_experts",
     "selection_scores",
 ]
@@ -241,11 +242,18 @@ def deviation_counts(replayed_ids: torch.Tensor, router_logits: torch.Tensor) ->
 
     Returns:
         ``[...]`` int64 in ``0..k``; 0 means the replayed route equals the fresh route (as sets).
+        Plain top-k routers only: for the others, pass the family's own fresh selection to
+        :func:`route_misses`.
     """
     k = replayed_ids.shape[-1]
-    fresh = torch.topk(router_logits, k=k, dim=-1).indices
-    hit = (replayed_ids.long().unsqueeze(-1) == fresh.unsqueeze(-2)).any(-1)
-    return k - hit.sum(-1)
+    return route_misses(replayed_ids, torch.topk(router_logits, k=k, dim=-1).indices)
+
+
+def route_misses(replayed_ids: torch.Tensor, fresh_ids: torch.Tensor) -> torch.Tensor:
+    """Per row, how many of ``replayed_ids`` are not among ``fresh_ids`` (``[..., k]`` each):
+    ``[...]`` int64 in ``0..k``."""
+    hit = (replayed_ids.long().unsqueeze(-1) == fresh_ids.long().unsqueeze(-2)).any(-1)
+    return replayed_ids.shape[-1] - hit.sum(-1)
 
 
 def deviation_histogram(counts: torch.Tensor, top_k: int) -> torch.Tensor:

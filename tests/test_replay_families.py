@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pr2_serve.routing import deviation_counts, route_misses
 from pr2_serve.tiny_model import TinySpec, make_tiny_model
 from trainer.replay import MoEReplay, RoutingControl, router_kind
 
@@ -100,3 +101,23 @@ def test_forced_routes_train_the_router_not_the_correction_bias(family_dir):
     else:
         assert not any("e_score_correction_bias" in n for n in params)
         assert router.e_score_correction_bias.abs().sum() > 0  # non-zero, and used
+
+
+def test_fresh_routes_are_the_family_selection(family_dir):
+    """``MoEReplay.select`` re-selects the recorded natural routes from the recorded ``h`` and
+    ``z`` (no misses), with and without the predictor; plain ``topk(z)`` does not for the
+    grouped routers (their correction bias and groups take part)."""
+    arch, d = family_dir
+    model, replay = _with_predictors(d)
+    x = torch.randint(0, 256, (2, 17))
+    plain_misses = 0
+    for use_predictor in (False, True):
+        ctl = RoutingControl(record=True, use_predictor=use_predictor)
+        with torch.no_grad(), replay.control(ctl):
+            model(x)
+        for layer, (h, z, ids) in enumerate(zip(ctl.hidden, ctl.logits, ctl.ids, strict=True)):
+            w_p = replay.predictors[layer].weight if use_predictor else None
+            assert int(route_misses(ids, replay.select(layer, z, h, w_p)).sum()) == 0
+            if not use_predictor:
+                plain_misses += int(deviation_counts(ids, z).sum())
+    assert (plain_misses > 0) == (arch != "gpt_oss")

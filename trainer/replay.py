@@ -131,10 +131,12 @@ class MoEReplay:
             self._control = prev
 
     def select(
-        self, router: nn.Module, z: torch.Tensor, h: torch.Tensor, w_p: torch.Tensor | None
+        self, layer: int, z: torch.Tensor, h: torch.Tensor | None, w_p: torch.Tensor | None
     ) -> torch.Tensor:
-        """The family's natural selection on the logits ``z`` (``w_p``: PR2's, on ``z + W_p h``),
-        ``[T, k]`` int64."""
+        """MoE layer ``layer``'s natural selection on its logits ``z`` as the family selects
+        (``w_p``: PR2's, on ``z + W_p h``), ``[T, k]`` int64 -- what fresh routes, deviations and
+        predictor hits are measured against (plain ``topk(z)`` is not the grouped routers')."""
+        router = self.routers[layer]
         if router_kind(router) != "grouped":
             return select_experts(z, h, w_p, self.top_k)
         return grouped_select(
@@ -148,9 +150,10 @@ class MoEReplay:
             router.e_score_correction_bias,
         )
 
-    def gate(self, router: nn.Module, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The family's gating of the plain logits ``z`` at ``ids``, in the dtype the family's
-        router returns (its logits' dtype; fp32 for the grouped routers, as they compute)."""
+    def gate(self, layer: int, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """MoE layer ``layer``'s gating of the plain logits ``z`` at ``ids``, in the dtype the
+        family's router returns (its logits' dtype; fp32 for the grouped routers)."""
+        router = self.routers[layer]
         if router_kind(router) == "grouped":
             return grouped_gate(z, ids, router.norm_topk_prob, router.routed_scaling_factor)
         return gate_weights(z.float(), ids, self.renormalize(router)).to(z.dtype)
@@ -199,8 +202,8 @@ def _make_forward(replay: MoEReplay, ordinal: int, predictor: nn.Linear):
             if ids.shape[0] != z.shape[0]:
                 raise ValueError(f"forced ids have {ids.shape[0]} tokens, the batch {z.shape[0]}")
         else:
-            ids = replay.select(self, z, h, predictor.weight if ctl.use_predictor else None)
-        weights = replay.gate(self, z, ids)
+            ids = replay.select(ordinal, z, h, predictor.weight if ctl.use_predictor else None)
+        weights = replay.gate(ordinal, z, ids)
         if ctl.record:
             ctl.hidden.append(h)
             ctl.logits.append(z)
