@@ -57,11 +57,11 @@ demo: $(STAMP)
 
 # The grid of trainer/grid.py (settings A and B, one server per setting); resumes finished
 # cells (results.json says partial until all are in); EXPERIMENT_ARGS e.g. "--setting B
-# --max-cells 10" for a sitting. Writes results/experiment/ (+ plots) and the README section.
+# --max-cells 10" for a sitting. Writes results/experiment/ (+ plots) and docs/results.md.
 experiment: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --out runs/experiment \
 		--results results/experiment/results.json $(EXPERIMENT_ARGS)
-	$(BIN)/python -m trainer.report results/experiment/results.json README.md
+	$(BIN)/python -m trainer.report results/experiment/results.json docs/results.md
 
 # Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker
 # CPU recipe followed without Docker (10 min here on 2 cores, 1 of them the recipe).
@@ -69,7 +69,7 @@ reliability: $(STAMP)
 	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider --durations=20
 
 report: $(STAMP)
-	$(BIN)/python -m trainer.report results/experiment/results.json README.md
+	$(BIN)/python -m trainer.report results/experiment/results.json docs/results.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools

@@ -66,6 +66,7 @@ def test_staleness_one_run(server, tiny_zero, tmp_path):
         servers=[server.http],
         model_dir=str(tiny_zero),
         replay="pr2",
+        predictor="learned",
         off_policy_steps=2,
         prompts_per_batch=4,
         samples_per_prompt=2,

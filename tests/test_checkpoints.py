@@ -70,6 +70,7 @@ def test_save_due():
 
 # -- the round trip --------------------------------------------------------------------------------
 def make_trainer(model_dir, out: Path, replay: str = "pr2", **options) -> SimpleNamespace:
+    options.setdefault("predictor", "learned")
     cfg = TrainConfig(
         servers=["http://unused"],
         model_dir=str(model_dir),

@@ -117,6 +117,7 @@ def test_predictor_lr_is_keyed_to_the_routers(tiny_zero):
 
     cfg = TrainConfig(
         replay="pr2",
+        predictor="learned",
         lr=2e-4,
         router_lr_multiplier=30.0,
         predictor_lr_ratio=0.1,
@@ -127,7 +128,9 @@ def test_predictor_lr_is_keyed_to_the_routers(tiny_zero):
     pred = make_predictor_optimizer(policy, cfg)
     assert pred.param_groups[0]["lr"] == pytest.approx(0.1 * router_lr)
     assert router_lr == pytest.approx(2e-4 * 30)
-    wd = make_predictor_optimizer(policy, TrainConfig(predictor_weight_decay=0.01, servers=["x"]))
+    wd = make_predictor_optimizer(
+        policy, TrainConfig(predictor="learned", predictor_weight_decay=0.01, servers=["x"])
+    )
     assert isinstance(wd, torch.optim.AdamW) and wd.param_groups[0]["weight_decay"] == 0.01
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -147,6 +150,7 @@ def test_shadow_predictor_is_what_pr2_trains(tiny_zero, tmp_path):
 
     cfg = TrainConfig(
         replay="pr2",
+        predictor="learned",
         off_policy_steps=2,
         prompts_per_batch=4,
         samples_per_prompt=2,

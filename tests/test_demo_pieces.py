@@ -64,13 +64,13 @@ def test_instability_events():
     assert ev == {"reward_collapse": 1, "grad_norm_spike": 1, "nan": 1}
 
 
-def test_readme_results_section_matches_the_committed_results():
+def test_results_page_matches_the_committed_results():
     results = ROOT / "results" / "experiment" / "results.json"
     if not results.exists():
         pytest.fail("results/experiment/results.json is missing: run `make experiment`")
-    readme = (ROOT / "README.md").read_text()
-    expected = replace_section(readme, render(load(results), "results/experiment/results.json"))
-    assert readme == expected, "README results section is stale: run `make report`"
+    page = (ROOT / "docs" / "results.md").read_text()
+    body = render(load(results), "results/experiment/results.json", "../results/experiment")
+    assert page == replace_section(page, body), "docs/results.md is stale: run `make report`"
 
 
 def test_demo_stops_the_server_on_ctrl_c(tmp_path, monkeypatch):

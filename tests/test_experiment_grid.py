@@ -24,7 +24,7 @@ def test_the_grid_is_the_issues_grid():
     b = grid_cells([SETTINGS["B"]])
     main = [c for c in b if not c.variant.endswith("bf16")]
     assert len(main) == 5 * 2 * 3
-    assert {c.variant for c in main} == {"none", "r3", "pr2", "pr2-auto", "lookahead"}
+    assert {c.variant for c in main} == {"r3", "pr2", "pr2-c0.03", "ridge", "lookahead"}
     assert [c for c in b if c.variant.endswith("bf16")] == [
         CellKey("B", "r2-bf16", 8, 0),
         CellKey("B", "r3-bf16", 8, 0),
@@ -72,7 +72,7 @@ def test_variants_set_only_fields_that_exist():
     assert VARIANTS["r3"].config_fields(plain) == {"replay": "r3", "dtype": "float32"}
     assert VARIANTS["r2-bf16"].config_fields(plain)["dtype"] == "bfloat16"
     with pytest.raises(MissingFeature, match="predictor_scale"):
-        VARIANTS["pr2-auto"].config_fields(plain)
+        VARIANTS["pr2-auto"].config_fields(plain | {"predictor"})
     with pytest.raises(MissingFeature, match="'predictor'"):
         VARIANTS["lookahead"].config_fields(plain)
     full = plain | {"predictor", "predictor_scale"}
@@ -91,9 +91,10 @@ def test_cell_config_carries_the_setting(tmp_path):
     assert cfg.load_balance_coef == SETTINGS["B"].load_balance_coef
     assert cfg.router_lr_multiplier == SETTINGS["B"].router_lr_multiplier and cfg.steps == 40
     assert cfg.predictor_lr_ratio == SETTINGS["B"].predictor_lr_ratio
-    tuned = CellKey("C", "pr2-c0.1", 8, 0)
+    tuned = CellKey("C", "pr2-c0.03", 8, 0)
     cfg = experiment.cell_config(SETTINGS["C"], tuned, tmp_path, "http://x:1", "k", tmp_path)
-    assert cfg.predictor_lr_ratio == 0.1 and cfg.lr == SETTINGS["C"].lr
+    assert cfg.predictor_lr_ratio == 0.03 and cfg.lr == SETTINGS["C"].lr
+    assert cfg.predictor == "learned"  # not the trainer's default (the look-ahead)
 
 
 # -- results file ----------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_summary_and_partial_label(tmp_path):
     res = synthetic_results(tmp_path, keys)
     assert res["partial"] and res["cells_done"] == 4
     c = res["cells"][0]
-    assert c["zero_deviation_per_mini_step"] == pytest.approx([1.0, 0.88])
+    assert c["zero_deviation_per_mini_step"] == pytest.approx([1.0] + [0.90] * 7)
     assert c["router_drift_cos_lag3"] == pytest.approx(0.7)
     assert c["r2_vs_r3_zero_deviation"] == pytest.approx(0.99)
     assert c["final_eval_accuracy"] == 0.25 and len(c["series"]["router_drift_cos_lag1"]) == 6

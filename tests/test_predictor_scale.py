@@ -75,7 +75,7 @@ def test_scale_and_predictor_settings_are_checked():
 
 def test_lookahead_equals_hand_computed_adam_extrapolation():
     """After 3 Adam updates with known gradients, the look-ahead over a window of 3 mini-steps
-    is mean(D_2, D_3) = (2 Delta_1 + Delta_2) / 2, Delta_j the update with the momentum
+    is mean(D_1 = 0, D_2, D_3) = (2 Delta_1 + Delta_2) / 3, Delta_j the update with the momentum
     decayed j times, v held, Adam's bias corrections at t + j; and it is what Adam itself does
     on zero gradients (whose v also decays: within 0.5 %)."""
     g = torch.Generator().manual_seed(4)
@@ -95,7 +95,7 @@ def test_lookahead_equals_hand_computed_adam_extrapolation():
         v_hat = v / (1 - b2 ** (t + j))
         return -lr * m_hat / (v_hat.sqrt() + eps)
 
-    want = (2 * delta(1) + delta(2)) / 2
+    want = (0 + 2 * delta(1) + delta(2)) / 3  # mean of D_1 = 0, D_2, D_3
     st = opt.state[w]
     got = adam_lookahead(st["exp_avg"], st["exp_avg_sq"], int(st["step"]), lr, (b1, b2), eps, 3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
@@ -108,6 +108,6 @@ def test_lookahead_equals_hand_computed_adam_extrapolation():
         w.grad = torch.zeros_like(w)
         opt.step()
         seen.append(w.detach() - w0)
-    real = (seen[0] + seen[1]) / 2
+    real = (0 + seen[0] + seen[1]) / 3
     assert float((real - want).norm() / want.norm()) < 5e-3
     assert not adam_lookahead(m, v, t, lr, (b1, b2), eps, 1).any()  # on-policy: nothing

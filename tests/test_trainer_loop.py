@@ -31,6 +31,8 @@ def test_two_iterations_per_mode(server, tiny_zero, tmp_path, mode, monkeypatch)
             str(tiny_zero),
             "--replay",
             mode,
+            "--predictor",
+            "learned",
             "--off-policy-steps",
             "2",
             "--prompts-per-batch",
@@ -95,6 +97,7 @@ def test_served_predictor_reaches_the_server(server, tiny_zero, tmp_path, flags,
     monkeypatch.setenv("PR2_API_KEY", API_KEY)
     out = tmp_path / flags[-1]
     args = ["--servers", server.http, "--model-dir", str(tiny_zero), "--replay", "pr2"]
+    args += ["--predictor", "learned"]
     args += ["--off-policy-steps", "2", "--prompts-per-batch", "4", "--samples-per-prompt", "2"]
     args += ["--max-tokens", "4", "--steps", "2", "--eval-every", "0", "--lr", "1e-3"]
     args += ["--reward", "tests.test_trainer_loop:alternating_reward"]
@@ -159,7 +162,8 @@ def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
     v0 = httpx.get(f"{server.http}/v1/info").json()["weight_version"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "trainer.cli", "--servers", server.http, "--model-dir", str(tiny_zero)]
-    cmd += ["--replay", "pr2", "--parallel", "fsdp2", "--off-policy-steps", "2"]
+    cmd += ["--replay", "pr2", "--predictor", "learned", "--parallel", "fsdp2"]
+    cmd += ["--off-policy-steps", "2"]
     cmd += ["--prompts-per-batch", "4", "--samples-per-prompt", "2", "--max-tokens", "4"]
     cmd += ["--steps", "2", "--eval-every", "0", "--output-dir", str(out), "--lr", "1e-3"]
     subprocess.run(cmd, check=True, timeout=500, env={**os.environ, "PR2_API_KEY": API_KEY})

@@ -44,6 +44,7 @@ def train_once(model_dir, dtype: str, mode: str) -> tuple[Policy, Learner, dict]
     policy = Policy(str(model_dir), dtype=dtype, device="cpu")
     cfg = TrainConfig(
         replay=mode,
+        predictor="learned",
         off_policy_steps=2,
         prompts_per_batch=4,
         samples_per_prompt=2,

@@ -75,6 +75,7 @@ def test_predictor_learns_one_mini_step_move_not_two(tiny_zero):
 
 
 def small_cfg(**kw) -> TrainConfig:
+    kw.setdefault("predictor", "learned")
     return TrainConfig(
         replay="pr2",
         off_policy_steps=2,

@@ -83,7 +83,7 @@ class TrainConfig:
     """Max global grad norm of the policy (0: off)."""
     predictor_loss: PredictorLoss = "kl-post"
     """Predictor objective: ``kl-post`` (paper) or ``l2``."""
-    predictor_lr_ratio: float = 1.0
+    predictor_lr_ratio: float = 0.03
     """Learned predictor's lr = this x the ROUTER's lr (``lr x router_lr_multiplier``): what
     matters is how far Adam moves ``W_p`` per step against how far the router it forecasts
     moves (docs/results.md, the counterfactual table: above ~1 the offset is mostly the
@@ -93,7 +93,7 @@ class TrainConfig:
     predictor_lr_multiplier: float | None = None
     """Deprecated: predictor lr = ``lr`` x this; converted to ``predictor_lr_ratio`` (this /
     ``router_lr_multiplier``) with a warning."""
-    ridge_strength: float = 1.0
+    ridge_strength: float = 10.0
     """``--predictor ridge``: the ridge penalty on ``W_p`` (per unit of the router inputs'
     mean square)."""
     ridge_memory: float = 0.5
@@ -161,7 +161,7 @@ class TrainConfig:
     """Decoupled PPO (stale samples, ``max_staleness`` >= 1): tokens whose behaviour weight
     ``pi_prox / pi_server`` exceeds this are left out of the loss (AReaL's filter; 0: none)."""
     # -- the served predictor (issue 14; trainer/predictor_scale.py, trainer/lookahead.py) --
-    predictor: PredictorKind = "learned"
+    predictor: PredictorKind = "lookahead"
     """pr2: ``learned`` (the paper's trained W_p), ``lookahead`` (no training: the routers'
     expected move over the next batch's off-policy mini-steps, read from their Adam state) or
     ``ridge`` (closed form: per layer the ridge map from ``h_old`` to the router's mean

@@ -222,6 +222,7 @@ def selftest(out: str, model_dir: str, parallel: str = "ddp") -> None:
         off_policy_steps=2,
         prompts_per_batch=4,
         lr=1e-3,
+        predictor="learned",
         predictor_lr_ratio=10,
         samples_per_prompt=2,
         servers=["http://unused"],

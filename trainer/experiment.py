@@ -11,8 +11,8 @@ the same served weights as on a fresh server. After each cell ``results.json`` i
         [--setting A|B ...] [--max-cells N] [--steps 40]
     python -m trainer.experiment --tune results/experiment/tuning.json --tune-runs "0.1 2" ...
 
-then ``python -m trainer.report results/experiment/results.json README.md`` (tables, goal lines
-and plots).
+then ``python -m trainer.report results/experiment/results.json docs/results.md`` (tables,
+goal lines and plots).
 """
 
 from __future__ import annotations
@@ -374,7 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     state = "partial" if res["partial"] else "complete"
     print(
         f"wrote {results_path} ({res['cells_done']}/{res['cells_total']} cells, {state}); "
-        f"regenerate the README and plots with: python -m trainer.report {results_path} README.md"
+        f"regenerate docs/results.md and the plots: python -m trainer.report {results_path} "
+        "docs/results.md"
     )
 
 

@@ -66,14 +66,14 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant("none", "none"),
         Variant("r3", "r3"),
-        Variant("pr2", "pr2"),
-        Variant("pr2-auto", "pr2", predictor_scale="auto"),
+        # the paper's learned predictor at the setting's predictor lr
+        Variant("pr2", "pr2", predictor="learned"),
+        Variant("pr2-auto", "pr2", predictor="learned", predictor_scale="auto"),
         Variant("lookahead", "pr2", predictor="lookahead"),
         Variant("ridge", "pr2", predictor="ridge"),
-        # the paper's learned predictor with its lr keyed low to the router's
-        # (results/counterfactual: chosen on the recording seeds, not the grid's)
-        Variant("pr2-c0.1", "pr2", predictor_lr_ratio=0.1),
-        Variant("pr2-c0.3", "pr2", predictor_lr_ratio=0.3),
+        # the learned predictor at the lr ratio the counterfactual picked (docs/counterfactual.md:
+        # the recording seeds 10-12, not the grid's)
+        Variant("pr2-c0.03", "pr2", predictor="learned", predictor_lr_ratio=0.03),
         # trainer bf16 / server fp32: R2 (trainer's own routes) and R3 (server's) differ
         Variant("r2-bf16", "r2", dtype="bfloat16"),
         Variant("r3-bf16", "r3", dtype="bfloat16"),
@@ -138,8 +138,8 @@ SETTINGS: dict[str, Setting] = {
         f"{list(B_IMBALANCE_EXPERTS)} (logit bias {B_IMBALANCE_BIAS:g} on the mean router "
         f"input, after the warm-up), Switch load-balancing loss x {B_LOAD_BALANCE_COEF:g}, "
         f"router lr x {B_ROUTER_LR_MULTIPLIER:g}",
-        variants=("none", "r3", "pr2", "pr2-auto", "lookahead"),
-        off_policy=(2, 8),
+        variants=("r3", "lookahead", "pr2-c0.03", "ridge", "pr2"),
+        off_policy=(8, 2),
         seeds=(0, 1, 2),
         router_lr_multiplier=B_ROUTER_LR_MULTIPLIER,
         load_balance_coef=B_LOAD_BALANCE_COEF,
@@ -152,7 +152,7 @@ SETTINGS: dict[str, Setting] = {
         "the paper's routing regime at toy size: 32 fine-grained experts, top-4 (a crowded "
         f"top-k boundary), router lr x 1, base lr {C_LR:g} (R3 at off-policy 8 in the "
         "85-92 % zero-deviation range), Switch load-balancing loss x 0.01",
-        variants=("r3", "pr2-c0.1", "ridge", "lookahead"),
+        variants=("r3", "lookahead", "pr2-c0.03", "ridge"),
         off_policy=(8, 2),
         seeds=(0, 1, 2, 3),
         router_lr_multiplier=1.0,

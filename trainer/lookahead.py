@@ -9,9 +9,11 @@ batch's mini-step ``s`` runs after ``s - 1`` updates, so its router is ``W_r + D
     m_hat_j = beta1^j m_t / (1 - beta1^(t+j)),   v_hat_j = v_t / (1 - beta2^(t+j))
 
 (Adam's own bias corrections at update ``t + j``; ``t`` = the router's update count). The
-predictor ``W_p = mean_{s=2..S} D_s`` (the off-policy mini-steps, those the learned predictor
-is fitted on; mini-step 1 has no drift) makes ``z_old + W_p h_old = (W_r + W_p) h_old`` the
-expected mean router of those mini-steps. Pure torch.
+predictor ``W_p = mean_{s=1..S} D_s`` (``D_1 = 0``) makes ``z_old + W_p h_old = (W_r + W_p)
+h_old`` the expected mean router over ALL the mini-steps that replay the served routes:
+mini-step 1 runs before any update, and there any offset can only cost, so it is in the mean
+(that is ``(S - 1) / S`` of the mean over the off-policy mini-steps alone; the paired
+counterfactual, ``docs/counterfactual.md``, measured both). Pure torch.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def adam_lookahead(
     eps: float,
     window: int,
 ) -> torch.Tensor:
-    """``mean_{s=2..window} D_s`` (see module docstring) for one parameter's Adam state; zero
+    """``mean_{s=1..window} D_s`` (see module docstring) for one parameter's Adam state; zero
     for ``window < 2`` or before the first update (``step == 0``)."""
     b1, b2 = betas
     out = torch.zeros_like(exp_avg, dtype=torch.float32)
@@ -42,9 +44,9 @@ def adam_lookahead(
         m_hat = b1**j * m / (1 - b1 ** (step + j))
         v_hat = v / (1 - b2 ** (step + j))
         moves.append(-lr * m_hat / (v_hat.sqrt() + eps))
-    for s in range(2, window + 1):  # D_s = Delta_1 + ... + Delta_{s-1}
+    for s in range(2, window + 1):  # D_s = Delta_1 + ... + Delta_{s-1}; D_1 = 0
         out += sum(moves[: s - 1])
-    return out / (window - 1)
+    return out / window
 
 
 def router_lookahead(

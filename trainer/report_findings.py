@@ -8,7 +8,7 @@ differs from R3's by more than the larger of the two seed spreads (max − min o
 
 from __future__ import annotations
 
-PR2_VARIANTS = ("pr2", "pr2-c0.1", "pr2-c0.3", "pr2-auto", "ridge", "lookahead")
+PR2_VARIANTS = ("pr2", "pr2-c0.03", "pr2-auto", "ridge", "lookahead")
 LAGS = (1, 2, 3)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "direction_cosine",
     "paired_difference",
     "score",
+    "served_lookahead",
 ]
 
 
@@ -232,9 +233,11 @@ class InSampleRidge:
 
 
 class Lookahead(Zero):
-    """The Adam look-ahead the live run computed after batch ``t - 1``."""
+    """The Adam look-ahead the live run computed after batch ``t - 1``: its forecast of the mean
+    move over the off-policy mini-steps 2..S (``--predictor lookahead`` serves ``(S - 1) / S``
+    of it, the mean over all S: :func:`served_lookahead`)."""
 
-    name = "look-ahead"
+    name = "look-ahead, off-policy mean"
 
     def predict(self, st: Stream, t: int) -> torch.Tensor:
         return st.lookahead[t - 1] if t > 0 else torch.zeros_like(st.routers[t])
@@ -281,6 +284,13 @@ class Scaled(Zero):
 
     def observe(self, st: Stream, t: int) -> None:
         self.inner.observe(st, t)
+
+
+def served_lookahead(st: Stream) -> Scaled:
+    """What ``--predictor lookahead`` serves: the mean over all S mini-steps (``D_1 = 0``)."""
+    p = Scaled(Lookahead(), (st.steps - 1) / st.steps)
+    p.name = "look-ahead (--predictor lookahead)"
+    return p
 
 
 def direction_cosine(st: Stream, t: int, w: torch.Tensor) -> float | None:

@@ -30,6 +30,7 @@ from .counterfactual import (
     Zero,
     paired_difference,
     score,
+    served_lookahead,
 )
 
 LR_RATIOS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -54,7 +55,8 @@ def predictors(st: Stream) -> list:
             learned += [Learned(c, "l2"), Learned(c, "kl-margin"), Learned(c, gate=gate)]
         ridges = [Ridge(lam, mem) for lam, mem in RIDGES]
     control = RandomMatched(type(ridges[4])(1.0, 0.5))
-    ahead = [Lookahead(), *[Scaled(Lookahead(), a) for a in (0.5, 0.75, 1.5)]]
+    ahead = [served_lookahead(st), Lookahead()]
+    ahead += [Scaled(Lookahead(), a) for a in (0.5, 0.75, 1.5)]
     return [Zero(), *learned, *ridges, *ahead, HalfPreviousDrift(), control, InSampleRidge()]
 
 
@@ -162,8 +164,11 @@ METHOD = [
     "depth-gated serves `g_l W_p` with `g` from 1 to 0.25 over the layers. Ridge is "
     "`--predictor ridge` on the whole batches' sums; the random control has, per layer, the "
     "norm of ridge λ=1 memory=0.5; the in-sample ridge is fitted on the scored batch's own "
-    "moves (it sees the future: an upper bound for a linear predictor). `look-ahead xα` serves "
-    "α times the look-ahead. **direction cos**: the cosine between the served offsets "
+    "moves (it sees the future: an upper bound for a linear predictor). The look-ahead rows: "
+    "the routers' Adam extrapolation as `--predictor lookahead` serves it (the mean move over "
+    "all S mini-steps), and its forecast of the mean over the off-policy mini-steps 2..S alone "
+    "(S/(S-1) times larger; what the learned predictor is fitted to) times α. "
+    "**direction cos**: the cosine between the served offsets "
     "`W_p h_old` and the router's mean off-policy move on the scored batch (both centred over "
     "experts, all tokens and layers as one vector): 1 = the offset points where the router "
     "goes, 0 = noise.",

@@ -6,12 +6,13 @@ sample of ``tokens`` real positions and, per MoE layer: the router input ``h_old
 in every mini-step ``s = 1..S`` (the router after ``s - 1`` updates, upstream layers' changes
 included: a no-grad forward of the sampled sequences with the replayed routes after each
 update), plus ``z_{S+1}`` (after the batch), the routers' weights before the batch and the Adam
-look-ahead the trainer would serve next. On the WHOLE batch (each off-policy token in its own
-mini-step, as the trainer sees them) it also keeps the ridge sums of ``--predictor ridge`` and
-trains shadow learned predictors (``SHADOWS``: the paper's loss at several lr ratios, and
-variants) exactly as the trainer would, without serving them: their ``W_p`` after each batch
-is stored. :mod:`trainer.experiments.counterfactual` replays this stream offline and scores
-every predictor on identical data.
+look-ahead's forecast of the mean move over the next batch's off-policy mini-steps 2..S. On
+the WHOLE batch (each off-policy token in its own mini-step, as the trainer sees them) it
+keeps the ridge sums of ``--predictor ridge`` and trains shadow learned predictors
+(``SHADOWS``: the paper's loss at several lr ratios, and variants) exactly as the trainer
+would, without serving them: their ``W_p`` after each batch is stored.
+:mod:`trainer.experiments.counterfactual` replays this stream offline and scores every
+predictor on identical data.
 
 Arrays (``numpy.savez``): ``h [N, L, n, H]``, ``z [N, S + 1, L, n, E]`` (index 0 = ``z_old``
 = mini-step 1), ``routers [N, L, E, H]``, ``lookahead [N, L, E, H]`` and the run's facts.
@@ -103,7 +104,8 @@ class DriftRecorder:
     def _end_batch(self) -> None:
         learner = self.learner
         routers = [r.weight for r in learner.policy.replay.routers]
-        ahead = router_lookahead(learner.opt, routers, learner.cfg.off_policy_steps)
+        steps = learner.cfg.off_policy_steps  # stored: the mean move over mini-steps 2..S
+        ahead = [a * steps / (steps - 1) for a in router_lookahead(learner.opt, routers, steps)]
         self.h.append(torch.stack(self._h).numpy())
         self.z.append(torch.stack([torch.stack(zs) for zs in self._z]).numpy())
         self.routers.append(torch.stack(self._routers).numpy())
