@@ -167,3 +167,17 @@ def test_shadow_predictor_is_what_pr2_trains(tiny_zero, tmp_path):
     shadow = torch.from_numpy(np.load(tmp_path / "s.npz")["shadow:kl c=0.3"][0])
     assert trained.abs().max() > 0
     torch.testing.assert_close(shadow, trained, rtol=1e-4, atol=1e-7)
+
+
+def test_counterfactual_page_matches_its_results():
+    """docs/counterfactual.md is what the script makes of the committed results file."""
+    import json
+    from pathlib import Path
+
+    from trainer.experiments.counterfactual_report import METHOD, findings, markdown
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "results/counterfactual/results.json").read_text())["rows"]
+    page = (root / "docs/counterfactual.md").read_text()
+    want = markdown(rows, {"method": METHOD, "findings": findings(rows)})
+    assert page == want, "docs/counterfactual.md is stale: run counterfactual_run score"
