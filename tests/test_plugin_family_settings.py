@@ -1,6 +1,6 @@
 """How the plugin builds the MoE layers of the grouped families (DeepSeek-V3, GLM-4.5): vLLM's
 grouped top-k switched off, the layer's settings handed to the PR2 router, which then routes
-exactly as :func:`pr2_serve.routing.grouped_route`; and the per-platform refusals."""
+exactly as :func:`pr2_serve.routing.grouped_route`; and the architecture refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from pr2_serve.plugin.refusals import platform_problem
+from pr2_serve.plugin.refusals import architecture_problem
 from pr2_serve.plugin.router import PR2Router, RouteCapture
 from pr2_serve.routing import grouped_route
 
@@ -81,10 +81,9 @@ def test_grouped_pr2_router_routes_and_captures_as_grouped_route():
     assert torch.equal(router.capture.buffer[:9, 1].long(), ids.long())
 
 
-def test_gpt_oss_is_refused_on_the_cpu_build_only():
-    reason = platform_problem("PR2GptOssForCausalLM", on_cpu=True)
-    assert reason.startswith("GPT-OSS is refused on vLLM 0.32's CPU build")
+def test_gpt_oss_is_refused_with_one_line_naming_the_reason():
+    reason = architecture_problem("PR2GptOssForCausalLM")
+    assert reason.startswith("GPT-OSS is refused: vLLM 0.32's in-place weight reload")
     assert "\n" not in reason
-    assert platform_problem("PR2GptOssForCausalLM", on_cpu=False) is None
     for arch in ("PR2Glm4MoeForCausalLM", "PR2DeepseekV3ForCausalLM", "PR2Qwen3MoeForCausalLM"):
-        assert platform_problem(arch, on_cpu=True) is None
+        assert architecture_problem(arch) is None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .compat import PR2ConfigError
-from .refusals import SIMULATION_ENV, check_engine_config, check_platform
+from .refusals import SIMULATION_ENV, check_architecture, check_engine_config
 from .router import GroupedRouting, PR2Predictor, PR2Router, RouteCapture
 
 PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
@@ -95,7 +95,7 @@ class PR2MoEMixin:
     _stock_module: ModuleType
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        check_platform(type(self).__name__)
+        check_architecture(type(self).__name__)
         check_engine_config(vllm_config)
         routers: dict[int, PR2Router] = {}
         with _pr2_moe_factory(self._stock_module, routers):

@@ -52,26 +52,25 @@ def engine_config_problems(vllm_config) -> list[str]:
     return problems
 
 
-# PR2 architecture -> why vLLM's CPU build cannot serve it (one line, said at start)
-CPU_REFUSALS = {
+# PR2 architecture -> why it is refused (one line, said at start)
+REFUSED_ARCHITECTURES = {
     "PR2GptOssForCausalLM": (
-        "GPT-OSS is refused on vLLM 0.32's CPU build: an in-place weight reload (every push) "
-        "leaves its routed experts' weights different from a fresh load of the same "
-        "checkpoint, so pushed policies would be served wrong"
+        "GPT-OSS is refused: vLLM 0.32's in-place weight reload (every push) loads none of its "
+        "routed experts ('GptOssRoutedExperts: Failed to load weights' in vLLM's layerwise "
+        "reload, which then puts the previous expert tensors back), so pushed expert weights "
+        "would not be served; on the CPU build the experts even come back unlike a fresh load"
     ),
 }
 
 
-def platform_problem(architecture: str, on_cpu: bool) -> str | None:
-    """Why this platform cannot serve ``architecture`` (None: it can)."""
-    return CPU_REFUSALS.get(architecture) if on_cpu else None
+def architecture_problem(architecture: str) -> str | None:
+    """Why ``architecture`` cannot be served with PR2 (None: it can)."""
+    return REFUSED_ARCHITECTURES.get(architecture)
 
 
-def check_platform(architecture: str) -> None:
-    """Raise :class:`PR2ConfigError` with :func:`platform_problem`'s reason, if any."""
-    from vllm.platforms import current_platform
-
-    problem = platform_problem(architecture, current_platform.is_cpu())
+def check_architecture(architecture: str) -> None:
+    """Raise :class:`PR2ConfigError` with :func:`architecture_problem`'s reason, if any."""
+    problem = architecture_problem(architecture)
     if problem:
         raise PR2ConfigError(problem)
 
