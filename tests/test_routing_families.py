@@ -170,3 +170,19 @@ def test_gpt_oss_route_matches_float64_reference(device, predictor):
     if predictor == "zero":
         stock = torch.topk(logits, 4, dim=-1).indices  # the HF GPT-OSS router
         assert torch.equal(ids.cpu().long().sort(-1).values, stock.sort(-1).values)
+
+
+def test_compiled_grouped_route_equals_eager():
+    """The CUDA plugin runs the grouped router compiled (``fullgraph=True``: a graph break
+    would raise); same selection and weights as eager, one graph over token counts."""
+    from pr2_serve.routing import compiled
+
+    route = compiled(grouped_route)
+    kw = dict(num_groups=4, topk_group=2, routed_scaling_factor=2.5)
+    for tokens in (1, 7, 64, 200):
+        h, z, w_p, bias = _random_layer(seed=tokens, tokens=tokens)
+        w_c, ids_c = route(h, z, w_p, 4, True, correction_bias=bias, **kw)
+        w_e, ids_e = grouped_route(h, z, w_p, 4, True, correction_bias=bias, **kw)
+        assert torch.equal(ids_c.sort(-1).values, ids_e.sort(-1).values)
+        order_c, order_e = ids_c.argsort(-1), ids_e.argsort(-1)
+        torch.testing.assert_close(w_c.gather(-1, order_c), w_e.gather(-1, order_e))
