@@ -149,6 +149,32 @@ def test_the_pool_drops_a_hung_server_and_its_prompts_go_to_the_others(hung, tmp
     assert any("server hung dropped from the rotation" in line for line in lines)
 
 
+@pytest.mark.timeout(60)
+def test_a_server_that_hangs_while_taken_back_stays_dropped(tmp_path):
+    """Ready, then silent: its re-sync is given up after the budget, not waited for."""
+    from tests.test_server_pool import FakeServer
+    from trainer.servers import ServerPool
+
+    class Hangs(FakeServer):
+        def ready(self) -> bool:
+            return True
+
+        def alive(self, timeout: float) -> bool:
+            return False
+
+        def info(self) -> dict:
+            threading.Event().wait(600)
+            return {}
+
+    lines: list[str] = []
+    pool = ServerPool([Hangs("h")], ["h"], 0, policy=RetryPolicy(budget_s=1), log=lines.append)
+    pool.servers[0].live = False
+    t0 = time.monotonic()
+    assert pool.take_back() == []
+    assert time.monotonic() - t0 < 5 and "re-sync failed" in lines[-1] and "Hung" in lines[-1]
+    pool.close()
+
+
 def test_a_slow_answer_from_a_live_server_is_waited_for():
     """The deadline is on silence, not on a call's length: a long generate on a busy server
     that answers its liveness probe is not given up."""

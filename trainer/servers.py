@@ -73,9 +73,8 @@ class ServerPool:
 
     ``keep_dir``: where the file of the current version is kept for re-syncs (a hard link of
     each pushed file; None: the pushed path itself is kept, the caller keeps it alive).
-    ``fingerprints``: what the servers report serving at ``version`` (``/v1/info``'s
-    ``policy_fingerprint`` / ``predictor_fingerprint`` as ``{"policy", "predictor"}``; after
-    each push the pool asks a server)."""
+    ``fingerprints``: ``{"policy", "predictor"}`` as ``/v1/info`` reports ``version`` (asked
+    of a server after each push)."""
 
     def __init__(
         self,
@@ -141,7 +140,7 @@ class ServerPool:
             if srv.live or not probe(srv.client):
                 continue
             try:
-                self.resync(srv.client)
+                self._bounded(srv, partial(self.resync, srv.client))
             except Exception as e:  # still dropped; tried again at the next step
                 self.log(f"server {srv.address} answers again but its re-sync failed: {e!r}")
                 continue
@@ -160,6 +159,13 @@ class ServerPool:
         }
 
     # -- one call on one server ------------------------------------------------------------------
+    def _bounded(self, srv: Server, fn: Callable[[], T]) -> T:
+        """``fn()`` on ``srv`` without retries, given up once the server is silent for the
+        retry deadline (a hung server must not hold the run)."""
+        alive = getattr(srv.client, "alive", None)
+        now = (self.clock or Clock()).now
+        return retry.within_deadline(fn, self.policy.deadline, alive, what=srv.address, now=now)
+
     def _call(self, srv: Server, what: str, fn: Callable[[], T], resync_first: bool = True) -> T:
         """``fn()`` on ``srv`` with retries; a stale server is re-synced before each try."""
 
@@ -251,9 +257,8 @@ class ServerPool:
         policy's tensors, which equal ``version``'s until the next training step, and re-syncs
         only run before rollouts (a push needs none: it sends every policy tensor).
 
-        ``collective(clients, version)``: one push to all the live servers' clients at once (a
-        weight-transfer group), tried first; when it fails (not a server's refusal) each server
-        that did not commit ``version`` gets ``weights`` over its own connection."""
+        ``collective(clients, version)``: one push to all the live servers at once (a transfer
+        group), tried first; if it fails, each server without ``version`` gets ``weights``."""
         live = self._live()
         if collective is not None:
             results = self._push_collective(collective, live, version)
@@ -304,11 +309,10 @@ class ServerPool:
         return self._call(srv, f"push of version {version}", attempt, resync_first=False)
 
     def _served_fingerprints(self) -> dict[str, str] | None:
-        """What a live server reports serving now (after a push: the new version's
-        fingerprints, for re-syncs to check against); None when none answers."""
+        """What a live server reports serving now (for re-syncs); None: none answers."""
         for srv in self.live:
             try:
-                return _fingerprints(srv.client.info())
+                return _fingerprints(self._bounded(srv, srv.client.info))
             except Exception:
                 continue
         return None
