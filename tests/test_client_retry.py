@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from pr2_serve.client import KEEPALIVE_EXPIRY_S, HttpClient
+from pr2_serve.client import KEEPALIVE_EXPIRY_S, GrpcClient, HttpClient
 from pr2_serve.client.retry import Hung, Retrying, RetryPolicy, ServerDown, within_deadline
 from pr2_serve.server import KEEP_ALIVE_S
 
@@ -121,6 +121,7 @@ def hung():
 def test_a_hung_server_is_down_after_the_budget_not_the_client_timeout(hung):
     client = HttpClient(hung, timeout=600.0)
     assert not client.alive(0.5) and not client.ready()
+    assert not GrpcClient(hung.removeprefix("http://")).alive(0.5)
     lines: list[str] = []
     t0 = time.monotonic()
     with pytest.raises(ServerDown, match="no sign of life"):
