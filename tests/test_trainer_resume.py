@@ -113,3 +113,69 @@ def test_killed_run_resumes_to_the_same_weights(server, tiny_zero, tmp_path, mon
     diff = max(float((w[k] - w_ref[k]).abs().max()) for k in w)
     assert diff <= 1e-6, diff
     print(f"resumed from step {resumed_from}; max |weight difference| {diff:.2e}")
+
+
+def torchrun(args: list[str], parallel: str) -> list[str]:
+    return [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+        *("-m", "trainer.cli", *args, "--parallel", parallel, "--device", "cpu"),
+    ]
+
+
+def run_logged(cmd: list[str], log_path) -> None:
+    with open(log_path, "w") as log:
+        res = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=900)
+    assert res.returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("parallel", ["fsdp2", "ddp"])
+def test_killed_torchrun_run_resumes_to_the_same_weights(
+    server, tiny_zero, tmp_path, monkeypatch, parallel
+):
+    """Two ranks (FSDP2: sharded policy and Adam state; DDP: replicated), saved with
+    torch.distributed.checkpoint, SIGKILLed together after step 2 of 4 and resumed under
+    torchrun: the same weights as the run without the kill."""
+    monkeypatch.setenv("PR2_API_KEY", API_KEY)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+
+    def args(out):
+        return [*run_args(server, tiny_zero, out), "--steps", "4"]
+
+    back_to_start(server)
+    run_logged(torchrun(args(whole), parallel), tmp_path / "whole.log")
+    back_to_start(server)
+    with open(tmp_path / "killed.log", "w") as log:  # its own session: the ranks die with it
+        proc = subprocess.Popen(
+            torchrun(args(killed), parallel),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (killed / "checkpoint-2").is_dir():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and time.monotonic() >= deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+    assert rc == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    resumed_from = checkpoint_dirs(killed)[-1][0]
+    assert 2 <= resumed_from < 4
+    assert (killed / f"checkpoint-{resumed_from}" / "dcp").is_dir()  # every rank's shards
+    back_to_start(server)
+    run_logged(torchrun([*args(killed), "--resume"], parallel), tmp_path / "resumed.log")
+    rows, ref = metrics(killed), metrics(whole)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(ref, rows, strict=True):
+        assert (a["reward_mean"], a["loss"]) == (b["reward_mean"], b["loss"]), a["step"]
+    w_ref = load_file(str(whole / "checkpoint-4" / "model.safetensors"))
+    w = load_file(str(killed / "checkpoint-4" / "model.safetensors"))
+    assert w.keys() == w_ref.keys()
+    diff = max(float((w[k] - w_ref[k]).abs().max()) for k in w)
+    assert diff <= 1e-6, diff
+    print(f"{parallel}: resumed from step {resumed_from}; max |weight difference| {diff:.2e}")

@@ -17,7 +17,8 @@ a directory named ``checkpoint-<step>`` is always complete. The newest ``keep_ch
 are kept. On resume the newest one is loaded into the policy, optimizers and RNGs, its weights
 are pushed to every server that does not serve them (version or content fingerprint differs:
 :func:`resync_plan`), and ``metrics.jsonl``
-is cut after its step, so the run goes on as if it had not stopped.
+is cut after its step, so the run goes on as if it had not stopped. Under ``torchrun`` every
+rank adds its shards and RNG states to the same directory (:mod:`trainer.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from . import sync
 from .drift import history_from_tensors, history_tensors
 from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
 from .predictor_state import predictor_state, restore_predictor_state
+from .sharded_checkpoint import load_rng, load_shards, save_shards, sharded, shared_tmp
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -72,19 +74,23 @@ def latest_checkpoint(out: Path) -> Path | None:
     return dirs[-1][1] if dirs else None
 
 
-def write_atomically(out: Path, step: int, write: Callable[[Path], None]) -> Path:
+def write_atomically(
+    out: Path, step: int, write: Callable[[Path], None], tmp: Path | None = None
+) -> Path:
     """``out/checkpoint-<step>``, filled by ``write(tmp_dir)`` in a temporary directory of
     ``out`` that is fsynced and renamed into place (replacing one of the same step).
 
     A crash at any point leaves either no ``checkpoint-<step>`` or a complete one; temporary
-    directories of earlier crashed writes are removed first."""
+    directories of earlier crashed writes are removed first (``tmp``: a temporary directory
+    made already, the one every rank of a ``torchrun`` job writes into)."""
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(TMP_PREFIX + "*"):
-        shutil.rmtree(old, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=out))
+    if tmp is None:
+        for old in out.glob(TMP_PREFIX + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step}-", dir=out))
     try:
         write(tmp)
-        for f in tmp.iterdir():
+        for f in [*tmp.rglob("*")]:
             _fsync(f)
         _fsync(tmp)
         final = out / f"{PREFIX}{step}"
@@ -164,16 +170,21 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
     as itself (write its metrics row first; resume pushes the weights the servers lack)."""
     cfg = trainer.cfg
     step = getattr(trainer, "last_step", 0) if step is None else step
-    state_dict = trainer.learner.state_dict()  # (a collective when sharded)
+    learner, out = trainer.learner, Path(cfg.output_dir)
+    state_dict = learner.state_dict()  # (a collective when sharded)
+    shared = shared_tmp(out, step, TMP_PREFIX) if sharded(learner) else None  # (collective)
 
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
         # the weights as served: the predictor the last push sent (scaled, look-ahead, ridge),
         # so a resume's re-sync and a load-from-path serve exactly what the run pushed
-        served = trainer.learner.served_predictors()
+        served = learner.served_predictors()
         trainer.policy.export(tmp, cfg.replay == "pr2", state_dict, predictors=served)
-        save_optimizer_state(trainer.learner.opt, tmp / "optimizer")
+        if shared is not None:  # every rank's shards of the policy and its Adam state
+            save_shards(learner, tmp)
+        else:
+            save_optimizer_state(learner.opt, tmp / "optimizer")
         if trainer.learner.pred_opt is not None:
             save_optimizer_state(trainer.learner.pred_opt, tmp / "predictor_optimizer")
         meta, tensors = rng_state()
@@ -201,8 +212,8 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
         }
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=1))
 
-    path = write_atomically(Path(cfg.output_dir), step, write)
-    prune(Path(cfg.output_dir), cfg.keep_checkpoints)
+    path = write_atomically(out, step, write, shared)
+    prune(out, cfg.keep_checkpoints)
     return path
 
 
@@ -251,30 +262,40 @@ def load_optimizer(opt: torch.optim.Optimizer | None, stem: Path) -> None:
 
 
 def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
-    """Load ``ckpt`` into ``trainer`` (weights, optimizers, counters, router update, RNGs
-    last); its trainer state."""
-    from safetensors.torch import load_file
-
+    """Load ``ckpt`` into ``trainer`` (counters, then :func:`load_learner`); its trainer
+    state."""
     state = read_state(ckpt)
-    learner = trainer.learner
-    load_model_weights(trainer.policy, ckpt)
-    load_optimizer(learner.opt, ckpt / "optimizer")
-    load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer")
-    tensors = load_file(str(ckpt / STATE_TENSORS))
-    trainer.policy.router_deltas = history_from_tensors(tensors, len(trainer.policy.replay.routers))
     trainer.dropped_stale = state["dropped_stale"]
     trainer.dropped_bad_routes = state["dropped_bad_routes"]
-    trained = [
-        tensors[f"predictor_trained.{i}"]
-        for i in range(len(trainer.policy.replay.routers))
-        if f"predictor_trained.{i}" in tensors
-    ]
-    with torch.no_grad():  # the trained W_p (the model file holds the served one)
-        for p, w in zip(trainer.policy.predictor_parameters(), trained, strict=False):
-            p.copy_(w.to(p.device, p.dtype))
-    restore_predictor_state(learner, state.get("predictor", {}), tensors)
-    set_rng_state(state["rng"], tensors)
+    load_learner(trainer.learner, ckpt, state)
     return state
+
+
+def load_learner(learner, ckpt: Path, state: dict[str, Any]) -> None:
+    """What every rank loads: the policy and its optimizer (a single process: the model file
+    and ``optimizer.*``; under ``torchrun``: its shards), the replicated predictors, their
+    optimizer and served state, the router update history; the RNG states last."""
+    from safetensors.torch import load_file
+
+    policy = learner.policy
+    if sharded(learner):
+        load_shards(learner, ckpt)
+    else:
+        load_model_weights(policy, ckpt)
+        load_optimizer(learner.opt, ckpt / "optimizer")
+    load_optimizer(learner.pred_opt, ckpt / "predictor_optimizer")
+    tensors = load_file(str(ckpt / STATE_TENSORS))
+    policy.router_deltas = history_from_tensors(tensors, len(policy.replay.routers))
+    trained = [tensors.get(f"predictor_trained.{i}") for i in range(len(policy.replay.routers))]
+    with torch.no_grad():  # the trained W_p (the model file holds the served one)
+        for p, w in zip(policy.predictor_parameters(), trained, strict=True):
+            if w is not None:
+                p.copy_(w.to(p.device, p.dtype))
+    restore_predictor_state(learner, state.get("predictor", {}), tensors)
+    if sharded(learner):
+        load_rng(ckpt)
+    else:
+        set_rng_state(state["rng"], tensors)
 
 
 # -- servers ---------------------------------------------------------------------------------------
@@ -363,14 +384,10 @@ def cut_metrics(path: Path, step: int) -> list[dict]:
 
 # -- resume ----------------------------------------------------------------------------------------
 def check_supported(cfg, distributed: bool) -> None:
-    """Checkpoint options that are valid here (torchrun: not supported yet)."""
+    """Checkpoint options that are valid (``distributed``: kept for the callers; every option
+    works under ``torchrun``, :mod:`trainer.sharded_checkpoint`)."""
     if cfg.save_every < 0 or cfg.keep_checkpoints < 0:
         raise ValueError("save_every and keep_checkpoints must be >= 0")
-    if distributed and (cfg.save_every or cfg.resume):
-        raise SystemExit(
-            "--save-every / --resume are not supported under torchrun yet "
-            "(the optimizer state is sharded under fsdp2 and every rank must load it)"
-        )
 
 
 def resume(trainer) -> tuple[int, list[dict]]:

@@ -148,10 +148,36 @@ class ShardedLearner(Learner):
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         return full_state_dict(self.policy, self.cfg.parallel)
 
-    def follow_step(self) -> None:
-        """A rank other than 0: the collectives of one of rank 0's steps."""
+    def follow_step(self, step: int) -> None:
+        """A rank other than 0: the collectives of rank 0's step ``step`` (its checkpoint
+        too, when one is due)."""
+        from .checkpoints import save_due
+
         self.train(None)
         self.state_dict()
+        if save_due(step, self.cfg.save_every, self.cfg.steps):
+            self.follow_save(step)
+
+    def follow_save(self, step: int) -> None:
+        """A rank other than 0: its part of rank 0's :func:`trainer.checkpoints.save_checkpoint`
+        (the gather of the export, then its shards into the shared directory)."""
+        from .checkpoints import TMP_PREFIX
+        from .sharded_checkpoint import save_shards, shared_tmp
+
+        self.state_dict()
+        save_shards(self, shared_tmp(Path(self.cfg.output_dir), step, TMP_PREFIX))
+
+    def follow_resume(self) -> int:
+        """A rank other than 0: load the newest checkpoint as rank 0 does (its shards, the
+        replicated predictor state, its own RNG); the next step."""
+        from .checkpoints import CheckpointError, latest_checkpoint, load_learner, read_state
+
+        ckpt = latest_checkpoint(Path(self.cfg.output_dir))
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.cfg.output_dir}")
+        state = read_state(ckpt)
+        load_learner(self, ckpt, state)
+        return state["step"] + 1
 
 
 def run_distributed(cfg: TrainConfig) -> None:
@@ -168,8 +194,9 @@ def run_distributed(cfg: TrainConfig) -> None:
         with Trainer(cfg, learner=learner) as trainer:
             trainer.run(lambda m: print(json.dumps({k: m.get(k) for k in keys}), flush=True))
     else:
-        for _ in range(cfg.steps):
-            learner.follow_step()
+        start = learner.follow_resume() if cfg.resume else 1
+        for step in range(start, cfg.steps + 1):
+            learner.follow_step(step)
     teardown(learner)  # not on an error: the other ranks may be inside a collective
 
 
