@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pr2_serve.engine import RolloutEngine, Sampling
 from pr2_serve.tiny_model import TinySpec, make_tiny_model
@@ -60,13 +61,18 @@ def test_served_routes_equal_hf_and_zero_predictor_is_stock(arch, tmp_path):
         first = spec.first_dense_layers
         assert engine.info.moe_layer_indices == tuple(range(first, 4))
         rollouts = engine.generate(_prompts(), sampling)
+        # a push that moves a layer's router, correction bias and experts, then one that
+        # restores the checkpoint with zero predictors: must serve exactly what stock serves
+        policy = load_file(str(stock_dir / "model.safetensors"))
+        moved_layer = {k: v + 0.05 for k, v in policy.items() if ".layers.2." in k}
+        engine.update_weights(moved_layer, version=1)
         zeros = {
             f"model.layers.{i}.mlp.predictor.weight": torch.zeros(
                 spec.num_experts, spec.hidden_size
             )
             for i in engine.info.moe_layer_indices
         }
-        engine.update_weights(zeros, version=1)
+        engine.update_weights({**policy, **zeros}, version=2)
         zero_pr2 = engine.generate(_prompts(), sampling, return_routes=False)
     assert rollouts[0].routes.shape[1:] == (4 - first, spec.top_k)
     agree, total, moved, worst = _oracle_rows(live, rollouts)
