@@ -55,13 +55,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pr2-demo
 
-# The grid of trainer/grid.py (settings A and B, one server per setting); resumes finished
+# The grid of trainer/experiments/grid.py (settings C and B by default, one server per setting); resumes finished
 # cells (results.json says partial until all are in); EXPERIMENT_ARGS e.g. "--setting B
 # --max-cells 10" for a sitting. Writes results/experiment/ (+ plots) and docs/results.md.
 experiment: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiment --out runs/experiment \
+	OMP_NUM_THREADS=1 $(BIN)/python -m trainer.experiments.grid_run --out runs/experiment \
 		--results results/experiment/results.json $(EXPERIMENT_ARGS)
-	$(BIN)/python -m trainer.report results/experiment/results.json docs/results.md
+	$(BIN)/python -m trainer.experiments.report results/experiment/results.json docs/results.md
 
 # Schema + weights fuzzing, 32 clients x 60 s during pushes, faults, security, and the Docker
 # CPU recipe followed without Docker (10 min here on 2 cores, 1 of them the recipe).
@@ -69,7 +69,7 @@ reliability: $(STAMP)
 	$(BIN)/python -m pytest reliability -q -s -p no:cacheprovider --durations=20
 
 report: $(STAMP)
-	$(BIN)/python -m trainer.report results/experiment/results.json docs/results.md
+	$(BIN)/python -m trainer.experiments.report results/experiment/results.json docs/results.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check pr2_serve trainer tests benchmarks reliability tools

@@ -4,12 +4,12 @@ against one real ``pr2-serve`` (fp32, CPU) in the same run.
 
     PYTHONPATH=$PWD python -m benchmarks.staleness --model runs/demo/model
 
-The demo's training config (``trainer/demo.py``: pr2, 32 prompts x 8 samples, 6 tokens, 2
-off-policy mini-steps, lr 2e-4, predictor lr x10) without the periodic eval. The runs alternate
-(K=0, K=1, K=0, ... ``--repeats`` times each) so that a change of load on the machine hits both;
-steps/s counts the steps after the first (the first step is synchronous in both modes), from
-the wall time between the ends of steps. Also prints the median time of a rollout request and of
-a training step (each mode). Writes ``benchmarks/results/staleness.json``.
+The demo's training config (``trainer/experiments/demo.py``: pr2, 32 prompts x 8 samples, 6
+tokens, 2 off-policy mini-steps, lr 2e-4, predictor lr x10) without the periodic eval. The runs
+alternate (K=0, K=1, K=0, ... ``--repeats`` times each) so that a change of load on the machine
+hits both; steps/s counts the steps after the first (the first step is synchronous in both modes),
+from the wall time between the ends of steps. Also prints the median time of a rollout request and
+of a training step (each mode). Writes ``benchmarks/results/staleness.json``.
 """
 
 from __future__ import annotations

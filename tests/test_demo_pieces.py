@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cell_summary import instability_events
-from trainer.plots import plot_run
-from trainer.report import load, render, replace_section
+from trainer.experiments.cell_summary import instability_events
+from trainer.experiments.plots import plot_run
+from trainer.experiments.report import load, render, replace_section
+from trainer.experiments.warmup import warmup
 from trainer.tasks import Task
-from trainer.warmup import warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_demo_stops_the_server_on_ctrl_c(tmp_path, monkeypatch):
     import sys
 
     import pr2_serve.launch
-    import trainer.demo as demo
+    import trainer.experiments.demo as demo
     from pr2_serve.tiny_model import make_tiny_model
 
     make_tiny_model(tmp_path / "demo" / "model", seed=0)  # a "warmed-up" checkpoint: reused

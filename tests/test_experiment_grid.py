@@ -9,10 +9,18 @@ import dataclasses
 import pytest
 import torch
 
-from trainer import cell_summary, experiment, report
 from trainer.config import TrainConfig
-from trainer.grid import SETTINGS, VARIANTS, CellKey, MissingFeature, grid_cells, pending
-from trainer.imbalance import bias_routers, expert_load
+from trainer.experiments import cell_summary, report
+from trainer.experiments import grid_run as experiment
+from trainer.experiments.grid import (
+    SETTINGS,
+    VARIANTS,
+    CellKey,
+    MissingFeature,
+    grid_cells,
+    pending,
+)
+from trainer.experiments.imbalance import bias_routers, expert_load
 
 
 # -- cell list and resume --------------------------------------------------------------------------
@@ -42,8 +50,8 @@ def test_the_grid_is_the_issues_grid():
 def test_warm_starts_are_a_fixed_number_of_steps(tmp_path):
     """The warm-up's length does not depend on a noisy eval: the same steps every time."""
     from pr2_serve.tiny_model import make_tiny_model
+    from trainer.experiments.warmup import warmup
     from trainer.tasks import Task
-    from trainer.warmup import warmup
 
     base = make_tiny_model(tmp_path / "base", seed=0)
     res = warmup(
@@ -172,7 +180,9 @@ def test_report_from_a_synthetic_results_file(tmp_path):
     assert "→ met at 8" in text and "met (not below)" in text
     assert "- Setting A: pr2-auto vs r3" in text and "NOT met" not in text
     assert text == report.render(loaded, "results/experiment/results.json")  # deterministic
-    paths = __import__("trainer.report_plots", fromlist=["plot_all"]).plot_all(res, tmp_path)
+    from trainer.experiments.report_plots import plot_all
+
+    paths = plot_all(res, tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
 
 

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from trainer.experiment import ServerCache, run_cell
-from trainer.grid import CellKey, Setting
+from trainer.experiments.grid import CellKey, Setting
+from trainer.experiments.grid_run import ServerCache, run_cell
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -1,8 +1,9 @@
-"""The results section's "what this shows" lines follow the numbers (trainer.report_findings)."""
+"""The results section's "what this shows" lines follow the numbers
+(trainer.experiments.report_findings)."""
 
 from __future__ import annotations
 
-from trainer.report_findings import findings, versus_r3
+from trainer.experiments.report_findings import findings, versus_r3
 
 
 def agg(variant, off, zd, spread=0.0, **kw) -> dict:

@@ -24,8 +24,8 @@ WARMUP_STEPS = 150  # the demo's warm-up, shortened: rewards vary within groups,
 def demo_model(tmp_path_factory):
     """A warmed-up tiny Qwen3-MoE like ``make demo``'s ``runs/demo/model``."""
     from pr2_serve.tiny_model import make_tiny_model
+    from trainer.experiments.warmup import warmup
     from trainer.tasks import Task
-    from trainer.warmup import warmup
 
     tmp = tmp_path_factory.mktemp("demo")
     base = make_tiny_model(tmp / "base", seed=0)

@@ -5,12 +5,13 @@
     python -m trainer.experiments.counterfactual_run score [--out runs/counterfactual] \\
         [--results results/counterfactual/results.json] [--doc docs/counterfactual.md]
 
-``record`` runs each (setting, off-policy, seed) as an R3 cell of :mod:`trainer.experiment`
-(the setting's warm start and server) with a :class:`~trainer.experiments.drift_record.
-DriftRecorder` attached, one stream file per cell (a finished cell is not rerun: resumable);
-the cells' own online metrics go to ``record.json``. The recording seeds are not the grid's
-(0-3): the defaults chosen here are then tested online on other seeds. ``score`` replays the
-streams offline (:mod:`trainer.experiments.counterfactual`) and writes the table.
+``record`` runs each (setting, off-policy, seed) as an R3 cell of
+:mod:`trainer.experiments.grid_run` (the setting's warm start and server) with a
+:class:`~trainer.experiments.drift_record.DriftRecorder` attached, one stream file per cell (a
+finished cell is not rerun: resumable); the cells' own online metrics go to ``record.json``. The
+recording seeds are not the grid's (0-3): the defaults chosen here are then tested online on other
+seeds. ``score`` replays the streams offline (:mod:`trainer.experiments.counterfactual`) and
+writes the table.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ..experiment import ServerCache, run_cell
-from ..grid import SETTINGS, CellKey
+from .grid import SETTINGS, CellKey
+from .grid_run import ServerCache, run_cell
 
 
 def record(out: Path, names: list[str], offs: list[int], seeds: list[int], steps: int) -> None:

@@ -7,7 +7,7 @@ router input ``h_mean`` (over the task's tokens): ``W_e += bias * h_mean / |h_me
 favoured expert ``e`` raises its logit by exactly ``bias`` on a token whose input is ``h_mean``,
 and by ``bias * <h, h_mean> / |h_mean|^2`` on any other.
 
-    python -m trainer.imbalance WARM_DIR OUT_DIR --experts 0 1 --bias 3
+    python -m trainer.experiments.imbalance WARM_DIR OUT_DIR --experts 0 1 --bias 3
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .replay import MoEReplay, RoutingControl
-from .tasks import EOS, Task, encode
+from ..replay import MoEReplay, RoutingControl
+from ..tasks import EOS, Task, encode
 
 __all__ = ["bias_routers", "expert_load", "make_imbalanced", "mean_router_inputs", "measure"]
 

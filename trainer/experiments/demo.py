@@ -19,9 +19,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .cli import COLUMNS, format_line, format_row
-from .config import REPLAY_MODES, TrainConfig
-from .tasks import Task
+from ..cli import COLUMNS, format_line, format_row
+from ..config import REPLAY_MODES, TrainConfig
+from ..tasks import Task
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,7 +119,7 @@ def _summarize(
 def _train(
     console: Console, args, server: str, key: str, model_dir: Path, out: Path
 ) -> tuple[list[dict], float]:
-    from .loop import Trainer
+    from ..loop import Trainer
 
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

@@ -1,18 +1,21 @@
-"""``make experiment``: the grid of :mod:`trainer.grid` (settings A and B), resumable by cell.
+"""``make experiment``: the grid of :mod:`trainer.experiments.grid`, resumable by cell.
 
 Each setting has one warm start (A: the supervised warm-up; B: the same with routers biased
-towards a few experts, :mod:`trainer.imbalance`) and ONE ``pr2-serve`` on it, reused by every
-cell of the setting: a cell's trainer pushes its starting weights (zero predictor outside pr2)
-when the server's fingerprints differ from them (:mod:`trainer.sync`), so each cell starts from
-the same served weights as on a fresh server. After each cell ``results.json`` is rewritten
-(``partial`` until every cell is done), so a run can stop and resume in several sittings.
+towards a few experts, :mod:`trainer.experiments.imbalance`; C: 32 experts top-4) and ONE
+``pr2-serve`` on it, reused by every cell of the setting: a cell's trainer pushes its starting
+weights (zero predictor outside pr2) when the server's fingerprints differ from them
+(:mod:`trainer.sync`), so each cell starts from the same served weights as on a fresh server.
+After each cell ``results.json`` is rewritten (``partial`` until every cell is done), so a run can
+stop and resume in several sittings.
 
-    python -m trainer.experiment --out runs/experiment --results results/experiment/results.json
-        [--setting A|B ...] [--max-cells N] [--steps 40]
-    python -m trainer.experiment --tune results/experiment/tuning.json --tune-runs "0.1 2" ...
+    python -m trainer.experiments.grid_run --out runs/experiment \
+        --results results/experiment/results.json [--setting C B ...] [--variants ...]
+        [--max-cells N] [--steps 40]
+    python -m trainer.experiments.grid_run --tune results/experiment/tuning.json \
+        --tune-runs "0.1 2" ...
 
-then ``python -m trainer.report results/experiment/results.json docs/results.md`` (tables,
-goal lines and plots).
+then ``python -m trainer.experiments.report results/experiment/results.json docs/results.md``
+(tables, goal lines and plots).
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import TrainConfig
+from ..tasks import Task
 from .cell_summary import LAG_KEYS, aggregate, summarize_cell
-from .config import TrainConfig
 from .grid import SETTINGS, VARIANTS, CellKey, MissingFeature, Setting, grid_cells, pending
-from .tasks import Task
 
 TASK = Task("addition", 2)
 
@@ -200,7 +203,7 @@ def run_cell(
     ``metrics.jsonl`` is in ``out/cells/<setting>-<variant>-<off>-<seed>/``.
     ``learner_hook(learner, cell_dir)``: called on the cell's learner before it trains (a
     study's recorder attaches itself there)."""
-    from .loop import Trainer
+    from ..loop import Trainer
 
     if model_dir is None:
         model_dir = setting_model(out, setting)
@@ -374,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     state = "partial" if res["partial"] else "complete"
     print(
         f"wrote {results_path} ({res['cells_done']}/{res['cells_total']} cells, {state}); "
-        f"regenerate docs/results.md and the plots: python -m trainer.report {results_path} "
-        "docs/results.md"
+        "regenerate docs/results.md and the plots: python -m trainer.experiments.report "
+        f"{results_path} docs/results.md"
     )
 
 

@@ -138,7 +138,7 @@ def _reading(by: dict, offs: list[int]) -> str | None:
 
 def findings(aggs: list[dict], settings: list[str]) -> list[str]:
     """Markdown lines: "What this shows", a bullet per setting with a sub-bullet per fact."""
-    lines = ["**What this shows** (derived from the table by `trainer/report_findings.py`):"]
+    lines = ["**What this shows** (derived by `trainer/experiments/report_findings.py`):"]
     for name in settings:
         mine = [a for a in aggs if a["setting"] == name]
         if not mine:

@@ -1,12 +1,13 @@
 """The experiment grid of issue 14, as data: named settings, variants, the cell list and what is
-left to run (resume). Pure: no server, no training (:mod:`trainer.experiment` runs cells).
+left to run (resume). Pure: no server, no training (:mod:`trainer.experiments.grid_run` runs cells).
 
 A cell is ``(setting, variant, off-policy steps, seed)``. Setting A is the earlier grid's setting
 (router lr x 30, no load balancing); setting B has persistent router drift: a warm start whose
-routers favour a few experts (:mod:`trainer.imbalance`) and a Switch load-balancing loss pulling
-them back (``load_balance_coef``), tuned with short ``none`` runs (``results/experiment/
-tuning.json``). A variant is a replay mode plus the PR2 predictor options (``predictor``:
-``learned``/``lookahead``, ``predictor_scale``: a float or ``auto``) and the trainer precision.
+routers favour a few experts (:mod:`trainer.experiments.imbalance`) and a Switch load-balancing
+loss pulling them back (``load_balance_coef``), tuned with short ``none`` runs
+(``results/experiment/tuning.json``); setting C is the paper's routing regime at toy size. A
+variant is a replay mode plus the PR2 predictor options (``predictor``: ``learned``/``lookahead``,
+``predictor_scale``: a float or ``auto``) and the trainer precision.
 """
 
 from __future__ import annotations
