@@ -121,3 +121,49 @@ def test_fresh_routes_are_the_family_selection(family_dir):
             if not use_predictor:
                 plain_misses += int(deviation_counts(ids, z).sum())
     assert (plain_misses > 0) == (arch != "gpt_oss")
+
+
+def test_trainer_metrics_use_the_family_selection(family_dir):
+    """Replaying a batch's own natural routes (r2 at theta_old): mini-step 1 deviates nowhere,
+    R2 = R3 everywhere and the zero predictor's served routes agree, for every family (ranked
+    by plain top-k, a grouped router's natural routes would look like deviations)."""
+    from trainer.config import TrainConfig
+    from trainer.distributed import synthetic_batch
+    from trainer.policy import Policy
+    from trainer.train_step import Learner
+
+    arch, d = family_dir
+    policy = Policy(str(d))
+    with torch.no_grad():
+        for w in policy.predictor_parameters():
+            w.zero_()
+    cfg = TrainConfig(
+        replay="r2", off_policy_steps=2, prompts_per_batch=4, samples_per_prompt=2,
+        lr=1e-3, servers=["http://unused"],
+    )  # fmt: skip
+    m = Learner(policy, cfg).train(synthetic_batch(policy))
+    assert m["zero_deviation_per_mini_step"][0] == 1.0, (arch, m["zero_deviation_per_mini_step"])
+    assert sum(m["r2_vs_r3_deviation_hist"][1:]) == 0, (arch, m["r2_vs_r3_deviation_hist"])
+    assert m["server_route_agreement"] == 1.0, arch
+
+
+def test_route_deviation_ranks_by_the_family_selection(family_dir):
+    """A forward's own natural routes deviate nowhere when measured with the family's selection
+    (what the trainer's metrics use); plain top-k of a grouped router's logits would count
+    most of them as deviations."""
+    from trainer.distributed import synthetic_batch
+    from trainer.policy import Policy
+    from trainer.step_metrics import route_deviation
+
+    arch, d = family_dir
+    policy = Policy(str(d))
+    batch = synthetic_batch(policy)
+    ctl = RoutingControl(record=True)
+    with torch.no_grad(), policy.replay.control(ctl):
+        policy.model(input_ids=batch.input_ids)
+    routes, k = ctl.recorded_routes(), policy.replay.top_k
+    valid = torch.ones(routes.shape[0], dtype=torch.bool)
+    family = route_deviation(routes, ctl.logits, valid, k, policy.replay.select)
+    assert family[1:].sum() == 0, (arch, family.tolist())
+    if router_kind(policy.replay.routers[0]) == "grouped":
+        assert route_deviation(routes, ctl.logits, valid, k)[1:].sum() > 0

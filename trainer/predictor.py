@@ -14,12 +14,22 @@ computed in the forward, before the optimizer step, on that mini-step's tokens):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pr2_serve.routing import selection_scores
+from pr2_serve.routing import select_experts, selection_scores
+
+#: ``select(layer, z, h, w_p) -> ids [T, k]``: a MoE layer's selection as its family makes it
+#: (:meth:`trainer.replay.MoEReplay.select`; plain ``topk(z + W_p h)`` when not given).
+Select = Callable[[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+
+
+def plain_select(top_k: int) -> Select:
+    """The softmax-top-k families' selection (``topk(z + W_p h, k)``)."""
+    return lambda layer, z, h, w_p: select_experts(z, h, w_p, top_k)
+
 
 __all__ = ["drift_cosine", "predicted_route_agreement", "predictor_hit_rate", "predictor_loss"]
 
@@ -65,16 +75,19 @@ def predictor_hit_rate(
     predictor_weights: Sequence[torch.Tensor] | None,
     top_k: int,
     mask: torch.Tensor | None = None,
+    select: Select | None = None,
 ) -> float:
-    """Share of (token, layer) whose predicted top-k (``z_old + W_p h_old``; ``W_p = 0`` when
-    ``predictor_weights`` is None) equals the top-k of ``target_logits`` (per layer ``[T, E]``)
-    as a set: each token's own off-policy mini-step logits ``z_s`` (what the predictor aims
-    at), or the router after the batch applied to ``h_old`` (the ``_final`` diagnostics)."""
+    """Share of (token, layer) whose predicted selection (on ``z_old + W_p h_old``; ``W_p = 0``
+    when ``predictor_weights`` is None) equals, as a set, the selection on ``target_logits``
+    (per layer ``[T, E]``): each token's own off-policy mini-step logits ``z_s`` (what the
+    predictor aims at), or the router after the batch applied to ``h_old`` (the ``_final``
+    diagnostics). ``select``: the family's selection (default: plain top-k)."""
+    select = select or plain_select(top_k)
     predicted, actual = [], []
     for i, (h, z, target) in enumerate(zip(h_old, z_old, target_logits, strict=True)):
         w_p = _layer(predictor_weights, i)
-        predicted.append(torch.topk(selection_scores(z.float(), h.float(), w_p), top_k, -1).indices)
-        actual.append(torch.topk(target.float(), top_k, -1).indices)
+        predicted.append(select(i, z.float(), h.float(), w_p))
+        actual.append(select(i, target.float(), None, None))
     return _set_agreement(predicted, actual, mask)
 
 
@@ -85,19 +98,19 @@ def predicted_route_agreement(
     z_old: Sequence[torch.Tensor],
     predictor_weights: Sequence[torch.Tensor] | None,
     mask: torch.Tensor | None = None,
+    select: Select | None = None,
 ) -> float:
     """Share of (token, layer) where the served route ``routes [T, L, k]`` equals, as a set,
-    ``topk(z_old + W_p h_old)`` computed by the trainer (``W_p = 0`` when None).
+    the selection on ``z_old + W_p h_old`` computed by the trainer (``W_p = 0`` when None;
+    ``select``: the family's, default plain top-k).
 
     With the predictor the server used for the rollout this must be ~1: it checks end to end
     that the pushed predictor reached the right layers of the server and is applied there the
     way the trainer applies it.
     """
-    k = routes.shape[-1]
+    select = select or plain_select(routes.shape[-1])
     predicted = [
-        torch.topk(
-            selection_scores(z.float(), h.float(), _layer(predictor_weights, i)), k, -1
-        ).indices
+        select(i, z.float(), h.float(), _layer(predictor_weights, i))
         for i, (h, z) in enumerate(zip(h_old, z_old, strict=True))
     ]
     return _set_agreement(predicted, [routes[:, i] for i in range(len(predicted))], mask)

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pr2_serve.routing import deviation_counts, deviation_histogram
+from pr2_serve.routing import deviation_histogram, route_misses
 
 from .batch import Batch, flat_routes
 from .drift import lag_cosines, push_update
 from .policy import Policy
 from .ppo import PPOStats
-from .predictor import predicted_route_agreement, predictor_hit_rate
+from .predictor import Select, plain_select, predicted_route_agreement, predictor_hit_rate
 from .version_metrics import by_staleness
 
 if TYPE_CHECKING:
@@ -67,15 +67,22 @@ def train_infer_metrics(batch: Batch, old_lp: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def route_deviation(
-    used: torch.Tensor, logits: list[torch.Tensor], valid: torch.Tensor, k: int
+    used: torch.Tensor,
+    logits: list[torch.Tensor],
+    valid: torch.Tensor,
+    k: int,
+    select: Select | None = None,
 ) -> torch.Tensor:
     """Histogram (0..k, summed over layers) of how many experts of the route used
     (``[rows, L, k]``: replayed, or the rollout's for ``none``) are not in the router's fresh
-    top-k in this forward, over real positions."""
+    selection in this forward (``select``: the family's, default plain top-k), over real
+    positions."""
     used = used[valid]
+    select = select or plain_select(k)
     hist = torch.zeros(k + 1, dtype=torch.long, device=used.device)
     for layer, z in enumerate(logits):
-        hist += deviation_histogram(deviation_counts(used[:, layer], z.detach()[valid]), k)
+        fresh = select(layer, z.detach()[valid], None, None)
+        hist += deviation_histogram(route_misses(used[:, layer], fresh), k)
     return hist
 
 
@@ -94,6 +101,7 @@ def predictor_metrics(
     aim at (over the off-policy mini-steps: a mean over them). The ``_final`` ones compare with
     the routers after all the batch's updates instead (one step further than any mini-step)."""
     k, valid = policy.replay.top_k, batch.valid.reshape(-1)
+    select = policy.replay.select  # each family's own selection rule
     routers = policy.router_weights()
     m = {}
     predictors = policy.predictor_parameters()
@@ -109,15 +117,17 @@ def predictor_metrics(
             m[f"rollout_predictor_hit_rate{suffix}"] = None
             continue
         m[f"predictor_hit_rate{suffix}"] = predictor_hit_rate(
-            h_old, z_old, target, predictors, k, mask
+            h_old, z_old, target, predictors, k, mask, select
         )
         m[f"zero_predictor_hit_rate{suffix}"] = predictor_hit_rate(
-            h_old, z_old, target, None, k, mask
+            h_old, z_old, target, None, k, mask, select
         )
         # out of sample: the predictor the server used for this rollout (trained on earlier
         # batches), of each sample's version (trainer.version_metrics)
         m[f"rollout_predictor_hit_rate{suffix}"] = by_staleness(
-            lambda wp, msk, target=target: predictor_hit_rate(h_old, z_old, target, wp, k, msk),
+            lambda wp, msk, target=target: predictor_hit_rate(
+                h_old, z_old, target, wp, k, msk, select
+            ),
             batch.staleness,
             mask,
             predictor_at_rollout,
@@ -125,7 +135,7 @@ def predictor_metrics(
     # the server's routes vs the trainer's own top-k(z_old + W_p h_old) with the pushed predictor
     served = flat_routes(batch.routes)
     m["server_route_agreement"] = by_staleness(
-        lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask),
+        lambda wp, mask: predicted_route_agreement(served, h_old, z_old, wp or None, mask, select),
         batch.staleness,
         valid,
         predictor_at_rollout,
@@ -161,7 +171,7 @@ def batch_metrics(
         # server's routes below the layer in r3/pr2); mass above bin 0 = a train/inference
         # routing mismatch (e.g. a bf16 trainer vs an fp32 server)
         "r2_vs_r3_deviation_hist": route_deviation(
-            flat_routes(batch.routes), old.logits, valid.bool(), k
+            flat_routes(batch.routes), old.logits, valid.bool(), k, policy.replay.select
         ).tolist(),
     }
     routers = policy.router_weights()

@@ -204,7 +204,7 @@ def mini_steps(
     whose ``mini_step(step, old, rows, z_s, valid)`` sees each mini-step's router logits
     after its forward (the ridge predictor's fit, the research recorders)."""
     rank, world = shard
-    mode, k = cfg.replay, policy.replay.top_k
+    mode, k, select = cfg.replay, policy.replay.top_k, policy.replay.select
     server_routes = flat_routes(batch.routes)
     replayed = replayed_routes(mode, server_routes, old.routes)
     reference = old.routes if mode == "r2" else server_routes  # for the deviation metric
@@ -236,7 +236,7 @@ def mini_steps(
         log.grad_norms.append(gn)
         with torch.no_grad():  # logged in every mode (the coefficient may be 0)
             log.load_balance.append(float(load_balance_loss(ctl.logits, ctl.ids, mb.valid)))
-        hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k)
+        hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k, select)
         log.hist += hist
         log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
         if step > 1:
