@@ -1,4 +1,4 @@
-"""The Dockerfile is lint-clean and the README's docker commands match it (no Docker engine
+"""The Dockerfile is lint-clean and the deployment page's docker commands match it (no Docker engine
 runs here, so this is what can be checked)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def stages() -> list[str]:
 
 
 def readme_docker_block() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "deployment.md").read_text()
     section = text.split("## Docker", 1)[1]
     return section.split("```bash", 1)[1].split("```", 1)[0]
 
