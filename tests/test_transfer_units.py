@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -298,3 +300,24 @@ def test_grpc_transfer_refusals_have_the_http_routes_codes():
     assert code(servicer.TransferWeights, weights) == grpc.StatusCode.INVALID_ARGUMENT
     init.master_port = 0
     assert code(servicer.TransferInit, init) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class HungInit(LocalClient):
+    """A server that accepted the transfer-init call and never answers it (a hung process)."""
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        threading.Event().wait(600)
+
+
+@pytest.mark.timeout(60)
+def test_a_group_with_a_hung_server_fails_at_its_timeout(tmp_path):
+    """The group does not form within ``timeout_s``: the trainer fails then (the pool then
+    pushes per server and drops the hung one), not when the hung init call would end."""
+    client = HungInit(tmp_path / "v1.safetensors")
+    t0 = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - gloo's own error type for a missing rank
+        WeightTransferTrainerFactory.trainer_init(
+            trainer_info(1 << 20, timeout_s=2), client=client, source=StateDictSource({})
+        )
+    assert time.monotonic() - t0 < 20
+    client.engine.shutdown()

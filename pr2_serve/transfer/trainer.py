@@ -13,6 +13,7 @@ failed transfer leaves the group unusable, so callers init again before the next
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Self
@@ -60,6 +61,21 @@ def broadcast_buckets(group, pairs: Iterator[tuple[str, torch.Tensor]], bucket_b
     return total
 
 
+def _in_daemon_thread(fn, *args) -> cf.Future:
+    """``fn(*args)`` in a daemon thread: a hung server's call (the servers' side of forming a
+    group) must hold neither the trainer past the group's timeout nor its exit."""
+    future: cf.Future = cf.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to the caller
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="pr2-transfer-init", daemon=True).start()
+    return future
+
+
 class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerInitInfo]):
     """Trainer rank 0 of a gloo transfer group (see module docstring)."""
 
@@ -96,21 +112,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             "bucket_bytes": init_info.bucket_bytes,
             "timeout_s": init_info.timeout_s,
         }
-        with cf.ThreadPoolExecutor(max_workers=1) as exe:
-            future = exe.submit(client.init_weight_transfer_engine, worker_info)
-            try:
-                engine.group = open_group(
-                    init_info.master_address,
-                    init_info.master_port,
-                    0,
-                    init_info.world_size,
-                    init_info.timeout_s,
-                )
-            except BaseException:
-                if future.done() and future.exception() is not None:
-                    raise future.exception() from None  # the servers' reason comes first
-                raise
-            future.result()
+        future = _in_daemon_thread(client.init_weight_transfer_engine, worker_info)
+        try:
+            engine.group = open_group(
+                init_info.master_address,
+                init_info.master_port,
+                0,
+                init_info.world_size,
+                init_info.timeout_s,
+            )
+        except BaseException:
+            if future.done() and future.exception() is not None:
+                raise future.exception() from None  # the servers' reason comes first
+            raise
+        future.result()
         return engine
 
     def send_weights(self) -> None:
