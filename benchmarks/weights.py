@@ -38,9 +38,9 @@ from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.tiny_model import make_tiny_model
-from pr2_serve.transfer.wire import DEFAULT_BUCKET_BYTES
+from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
-from trainer.transfer import CollectivePusher
+from trainer.collective_push import CollectivePusher
 
 BASELINE_REF = "47568ae"  # before issue 12's weight-movement work
 TRANSPORTS = ("http", "grpc", "gloo", "load")

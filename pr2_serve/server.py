@@ -5,7 +5,7 @@
 
 The model directory is only read; the server's state (pushed weights, the committed version,
 the versions kept for rollback) lives in ``--state-dir`` (default: a per-user directory, see
-:func:`~pr2_serve.api.config.default_state_dir`). Both are checked before anything loads: a
+:func:`~pr2_serve.api.server_config.default_state_dir`). Both are checked before anything loads: a
 problem is one line on stderr naming the path and the flag, and exit code 2.
 
 Liveness (``/healthz``) answers at once; the model loads in the background; readiness
@@ -14,7 +14,7 @@ log line says which) and the canary has passed on them. A line ``pr2-serve ready
 http=HOST:PORT grpc=HOST:PORT weight_version=N`` is printed then (ports resolved when 0 was
 asked); if the restored weights fail the canary, ``pr2-serve not ready ...`` instead (the
 server listens and takes pushes and rollbacks). SIGINT/SIGTERM stop both servers and the
-engine. Every flag is a field of :class:`pr2_serve.api.config.ServerConfig`.
+engine. Every flag is a field of :class:`pr2_serve.api.server_config.ServerConfig`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .api import config
-from .api.config import KEEP_ALIVE_S, ServerConfig, engine_kwargs, validate_parallelism
+from .api import server_config as config
+from .api.server_config import KEEP_ALIVE_S, ServerConfig, engine_kwargs, validate_parallelism
 from .api.startup import StartupError, preflight
 
 if TYPE_CHECKING:  # the service imports vLLM: only once the start-up checks have passed

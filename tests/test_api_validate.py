@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pr2_serve.api.config import Limits
 from pr2_serve.api.errors import ApiError
 from pr2_serve.api.schemas import GenerateRequest
+from pr2_serve.api.server_config import Limits
 from pr2_serve.api.validate import validate
 from pr2_serve.types import EngineInfo, Sampling
 

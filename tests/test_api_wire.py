@@ -1,11 +1,11 @@
-"""One builder of a sample's fields and its routes for both wires (``pr2_serve.api.wire``)."""
+"""One builder of a sample's fields and routes for both wires (``api.sample_fields``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pr2_serve.api.wire import route_window, sample_fields
+from pr2_serve.api.sample_fields import route_window, sample_fields
 from pr2_serve.routes import decode_routes
 from pr2_serve.types import Rollout
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pr2_serve.api.config import default_state_dir, parse_args
+from pr2_serve.api.server_config import default_state_dir, parse_args
 from pr2_serve.api.startup import StartupError, check_model_dir, check_state_dir
 from pr2_serve.launch import wait_ready
 from tests.helpers import API_KEY

@@ -14,7 +14,8 @@ import pytest
 
 import trainer.loop as loop
 from tests.test_trainer_rollouts import FakeServer
-from trainer import checkpoints, transfer
+from trainer import checkpoints
+from trainer import collective_push as transfer
 from trainer.config import TrainConfig
 from trainer.no_server import stop_point
 from trainer.servers import NoServerLeft

@@ -22,14 +22,14 @@ from vllm.distributed.weight_transfer.factory import (
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
 
 from pr2_serve.transfer import register
-from pr2_serve.transfer.trainer import StateDictSource
-from pr2_serve.transfer.wire import (
+from pr2_serve.transfer.protocol import (
     GlooInitInfo,
     GlooTrainerInitInfo,
     GlooUpdateInfo,
     plan_buckets,
     safetensors_layout,
 )
+from pr2_serve.transfer.trainer import StateDictSource
 
 pytestmark = pytest.mark.vllm  # needs vLLM (imports it; starts no engine)
 
@@ -188,9 +188,9 @@ def test_nccl_is_vllms_engine_and_refused_without_cuda(tmp_path):
     )
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
+    from trainer.collective_push import CollectivePusher, ServersClient, check_backend
     from trainer.config import TrainConfig
     from trainer.loop import Trainer
-    from trainer.transfer import CollectivePusher, ServersClient, check_backend
 
     for ok in ("http", "grpc", "gloo"):
         check_backend(ok, cuda_available=False)
@@ -229,7 +229,7 @@ def test_grpc_transfer_init_is_the_http_body():
     so both validate alike; a bad field is a 422 naming it (INVALID_ARGUMENT)."""
     from pr2_serve.api.errors import ApiError
     from pr2_serve.api.grpc_server import _validated, pb2, transfer_init_fields
-    from pr2_serve.api.transfer import TransferInitRequest
+    from pr2_serve.api.transfer_service import TransferInitRequest
 
     msg = pb2.TransferInitRequest(master_address="h", master_port=5, world_size=3, rank_offset=2)
     req = _validated(TransferInitRequest, transfer_init_fields(msg))
@@ -255,7 +255,7 @@ def test_grpc_transfer_refusals_have_the_http_routes_codes():
 
     from pr2_serve.api.errors import ApiError
     from pr2_serve.api.grpc_server import RolloutServicer, pb2
-    from pr2_serve.api.transfer import TransferControl
+    from pr2_serve.api.transfer_service import TransferControl
 
     class Service:  # the real TransferControl (disabled); the key check as the service's
         transfer = TransferControl(engine=None, enabled=False)

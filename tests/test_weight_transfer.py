@@ -25,7 +25,7 @@ from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.types import Sampling
 from tests.helpers import API_KEY, assert_same_samples, start_server
 from trainer.cli import main as train_main
-from trainer.transfer import CollectivePusher, GroupNotFormed
+from trainer.collective_push import CollectivePusher, GroupNotFormed
 
 pytestmark = pytest.mark.vllm
 
@@ -170,7 +170,7 @@ def test_refused_transfers_leave_the_old_version_serving(setup):
 KILLED_TRAINER = """
 import sys, time, torch
 from pr2_serve.client import HttpClient
-from trainer.transfer import CollectivePusher, GroupNotFormed
+from trainer.collective_push import CollectivePusher, GroupNotFormed
 
 class Slow(dict):  # items(): metadata first, then the tensors sent: stop after the first
     calls = 0

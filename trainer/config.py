@@ -146,7 +146,7 @@ class TrainConfig:
     """A server whose weight fingerprints (``/v1/info``) differ from the starting weights
     (predictor: the checkpoint's in pr2, zero otherwise): ``push`` them to every server as
     the next version (one log line), or ``fail`` naming the server and how to reset it."""
-    # -- weight transfer (issue 12; trainer/transfer.py) --
+    # -- weight transfer (issue 12; trainer/collective_push.py) --
     weight_transfer: WeightTransfer = "http"
     """How pushes travel: ``http``/``grpc``, a safetensors file over each server's own
     protocol (its URL scheme); ``gloo``, one gloo group of this trainer (rank 0) and every

@@ -31,13 +31,13 @@ from pr2_serve.routes import route_rows, validate_routes
 from . import checkpoints, no_server, sync
 from .async_rollouts import AsyncRollouts, lag_metrics, trainer_thread_only
 from .batch import make_batch
+from .collective_push import check_backend
 from .config import TrainConfig
 from .policy import Policy
 from .precision import precision_line
 from .servers import ServerPool
 from .source import Source
 from .train_step import Learner
-from .transfer import check_backend
 
 
 def make_client(address: str, api_key: str | None):
@@ -227,7 +227,7 @@ class Trainer:
         tensors = self.async_rollouts.own(tensors)  # (copies when rollouts run ahead)
         version = self.version + 1
         if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server
-            from .transfer import collective_sender  # (vLLM's weight-transfer engines)
+            from .collective_push import collective_sender  # (vLLM's weight-transfer engines)
 
             # (on failure the pool pushes over HTTP/gRPC: its retries, drops, checkpoint)
             send = collective_sender(self, tensors)

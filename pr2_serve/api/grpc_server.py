@@ -19,10 +19,10 @@ from pydantic import ValidationError
 from ..types import Rollout, StreamEvent
 from .errors import FIELD_METADATA_KEY, TYPE_METADATA_KEY, ApiError, from_validation, internal
 from .proto import load
+from .sample_fields import route_window, sample_fields
 from .schemas import MIN_WEIGHT_VERSION, GenerateRequest
 from .service import RolloutService
-from .transfer import TransferInitRequest, TransferRequest
-from .wire import route_window, sample_fields
+from .transfer_service import TransferInitRequest, TransferRequest
 
 pb2, pb2_grpc = load()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Rollout"].full_name

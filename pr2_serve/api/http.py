@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..types import Rollout, StreamEvent
 from .errors import ApiError, from_validation, internal
 from .openai_api import add_openai_routes
+from .sample_fields import route_window, sample_fields
 from .schemas import (
     MAX_WEIGHT_VERSION,
     MIN_WEIGHT_VERSION,
@@ -31,8 +32,7 @@ from .schemas import (
 )
 from .service import RolloutService
 from .sglang_api import add_sglang_routes
-from .transfer import TransferInitRequest, TransferRequest
-from .wire import route_window, sample_fields
+from .transfer_service import TransferInitRequest, TransferRequest
 
 ERRORS = {
     code: {"model": ErrorBody}

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING
 
 from ..types import Rollout, StreamEvent
 from .canary import Canary, output_problem
-from .config import Limits
 from .errors import ENGINE_ERRORS, ApiError, from_engine
 from .metrics import Metrics
 from .schemas import GenerateRequest
-from .transfer import TransferControl
+from .server_config import Limits
+from .transfer_service import TransferControl
 from .updates import WeightUpdates
 from .validate import validate
 from .weight_store import WeightStore

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import ServerConfig, default_state_dir
+from .server_config import ServerConfig, default_state_dir
 
 __all__ = ["MIN_FREE_BYTES", "StartupError", "check_model_dir", "check_state_dir", "preflight"]
 

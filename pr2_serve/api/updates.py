@@ -18,7 +18,7 @@ from pathlib import Path
 from ..checkpoint import require_newer
 from .errors import ENGINE_ERRORS, ApiError, from_engine
 from .load_path import files_to_load, resolve_load_path
-from .transfer import TransferInitRequest, TransferRequest
+from .transfer_service import TransferInitRequest, TransferRequest
 
 __all__ = ["WeightUpdates", "served_as"]
 

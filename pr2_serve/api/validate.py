@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import fields
 
 from ..types import EngineInfo, Sampling
-from .config import Limits
 from .errors import ApiError
 from .schemas import GenerateRequest
+from .server_config import Limits
 
 __all__ = [
     "check_limits",

@@ -14,12 +14,12 @@ cuts them) over a ``torch.distributed`` gloo group made by vLLM's
 
 One difference, on purpose: the worker does not load what it receives into the live model. It
 writes each bucket into a safetensors file laid out in advance from the update info
-(:mod:`.wire`), so the served weights never mix versions and peak extra memory is the receive
+(:mod:`.protocol`), so the served weights never mix versions and peak extra memory is the receive
 buffers; the server then checks, applies (with its canary) and commits that file like a push,
 and restores it on restart.
 
-- :mod:`.wire`: the init/update infos, the bucket plan, the file layout, the gloo group.
-- :mod:`.worker`: ``GlooWeightTransferEngine`` (inside the vLLM worker).
+- :mod:`.protocol`: the init/update infos, the bucket plan, the file layout, the gloo group.
+- :mod:`.gloo_engine`: ``GlooWeightTransferEngine`` (inside the vLLM worker).
 - :mod:`.trainer`: ``GlooTrainerWeightTransferEngine`` and ``StateDictSource``.
 """
 
@@ -40,7 +40,7 @@ def register() -> None:
 
     if BACKEND not in WeightTransferEngineFactory._registry:
         WeightTransferEngineFactory.register_engine(
-            BACKEND, "pr2_serve.transfer.worker", "GlooWeightTransferEngine"
+            BACKEND, "pr2_serve.transfer.gloo_engine", "GlooWeightTransferEngine"
         )
     if BACKEND not in WeightTransferTrainerFactory._registry:
         WeightTransferTrainerFactory.register_engine(

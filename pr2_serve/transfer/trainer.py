@@ -27,7 +27,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
 
-from .wire import GlooTrainerInitInfo, close_group, open_group
+from .protocol import GlooTrainerInitInfo, close_group, open_group
 
 __all__ = ["GlooTrainerWeightTransferEngine", "StateDictSource", "broadcast_buckets"]
 

@@ -34,7 +34,7 @@ import torch
 
 from pr2_serve.client import ServerError
 
-DEFAULT_BUCKET_BYTES = 64 << 20  # = pr2_serve.transfer.wire's (not imported: it loads vLLM)
+DEFAULT_BUCKET_BYTES = 64 << 20  # = pr2_serve.transfer.protocol's (not imported: it loads vLLM)
 DEFAULT_TIMEOUT_S = 120.0
 BACKENDS = ("gloo", "nccl")
 
@@ -177,7 +177,7 @@ class CollectivePusher:
             info = NCCLTrainerInitInfo(**common, packed_buffer_size_bytes=self.bucket_bytes)
             device = torch.device("cuda", torch.cuda.current_device())
         else:
-            from pr2_serve.transfer.wire import GlooTrainerInitInfo
+            from pr2_serve.transfer.protocol import GlooTrainerInitInfo
 
             info = GlooTrainerInitInfo(
                 **common, bucket_bytes=self.bucket_bytes, timeout_s=self.timeout_s

@@ -22,7 +22,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..checkpoint import WeightValidationError
 from ..transfer import BACKEND
-from ..transfer.wire import DEFAULT_BUCKET_BYTES, DEFAULT_TIMEOUT_S, GlooInitInfo, GlooUpdateInfo
+from ..transfer.protocol import (
+    DEFAULT_BUCKET_BYTES,
+    DEFAULT_TIMEOUT_S,
+    GlooInitInfo,
+    GlooUpdateInfo,
+)
 from .errors import ApiError
 
 __all__ = ["TransferControl", "TransferInitRequest", "TransferRequest"]
