@@ -33,7 +33,16 @@ from pathlib import Path
 from ..config import TrainConfig
 from ..tasks import Task
 from .cell_summary import LAG_KEYS, aggregate, summarize_cell
-from .grid import SETTINGS, VARIANTS, CellKey, MissingFeature, Setting, grid_cells, pending
+from .grid import (
+    DEFAULT_SETTINGS,
+    SETTINGS,
+    VARIANTS,
+    CellKey,
+    MissingFeature,
+    Setting,
+    grid_cells,
+    pending,
+)
 
 TASK = Task("addition", 2)
 
@@ -261,7 +270,8 @@ def run_grid(
 ):
     settings = [dataclasses.replace(SETTINGS[n], steps=steps) for n in names]
     by_name = {s.name: s for s in settings}
-    all_settings = [by_name.get(n, SETTINGS[n]) for n in SETTINGS]
+    shown = dict.fromkeys([*DEFAULT_SETTINGS, *names])  # the grid the results file is
+    all_settings = [by_name.get(n, SETTINGS[n]) for n in shown]
     cells = json.loads(results_path.read_text())["cells"] if results_path.exists() else []
     total = len(grid_cells(all_settings))
     todo = pending(grid_cells(settings), cells)
@@ -344,7 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pr2-experiment", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--results", default=None, help="default: <out>/results.json")
-    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["C", "B"])
+    ap.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=list(DEFAULT_SETTINGS))
     ap.add_argument("--max-cells", type=int, default=None, help="stop after this many cells")
     ap.add_argument("--variants", nargs="+", default=None, help="only these variants' cells")
     ap.add_argument("--steps", type=int, default=40)
