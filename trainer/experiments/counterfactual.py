@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..ridge import centred_move, ridge_solve
 
 __all__ = [
+    "SERVED_AHEAD",
     "HalfPreviousDrift",
     "InSampleRidge",
     "Learned",
@@ -286,10 +287,13 @@ class Scaled(Zero):
         self.inner.observe(st, t)
 
 
+SERVED_AHEAD = "look-ahead (--predictor lookahead)"
+
+
 def served_lookahead(st: Stream) -> Scaled:
     """What ``--predictor lookahead`` serves: the mean over all S mini-steps (``D_1 = 0``)."""
     p = Scaled(Lookahead(), (st.steps - 1) / st.steps)
-    p.name = "look-ahead (--predictor lookahead)"
+    p.name = SERVED_AHEAD
     return p
 
 

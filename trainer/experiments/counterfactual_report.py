@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .counterfactual import (
+    SERVED_AHEAD,
     HalfPreviousDrift,
     InSampleRidge,
     Learned,
@@ -191,52 +192,63 @@ def _row(rows, key, name):
 
 def findings(rows: list[dict]) -> list[str]:
     """What the table shows, derived from it by rules (so it changes when the numbers do)."""
-    out = ["## What this shows", ""]
     keys = sorted({(r["setting"], r["off_policy_steps"]) for r in rows})
+    out = ["## What this shows", ""]
     for key in keys:
         mine = [r for r in rows if (r["setting"], r["off_policy_steps"]) == key]
-        real = [r for r in mine if not r["predictor"].startswith((BOUND, CONTROL, "zero"))]
-        best = max(real, key=lambda r: r["exact_all"])
-        learned = [r for r in real if r["predictor"].startswith("learned kl c=")]
-        bl = max(learned, key=lambda r: r["exact_all"]) if learned else None
-        served = [r for r in mine if r["predictor"] == "look-ahead (--predictor lookahead)"]
-        bound = next(r for r in mine if r["predictor"].startswith(BOUND))
-        parts = [f"best practical predictor **{best['predictor']}** {_pp(best['exact_all_vs_r3'])}"]
-        if served:
-            parts.append(f"`--predictor lookahead` {_pp(served[0]['exact_all_vs_r3'])}")
-        if bl:
-            n_below = sum(1 for r in learned if r["exact_all_vs_r3"]["ci95"][1] < 0)
-            parts.append(
-                f"the paper's learned predictor at its best lr ratio ({bl['predictor']}) "
-                f"{_pp(bl['exact_all_vs_r3'])}; below R3 with the interval excluding 0: "
-                f"{n_below} of its {len(learned)} variants"
-            )
-        parts.append(f"in-sample bound {_pp(bound['exact_all_vs_r3'])}")
         out.append(
             f"- Setting {key[0]}, off-policy {key[1]} (pp vs R3, all mini-steps): "
-            + "; ".join(parts)
+            + "; ".join(_cell_parts(mine))
             + "."
         )
+    return out + _direction(rows)
+
+
+def _cell_parts(mine: list[dict]) -> list[str]:
+    """One cell's facts: the best practical predictor, the served look-ahead, the learned
+    predictor at its best ratio, the in-sample bound."""
+    real = [r for r in mine if not r["predictor"].startswith((BOUND, CONTROL, "zero"))]
+    best = max(real, key=lambda r: r["exact_all"])
+    parts = [f"best practical predictor **{best['predictor']}** {_pp(best['exact_all_vs_r3'])}"]
+    for r in mine:
+        if r["predictor"] == SERVED_AHEAD:
+            parts.append(f"`--predictor lookahead` {_pp(r['exact_all_vs_r3'])}")
+    learned = [r for r in real if r["predictor"].startswith("learned kl c=")]
+    if learned:
+        top = max(learned, key=lambda r: r["exact_all"])
+        below = sum(1 for r in learned if r["exact_all_vs_r3"]["ci95"][1] < 0)
+        parts.append(
+            f"the paper's learned predictor at its best lr ratio ({top['predictor']}) "
+            f"{_pp(top['exact_all_vs_r3'])}; below R3 with the interval excluding 0: "
+            f"{below} of its {len(learned)} variants"
+        )
+    bound = next(r for r in mine if r["predictor"].startswith(BOUND))
+    return [*parts, f"in-sample bound {_pp(bound['exact_all_vs_r3'])}"]
+
+
+def _direction(rows: list[dict]) -> list[str]:
+    """The direction cosines, each predictor's mean over the cells (learned ones pooled)."""
     cos = defaultdict(list)
     for r in rows:
         if r["direction_cosine"] is not None:
-            cos[
-                r["predictor"].split(" c=")[0]
-                if r["predictor"].startswith("learned")
-                else r["predictor"]
-            ].append(r["direction_cosine"])
+            name = r["predictor"]
+            cos[name.split(" c=")[0] if name.startswith("learned") else name].append(
+                r["direction_cosine"]
+            )
     shown = {k: float(np.mean(v)) for k, v in cos.items()}
-    learned_cos = [v for k, v in shown.items() if k.startswith("learned")]
-    ahead = shown.get("look-ahead (--predictor lookahead)")
-    bound_cos = next((v for k, v in shown.items() if k.startswith(BOUND)), None)
-    if learned_cos and ahead is not None and bound_cos is not None:
-        out.append(
-            f"- Direction (mean over cells): the learned predictors' offsets have a cosine of "
-            f"{min(learned_cos):.2f}-{max(learned_cos):.2f} with the router's actual move, the "
-            f"look-ahead {ahead:.2f}, the in-sample bound {bound_cos:.2f}, a random offset "
-            f"{shown.get(next(k for k in shown if k.startswith(CONTROL)), float('nan')):.2f}."
-        )
-    return out
+    learned = [v for k, v in shown.items() if k.startswith("learned")]
+    pick = {
+        p: next((v for k, v in shown.items() if k.startswith(p)), None)
+        for p in (SERVED_AHEAD, BOUND, CONTROL)
+    }
+    if not learned or None in pick.values():
+        return []
+    return [
+        f"- Direction (mean over cells): the learned predictors' offsets have a cosine of "
+        f"{min(learned):.2f}-{max(learned):.2f} with the router's actual move, the "
+        f"look-ahead {pick[SERVED_AHEAD]:.2f}, the in-sample bound {pick[BOUND]:.2f}, a random "
+        f"offset {pick[CONTROL]:.2f}."
+    ]
 
 
 def score_all(out: Path, results: Path, doc: Path) -> dict:
