@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -33,7 +32,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pr2_serve.client.retry import Retrying
@@ -42,6 +40,7 @@ from . import sync
 from .drift import history_from_tensors, history_tensors
 from .optim_state import load_optimizer_state, optimizer_files, save_optimizer_state
 from .predictor_state import predictor_state, restore_predictor_state
+from .rng_state import rng_state, set_rng_state
 from .sharded_checkpoint import load_rng, load_shards, save_shards, sharded, shared_tmp
 
 PREFIX = "checkpoint-"
@@ -128,35 +127,6 @@ def prune(out: Path, keep: int) -> list[Path]:
 def save_due(step: int, save_every: int, steps: int) -> bool:
     """Whether step ``step`` ends with a checkpoint: every ``save_every`` steps and the last."""
     return save_every > 0 and (step % save_every == 0 or step == steps)
-
-
-# -- RNG states ------------------------------------------------------------------------------------
-def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The python, numpy, torch (and CUDA) RNG states as JSON and tensors."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    meta = {
-        "python": [version, list(internal), gauss_next],
-        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": has_gauss, "gauss": gauss},
-    }
-    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy_keys": torch.from_numpy(keys)}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    return meta, tensors
-
-
-def set_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    version, internal, gauss_next = meta["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    n = meta["numpy"]
-    keys = tensors["rng.numpy_keys"].numpy()
-    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
 
 
 # -- save ------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def save_shards(learner, tmp: Path) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
 
-    from .checkpoints import rng_state
+    from .rng_state import rng_state
 
     rank = dist.get_rank()
     meta, tensors = rng_state()
@@ -87,7 +87,7 @@ def load_rng(ckpt: Path) -> None:
     """This rank's own RNG states (last: nothing may draw after them)."""
     from safetensors.torch import load_file
 
-    from .checkpoints import set_rng_state
+    from .rng_state import set_rng_state
 
     rank = dist.get_rank()
     meta = json.loads((ckpt / f"rng-rank{rank}.json").read_text())
