@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..cli import COLUMNS, format_line, format_row
-from ..config import REPLAY_MODES, TrainConfig
+from ..config import REPLAY_MODES, TrainConfig, literal_choices
 from ..tasks import Task
 
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-target", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--predictor-lr-ratio", type=float, default=10.0)
+    ap.add_argument("--predictor", choices=literal_choices(TrainConfig)["predictor"], default=None)
     ap.add_argument("--off-policy-steps", type=int, default=2)
     return ap
 
@@ -134,7 +134,7 @@ def _train(
         samples_per_prompt=8,
         max_tokens=6,
         lr=args.lr,
-        predictor_lr_ratio=args.predictor_lr_ratio,
+        **({"predictor": args.predictor} if args.predictor else {}),  # default: the trainer's
         steps=args.steps,
         eval_every=5,
         eval_size=128,
