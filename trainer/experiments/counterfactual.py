@@ -165,11 +165,15 @@ class Ridge:
         )
 
     def observe(self, st: Stream, t: int) -> None:
-        a, b, n = batch_sums(st, t)
+        a, b, n = self.sums(st, t)
         g = self.memory
         self.a = a if self.a is None else g * self.a + a
         self.b = b if self.b is None else g * self.b + b
         self.count = g * self.count + n
+
+    def sums(self, st: Stream, t: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Batch ``t``'s sums: here the token sample's (:func:`batch_sums`)."""
+        return batch_sums(st, t)
 
 
 class Recorded(Zero):
@@ -194,12 +198,8 @@ class RidgeFull(Ridge):
         super().__init__(strength, memory)
         self.name = f"ridge λ={strength:g} memory={memory:g}"
 
-    def observe(self, st: Stream, t: int) -> None:
-        a, b, n = st.ridge_a[t], st.ridge_b[t], float(st.ridge_n[t])
-        g = self.memory
-        self.a = a if self.a is None else g * self.a + a
-        self.b = b if self.b is None else g * self.b + b
-        self.count = g * self.count + n
+    def sums(self, st: Stream, t: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return st.ridge_a[t], st.ridge_b[t], float(st.ridge_n[t])
 
 
 def batch_sums(st: Stream, t: int) -> tuple[torch.Tensor, torch.Tensor, float]:
