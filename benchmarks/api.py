@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BENCH_SPEC, tokens_per_s, workload, write_results
 from pr2_serve.client import GrpcClient, HttpClient
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.routes import encode_routes
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.core.route_protocol import encode_routes
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from tests.helpers import API_KEY, start_server
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pr2_serve.tiny_model import TinySpec
+from pr2_serve.tiny.tiny_model import TinySpec
 
 #: hidden 512, 16 experts, top-2, 4 layers: a ~214 MB fp32 checkpoint
 BENCH_SPEC = TinySpec(

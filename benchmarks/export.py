@@ -3,7 +3,7 @@
 Before (kept here only as the baseline): ``save_pretrained`` into a temporary directory, read
 the file back, rename the predictors, write it again, then the client hashes and streams that
 file. After (``Trainer.push``): the checkpoint names made in memory
-(:meth:`trainer.policy.Policy.checkpoint_tensors`), then the safetensors body streamed from
+(:meth:`trainer.run.policy.Policy.checkpoint_tensors`), then the safetensors body streamed from
 the tensors' own memory (:mod:`pr2_serve.client.payload`), hashed and uploaded. "export" is
 the time until the upload starts (the body ready and hashed). Both push the
 bench-sized checkpoint (policy + predictors, as a pr2 step does) to a real ``pr2-serve`` on
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.client.payload import weights_payload
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from tests.helpers import API_KEY, start_server
-from trainer.policy import Policy
+from trainer.run.policy import Policy
 
 
 def old_export(policy: Policy, out_dir: Path, with_predictor: bool = True) -> Path:

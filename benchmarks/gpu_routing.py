@@ -1,6 +1,6 @@
 """Plain vs PR2 routing cost per MoE layer, eager and torch.compile'd, under CUDA graphs.
 
-Uses the project's own routing (:func:`pr2_serve.routing.pr2_route`) at Qwen3-30B-A3B's router
+Uses the project's own routing (:func:`pr2_serve.core.routing.pr2_route`) at Qwen3-30B-A3B's router
 shape (hidden 2048, 128 experts, top-8) for 1..8192 tokens. Both variants include the router
 GEMM; PR2 adds the predictor (``topk(z + W_p h)``, fused as one ``addmm``). Each function is
 captured in a CUDA graph per token count and replayed, as vLLM's CUDA build runs decode steps.
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pr2_serve.routing import pr2_route
+from pr2_serve.core.routing import pr2_route
 
 
 def plain(h, w_r, w_p, k):

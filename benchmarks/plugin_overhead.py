@@ -24,8 +24,8 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BENCH_SPEC, tokens_per_s, workload, write_results
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
 
 MODELS = {"tiny (h64, 8e, top-2)": TinySpec(), "bench (h512, 16e, top-2)": BENCH_SPEC}
 

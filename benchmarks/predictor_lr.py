@@ -4,7 +4,8 @@ against one real ``pr2-serve`` (fp32), and an r3 run of the same length as the r
     PYTHONPATH=$PWD python -m benchmarks.predictor_lr --model runs/demo/model
 
 Each run is the README's Train example (defaults: ``--off-policy-steps 2``, lr 1e-4, 16 x 8
-samples, 8 tokens) for ``--steps`` steps; the trainer's start-up sync (trainer/sync.py) puts the
+samples, 8 tokens) for ``--steps`` steps; the trainer's start-up sync
+(trainer/rollouts/weight_agreement.py) puts the
 server back on the model's weights (zero predictor) before each run. Per step it records the
 off-policy zero-deviation (mini-steps >= 2: the share of routed tokens whose trainer top-k equals
 the served routes), the predictor's hit rate (in sample, and out of sample: the predictor the
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import write_results
-from pr2_serve.launch import start_server
+from pr2_serve.server.launch import start_server
 
 KEYS = (
     "zero_deviation_offpolicy",
@@ -37,7 +38,7 @@ def train(server: str, key: str, model: str, out: Path, replay: str, steps: int,
     """One ``pr2-train`` run in this process; its per-step metrics."""
     import os
 
-    from trainer.cli import main as train_main
+    from trainer.run.cli import main as train_main
 
     os.environ["PR2_API_KEY"] = key
     argv = ["--servers", server, "--model-dir", model, "--replay", replay]

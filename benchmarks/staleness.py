@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 from benchmarks.common import write_results
-from pr2_serve.launch import start_server
+from pr2_serve.server.launch import start_server
 
 
 def demo_config(server: str, key: str, model: str, out: Path, steps: int, staleness: int):
-    from trainer.config import TrainConfig
+    from trainer.run.config import TrainConfig
 
     return TrainConfig(
         servers=[server],
@@ -53,7 +53,7 @@ def demo_config(server: str, key: str, model: str, out: Path, steps: int, stalen
 
 def run(cfg) -> dict:
     """One run; its steps/s (after the first step) and per-step timings."""
-    from trainer.loop import Trainer
+    from trainer.run.loop import Trainer
 
     ends: list[float] = []
     with Trainer(cfg, log=lambda _: None) as trainer:

@@ -22,11 +22,11 @@ same, field by field (:func:`trl_config`):
     grad_clip 1.0, clip_eps 0.2        max_grad_norm 1.0, epsilon 0.2
     no KL term                         beta 0 (no reference model)
     loss: token sum / the mini-step's  loss_type "bnpo" (token sum / the local batch's token
-      token count (trainer/ppo.py)       count: with one process and no accumulation, the same)
+      token count (trainer/algo/ppo.py)       count: with one process and no accumulation, the same)
     GRPO advantages (r - mean) / std   scale_rewards "group": (r - mean) / (std + 1e-4), std
       (std unbiased=False, + 1e-6)       unbiased (a slightly smaller advantage scale)
     load_balance_coef 0                router_aux_loss_coef 0 (TRL turns the config's 0.001 on)
-    reward toy (trainer.rewards.toy)   reward_funcs: the same function (TRL's signature)
+    reward toy (trainer.data.rewards.toy)   reward_funcs: the same function (TRL's signature)
     prompts of step s (Source.batch)   the same rows, in order (shuffle_dataset False)
 
 Not matched: pr2 replays the served routes (``--replay pr2``, as in the demo) and trains the
@@ -67,8 +67,9 @@ RUNS = ("trl", "pr2_sync", "pr2_async")
 
 def pr2_rows(cfg, steps: int) -> tuple[list[dict], list]:
     """The prompts of pr2's rollout batches 1..``steps`` as TRL rows (``{"prompt", "answer"}``,
-    in order), and pr2's held-out examples: read through pr2's own ``trainer.source.Source``."""
-    from trainer.source import Source, load_tokenizer
+    in order), and pr2's held-out examples: read through pr2's own
+    ``trainer.data.source.Source``."""
+    from trainer.data.source import Source, load_tokenizer
 
     src = Source(cfg, load_tokenizer(cfg.model_dir), max_model_len=1 << 20)
     rows = [
@@ -137,7 +138,7 @@ def greedy_accuracy(model, tokenizer, examples, max_tokens: int) -> float:
     """Mean ``toy`` reward of greedy completions (``model.generate``) of ``examples``."""
     import torch
 
-    from trainer.rewards import toy
+    from trainer.data.rewards import toy
 
     tokenizer.padding_side = "left"
     enc = tokenizer([ex.prompt for ex in examples], return_tensors="pt", padding=True)
@@ -161,7 +162,7 @@ def run_trl(cfg, rows, eval_examples, out: str, last: int, log) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOTrainer
 
-    from trainer.rewards import toy
+    from trainer.data.rewards import toy
 
     rewards: list[float] = []
     ends: list[float] = []
@@ -212,7 +213,7 @@ def run_trl(cfg, rows, eval_examples, out: str, last: int, log) -> dict:
 
 def run_pr2(cfg, last: int, log) -> dict:
     """``pr2-train`` (in process) against the server of ``cfg``; the same figures as TRL's."""
-    from trainer.loop import Trainer
+    from trainer.run.loop import Trainer
 
     ends: list[float] = []
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(args, which: list[str]) -> dict:
-    from pr2_serve.launch import start_server
+    from pr2_serve.server.launch import start_server
 
     key = secrets.token_hex(16)
     runs: dict[str, list[dict]] = {name: [] for name in which}

@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
-from trainer.collective_push import CollectivePusher
+from trainer.rollouts.collective_push import CollectivePusher
 
 BASELINE_REF = "47568ae"  # before issue 12's weight-movement work
 TRANSPORTS = ("http", "grpc", "gloo", "load")
@@ -128,7 +128,7 @@ def serve(model, tmp: Path, name: str, tree: Path):
     drop.mkdir()
     flags = ("--max-upload-bytes", str(4 << 30), "--enable-weight-transfer")
     flags += ("--weights-dir", str(drop))
-    # ``python -m pr2_serve.server`` imports from its working directory first
+    # ``python -m pr2_serve.server.main`` imports from its working directory first
     with contextlib.chdir(tree):
         srv = start_server(model, tmp / f"{name}-state", *flags, env={"PYTHONPATH": str(tree)})
     return srv, drop

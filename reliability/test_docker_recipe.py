@@ -34,8 +34,8 @@ import pytest
 import torch
 
 from pr2_serve.client import HttpClient
-from pr2_serve.launch import wait_ready
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.server.launch import wait_ready
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from reliability.dockerfile import local_command, run_steps, stage
 from reliability.test_reliability import record
 from tests.helpers import API_KEY

@@ -1,5 +1,5 @@
 """A training run survives its rollout servers (issue 17): real ``pr2-serve`` processes on
-loopback, the in-process :class:`~trainer.loop.Trainer`, tiny model, few steps.
+loopback, the in-process :class:`~trainer.run.loop.Trainer`, tiny model, few steps.
 
 (1) one server SIGKILLed mid-run and restarted on its state directory: the run finishes;
 (2) two servers, one killed for good: the run finishes on the other;
@@ -29,13 +29,13 @@ from pathlib import Path
 import pytest
 
 from pr2_serve.client import HttpClient
-from pr2_serve.launch import Server, server_command, wait_ready
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.server.launch import Server, server_command, wait_ready
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from reliability.test_reliability import record
 from tests.helpers import API_KEY
-from trainer.config import TrainConfig
-from trainer.loop import Trainer
-from trainer.servers import NoServerLeft
+from trainer.rollouts.server_pool import NoServerLeft
+from trainer.run.config import TrainConfig
+from trainer.run.loop import Trainer
 
 pytestmark = pytest.mark.vllm
 

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import make_tiny_model
 from tests.helpers import API_KEY, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def predictors(seed: int) -> dict[str, torch.Tensor]:
 
 def leftovers(state: Path) -> list[str]:
     """Files in the weights dir no kept version refers to (partial or rejected uploads)."""
-    from pr2_serve.api.weight_store import WeightStore
+    from pr2_serve.service.weight_store import WeightStore
 
     live = WeightStore(state, 1).live_files()
     return sorted(p.name for p in (state / "weights").iterdir() if p.name not in live)
@@ -434,7 +434,7 @@ def test_every_control_route_needs_the_token(server):
 
 
 def test_size_limits_and_loopback_default():
-    from pr2_serve.server import parse_args
+    from pr2_serve.server.main import parse_args
 
     assert parse_args(["--model", "x"]).host == "127.0.0.1"
     record("security_defaults", {"bind": "127.0.0.1"})

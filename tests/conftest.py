@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_random(tmp_path_factory):
     """Tiny Qwen3-MoE with a random (live) predictor."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_random"), seed=0, predictor="random")
 
@@ -21,7 +21,7 @@ def tiny_random(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_zero(tmp_path_factory):
     """Tiny Qwen3-MoE, stock checkpoint (no predictor tensors)."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_zero"), seed=0, predictor="zero")
 
@@ -30,7 +30,7 @@ def tiny_zero(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bpe_random(tmp_path_factory):
     """Tiny Qwen3-MoE with a byte-level BPE tokenizer (chat template) and a random predictor."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     return make_tiny_model(
         tmp_path_factory.mktemp("bpe_random"), seed=0, predictor="random", tokenizer="bpe"
@@ -107,7 +107,7 @@ def second_server(tiny_zero, tmp_path_factory):
 def random_engine(tiny_random):
     """The in-process reference engine on ``tiny_random`` (fp32): what a server on the same
     weights must serve, token for token."""
-    from pr2_serve.engine import RolloutEngine
+    from pr2_serve.engine.rollout_engine import RolloutEngine
 
     with RolloutEngine(tiny_random, dtype="float32", max_model_len=512) as engine:
         yield engine

@@ -10,15 +10,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pr2_serve.launch import Server
-from pr2_serve.launch import start_server as _start_server
-from trainer.replay import MoEReplay, RoutingControl
+from pr2_serve.server.launch import Server
+from pr2_serve.server.launch import start_server as _start_server
+from trainer.algo.replay import MoEReplay, RoutingControl
 
 API_KEY = "test-key-1234"  # tests, benchmarks and the reliability suite only
 
 
 def start_server(model_dir, state_dir, *extra: str, api_key: str | None = API_KEY, **kw) -> Server:
-    """``pr2_serve.launch.start_server`` with the test key by default."""
+    """``pr2_serve.server.launch.start_server`` with the test key by default."""
     return _start_server(model_dir, state_dir, *extra, api_key=api_key, **kw)
 
 

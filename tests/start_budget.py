@@ -2,7 +2,7 @@
 
 A vLLM engine costs 40-60 s to build on 2 cores, so the suite's time is mostly the number of
 engines it builds: in-process ``RolloutEngine``s, and ``pr2-serve`` subprocesses (each builds
-one; counted when they print their ready line, through ``pr2_serve.launch.wait_ready``).
+one; counted when they print their ready line, through ``pr2_serve.server.launch.wait_ready``).
 Every run ends with the list of who started what. ``--start-budget N`` (``make test`` passes
 it) fails the run when more than N were started, so that a new test that starts its own
 server, instead of sharing one, is caught the day it is written, not when CI runs out of time.
@@ -48,11 +48,12 @@ def _count_engine_builds(module) -> None:
 
 
 class _OnEngineImport(importlib.abc.MetaPathFinder):
-    """Counts engine builds from when ``pr2_serve.engine`` is first imported (importing
+    """Counts engine builds from when ``pr2_serve.engine.rollout_engine`` is first imported
+    (importing
     it here would import vLLM, 17 s, into the tier that must not need it)."""
 
     def find_spec(self, name, path, target=None):
-        if name != "pr2_serve.engine":
+        if name != "pr2_serve.engine.rollout_engine":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)
@@ -67,7 +68,7 @@ class _OnEngineImport(importlib.abc.MetaPathFinder):
 
 
 def pytest_configure(config):
-    import pr2_serve.launch as launch
+    import pr2_serve.server.launch as launch
 
     wait_ready = launch.wait_ready
 
@@ -78,8 +79,8 @@ def pytest_configure(config):
         return out
 
     launch.wait_ready = counted  # before the test modules import it by name
-    if "pr2_serve.engine" in sys.modules:
-        _count_engine_builds(sys.modules["pr2_serve.engine"])
+    if "pr2_serve.engine.rollout_engine" in sys.modules:
+        _count_engine_builds(sys.modules["pr2_serve.engine.rollout_engine"])
     else:
         sys.meta_path.insert(0, _OnEngineImport())
 

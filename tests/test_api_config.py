@@ -1,4 +1,4 @@
-"""``pr2-serve``'s flags come from ``ServerConfig`` (``pr2_serve.api.server_config``)."""
+"""``pr2-serve``'s flags come from ``ServerConfig`` (``pr2_serve.server.server_config``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ from dataclasses import fields
 
 import pytest
 
-from pr2_serve.api.server_config import KEEP_ALIVE_S, Limits, ServerConfig, build_parser, parse_args
+from pr2_serve.server.server_config import (
+    KEEP_ALIVE_S,
+    Limits,
+    ServerConfig,
+    build_parser,
+    parse_args,
+)
 
 # every flag pr2-serve had before ServerConfig, with its default (README, Dockerfile, tests)
 FLAGS = {

@@ -1,4 +1,4 @@
-"""The API's one error path (``pr2_serve.api.errors``): engine and schema errors as ApiError."""
+"""The API's one error path (``pr2_serve.service.errors``): engine and schema errors as ApiError."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from pr2_serve.api.errors import ENGINE_ERRORS, ApiError, from_engine, from_validation
 from pr2_serve.api.schemas import GenerateRequest
-from pr2_serve.checkpoint import StaleVersionError, WeightValidationError, require_newer
-from pr2_serve.types import EngineStepError, RequestRejected
+from pr2_serve.core.served_checkpoint import StaleVersionError, WeightValidationError, require_newer
+from pr2_serve.core.types import EngineStepError, RequestRejected
+from pr2_serve.service.errors import ENGINE_ERRORS, ApiError, from_engine, from_validation
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_malformed_json():
 def test_importable_without_fastapi_grpc_or_torch():
     """The clients read FIELD_METADATA_KEY from here: nothing heavy comes with it."""
     code = (
-        "import sys; from pr2_serve.api.errors import FIELD_METADATA_KEY; "
+        "import sys; from pr2_serve.service.errors import FIELD_METADATA_KEY; "
         "assert FIELD_METADATA_KEY == 'pr2-error-field'; "
         "print(sorted(m for m in ('fastapi', 'grpc', 'torch', 'vllm') if m in sys.modules))"
     )

@@ -1,14 +1,15 @@
-"""Generate-request checks (``pr2_serve.api.validate``): each rule names its field. No engine."""
+"""Generate-request checks (``pr2_serve.service.validate``): each rule names its field. No
+engine."""
 
 from __future__ import annotations
 
 import pytest
 
-from pr2_serve.api.errors import ApiError
 from pr2_serve.api.schemas import GenerateRequest
-from pr2_serve.api.server_config import Limits
-from pr2_serve.api.validate import validate
-from pr2_serve.types import EngineInfo, Sampling
+from pr2_serve.core.types import EngineInfo, Sampling
+from pr2_serve.server.server_config import Limits
+from pr2_serve.service.errors import ApiError
+from pr2_serve.service.validate import validate
 
 INFO = EngineInfo(
     model="m",

@@ -1,4 +1,5 @@
-"""Pushed weights on disk (``pr2_serve.api.weight_store``): uploads, commits, restart. No engine."""
+"""Pushed weights on disk (``pr2_serve.service.weight_store``): uploads, commits, restart. No
+engine."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import json
 
 import pytest
 
-from pr2_serve.api.errors import ApiError
-from pr2_serve.api.weight_store import COMMITTED, WeightStore, storage_error
+from pr2_serve.service.errors import ApiError
+from pr2_serve.service.weight_store import COMMITTED, WeightStore, storage_error
 
 BLOB = bytes(range(256)) * 40_000  # ~10 MiB: several writer batches
 SHA = hashlib.sha256(BLOB).hexdigest()

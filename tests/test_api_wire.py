@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pr2_serve.api.sample_fields import route_window, sample_fields
-from pr2_serve.routes import decode_routes
-from pr2_serve.types import Rollout
+from pr2_serve.core.route_protocol import decode_routes
+from pr2_serve.core.types import Rollout
 
 ROUTES = np.arange(10 * 4 * 2, dtype=np.uint8).reshape(10, 4, 2)
 

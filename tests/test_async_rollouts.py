@@ -10,13 +10,13 @@ import threading
 import pytest
 import torch
 
-import trainer.loop as loop
-from pr2_serve.routing import selection_scores
+import trainer.run.loop as loop
+from pr2_serve.core.routing import selection_scores
 from tests.test_trainer_rollouts import FakeServer
-from trainer.async_rollouts import PredictorHistory, Prefetcher, trainer_thread_only
-from trainer.config import TrainConfig
-from trainer.predictor import predicted_route_agreement
-from trainer.version_metrics import by_staleness
+from trainer.algo.predictor import predicted_route_agreement
+from trainer.algo.version_metrics import by_staleness
+from trainer.rollouts.async_rollouts import PredictorHistory, Prefetcher, trainer_thread_only
+from trainer.run.config import TrainConfig
 
 
 # -- the background requests -----------------------------------------------------------------------

@@ -13,12 +13,12 @@ import concurrent.futures as cf
 import pytest
 import torch
 
-import trainer.loop as loop
+import trainer.run.loop as loop
 from tests.helpers import API_KEY
-from trainer.batch import flat_routes
-from trainer.config import TrainConfig
-from trainer.predictor import predicted_route_agreement
-from trainer.train_step import Learner, mini_step_groups, old_pass
+from trainer.algo.batch import flat_routes
+from trainer.algo.predictor import predicted_route_agreement
+from trainer.algo.train_step import Learner, mini_step_groups, old_pass
+from trainer.run.config import TrainConfig
 
 pytestmark = pytest.mark.vllm
 
@@ -60,7 +60,7 @@ def server(zero_server):
 
 @pytest.mark.timeout(600)
 def test_staleness_one_run(server, tiny_zero, tmp_path):
-    from trainer.policy import Policy
+    from trainer.run.policy import Policy
 
     cfg = TrainConfig(
         servers=[server.http],

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from pr2_serve.fingerprint import fingerprints, tensor_digest
-from pr2_serve.tiny_model import make_tiny_model
-from trainer import checkpoints as ck
-from trainer import sync
-from trainer.config import TrainConfig, parse_config
-from trainer.distributed import synthetic_batch
-from trainer.policy import Policy
-from trainer.servers import ServerPool
-from trainer.train_step import Learner
+from pr2_serve.core.fingerprint import fingerprints, tensor_digest
+from pr2_serve.tiny.tiny_model import make_tiny_model
+from trainer.algo.train_step import Learner
+from trainer.checkpoint import checkpoints as ck
+from trainer.rollouts import weight_agreement as sync
+from trainer.rollouts.server_pool import ServerPool
+from trainer.run.config import TrainConfig, parse_config
+from trainer.run.distributed import synthetic_batch
+from trainer.run.policy import Policy
 
 
 def fill(tmp: Path) -> None:
@@ -271,7 +271,7 @@ def test_a_checkpoints_weights_are_its_model_file_only(tmp_path):
     does: ``model.safetensors``, not the optimizer states beside it."""
     from safetensors.torch import save_file
 
-    from pr2_serve.checkpoint import checkpoint_files
+    from pr2_serve.core.served_checkpoint import checkpoint_files
 
     save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     save_file({"0.exp_avg": torch.zeros(2)}, str(tmp_path / "optimizer.safetensors"))

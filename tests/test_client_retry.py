@@ -16,7 +16,7 @@ import torch
 
 from pr2_serve.client import KEEPALIVE_EXPIRY_S, GrpcClient, HttpClient
 from pr2_serve.client.retry import Hung, Retrying, RetryPolicy, ServerDown, within_deadline
-from pr2_serve.server import KEEP_ALIVE_S
+from pr2_serve.server.main import KEEP_ALIVE_S
 
 
 class Flaky(BaseHTTPRequestHandler):
@@ -134,7 +134,7 @@ def test_a_hung_server_is_down_after_the_budget_not_the_client_timeout(hung):
 @pytest.mark.timeout(60)
 def test_the_pool_drops_a_hung_server_and_its_prompts_go_to_the_others(hung, tmp_path):
     from tests.test_server_pool import PROMPTS, FakeServer, check_groups
-    from trainer.servers import ServerPool
+    from trainer.rollouts.server_pool import ServerPool
 
     good, lines = FakeServer("good"), []
     clients = [HttpClient(hung, timeout=600.0), good]
@@ -154,7 +154,7 @@ def test_the_pool_drops_a_hung_server_and_its_prompts_go_to_the_others(hung, tmp
 def test_a_server_that_hangs_while_taken_back_stays_dropped(tmp_path):
     """Ready, then silent: its re-sync is given up after the budget, not waited for."""
     from tests.test_server_pool import FakeServer
-    from trainer.servers import ServerPool
+    from trainer.rollouts.server_pool import ServerPool
 
     class Hangs(FakeServer):
         def ready(self) -> bool:

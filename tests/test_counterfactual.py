@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import TrainConfig
+from trainer.algo.ridge import RidgeFit, centred_move, ridge_solve
 from trainer.experiments.counterfactual import (
     HalfPreviousDrift,
     InSampleRidge,
@@ -22,7 +22,7 @@ from trainer.experiments.counterfactual import (
     paired_difference,
     score,
 )
-from trainer.ridge import RidgeFit, centred_move, ridge_solve
+from trainer.run.config import TrainConfig
 
 
 def synthetic_stream(seed: int = 0, batches: int = 12, steps: int = 4, noise: float = 0.3):
@@ -113,7 +113,7 @@ def test_paired_difference_of_identical_runs_is_zero():
 
 
 def test_predictor_lr_is_keyed_to_the_routers(tiny_zero):
-    from trainer.policy import Policy, make_policy_optimizer, make_predictor_optimizer
+    from trainer.run.policy import Policy, make_policy_optimizer, make_predictor_optimizer
 
     cfg = TrainConfig(
         replay="pr2",
@@ -143,10 +143,10 @@ def test_shadow_predictor_is_what_pr2_trains(tiny_zero, tmp_path):
     """The recorder's shadow learned predictor at ratio c, trained beside the run, equals the
     predictor ``--replay pr2 --predictor-lr-ratio c`` trains on the same batch (the served
     routes come with the batch, so the first batch's forwards are the same in both)."""
-    from trainer.distributed import synthetic_batch
+    from trainer.algo.train_step import Learner
     from trainer.experiments.drift_record import DriftRecorder
-    from trainer.policy import Policy
-    from trainer.train_step import Learner
+    from trainer.run.distributed import synthetic_batch
+    from trainer.run.policy import Policy
 
     cfg = TrainConfig(
         replay="pr2",

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pr2_serve.core.routing import compiled_pr2_route, gate_weights, pr2_route
 from pr2_serve.plugin.compat import PR2ConfigError
 from pr2_serve.plugin.refusals import SIMULATION_ENV, check_engine_config
 from pr2_serve.plugin.step_rows import StepRows
-from pr2_serve.routing import compiled_pr2_route, gate_weights, pr2_route
 
 
 # -- 1. the model runner -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from trainer.ppo import behaviour_logprobs, decoupled_ppo_loss, ppo_loss
+from trainer.algo.ppo import behaviour_logprobs, decoupled_ppo_loss, ppo_loss
 
 
 def _inputs(seed: int = 0):

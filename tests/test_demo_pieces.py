@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from trainer.data.tasks import Task
 from trainer.experiments.cell_summary import instability_events
 from trainer.experiments.plots import plot_run
 from trainer.experiments.report import load, render, replace_section
 from trainer.experiments.warmup import warmup
-from trainer.tasks import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,25 +82,23 @@ def test_demo_stops_the_server_on_ctrl_c(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    import pr2_serve.launch
     import trainer.experiments.demo as demo
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.server import launch
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     make_tiny_model(tmp_path / "demo" / "model", seed=0)  # a "warmed-up" checkpoint: reused
     started = []
 
     def start(model_dir, state_dir, *a, **kw):
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        started.append(
-            pr2_serve.launch.Server(proc, "http://127.0.0.1:9", "127.0.0.1:9", state_dir)
-        )
+        started.append(launch.Server(proc, "http://127.0.0.1:9", "127.0.0.1:9", state_dir))
         return started[-1]
 
     def boom(*a, **kw):
         assert started[0].proc.poll() is None  # the server is up while training
         raise fault("stop")
 
-    monkeypatch.setattr(pr2_serve.launch, "start_server", start)
+    monkeypatch.setattr(launch, "start_server", start)
     monkeypatch.setattr(demo, "_train", boom)
     try:
         with pytest.raises(fault):

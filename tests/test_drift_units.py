@@ -1,5 +1,5 @@
-"""Router drift at lags 1-3 (trainer/drift.py) and the Switch load-balancing loss
-(trainer/load_balance.py): pure functions against straightforward references, and their wiring
+"""Router drift at lags 1-3 (trainer/algo/drift.py) and the Switch load-balancing loss
+(trainer/algo/load_balance.py): pure functions against straightforward references, and their wiring
 into a training batch (no server)."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import dataclasses
 import pytest
 import torch
 
-from trainer.config import TrainConfig
-from trainer.distributed import synthetic_batch
-from trainer.drift import history_from_tensors, history_tensors, lag_cosines, push_update
-from trainer.load_balance import load_balance_loss
-from trainer.policy import Policy
-from trainer.train_step import Learner
+from trainer.algo.drift import history_from_tensors, history_tensors, lag_cosines, push_update
+from trainer.algo.load_balance import load_balance_loss
+from trainer.algo.train_step import Learner
+from trainer.run.config import TrainConfig
+from trainer.run.distributed import synthetic_batch
+from trainer.run.policy import Policy
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

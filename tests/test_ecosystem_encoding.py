@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from pr2_serve.routes import int32_base64, npy_base64
+from pr2_serve.core.route_protocol import int32_base64, npy_base64
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pr2_serve.checkpoint import WeightValidationError
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.tiny_model import make_tiny_model
+from pr2_serve.core.served_checkpoint import WeightValidationError
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import make_tiny_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -9,7 +9,6 @@ import dataclasses
 import pytest
 import torch
 
-from trainer.config import TrainConfig
 from trainer.experiments import cell_summary, report
 from trainer.experiments import grid_run as experiment
 from trainer.experiments.grid import (
@@ -21,6 +20,7 @@ from trainer.experiments.grid import (
     pending,
 )
 from trainer.experiments.imbalance import bias_routers, expert_load
+from trainer.run.config import TrainConfig
 
 
 # -- cell list and resume --------------------------------------------------------------------------
@@ -45,9 +45,9 @@ def test_the_grid_is_the_issues_grid():
 
 def test_warm_starts_are_a_fixed_number_of_steps(tmp_path):
     """The warm-up's length does not depend on a noisy eval: the same steps every time."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
+    from trainer.data.tasks import Task
     from trainer.experiments.warmup import warmup
-    from trainer.tasks import Task
 
     base = make_tiny_model(tmp_path / "base", seed=0)
     res = warmup(

@@ -2,7 +2,8 @@
 
 The grid starts one server per setting and runs every cell against it: a cell's trainer pushes
 its starting weights (zero predictor outside pr2) when the server's fingerprints differ
-(trainer/sync.py). Here a pr2 cell runs on a fresh server, then an r3 cell of another seed
+(trainer/rollouts/weight_agreement.py). Here a pr2 cell runs on a fresh server, then an r3 cell of
+another seed
 moves the server's weights, then the same pr2 cell runs again on the reused server: its metrics
 (rollouts, deviation, losses) must be the same."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import save_file
 
-from pr2_serve.fingerprint import FileDigests, tensors_fingerprints
+from pr2_serve.core.fingerprint import FileDigests, tensors_fingerprints
 
 PRED = "model.layers.0.mlp.predictor.weight"
 

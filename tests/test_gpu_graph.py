@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pr2_serve.core.routing import pr2_route
 from pr2_serve.plugin.router import PR2Predictor, PR2Router, RouteCapture
-from pr2_serve.routing import pr2_route
 from tests.devices import DEVICES
 
 

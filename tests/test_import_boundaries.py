@@ -47,5 +47,5 @@ def test_the_library_never_imports_the_research_code():
 
 def test_the_checker_sees_relative_imports(tmp_path):
     probe = ROOT / "trainer" / "experiments" / "grid_run.py"
-    assert "trainer.config.TrainConfig" in imported_modules(probe)
+    assert "trainer.run.config.TrainConfig" in imported_modules(probe)
     assert "trainer.experiments.grid" in imported_modules(probe)

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from pr2_serve.api.errors import ApiError
-from pr2_serve.api.load_path import files_to_load, resolve_load_path
+from pr2_serve.service.errors import ApiError
+from pr2_serve.service.load_path import files_to_load, resolve_load_path
 
 
 @pytest.fixture()
@@ -57,7 +57,8 @@ def test_paths_outside_it_are_refused_naming_the_rule(tree):
 
 
 def test_a_directory_means_the_files_every_reader_takes(tmp_path):
-    """The one rule of ``pr2_serve.checkpoint.weight_files``: a trainer ``checkpoint-N`` is its
+    """The one rule of ``pr2_serve.core.served_checkpoint.weight_files``: a trainer
+    ``checkpoint-N`` is its
     ``model.safetensors`` (not the optimizer and RNG states beside it); a sharded checkpoint is
     the files of its index, each inside --weights-dir; a directory without weights is a 400."""
     import json

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
 from tests.helpers import hf_logprobs, hf_routes, load_hf, same_rows
 
 

@@ -1,6 +1,6 @@
 """How the plugin builds the MoE layers of the grouped families (DeepSeek-V3, GLM-4.5): vLLM's
 grouped top-k switched off, the layer's settings handed to the PR2 router, which then routes
-exactly as :func:`pr2_serve.routing.grouped_route`; and the architecture refusals."""
+exactly as :func:`pr2_serve.core.routing.grouped_route`; and the architecture refusals."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import types
 import pytest
 import torch
 
+from pr2_serve.core.routing import grouped_route
 from pr2_serve.plugin.refusals import architecture_problem
 from pr2_serve.plugin.router import PR2Router, RouteCapture
-from pr2_serve.routing import grouped_route
 
 GROUPED = {
     "prefix": "model.layers.2.mlp.experts",

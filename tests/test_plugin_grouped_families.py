@@ -19,8 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pr2_serve.engine import RolloutEngine, Sampling
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
 from tests.helpers import assert_same_samples, hf_logprobs, hf_routes, load_hf, same_rows
 
 # family -> (share of (token, layer) rows equal to HF, worst |log-prob| gap to HF)
@@ -108,7 +108,7 @@ def test_glm4_through_pr2_serve_dialects_and_training(tmp_path, monkeypatch):
 
     from pr2_serve.client import HttpClient
     from tests.helpers import API_KEY, start_server
-    from trainer.cli import main as train_main
+    from trainer.run.cli import main as train_main
 
     spec = TinySpec(arch="glm4_moe")
     model_dir = make_tiny_model(tmp_path / "m", seed=3, predictor="random", spec=spec)

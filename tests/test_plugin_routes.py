@@ -18,7 +18,7 @@ pytestmark = pytest.mark.vllm
 
 @pytest.fixture(scope="module")
 def stressed(tiny_random):
-    from pr2_serve.engine import RolloutEngine, Sampling
+    from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
 
     engine = RolloutEngine(
         tiny_random,

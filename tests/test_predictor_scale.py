@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TrainConfig
-from trainer.lookahead import adam_lookahead, router_lookahead
-from trainer.predictor_scale import ScaleFit, offset_fit_sums, parse_scale
+from trainer.algo.lookahead import adam_lookahead, router_lookahead
+from trainer.algo.predictor_scale import ScaleFit, offset_fit_sums, parse_scale
+from trainer.run.config import TrainConfig
 
 E, H, T = 8, 16, 256
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pr2_serve.routing import deviation_counts, route_misses
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
-from trainer.replay import MoEReplay, RoutingControl, router_kind
+from pr2_serve.core.routing import deviation_counts, route_misses
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
+from trainer.algo.replay import MoEReplay, RoutingControl, router_kind
 
 FAMILIES = ["glm4_moe", "deepseek_v3", "gpt_oss"]
 
@@ -127,10 +127,10 @@ def test_trainer_metrics_use_the_family_selection(family_dir):
     """Replaying a batch's own natural routes (r2 at theta_old): mini-step 1 deviates nowhere,
     R2 = R3 everywhere and the zero predictor's served routes agree, for every family (ranked
     by plain top-k, a grouped router's natural routes would look like deviations)."""
-    from trainer.config import TrainConfig
-    from trainer.distributed import synthetic_batch
-    from trainer.policy import Policy
-    from trainer.train_step import Learner
+    from trainer.algo.train_step import Learner
+    from trainer.run.config import TrainConfig
+    from trainer.run.distributed import synthetic_batch
+    from trainer.run.policy import Policy
 
     arch, d = family_dir
     policy = Policy(str(d))
@@ -151,9 +151,9 @@ def test_route_deviation_ranks_by_the_family_selection(family_dir):
     """A forward's own natural routes deviate nowhere when measured with the family's selection
     (what the trainer's metrics use); plain top-k of a grouped router's logits would count
     most of them as deviations."""
-    from trainer.distributed import synthetic_batch
-    from trainer.policy import Policy
-    from trainer.step_metrics import route_deviation
+    from trainer.algo.step_metrics import route_deviation
+    from trainer.run.distributed import synthetic_batch
+    from trainer.run.policy import Policy
 
     arch, d = family_dir
     policy = Policy(str(d))

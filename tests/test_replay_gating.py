@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
-from trainer.replay import MoEReplay, RoutingControl
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
+from trainer.algo.replay import MoEReplay, RoutingControl
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pr2_serve.routes import (
+from pr2_serve.core.route_protocol import (
     EncodedRoutes,
     capture_dtype,
     child_index,

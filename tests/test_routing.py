@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pr2_serve.routing import (
+from pr2_serve.core.routing import (
     deviation_counts,
     deviation_histogram,
     gate_weights,

@@ -1,5 +1,5 @@
 """The grouped (DeepSeek-V3 / GLM-4.5 ``noaux_tc``, DeepSeek-V2) and GPT-OSS routers of
-:mod:`pr2_serve.routing` against a float64 numpy reference written from the definitions, one
+:mod:`pr2_serve.core.routing` against a float64 numpy reference written from the definitions, one
 token at a time, on random tie-free logits. Pure: no vLLM, no transformers."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pr2_serve.routing import grouped_gate, grouped_route, grouped_select, pr2_route
+from pr2_serve.core.routing import grouped_gate, grouped_route, grouped_select, pr2_route
 from tests.devices import DEVICES
 
 
@@ -175,7 +175,7 @@ def test_gpt_oss_route_matches_float64_reference(device, predictor):
 def test_compiled_grouped_route_equals_eager():
     """The CUDA plugin runs the grouped router compiled (``fullgraph=True``: a graph break
     would raise); same selection and weights as eager, one graph over token counts."""
-    from pr2_serve.routing import compiled
+    from pr2_serve.core.routing import compiled
 
     route = compiled(grouped_route)
     kw = dict(num_groups=4, topk_group=2, routed_scaling_factor=2.5)

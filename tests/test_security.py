@@ -44,6 +44,6 @@ def test_the_grep_would_catch_one(tmp_path):
 
 
 def test_default_bind_is_loopback():
-    from pr2_serve.server import parse_args
+    from pr2_serve.server.main import parse_args
 
     assert parse_args(["--model", "m"]).host == "127.0.0.1"

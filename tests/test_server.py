@@ -19,7 +19,7 @@ from pr2_serve.client import (
     HttpClient,
     ServerError,
 )
-from pr2_serve.engine import Sampling
+from pr2_serve.engine.rollout_engine import Sampling
 from tests.helpers import API_KEY, start_server
 
 pytestmark = pytest.mark.vllm
@@ -90,7 +90,7 @@ def test_protocols_agree_with_each_other_and_the_engine(server, http, rpc, refer
 
 
 def _collect_stream(events):
-    from pr2_serve.types import Rollout
+    from pr2_serve.core.types import Rollout
 
     out: dict = {}
     for ev in events:

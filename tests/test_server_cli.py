@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pr2_serve.server import engine_kwargs, parse_args, validate_parallelism
+from pr2_serve.server.main import engine_kwargs, parse_args, validate_parallelism
 
 
 def args(*extra: str):

@@ -1,4 +1,5 @@
-"""The trainer's server pool (``trainer/servers.py``) with fake clients: rollouts spread over
+"""The trainer's server pool (``trainer/rollouts/server_pool.py``) with fake clients: rollouts
+spread over
 live servers, outages outlived with the same request, a restarted server re-synced before use,
 a dead server dropped (its prompts go to the others) and taken back -- by version and content
 fingerprints --, no server left, and a failed collective push finished server by server."""
@@ -15,8 +16,8 @@ import pytest
 from pr2_serve.client import GenerateResult, ServerError
 from pr2_serve.client.retry import Backoff, RetryPolicy
 from tests.test_retry_policy import FakeClock
-from trainer.config import parse_config
-from trainer.servers import RESPREAD_SEED, NoServerLeft, ServerPool
+from trainer.rollouts.server_pool import RESPREAD_SEED, NoServerLeft, ServerPool
+from trainer.run.config import parse_config
 
 
 class FakeServer:
@@ -205,7 +206,7 @@ def test_server_timeout_flag():
 
 
 def test_pr2_train_exits_non_zero_with_the_message_when_no_server_is_left(monkeypatch):
-    import trainer.cli as cli
+    import trainer.run.cli as cli
 
     def no_server(cfg):
         raise NoServerLeft("no rollout server left: a failed for more than 5 s")

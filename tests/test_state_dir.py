@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pr2_serve.api.server_config import default_state_dir, parse_args
-from pr2_serve.api.startup import StartupError, check_model_dir, check_state_dir
-from pr2_serve.launch import wait_ready
+from pr2_serve.server.launch import wait_ready
+from pr2_serve.server.server_config import default_state_dir, parse_args
+from pr2_serve.server.startup import StartupError, check_model_dir, check_state_dir
 from tests.helpers import API_KEY
 
 
@@ -142,7 +142,7 @@ def full_disk(path: Path, cmd: list[str]) -> list[str]:
 
 
 def serve_cmd(model, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "pr2_serve.server", "--model", str(model), *flags]
+    return [sys.executable, "-m", "pr2_serve.server.main", "--model", str(model), *flags]
 
 
 def run_start(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -270,8 +270,8 @@ def test_read_only_model_dir_serves_with_its_own_state(tiny_zero, tmp_path):
 
 
 def test_start_up_checks_run_before_vllm_is_imported():
-    """A bad start-up flag fails in well under a second: ``pr2_serve.server`` imports neither
+    """A bad start-up flag fails in well under a second: ``pr2_serve.server.main`` imports neither
     vLLM nor torch until the checks have passed (the service imports them in ``serve``)."""
-    code = "import sys, pr2_serve.server; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    code = "import sys, pr2_serve.server.main; print(sorted({'vllm', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

@@ -4,8 +4,8 @@ import json
 
 from safetensors.torch import load_file
 
-from pr2_serve.checkpoint import WeightTable
-from pr2_serve.tiny_model import make_byte_tokenizer, make_tiny_model
+from pr2_serve.core.served_checkpoint import WeightTable
+from pr2_serve.tiny.tiny_model import make_byte_tokenizer, make_tiny_model
 
 
 def test_deterministic_for_a_seed(tmp_path):

@@ -8,8 +8,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from pr2_serve.checkpoint import moe_layer_indices
-from pr2_serve.tiny_model import main
+from pr2_serve.core.served_checkpoint import moe_layer_indices
+from pr2_serve.tiny.tiny_model import main
 
 
 @pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import REPLAY_MODES, TrainConfig, field_docs, literal_choices, parse_config
+from trainer.run.config import REPLAY_MODES, TrainConfig, field_docs, literal_choices, parse_config
 
 
 def test_every_field_has_a_docstring():
@@ -55,9 +55,9 @@ def test_literal_fields_are_the_choices(capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_trainer_step_on_cuda(tiny_random):
-    from trainer.distributed import synthetic_batch
-    from trainer.policy import Policy
-    from trainer.train_step import train_batch
+    from trainer.algo.train_step import train_batch
+    from trainer.run.distributed import synthetic_batch
+    from trainer.run.policy import Policy
 
     policy = Policy(str(tiny_random), device="cuda")
     batch = synthetic_batch(policy)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trainer.data import (
+from trainer.data.prompt_data import (
     DatasetError,
     batch_indices,
     encode_all,
@@ -16,7 +16,7 @@ from trainer.data import (
     prompt_ids,
     split_eval,
 )
-from trainer.rewards import RewardError, load_reward, load_rewards, score
+from trainer.data.rewards import RewardError, load_reward, load_rewards, score
 
 ROWS = [
     {"prompt": [{"role": "user", "content": "Ann has 3 apples and gets 4 more."}], "answer": "7"},
@@ -80,7 +80,7 @@ def test_bad_files_are_named(tmp_path):
 def test_chat_prompts_use_the_checkpoint_template_and_long_prompts_are_refused(tmp_path):
     from transformers import AutoTokenizer
 
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "m", tokenizer="bpe"))
     ex = load_examples(str(_jsonl(tmp_path / "c.jsonl", ROWS)))
@@ -133,7 +133,7 @@ def test_user_reward_gets_columns_and_failures_name_the_function(tmp_path, monke
 
 
 def test_config_data_fields_defaults_and_errors():
-    from trainer.config import parse_config
+    from trainer.run.config import parse_config
 
     cfg = parse_config(["--task", "sort"])  # the demo's and the experiment's flags still work
     assert (cfg.dataset, cfg.reward) == ("toy:sort", ["toy"])
@@ -151,14 +151,14 @@ def test_config_data_fields_defaults_and_errors():
 
 def test_toy_source_gives_the_toy_tasks_ids_problems_and_rewards(tiny_zero, tmp_path):
     """``toy:<task>`` through the byte tokenizer of the tiny model: the same prompt ids, problems
-    and rewards per step as the loop had with ``trainer.tasks`` (results stay comparable)."""
+    and rewards per step as the loop had with ``trainer.data.tasks`` (results stay comparable)."""
     from types import SimpleNamespace
 
     from transformers import AutoTokenizer
 
-    from trainer.config import TrainConfig
-    from trainer.source import Source
-    from trainer.tasks import EOS, Task, encode, exact_match
+    from trainer.data.source import Source
+    from trainer.data.tasks import EOS, Task, encode, exact_match
+    from trainer.run.config import TrainConfig
 
     cfg = TrainConfig(
         model_dir=str(tiny_zero),
@@ -197,7 +197,7 @@ def _train_without_a_server(tiny_zero, tmp_path, *flags: str) -> tuple[SystemExi
     it exits with, and after how long."""
     import time
 
-    from trainer.cli import main as train_main
+    from trainer.run.cli import main as train_main
 
     args = ["--servers", "http://127.0.0.1:9", "--model-dir", str(tiny_zero)]
     args += ["--server-timeout", "120", "--output-dir", str(tmp_path / "out"), *flags]

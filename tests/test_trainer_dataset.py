@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-import trainer.loop as loop
+import trainer.run.loop as loop
 from pr2_serve.client import HttpClient
 from tests.helpers import API_KEY
-from trainer.cli import main as train_main
-from trainer.config import TrainConfig
-from trainer.data import DatasetError
-from trainer.rewards import RewardError
+from trainer.data.prompt_data import DatasetError
+from trainer.data.rewards import RewardError
+from trainer.run.cli import main as train_main
+from trainer.run.config import TrainConfig
 
 pytestmark = pytest.mark.vllm
 
@@ -68,7 +68,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def bpe_model(tmp_path_factory):
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("bpe") / "m", seed=0, tokenizer="bpe")
 
@@ -170,8 +170,8 @@ def test_math_reward_on_chat_data(
 
 
 def test_math_reward_scores_a_right_and_a_wrong_completion(bpe_model, tokenizer, dataset, tmp_path):
-    from pr2_serve.types import Rollout
-    from trainer.source import Source
+    from pr2_serve.core.types import Rollout
+    from trainer.data.source import Source
 
     cfg = TrainConfig(
         model_dir=str(bpe_model), dataset=str(dataset), reward=["math"], output_dir=str(tmp_path)

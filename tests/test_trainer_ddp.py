@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 def test_data_parallel_step_equals_single_process(tiny_random, tmp_path, parallel):
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
-        [sys.executable, "-m", "trainer.distributed", "selftest", str(one), str(tiny_random)],
+        [sys.executable, "-m", "trainer.run.distributed", "selftest", str(one), str(tiny_random)],
         check=True,
         timeout=300,
     )
@@ -36,7 +36,7 @@ def test_data_parallel_step_equals_single_process(tiny_random, tmp_path, paralle
             "2",
             "--standalone",
             "-m",
-            "trainer.distributed",
+            "trainer.run.distributed",
             "selftest",
             str(two),
             str(tiny_random),
@@ -61,7 +61,7 @@ def test_data_parallel_step_equals_single_process(tiny_random, tmp_path, paralle
     assert abs(l1["predictor_loss"] - l2["predictor_loss"]) <= 1e-5 * abs(l1["predictor_loss"])
     assert abs(l1["grad_norm"] - l2["grad_norm"]) <= 1e-5 * l1["grad_norm"]
     # teardown freed the gloo backend: no gloo thread runs into interpreter shutdown (the
-    # flaky SIGABRT at exit, see trainer.distributed.teardown); FSDP2 still holds the group
+    # flaky SIGABRT at exit, see trainer.run.distributed.teardown); FSDP2 still holds the group
     if parallel == "ddp" and sys.platform == "linux":
         for rank in (0, 1):
             names = json.loads((tmp_path / f"two.rank{rank}.threads.json").read_text())

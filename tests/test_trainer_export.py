@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load, load_file, save
 
 from pr2_serve.client.payload import weights_payload
-from pr2_serve.tiny_model import TinySpec, make_tiny_model
-from trainer.export import checkpoint_tensors
-from trainer.policy import Policy
+from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
+from trainer.checkpoint.export import checkpoint_tensors
+from trainer.run.policy import Policy
 
 
 def old_export(model, out_dir, with_predictor: bool) -> dict[str, torch.Tensor]:

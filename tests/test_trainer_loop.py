@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.helpers import API_KEY
-from trainer.cli import main as train_main
+from trainer.run.cli import main as train_main
 
 pytestmark = pytest.mark.vllm
 
@@ -161,7 +161,7 @@ def test_torchrun_fsdp2_against_a_server(server, tiny_zero, tmp_path):
     out = tmp_path / "fsdp2"
     v0 = httpx.get(f"{server.http}/v1/info").json()["weight_version"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "trainer.cli", "--servers", server.http, "--model-dir", str(tiny_zero)]
+    cmd += ["-m", "trainer.run.cli", "--servers", server.http, "--model-dir", str(tiny_zero)]
     cmd += ["--replay", "pr2", "--predictor", "learned", "--parallel", "fsdp2"]
     cmd += ["--off-policy-steps", "2"]
     cmd += ["--prompts-per-batch", "4", "--samples-per-prompt", "2", "--max-tokens", "4"]

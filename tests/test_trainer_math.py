@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.ppo import grpo_advantages, ppo_loss
-from trainer.predictor import (
+from trainer.algo.ppo import grpo_advantages, ppo_loss
+from trainer.algo.predictor import (
     drift_cosine,
     predicted_route_agreement,
     predictor_hit_rate,
     predictor_loss,
 )
-from trainer.tasks import Task, decode, exact_match
+from trainer.data.tasks import Task, decode, exact_match
 
 
 def test_grpo_advantages_reference():

@@ -12,13 +12,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-import trainer.loop as loop
+import trainer.run.loop as loop
 from tests.test_trainer_rollouts import FakeServer
-from trainer import checkpoints
-from trainer import collective_push as transfer
-from trainer.config import TrainConfig
-from trainer.no_server import stop_point
-from trainer.servers import NoServerLeft
+from trainer.checkpoint import checkpoints
+from trainer.rollouts import collective_push as transfer
+from trainer.rollouts.no_server import stop_point
+from trainer.rollouts.server_pool import NoServerLeft
+from trainer.run.config import TrainConfig
 
 
 class Flaky(FakeServer):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TrainConfig, parse_config
-from trainer.distributed import synthetic_batch
-from trainer.policy import Policy
-from trainer.precision import autocast, precision_line, resolve_device
-from trainer.train_step import Learner
+from trainer.algo.train_step import Learner
+from trainer.run.config import TrainConfig, parse_config
+from trainer.run.distributed import synthetic_batch
+from trainer.run.policy import Policy
+from trainer.run.precision import autocast, precision_line, resolve_device
 
 
 def test_flags_and_devices():

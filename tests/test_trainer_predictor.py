@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import TrainConfig
-from trainer.distributed import synthetic_batch
-from trainer.policy import Policy
-from trainer.replay import RoutingControl
-from trainer.train_step import mini_step_groups, train_batch
+from trainer.algo.replay import RoutingControl
+from trainer.algo.train_step import mini_step_groups, train_batch
+from trainer.run.config import TrainConfig
+from trainer.run.distributed import synthetic_batch
+from trainer.run.policy import Policy
 
 
 class MoveRouters:
@@ -90,7 +90,7 @@ def small_cfg(**kw) -> TrainConfig:
 def test_served_predictor_is_scaled_and_pushed(tiny_zero):
     """--predictor-scale 0.5: the trainer keeps training W_p, the push carries 0.5 W_p, and
     the next batch's diagnostics compare with what was served."""
-    from trainer.train_step import Learner
+    from trainer.algo.train_step import Learner
 
     policy = Policy(str(tiny_zero))
     batch = synthetic_batch(policy)
@@ -109,8 +109,8 @@ def test_served_predictor_is_scaled_and_pushed(tiny_zero):
 def test_lookahead_predictor_serves_the_routers_adam_extrapolation(tiny_zero):
     """--predictor lookahead --predictor-scale auto: nothing trained, the served predictor is
     alpha x the routers' Adam look-ahead, alpha in [0, 1] fitted from the second batch on."""
-    from trainer.lookahead import router_lookahead
-    from trainer.train_step import Learner
+    from trainer.algo.lookahead import router_lookahead
+    from trainer.algo.train_step import Learner
 
     policy = Policy(str(tiny_zero))
     batch = synthetic_batch(policy)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pr2_serve.engine import Sampling
-from trainer.batch import make_batch
-from trainer.config import TrainConfig
-from trainer.policy import Policy, forward_logprobs
-from trainer.replay import RoutingControl
-from trainer.train_step import train_batch
+from pr2_serve.engine.rollout_engine import Sampling
+from trainer.algo.batch import make_batch
+from trainer.algo.replay import RoutingControl
+from trainer.algo.train_step import train_batch
+from trainer.run.config import TrainConfig
+from trainer.run.policy import Policy, forward_logprobs
 
 pytestmark = pytest.mark.vllm
 

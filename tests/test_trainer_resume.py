@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from pr2_serve.client import HttpClient
 from tests.helpers import API_KEY
-from trainer.checkpoints import checkpoint_dirs
-from trainer.cli import main as train_main
+from trainer.checkpoint.checkpoints import checkpoint_dirs
+from trainer.run.cli import main as train_main
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_killed_run_resumes_to_the_same_weights(server, tiny_zero, tmp_path, mon
     train_main(run_args(server, tiny_zero, whole))
 
     back_to_start(server)
-    cmd = [sys.executable, "-m", "trainer.cli", *run_args(server, tiny_zero, killed)]
+    cmd = [sys.executable, "-m", "trainer.run.cli", *run_args(server, tiny_zero, killed)]
     kill_after_step(cmd, killed, 2, tmp_path / "killed.log")
     resumed_from = checkpoint_dirs(killed)[-1][0]
     assert 2 <= resumed_from < 5  # (the poll saw step 2; a slow poll may see a later one)
@@ -118,7 +118,7 @@ def test_killed_run_resumes_to_the_same_weights(server, tiny_zero, tmp_path, mon
 def torchrun(args: list[str], parallel: str) -> list[str]:
     return [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-        *("-m", "trainer.cli", *args, "--parallel", parallel, "--device", "cpu"),
+        *("-m", "trainer.run.cli", *args, "--parallel", parallel, "--device", "cpu"),
     ]
 
 

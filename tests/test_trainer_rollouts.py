@@ -2,7 +2,7 @@
 (ids out of range, wrong row or layer count, an expert twice in one row, no routes) drops its
 whole GRPO group, counted in ``dropped_bad_routes``, and training goes on with the rest.
 
-No vLLM: the servers are stubbed (``trainer.loop.make_client``), the policy is the real tiny
+No vLLM: the servers are stubbed (``trainer.run.loop.make_client``), the policy is the real tiny
 model."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import trainer.loop as loop
-from pr2_serve.fingerprint import fingerprints, tensor_digest
-from pr2_serve.routes import route_rows
-from pr2_serve.types import Rollout
-from trainer import sync
-from trainer.config import TrainConfig
-from trainer.loop import RouteShape, screen_groups
-from trainer.tasks import EOS, Task, decode, encode
+import trainer.run.loop as loop
+from pr2_serve.core.fingerprint import fingerprints, tensor_digest
+from pr2_serve.core.route_protocol import route_rows
+from pr2_serve.core.types import Rollout
+from trainer.data.tasks import EOS, Task, decode, encode
+from trainer.rollouts import weight_agreement as sync
+from trainer.run.config import TrainConfig
+from trainer.run.loop import RouteShape, screen_groups
 
 # prompt -> (sample index, how its routes are broken); the other groups are good
 BROKEN = {
@@ -93,7 +93,7 @@ class FakeServer:
 
     def serve_start_of(self, model_dir, monkeypatch, replay: str = "pr2"):
         """Serve what a run of ``replay`` on ``model_dir`` starts from, as the trainer's only
-        server (``trainer.loop.make_client`` patched); returns ``self``."""
+        server (``trainer.run.loop.make_client`` patched); returns ``self``."""
         start = sync.starting_target(model_dir, replay).fingerprints
         self.fingerprints = {f"{part}_fingerprint": fp for part, fp in start.items()}
         monkeypatch.setattr(loop, "make_client", lambda address, api_key: self)

@@ -29,7 +29,7 @@ from pr2_serve.transfer.protocol import (
     plan_buckets,
     safetensors_layout,
 )
-from pr2_serve.transfer.trainer import StateDictSource
+from pr2_serve.transfer.trainer_engine import StateDictSource
 
 pytestmark = pytest.mark.vllm  # needs vLLM (imports it; starts no engine)
 
@@ -188,9 +188,9 @@ def test_nccl_is_vllms_engine_and_refused_without_cuda(tmp_path):
     )
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerWeightTransferEngine
 
-    from trainer.collective_push import CollectivePusher, ServersClient, check_backend
-    from trainer.config import TrainConfig
-    from trainer.loop import Trainer
+    from trainer.rollouts.collective_push import CollectivePusher, ServersClient, check_backend
+    from trainer.run.config import TrainConfig
+    from trainer.run.loop import Trainer
 
     for ok in ("http", "grpc", "gloo"):
         check_backend(ok, cuda_available=False)
@@ -227,9 +227,9 @@ def test_nccl_is_vllms_engine_and_refused_without_cuda(tmp_path):
 def test_grpc_transfer_init_is_the_http_body():
     """gRPC ``TransferInit``: the same request model as the HTTP route (0/"" the defaults),
     so both validate alike; a bad field is a 422 naming it (INVALID_ARGUMENT)."""
-    from pr2_serve.api.errors import ApiError
     from pr2_serve.api.grpc_server import _validated, pb2, transfer_init_fields
-    from pr2_serve.api.transfer_service import TransferInitRequest
+    from pr2_serve.service.collective_receive import TransferInitRequest
+    from pr2_serve.service.errors import ApiError
 
     msg = pb2.TransferInitRequest(master_address="h", master_port=5, world_size=3, rank_offset=2)
     req = _validated(TransferInitRequest, transfer_init_fields(msg))
@@ -253,9 +253,9 @@ def test_grpc_transfer_refusals_have_the_http_routes_codes():
 
     import grpc
 
-    from pr2_serve.api.errors import ApiError
     from pr2_serve.api.grpc_server import RolloutServicer, pb2
-    from pr2_serve.api.transfer_service import TransferControl
+    from pr2_serve.service.collective_receive import TransferControl
+    from pr2_serve.service.errors import ApiError
 
     class Service:  # the real TransferControl (disabled); the key check as the service's
         transfer = TransferControl(engine=None, enabled=False)

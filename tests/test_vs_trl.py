@@ -29,7 +29,7 @@ def test_trl_config_mirrors_the_pr2_config(tiny_zero, tmp_path):
 def test_trl_sampler_gives_pr2_prompts_in_step_order(tiny_zero, tmp_path):
     from trl.trainer.utils import RepeatSampler
 
-    from trainer.source import Source, load_tokenizer
+    from trainer.data.source import Source, load_tokenizer
 
     cfg = _cfg(tiny_zero, tmp_path)
     rows, eval_examples = pr2_rows(cfg, cfg.steps)

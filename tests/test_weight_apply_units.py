@@ -1,5 +1,5 @@
 """Units of the faster weight apply: tensors read out of safetensors files into their own memory
-(:mod:`pr2_serve.tensor_files`), the KV blocks zeroed after a reload (:mod:`pr2_serve.plugin.
+(:mod:`pr2_serve.core.tensor_files`), the KV blocks zeroed after a reload (:mod:`pr2_serve.plugin.
 kv_dirty`), the finite check's summing fast path and the in-place tensor digest."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pr2_serve.checkpoint import non_finite_counts
-from pr2_serve.fingerprint import FileDigests, tensor_digest
+from pr2_serve.core.fingerprint import FileDigests, tensor_digest
+from pr2_serve.core.served_checkpoint import non_finite_counts
+from pr2_serve.core.tensor_files import iter_tensors
 from pr2_serve.plugin.kv_dirty import DirtyBlocks
-from pr2_serve.tensor_files import iter_tensors
 
 
 def test_iter_tensors_reads_every_dtype_and_shape(tmp_path):

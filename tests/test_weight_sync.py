@@ -1,6 +1,6 @@
 """What the server says it serves (fingerprints, source, predictor norm) and the trainer's
 start-up agreement with it, without vLLM: the real engine weight bookkeeping and service on a
-stub vLLM, and :mod:`trainer.sync` against fake clients."""
+stub vLLM, and :mod:`trainer.rollouts.weight_agreement` against fake clients."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pr2_serve import engine as engine_mod
-from pr2_serve.api.service import MODEL_DIR_SOURCE, RolloutService
-from pr2_serve.types import EngineInfo
-from trainer import sync
+from pr2_serve.core.types import EngineInfo
+from pr2_serve.engine import rollout_engine as engine_mod
+from pr2_serve.service.rollout_service import MODEL_DIR_SOURCE, RolloutService
+from trainer.rollouts import weight_agreement as sync
 
 pytestmark = pytest.mark.vllm  # needs vLLM (imports it; starts no engine)
 
@@ -84,7 +84,7 @@ def _fp(info: dict) -> tuple[str, str]:
 
 
 def test_info_fingerprints_follow_commits_and_survive_a_restart(tmp_path, monkeypatch):
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", seed=0)
     state = tmp_path / "state"
@@ -129,7 +129,7 @@ def test_info_fingerprints_follow_commits_and_survive_a_restart(tmp_path, monkey
 def test_grpc_info_has_the_same_fields(tmp_path, monkeypatch):
     from pr2_serve.api.grpc_server import RolloutServicer, pb2
     from pr2_serve.client.grpc_client import _info
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     service, _ = _service(make_tiny_model(tmp_path / "m", seed=0), tmp_path / "s", monkeypatch)
     got = _info(asyncio.run(RolloutServicer(service).GetInfo(pb2.GetInfoRequest(), None)))
@@ -162,7 +162,7 @@ class _FakeClient:
 
 @pytest.fixture
 def models(tmp_path_factory):
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     tmp = tmp_path_factory.mktemp("sync")
     return make_tiny_model(tmp / "zero", seed=0), make_tiny_model(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import API_KEY, start_server
-from trainer.cli import main as train_main
+from trainer.run.cli import main as train_main
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -23,9 +23,9 @@ WARMUP_STEPS = 150  # the demo's warm-up, shortened: rewards vary within groups,
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     """A warmed-up tiny Qwen3-MoE like ``make demo``'s ``runs/demo/model``."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
+    from trainer.data.tasks import Task
     from trainer.experiments.warmup import warmup
-    from trainer.tasks import Task
 
     tmp = tmp_path_factory.mktemp("demo")
     base = make_tiny_model(tmp / "base", seed=0)
@@ -73,7 +73,7 @@ def test_a_restarted_server_is_resynced_or_refused(
     restored = pr2[-1]["pushed_version"]
     assert any(f"restored weight version {restored}" in line for line in srv.log)
 
-    cmd = [sys.executable, "-m", "trainer.cli", "--servers", srv.http, "--model-dir"]
+    cmd = [sys.executable, "-m", "trainer.run.cli", "--servers", srv.http, "--model-dir"]
     cmd += [str(demo_model), "--replay", "r3", "--on-mismatch", "fail", "--steps", "1"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
-from pr2_serve.types import Sampling
+from pr2_serve.core.types import Sampling
 from tests.helpers import API_KEY, assert_same_samples, start_server
-from trainer.cli import main as train_main
-from trainer.collective_push import CollectivePusher, GroupNotFormed
+from trainer.rollouts.collective_push import CollectivePusher, GroupNotFormed
+from trainer.run.cli import main as train_main
 
 pytestmark = pytest.mark.vllm
 
@@ -170,7 +170,7 @@ def test_refused_transfers_leave_the_old_version_serving(setup):
 KILLED_TRAINER = """
 import sys, time, torch
 from pr2_serve.client import HttpClient
-from trainer.collective_push import CollectivePusher, GroupNotFormed
+from trainer.rollouts.collective_push import CollectivePusher, GroupNotFormed
 
 class Slow(dict):  # items(): metadata first, then the tensors sent: stop after the first
     calls = 0

@@ -111,7 +111,7 @@ def test_a_trainer_checkpoint_loads_as_the_run_pushed_it(setup, tiny_zero, monke
     """A ``pr2-train --save-every 1`` run writes ``checkpoint-1`` into --weights-dir (its
     ``model.safetensors`` beside the optimizer and RNG states): loading that directory serves
     exactly what the run pushed at step 1 (policy and predictor fingerprints equal)."""
-    from trainer.cli import main as train_main
+    from trainer.run.cli import main as train_main
 
     srv, http, _, _, allowed = setup
     monkeypatch.setenv("PR2_API_KEY", API_KEY)

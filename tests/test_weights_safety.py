@@ -20,10 +20,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pr2_serve.api.errors import TYPE_METADATA_KEY
 from pr2_serve.api.proto import load
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
-from pr2_serve.launch import server_command
+from pr2_serve.server.launch import server_command
+from pr2_serve.service.errors import TYPE_METADATA_KEY
 from tests.helpers import API_KEY
 from tests.helpers import assert_same_samples as assert_same
 
@@ -64,7 +64,7 @@ def predictors(seed: int, scale: float = 2.0) -> dict[str, torch.Tensor]:
 
 def leftovers(state) -> list[str]:
     """Files in the weights dir no kept version refers to."""
-    from pr2_serve.api.weight_store import WeightStore
+    from pr2_serve.service.weight_store import WeightStore
 
     live = WeightStore(state, 1).live_files()
     return sorted(p.name for p in (state / "weights").iterdir() if p.name not in live)

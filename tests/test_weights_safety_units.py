@@ -12,10 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pr2_serve import checkpoint
-from pr2_serve.api.canary import Canary, output_problem, routes_problem
-from pr2_serve.api.errors import ApiError, from_engine, internal
-from pr2_serve.checkpoint import (
+from pr2_serve.core import served_checkpoint as checkpoint
+from pr2_serve.core.served_checkpoint import (
     CanaryError,
     NonFiniteWeightsError,
     TensorSpec,
@@ -23,7 +21,9 @@ from pr2_serve.checkpoint import (
     check_finite,
     non_finite_counts,
 )
-from pr2_serve.types import EngineInfo, Rollout
+from pr2_serve.core.types import EngineInfo, Rollout
+from pr2_serve.service.canary import Canary, output_problem, routes_problem
+from pr2_serve.service.errors import ApiError, from_engine, internal
 
 INFO = EngineInfo(
     model="m",
@@ -204,7 +204,7 @@ def _client(tmp_path, engine):
     from fastapi.testclient import TestClient
 
     from pr2_serve.api.http import create_app
-    from pr2_serve.api.service import RolloutService
+    from pr2_serve.service.rollout_service import RolloutService
 
     service = RolloutService(engine, tmp_path, "key")
     service.warm_up()
@@ -257,9 +257,9 @@ class _Context:
 def test_grpc_unexpected_errors_are_internal_with_a_type(tmp_path):
     import grpc
 
-    from pr2_serve.api.errors import TYPE_METADATA_KEY
     from pr2_serve.api.grpc_server import RolloutServicer, pb2
-    from pr2_serve.api.service import RolloutService
+    from pr2_serve.service.errors import TYPE_METADATA_KEY
+    from pr2_serve.service.rollout_service import RolloutService
 
     service = RolloutService(FakeEngine(fail=RuntimeError("boom")), tmp_path, "key")
     service.warm_up = lambda: None

@@ -16,13 +16,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from ..types import Rollout, StreamEvent
-from .errors import FIELD_METADATA_KEY, TYPE_METADATA_KEY, ApiError, from_validation, internal
-from .proto import load
-from .sample_fields import route_window, sample_fields
-from .schemas import MIN_WEIGHT_VERSION, GenerateRequest
-from .service import RolloutService
-from .transfer_service import TransferInitRequest, TransferRequest
+from pr2_serve.api.proto import load
+from pr2_serve.api.sample_fields import route_window, sample_fields
+from pr2_serve.api.schemas import MIN_WEIGHT_VERSION, GenerateRequest
+from pr2_serve.core.types import Rollout, StreamEvent
+from pr2_serve.service.collective_receive import TransferInitRequest, TransferRequest
+from pr2_serve.service.errors import (
+    FIELD_METADATA_KEY,
+    TYPE_METADATA_KEY,
+    ApiError,
+    from_validation,
+    internal,
+)
+from pr2_serve.service.rollout_service import RolloutService
 
 pb2, pb2_grpc = load()
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["Rollout"].full_name

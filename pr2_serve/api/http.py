@@ -15,11 +15,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..types import Rollout, StreamEvent
-from .errors import ApiError, from_validation, internal
-from .openai_api import add_openai_routes
-from .sample_fields import route_window, sample_fields
-from .schemas import (
+from pr2_serve.api.sample_fields import route_window, sample_fields
+from pr2_serve.api.schemas import (
     MAX_WEIGHT_VERSION,
     MIN_WEIGHT_VERSION,
     ErrorBody,
@@ -30,9 +27,12 @@ from .schemas import (
     Readiness,
     WeightsResponse,
 )
-from .service import RolloutService
-from .sglang_api import add_sglang_routes
-from .transfer_service import TransferInitRequest, TransferRequest
+from pr2_serve.core.types import Rollout, StreamEvent
+from pr2_serve.dialects.openai_api import add_openai_routes
+from pr2_serve.dialects.sglang_api import add_sglang_routes
+from pr2_serve.service.collective_receive import TransferInitRequest, TransferRequest
+from pr2_serve.service.errors import ApiError, from_validation, internal
+from pr2_serve.service.rollout_service import RolloutService
 
 ERRORS = {
     code: {"model": ErrorBody}

@@ -2,15 +2,16 @@
 
 :func:`sample_fields` are a finished sample's fields (HTTP ``Sample``, gRPC
 ``GenerateResponse``); :func:`route_window` is the part of a route array a request asked for
-(``routes_from``), encoded as :func:`~pr2_serve.routes.encode_routes` does for both wires.
+(``routes_from``), encoded as :func:`~pr2_serve.core.route_protocol.encode_routes` does for both
+wires.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..routes import EncodedRoutes, encode_routes
-from ..types import Rollout
+from pr2_serve.core.route_protocol import EncodedRoutes, encode_routes
+from pr2_serve.core.types import Rollout
 
 __all__ = ["route_window", "sample_fields"]
 

@@ -106,7 +106,7 @@ class Info(BaseModel):
         "checkpoint in bfloat16)"
     )
     policy_fingerprint: str = Field(
-        description="content hash of the served policy weights (pr2_serve.fingerprint: names, "
+        description="content hash of the served policy weights (pr2_serve.core.fingerprint: names, "
         "shapes, float32 values), computed when a version is committed"
     )
     predictor_fingerprint: str = Field(

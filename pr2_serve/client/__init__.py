@@ -10,8 +10,8 @@ Both are synchronous and thread-safe (the trainer and the load tests call one cl
 threads). Nothing received is unpickled: JSON, protobuf and raw little-endian arrays only.
 """
 
-from .common import GenerateResult, ServerError
-from .grpc_client import GrpcClient
-from .http_client import KEEPALIVE_EXPIRY_S, HttpClient
+from pr2_serve.client.common import GenerateResult, ServerError
+from pr2_serve.client.grpc_client import GrpcClient
+from pr2_serve.client.http_client import KEEPALIVE_EXPIRY_S, HttpClient
 
 __all__ = ["KEEPALIVE_EXPIRY_S", "GenerateResult", "GrpcClient", "HttpClient", "ServerError"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..types import Rollout
+from pr2_serve.core.types import Rollout
 
 #: How long a liveness or readiness probe waits for an answer: a hung server (a stopped process,
 #: a black-holed network) never answers, and a probe must not block for a call's long timeout.

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..routes import EncodedRoutes, decode_routes
-from ..types import Rollout, StreamEvent
-from .common import PROBE_TIMEOUT_S, GenerateResult, ServerError
-from .payload import WeightsPayload, weights_payload
+from pr2_serve.client.common import PROBE_TIMEOUT_S, GenerateResult, ServerError
+from pr2_serve.client.payload import WeightsPayload, weights_payload
+from pr2_serve.core.route_protocol import EncodedRoutes, decode_routes
+from pr2_serve.core.types import Rollout, StreamEvent
 
 GRPC_CHUNK = 2 << 20
 _CHANNEL_OPTIONS = [
@@ -22,7 +22,7 @@ class GrpcClient:
     def __init__(self, target: str, api_key: str | None = None, timeout: float = 600.0):
         import grpc
 
-        from ..api.proto import load
+        from pr2_serve.api.proto import load
 
         self._pb2, pb2_grpc = load()
         self._grpc = grpc
@@ -223,7 +223,7 @@ def _event(m) -> StreamEvent:
 
 def _grpc_error(e) -> ServerError:
     """The server's refusal; the field at fault travels in trailing metadata."""
-    from ..api.errors import FIELD_METADATA_KEY
+    from pr2_serve.service.errors import FIELD_METADATA_KEY
 
     trailing = dict(e.trailing_metadata() or ())
     return ServerError(e.code().name, e.details(), trailing.get(FIELD_METADATA_KEY))

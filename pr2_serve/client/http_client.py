@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from ..routes import EncodedRoutes, decode_routes
-from ..types import Rollout, StreamEvent
-from .common import PROBE_TIMEOUT_S, GenerateResult, ServerError, push_result
-from .payload import WeightsPayload, weights_payload
-from .retry import push_attempts
+from pr2_serve.client.common import PROBE_TIMEOUT_S, GenerateResult, ServerError, push_result
+from pr2_serve.client.payload import WeightsPayload, weights_payload
+from pr2_serve.client.retry import push_attempts
+from pr2_serve.core.route_protocol import EncodedRoutes, decode_routes
+from pr2_serve.core.types import Rollout, StreamEvent
 
 #: Idle pooled HTTP connections are dropped after this long, well before the server's
 #: keep-alive timeout (75 s): reusing a connection the server is closing fails the request.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from .common import PROBE_TIMEOUT_S, ServerError
+from pr2_serve.client.common import PROBE_TIMEOUT_S, ServerError
 
 T = TypeVar("T")
 

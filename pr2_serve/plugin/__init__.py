@@ -10,12 +10,12 @@ served with PR2 routing by overriding its architecture, without editing its file
 
     LLM(model_dir, hf_overrides={"architectures": ["PR2Qwen3MoeForCausalLM"]})
 
-:class:`pr2_serve.engine.RolloutEngine` does that for you (:func:`pr2_architecture`).
+:class:`pr2_serve.engine.rollout_engine.RolloutEngine` does that for you (:func:`pr2_architecture`).
 """
 
 from __future__ import annotations
 
-from .compat import PR2ConfigError, check_vllm_version
+from pr2_serve.plugin.compat import PR2ConfigError, check_vllm_version
 
 __all__ = ["PR2_ARCHITECTURES", "PR2ConfigError", "pr2_architecture", "register"]
 
@@ -53,6 +53,6 @@ def register() -> None:
     for pr2_name in PR2_ARCHITECTURES.values():
         if pr2_name not in supported:
             ModelRegistry.register_model(pr2_name, f"pr2_serve.plugin.models:{pr2_name}")
-    from ..transfer import register as register_transfer
+    from pr2_serve.transfer import register as register_transfer
 
     register_transfer()  # the ``gloo`` weight-transfer engines (pr2_serve.transfer)

@@ -7,10 +7,10 @@ Each class subclasses the stock vLLM class and changes three things:
    :class:`PR2Router`. vLLM then picks its custom-routing router on every platform (``CPURouter``
    honours the function on CPU, ``CustomRoutingRouter`` on CUDA), and kernel selection sees the
    custom routing from the start. The router computes ``ids = topk(z + W_p h, k)`` and gates with
-   the unadjusted ``z`` (:func:`pr2_serve.routing.pr2_route`); a grouped layer (DeepSeek-V3,
+   the unadjusted ``z`` (:func:`pr2_serve.core.routing.pr2_route`); a grouped layer (DeepSeek-V3,
    GLM-4.5) is built without vLLM's grouped top-k and its settings go to the PR2 router instead
    (:func:`grouped_settings`), which selects by the same group-limited rule on the
-   predictor-adjusted scores (:func:`pr2_serve.routing.grouped_route`).
+   predictor-adjusted scores (:func:`pr2_serve.core.routing.grouped_route`).
 2. **Predictors.** Each MoE block gets a ``predictor`` module (``weight [E, H]``, zero-initialised)
    loaded from ``model.layers.{i}.mlp.predictor.weight`` when the checkpoint has it.
 3. **Capture.** Each router writes its ids into one preallocated device buffer
@@ -29,9 +29,9 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .compat import PR2ConfigError
-from .refusals import SIMULATION_ENV, check_architecture, check_engine_config
-from .router import GroupedRouting, PR2Predictor, PR2Router, RouteCapture
+from pr2_serve.plugin.compat import PR2ConfigError
+from pr2_serve.plugin.refusals import SIMULATION_ENV, check_architecture, check_engine_config
+from pr2_serve.plugin.router import GroupedRouting, PR2Predictor, PR2Router, RouteCapture
 
 PREDICTOR_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.predictor\.weight$")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .compat import PR2ConfigError
+from pr2_serve.plugin.compat import PR2ConfigError
 
 SIMULATION_ENV = "VLLM_MOE_ROUTING_SIMULATION_STRATEGY"
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"

@@ -1,10 +1,10 @@
 """The PR2 router of one MoE layer and the step's route capture buffer: pure torch, no vLLM.
 
 vLLM calls :class:`PR2Router` as the layer's ``custom_routing_function``; it selects
-``topk(z + W_p h)`` with the family's gating of ``z`` (:func:`pr2_serve.routing.pr2_route`,
+``topk(z + W_p h)`` with the family's gating of ``z`` (:func:`pr2_serve.core.routing.pr2_route`,
 compiled on CUDA) -- or, for a grouped layer (DeepSeek-V3, GLM-4.5: :class:`GroupedRouting`),
 the group-limited top-k of ``sigmoid(z + W_p h) + c`` gated by ``sigmoid(z)``
-(:func:`pr2_serve.routing.grouped_route`) -- and writes the ids into :class:`RouteCapture` -- a
+(:func:`pr2_serve.core.routing.grouped_route`) -- and writes the ids into :class:`RouteCapture` -- a
 slice copy into one preallocated buffer, no host sync, so it runs unchanged inside CUDA graphs
 (the GPU check captures it at padded batch sizes).
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pr2_serve.routes import capture_dtype
-from pr2_serve.routing import compiled, grouped_route, pr2_route
+from pr2_serve.core.route_protocol import capture_dtype
+from pr2_serve.core.routing import compiled, grouped_route, pr2_route
 
 
 @dataclass(frozen=True)

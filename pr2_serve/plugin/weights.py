@@ -37,7 +37,7 @@ def iter_safetensors(files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]
     """Yield ``(name, tensor)`` for ``{name: file}``, opening each file once; each tensor is
     read into its own memory and freed once loaded (no mapping of whole files: the reload's
     extra RSS is what the loader holds at once, not the checkpoint)."""
-    from ..tensor_files import iter_tensors
+    from pr2_serve.core.tensor_files import iter_tensors
 
     return iter_tensors(files)
 

@@ -6,7 +6,7 @@ vLLM mixes this class into its worker class; the engine calls the ``pr2_*`` meth
 - :meth:`pr2_setup` wraps the model runner's ``execute_model`` so that after each step the rows
   captured by the PR2 routers are mapped to requests (:class:`RouteStore`). Requests opt in with
   ``SamplingParams.extra_args = {"pr2_route_key": key}``; each of the ``n`` samples is stored
-  under the key the route protocol gives it (:mod:`pr2_serve.routes`).
+  under the key the route protocol gives it (:mod:`pr2_serve.core.route_protocol`).
 - :meth:`pr2_reload_weights` reloads all weights in place from safetensors files and proves the
   CPU build's MoE weight layout is rebuilt (vLLM 0.32 skips the CPU prepack on reloads).
 """
@@ -19,14 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from pr2_serve.jobs import ROUTE_KEY
-from pr2_serve.routes import child_index, route_dtype, store_key
-
-from .compat import PR2ConfigError
-from .kv_dirty import DirtyBlocks
-from .refusals import RUNNER_ENV
-from .route_store import RouteStore
-from .step_rows import StepRows
+from pr2_serve.core.route_protocol import child_index, route_dtype, store_key
+from pr2_serve.engine.jobs import ROUTE_KEY
+from pr2_serve.plugin.compat import PR2ConfigError
+from pr2_serve.plugin.kv_dirty import DirtyBlocks
+from pr2_serve.plugin.refusals import RUNNER_ENV
+from pr2_serve.plugin.route_store import RouteStore
+from pr2_serve.plugin.step_rows import StepRows
 
 #: What route bookkeeping reads from vLLM's V1 model runner (the V2 runner has none of them).
 RUNNER_ATTRIBUTES = ("input_batch", "requests", "positions", "query_start_loc", "execute_model")
@@ -45,7 +44,7 @@ def check_runner(runner) -> None:
 
 
 def route_key_for(internal_request_id: str, key: str) -> str:
-    """Store key of a worker request (see :mod:`pr2_serve.routes`: ``key/child``)."""
+    """Store key of a worker request (see :mod:`pr2_serve.core.route_protocol`: ``key/child``)."""
     return store_key(key, child_index(internal_request_id))
 
 
@@ -197,7 +196,7 @@ class PR2WorkerExtension:
         Must get the full set of weights (the engine merges partial updates into it): a layer
         that is reloaded from a subset of its tensors would get uninitialised memory in the rest.
         """
-        from .weights import reload_all_weights
+        from pr2_serve.plugin.weights import reload_all_weights
 
         t0 = time.perf_counter()
         reload_all_weights(self.model_runner, files)

@@ -44,5 +44,5 @@ def register() -> None:
         )
     if BACKEND not in WeightTransferTrainerFactory._registry:
         WeightTransferTrainerFactory.register_engine(
-            BACKEND, "pr2_serve.transfer.trainer", "GlooTrainerWeightTransferEngine"
+            BACKEND, "pr2_serve.transfer.trainer_engine", "GlooTrainerWeightTransferEngine"
         )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
-from .protocol import (
+from pr2_serve.transfer.protocol import (
     GlooInitInfo,
     GlooUpdateInfo,
     close_group,

@@ -31,7 +31,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from ..checkpoint import st_dtype
+from pr2_serve.core.served_checkpoint import st_dtype
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",

@@ -10,7 +10,7 @@ import statistics
 
 import numpy as np
 
-from .grid import VARIANTS
+from trainer.experiments.grid import VARIANTS
 
 LAG_KEYS = tuple(f"router_drift_cos_lag{lag}" for lag in (1, 2, 3))
 

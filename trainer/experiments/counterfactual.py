@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ridge import centred_move, ridge_solve
+from trainer.algo.ridge import centred_move, ridge_solve
 
 __all__ = [
     "SERVED_AHEAD",
@@ -146,7 +146,8 @@ class Learned:
 
 
 class Ridge:
-    """:class:`trainer.ridge.RidgeFit`'s rule on the sample: sums of batches ``< t``, decayed."""
+    """:class:`trainer.algo.ridge.RidgeFit`'s rule on the sample: sums of batches ``< t``,
+    decayed."""
 
     def __init__(self, strength: float, memory: float):
         self.strength, self.memory = strength, memory

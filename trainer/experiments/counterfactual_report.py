@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .counterfactual import (
+from trainer.experiments.counterfactual import (
     SERVED_AHEAD,
     HalfPreviousDrift,
     InSampleRidge,

@@ -23,12 +23,12 @@ import signal
 import sys
 from pathlib import Path
 
-from .grid import SETTINGS, CellKey
-from .grid_run import ServerCache, run_cell
+from trainer.experiments.grid import SETTINGS, CellKey
+from trainer.experiments.grid_run import ServerCache, run_cell
 
 
 def record(out: Path, names: list[str], offs: list[int], seeds: list[int], steps: int) -> None:
-    from .drift_record import DriftRecorder
+    from trainer.experiments.drift_record import DriftRecorder
 
     log = out / "record.json"
     done = json.loads(log.read_text()) if log.exists() else []
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "record":
         record(out, args.setting, args.off, args.seeds, args.steps)
     else:
-        from .counterfactual_report import score_all
+        from trainer.experiments.counterfactual_report import score_all
 
         score_all(out, Path(args.results), Path(args.doc))
 

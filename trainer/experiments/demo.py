@@ -19,9 +19,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ..cli import COLUMNS, format_line, format_row
-from ..config import REPLAY_MODES, TrainConfig, literal_choices
-from ..tasks import Task
+from trainer.data.tasks import Task
+from trainer.run.cli import COLUMNS, format_line, format_row
+from trainer.run.config import REPLAY_MODES, TrainConfig, literal_choices
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = _warm_model(console, args, out, Task("addition", digits=2))
 
     # 2. the server
-    from pr2_serve.launch import start_server
+    from pr2_serve.server.launch import start_server
 
     state = out / "server-state"
     shutil.rmtree(state, ignore_errors=True)
@@ -63,11 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _warm_model(console: Console, args, out: Path, task: Task) -> Path:
     """1. model + warm-up (reused if a previous demo made it)."""
-    from pr2_serve.tiny_model import make_tiny_model
+    from pr2_serve.tiny.tiny_model import make_tiny_model
 
     model_dir = out / "model"
     if not (model_dir / "model.safetensors").exists():
-        from .warmup import warmup
+        from trainer.experiments.warmup import warmup
 
         base = make_tiny_model(out / "base", seed=args.seed)
         console.print(
@@ -87,7 +87,7 @@ def _summarize(
     console: Console, args, out: Path, history: list[dict], baseline: float, t_start: float
 ) -> None:
     """3. summary + plot."""
-    from .plots import plot_run
+    from trainer.experiments.plots import plot_run
 
     png = plot_run(
         history,
@@ -119,7 +119,7 @@ def _summarize(
 def _train(
     console: Console, args, server: str, key: str, model_dir: Path, out: Path
 ) -> tuple[list[dict], float]:
-    from ..loop import Trainer
+    from trainer.run.loop import Trainer
 
     metrics = out / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Record the router drift a predictor would have to forecast, during a real (R3) run.
 
-A mini-step observer (:class:`trainer.train_step.Learner.observers`). For every batch it keeps a
+A mini-step observer (:class:`trainer.algo.train_step.Learner.observers`). For every batch it keeps
+a
 sample of ``tokens`` real positions and, per MoE layer: the router input ``h_old``, the logits
 ``z_old`` (the router at the rollout) and the logits ``z_s`` the router gives the same tokens
 in every mini-step ``s = 1..S`` (the router after ``s - 1`` updates, upstream layers' changes
@@ -25,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..batch import flat_routes
-from ..lookahead import router_lookahead
-from ..policy import forward_logprobs
-from ..replay import RoutingControl
-from ..ridge import RidgeFit
-from .counterfactual import Learned
+from trainer.algo.batch import flat_routes
+from trainer.algo.lookahead import router_lookahead
+from trainer.algo.replay import RoutingControl
+from trainer.algo.ridge import RidgeFit
+from trainer.experiments.counterfactual import Learned
+from trainer.run.policy import forward_logprobs
 
 __all__ = ["SHADOWS", "DriftRecorder"]
 
@@ -55,7 +56,7 @@ class DriftRecorder:
         self.shadow_w: dict[str, list] = {name: [] for name in SHADOWS}
         self._sample = None
 
-    # -- observer protocol (trainer.train_step.mini_steps) --
+    # -- observer protocol (trainer.algo.train_step.mini_steps) --
     def begin(self, batch, old) -> None:
         g = torch.Generator().manual_seed(len(self.h))
         n_seq = batch.input_ids.shape[0]

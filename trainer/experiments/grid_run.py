@@ -4,7 +4,8 @@ Each setting has one warm start (A: the supervised warm-up; B: the same with rou
 towards a few experts, :mod:`trainer.experiments.imbalance`; C: 32 experts top-4) and ONE
 ``pr2-serve`` on it, reused by every cell of the setting: a cell's trainer pushes its starting
 weights (zero predictor outside pr2) when the server's fingerprints differ from them
-(:mod:`trainer.sync`), so each cell starts from the same served weights as on a fresh server.
+(:mod:`trainer.rollouts.weight_agreement`), so each cell starts from the same served weights as on
+a fresh server.
 After each cell ``results.json`` is rewritten (``partial`` until every cell is done), so a run can
 stop and resume in several sittings.
 
@@ -30,10 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import TrainConfig
-from ..tasks import Task
-from .cell_summary import LAG_KEYS, aggregate, summarize_cell
-from .grid import (
+from trainer.data.tasks import Task
+from trainer.experiments.cell_summary import LAG_KEYS, aggregate, summarize_cell
+from trainer.experiments.grid import (
     DEFAULT_SETTINGS,
     SETTINGS,
     VARIANTS,
@@ -43,6 +43,7 @@ from .grid import (
     grid_cells,
     pending,
 )
+from trainer.run.config import TrainConfig
 
 TASK = Task("addition", 2)
 
@@ -54,9 +55,8 @@ def warm_model(out: Path, setting: Setting, router_std: float = 0.02) -> Path:
     (each cell records its fingerprint)."""
     model_dir = out / f"model-{_shape(setting)}-w{setting.warmup_steps}"
     if not (model_dir / "model.safetensors").exists():
-        from pr2_serve.tiny_model import TinySpec, make_tiny_model
-
-        from .warmup import warmup
+        from pr2_serve.tiny.tiny_model import TinySpec, make_tiny_model
+        from trainer.experiments.warmup import warmup
 
         spec = TinySpec(
             router_std=router_std,
@@ -78,7 +78,7 @@ def setting_model(out: Path, setting: Setting) -> Path:
     experts, bias = setting.imbalance_experts, setting.imbalance_bias
     if not bias:
         return model_dir
-    from .imbalance import make_imbalanced
+    from trainer.experiments.imbalance import make_imbalanced
 
     name = f"{model_dir.name}-e{'-'.join(map(str, experts))}-b{bias:g}"
     if setting.imbalance_stage == "after":
@@ -88,7 +88,7 @@ def setting_model(out: Path, setting: Setting) -> Path:
         return imb
     imb = out / f"{name}-pre-imb"
     if not (imb / "model.safetensors").exists():
-        from .warmup import warmup
+        from trainer.experiments.warmup import warmup
 
         base = out / f"base-{name}"
         info = make_imbalanced(
@@ -99,7 +99,7 @@ def setting_model(out: Path, setting: Setting) -> Path:
             TASK,
         )
         warmup(base, imb, TASK, target_accuracy=None, max_steps=setting.warmup_steps)
-        from .imbalance import measure
+        from trainer.experiments.imbalance import measure
 
         (imb / "imbalance.json").write_text(json.dumps({**info, **measure(imb, experts, TASK)}))
     return imb
@@ -140,7 +140,7 @@ class ServerCache:
         if self.server is not None and self.model_dir != model_dir:
             self.close()
         if self.server is None:
-            from pr2_serve.launch import start_server
+            from pr2_serve.server.launch import start_server
 
             state = self.out / "server-state"
             for attempt in (1, 2):  # a start on this shared machine can stall: try twice
@@ -212,7 +212,7 @@ def run_cell(
     ``metrics.jsonl`` is in ``out/cells/<setting>-<variant>-<off>-<seed>/``.
     ``learner_hook(learner, cell_dir)``: called on the cell's learner before it trains (a
     study's recorder attaches itself there)."""
-    from ..loop import Trainer
+    from trainer.run.loop import Trainer
 
     if model_dir is None:
         model_dir = setting_model(out, setting)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..replay import MoEReplay, RoutingControl
-from ..tasks import EOS, Task, encode
+from trainer.algo.replay import MoEReplay, RoutingControl
+from trainer.data.tasks import EOS, Task, encode
 
 __all__ = ["bias_routers", "expert_load", "make_imbalanced", "mean_router_inputs", "measure"]
 
@@ -73,7 +73,7 @@ def measure(model_dir: str | Path, experts: Sequence[int], task: Task, seed: int
     """The expert load (per layer) and greedy held-out accuracy of a checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    from .warmup import greedy_accuracy
+    from trainer.experiments.warmup import greedy_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
@@ -98,7 +98,7 @@ def make_imbalanced(
     (per layer) and the greedy held-out accuracy after, also saved as ``imbalance.json``."""
     from transformers import AutoModelForCausalLM
 
-    from .warmup import greedy_accuracy
+    from trainer.experiments.warmup import greedy_accuracy
 
     model = AutoModelForCausalLM.from_pretrained(str(warm_dir), dtype=torch.float32)
     model.eval()

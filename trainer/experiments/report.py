@@ -18,8 +18,15 @@ import os
 import sys
 from pathlib import Path
 
-from .report_findings import LAGS, PR2_VARIANTS, _zd, by_cell, findings, versus_r3
-from .report_paired import paired_table
+from trainer.experiments.report_findings import (
+    LAGS,
+    PR2_VARIANTS,
+    _zd,
+    by_cell,
+    findings,
+    versus_r3,
+)
+from trainer.experiments.report_paired import paired_table
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         return
     Path(args.readme).write_text(new)
-    from .report_plots import plot_all
+    from trainer.experiments.report_plots import plot_all
 
     plot_all(loaded["results"], Path(args.plots or Path(args.results).parent))
 

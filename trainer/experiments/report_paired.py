@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .counterfactual import paired_difference
+from trainer.experiments.counterfactual import paired_difference
 
 KEYS = (("zero_deviation", "all mini-steps"), ("zero_deviation_offpolicy", "off-policy"))
 

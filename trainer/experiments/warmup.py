@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..replay import MoEReplay
-from ..tasks import EOS, Task, encode, exact_match
+from trainer.algo.replay import MoEReplay
+from trainer.data.tasks import EOS, Task, encode, exact_match
 
 
 @dataclass

@@ -1,0 +1,305 @@
+"""Pushed weights on disk: uploads streamed to a file while hashed, and the commit record.
+
+An upload is written to ``weights/.v<version>-<id>.part`` while it is hashed (on a writer
+thread, never held in memory), size-limited as it arrives, checked against its declared size
+and sha256, and only then renamed to ``weights/v<version>.safetensors`` (a checkpoint loaded
+from a path is copied in as ``weights/v<version>-<k>.safetensors``). The committed version and
+its files are recorded in ``committed.json`` (written atomically), so a restarted server
+comes back serving them, with the files of the ``keep_versions - 1`` versions committed before
+it (``history``, newest first: what a rollback can go back to); files no kept version refers to
+are removed (on start and on each commit).
+
+``committed.json``: ``{"version": 5, "files": {tensor name: file name}, "source": "push",
+"history": [{"version": 4, "files": {...}, "source": "push"}]}``; ``files`` are the tensors
+pushed on top of the checkpoint (all of them, cumulated over pushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import hmac
+import json
+import os
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from pr2_serve.service.errors import ApiError
+
+__all__ = ["COMMITTED", "WeightStore"]
+
+COMMITTED = "committed.json"
+
+
+class WeightStore:
+    """The weight files of one server under ``state_dir`` (see module docstring)."""
+
+    def __init__(
+        self, state_dir: str | os.PathLike, max_upload_bytes: int, keep_versions: int = 2
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.weights_dir = self.state_dir / "weights"
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        self.max_upload_bytes = max_upload_bytes
+        self.keep_versions = max(1, keep_versions)
+
+    # -- the commit record ----------------------------------------------------------------------
+    def _record(self) -> dict | None:
+        path = self.state_dir / COMMITTED
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def committed(self) -> tuple[dict[str, str], int] | None:
+        """``({tensor name: file}, version)`` of the last commit, or None (never pushed)."""
+        kept = self.kept()
+        return (kept[0][1], kept[0][0]) if kept else None
+
+    def kept(self) -> list[tuple[int, dict[str, str]]]:
+        """``(version, {tensor name: file})`` of every kept version, the committed one first."""
+        record = self._record()
+        if record is None:
+            return []
+        entries = [record, *record.get("history", [])]
+        return [(int(e["version"]), self._paths(e["files"])) for e in entries]
+
+    def _paths(self, files: dict[str, str]) -> dict[str, str]:
+        return {n: str(self.weights_dir / f) for n, f in files.items()}
+
+    def commit(
+        self, update_files: dict[str, str], version: int, replace: bool = False, source="push"
+    ) -> None:
+        """Record ``version`` atomically: its files on top of the previous commit's (or, with
+        ``replace``, exactly ``update_files``: a rollback); the previous commit joins the
+        history; remove the files no kept version refers to."""
+        record = self._record()
+        prev = record["files"] if record is not None and not replace else {}
+        files = {**prev, **{n: Path(f).name for n, f in update_files.items()}}
+        history = []
+        if record is not None:
+            history = [{k: record[k] for k in ("version", "files", "source") if k in record}]
+            history += record.get("history", [])
+        new = {
+            "version": version,
+            "files": files,
+            "source": source,
+            "history": history[: self.keep_versions - 1],
+        }
+        path = self.state_dir / COMMITTED
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(new, indent=1))
+        os.replace(tmp, path)
+        self._remove_unreferenced(self._live(new))
+
+    def reset(self) -> None:
+        """Forget every commit and remove its files (``pr2-serve --fresh``)."""
+        (self.state_dir / COMMITTED).unlink(missing_ok=True)
+        self._remove_unreferenced(set())
+
+    def clean(self) -> None:
+        """Remove partial uploads and files renamed but never committed (killed mid-apply)."""
+        for f in self.weights_dir.glob(".v*.part"):
+            f.unlink(missing_ok=True)
+        self._remove_unreferenced(self._live(self._record()))
+
+    @staticmethod
+    def _live(record: dict | None) -> set[str]:
+        """File names any kept version of ``record`` refers to."""
+        if record is None:
+            return set()
+        return {f for e in [record, *record.get("history", [])] for f in e["files"].values()}
+
+    def live_files(self) -> set[str]:
+        """Names of the files in ``weights/`` that kept versions refer to."""
+        return self._live(self._record())
+
+    def _remove_unreferenced(self, live: set[str]) -> None:
+        for f in self.weights_dir.glob("v*.safetensors"):
+            if f.name not in live:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+
+    def discard(self, version: int) -> None:
+        """Remove the received or copied-in (uncommitted) files of ``version``."""
+        self._final(version).unlink(missing_ok=True)
+        for f in self.weights_dir.glob(f"v{version}-*.safetensors"):
+            f.unlink(missing_ok=True)
+
+    def _final(self, version: int) -> Path:
+        return self.weights_dir / f"v{version}.safetensors"
+
+    # -- uploads --------------------------------------------------------------------------------
+    def check_declared(self, sha256: str | None, declared_size: int | None) -> None:
+        """Refuse an upload from its headers, before reading it: no sha256, or too large."""
+        if not sha256 or len(sha256) != 64:
+            raise ApiError(
+                400, "invalid_argument", "a hex sha256 of the body is required", "sha256"
+            )
+        if declared_size is not None and declared_size > self.max_upload_bytes:
+            raise ApiError(
+                413,
+                "resource_exhausted",
+                f"upload of {declared_size} bytes exceeds the limit {self.max_upload_bytes}",
+            )
+
+    async def receive(
+        self, chunks: AsyncIterator[bytes], version: int, sha256: str, declared: int | None
+    ) -> tuple[Path, int]:
+        """Stream ``chunks`` to disk, check size and sha256, and return the file of
+        ``version`` and its size; on any failure no file is left."""
+        part = self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
+        try:
+            digest, size = await self._write(chunks, part)
+            if declared is not None and size != declared:
+                raise ApiError(
+                    400,
+                    "invalid_argument",
+                    f"upload ended after {size} of {declared} bytes",
+                    "body",
+                )
+            if not hmac.compare_digest(digest, sha256.lower()):
+                raise ApiError(
+                    400,
+                    "invalid_argument",
+                    f"sha256 mismatch: body is {digest}, header says {sha256.lower()}",
+                    "sha256",
+                )
+            final = self._final(version)
+            part.replace(final)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return final, size
+
+    async def copy_in(self, files: list[Path], version: int) -> list[Path]:
+        """Copy a checkpoint's files into the store as ``version``'s (a copy, not a link: the
+        owner may rewrite its files in place; the server must restore this version after a
+        restart); on any failure no file is left."""
+        parts = [self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part" for _ in files]
+        finals = [self.weights_dir / f"v{version}-{k}.safetensors" for k in range(len(files))]
+        try:
+            for src, part, final in zip(files, parts, finals, strict=True):
+                await asyncio.to_thread(shutil.copyfile, src, part)
+                part.replace(final)
+        except BaseException as e:
+            for f in [*parts, *finals]:
+                f.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise storage_error(e) from e
+            raise
+        return finals
+
+    async def take(self, version: int, fill) -> Path:
+        """The file of ``version`` written by ``fill(part_path)`` on a thread (a collective
+        transfer's receiver); on any failure no file is left."""
+        part = self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
+        try:
+            await asyncio.to_thread(fill, part)
+            final = self._final(version)
+            part.replace(final)
+        except BaseException as e:
+            part.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise storage_error(e) from e
+            raise
+        return final
+
+    async def _write(self, chunks: AsyncIterator[bytes], part: Path) -> tuple[str, int]:
+        """``(sha256, size)`` of ``chunks`` written to ``part``; hashing and disk writes run
+        on a writer thread (both release the GIL), overlapping with receiving more chunks."""
+        writer = _HashingWriter(part)
+        size = 0
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_upload_bytes:
+                    raise ApiError(
+                        413,
+                        "resource_exhausted",
+                        f"upload exceeds the limit {self.max_upload_bytes}",
+                    )
+                await writer.put(chunk)
+        except ApiError:
+            writer.abort()
+            raise
+        except OSError as e:
+            writer.abort()
+            raise storage_error(e) from e
+        except Exception as e:  # the client went away mid-body
+            writer.abort()
+            raise ApiError(
+                400,
+                "upload_interrupted",
+                f"upload interrupted after {size} bytes ({type(e).__name__})",
+                "body",
+            ) from e
+        try:
+            return await writer.finish(), size
+        except OSError as e:
+            raise storage_error(e) from e
+
+
+def storage_error(e: OSError) -> ApiError | OSError:
+    """Disk full / file too large / quota -> 507 Insufficient Storage; other I/O errors as is."""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return ApiError(507, "insufficient_storage", f"no space to store the upload: {e.strerror}")
+    return e
+
+
+class _HashingWriter:
+    """Write + sha256 on a thread, fed in ~4 MiB batches through a bounded queue."""
+
+    BATCH = 4 << 20
+
+    def __init__(self, path: Path) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=8)
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._hash = hashlib.sha256()
+        self._error: BaseException | None = None
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while (block := self._q.get()) is not None:
+                self._hash.update(block)
+                self._file.write(block)
+        except BaseException as e:
+            self._error = e
+            while self._q.get() is not None:  # drain so producers never block
+                pass
+        finally:
+            self._file.close()
+
+    async def put(self, chunk: bytes) -> None:
+        if self._error is not None:  # e.g. the disk filled up: stop reading the upload
+            raise self._error
+        self._buf.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self.BATCH:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if self._buf:
+            block = b"".join(self._buf)
+            self._buf, self._buffered = [], 0
+            await asyncio.to_thread(self._q.put, block)
+
+    async def finish(self) -> str:
+        await self._flush()
+        await asyncio.to_thread(self._q.put, None)
+        await asyncio.to_thread(self._thread.join)
+        if self._error is not None:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        self._buf.clear()
+        self._q.put(None)
+        self._thread.join()
