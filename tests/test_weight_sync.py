@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pr2_serve.core.types import EngineInfo
 from pr2_serve.engine import rollout_engine as engine_mod
+from pr2_serve.service.readiness import Phase
 from pr2_serve.service.rollout_service import MODEL_DIR_SOURCE, RolloutService
 from trainer.rollouts import weight_agreement as sync
 
@@ -61,9 +62,9 @@ def _engine(model_dir: Path, state_dir: Path, monkeypatch):
 
 def _service(model_dir, state_dir, monkeypatch, fresh=False) -> tuple[RolloutService, str]:
     service = RolloutService(_engine(model_dir, state_dir, monkeypatch), state_dir, "key")
-    service.canary = _NoCanary
+    service.updates.canary = _NoCanary
     said = service.restore_committed(fresh)
-    service.ready = True
+    service.readiness.phase = Phase.SERVING
     return service, said
 
 
@@ -76,7 +77,7 @@ def _push(service: RolloutService, tensors: dict, version: int, tmp: Path) -> No
         yield body
 
     sha = hashlib.sha256(body).hexdigest()
-    asyncio.run(service.push_weights(version, chunks(), sha, len(body), "http"))
+    asyncio.run(service.updates.push_weights(version, chunks(), sha, len(body), "http"))
 
 
 def _fp(info: dict) -> tuple[str, str]:

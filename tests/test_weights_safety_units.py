@@ -259,11 +259,12 @@ def test_grpc_unexpected_errors_are_internal_with_a_type(tmp_path):
 
     from pr2_serve.api.grpc_server import RolloutServicer, pb2
     from pr2_serve.service.errors import TYPE_METADATA_KEY
+    from pr2_serve.service.readiness import Phase
     from pr2_serve.service.rollout_service import RolloutService
 
     service = RolloutService(FakeEngine(fail=RuntimeError("boom")), tmp_path, "key")
     service.warm_up = lambda: None
-    service.ready = True
+    service.readiness.phase = Phase.SERVING
     servicer, ctx = RolloutServicer(service), _Context()
 
     async def call():

@@ -162,7 +162,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                 raise ApiError(
                     400, "invalid_argument", f"version must be >= {MIN_WEIGHT_VERSION}", "version"
                 )
-            res = await self.service.push_weights(
+            res = await self.service.updates.push_weights(
                 header.version,
                 _chunks(request_iterator),
                 header.sha256,
@@ -179,7 +179,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
             self.service.check_auth(meta.get("authorization"))
             if request.version < 0:
                 raise ApiError(400, "invalid_argument", "version must be >= 0", "version")
-            res = await self.service.rollback(request.version, "grpc")
+            res = await self.service.updates.rollback(request.version, "grpc")
             return pb2.UpdateWeightsResponse(**res)
         except Exception as e:
             await self._abort(context, e)
@@ -192,7 +192,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                 raise ApiError(
                     400, "invalid_argument", f"version must be >= {MIN_WEIGHT_VERSION}", "version"
                 )
-            res = await self.service.load_weights(request.version, request.path, "grpc")
+            res = await self.service.updates.load_weights(request.version, request.path, "grpc")
             return pb2.UpdateWeightsResponse(**res)
         except Exception as e:
             await self._abort(context, e)
@@ -201,7 +201,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
         try:
             self._auth(context)
             req = _validated(TransferInitRequest, transfer_init_fields(request))
-            return pb2.TransferInitResponse(**await self.service.transfer_init(req))
+            return pb2.TransferInitResponse(**await self.service.updates.transfer_init(req))
         except Exception as e:
             await self._abort(context, e)
 
@@ -218,7 +218,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                 "shapes": [list(s.dims) for s in request.shapes],
             }
             req = _validated(TransferRequest, fields)
-            res = await self.service.transfer_weights(request.version, req, "grpc")
+            res = await self.service.updates.transfer_weights(request.version, req, "grpc")
             return pb2.UpdateWeightsResponse(**res)
         except Exception as e:
             await self._abort(context, e)

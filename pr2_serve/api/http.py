@@ -177,7 +177,7 @@ def add_health_routes(app: FastAPI, service: RolloutService) -> None:
         """200 ``{"status": "ready", "weight_version": 3}`` once the engine has loaded and
         the served weights pass the canary; 503 ``{"status": "not ready", "reason": ...}``
         before, if the engine failed, or while the served weights fail the canary."""
-        ready, body = service.readiness()
+        ready, body = service.ready_body()
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/v1/info", response_model=Info, responses=ERRORS)
@@ -263,7 +263,7 @@ def add_weights_route(app: FastAPI, service: RolloutService) -> None:
         """
         service.check_auth(authorization)
         length = request.headers.get("content-length")
-        return await service.push_weights(
+        return await service.updates.push_weights(
             version,
             request.stream(),
             x_content_sha256,
@@ -286,7 +286,7 @@ def add_rollback_route(app: FastAPI, service: RolloutService) -> None:
         that is not kept.
         """
         service.check_auth(authorization)
-        return await service.rollback(version, "http")
+        return await service.updates.rollback(version, "http")
 
 
 def add_load_route(app: FastAPI, service: RolloutService) -> None:
@@ -315,7 +315,7 @@ def add_load_route(app: FastAPI, service: RolloutService) -> None:
             body = LoadWeightsRequest.model_validate_json(await request.body())
         except ValidationError as e:
             raise from_validation(e.errors()) from None
-        return await service.load_weights(version, body.path, "http")
+        return await service.updates.load_weights(version, body.path, "http")
 
 
 def add_transfer_routes(app: FastAPI, service: RolloutService) -> None:
@@ -343,7 +343,7 @@ def add_transfer_routes(app: FastAPI, service: RolloutService) -> None:
         could not be formed within ``timeout_s``.
         """
         service.check_auth(authorization)
-        return await service.transfer_init(await parse(request, TransferInitRequest))
+        return await service.updates.transfer_init(await parse(request, TransferInitRequest))
 
     @app.post(
         "/v1/weights/transfer/{version}",
@@ -362,7 +362,7 @@ def add_transfer_routes(app: FastAPI, service: RolloutService) -> None:
         """
         service.check_auth(authorization)
         req = await parse(request, TransferRequest)
-        return await service.transfer_weights(version, req, "http")
+        return await service.updates.transfer_weights(version, req, "http")
 
 
 def add_metrics_route(app: FastAPI, service: RolloutService) -> None:

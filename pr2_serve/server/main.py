@@ -108,7 +108,7 @@ def ready_line(service: RolloutService, host: str, http_port: int, grpc_port: in
     version = service.engine.weight_version
     if service.is_ready():
         return f"pr2-serve ready {where} weight_version={version}"
-    return f"pr2-serve not ready {where} weight_version={version}: {service.readiness()[1]}"
+    return f"pr2-serve not ready {where} weight_version={version}: {service.ready_body()[1]}"
 
 
 async def serve(cfg: ServerConfig, state_dir: Path) -> None:
@@ -144,7 +144,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
             await asyncio.sleep(0.05)
         await load_engine(service, cfg, state_dir)
         await set_serving(grpc_server, service.is_ready())
-        service.on_fitness = lambda ok: loop.create_task(set_serving(grpc_server, ok))
+        service.readiness.on_fitness = lambda ok: loop.create_task(set_serving(grpc_server, ok))
         http_port = http.servers[0].sockets[0].getsockname()[1]
         print(ready_line(service, cfg.host, http_port, grpc_server.pr2_port), flush=True)
         await stop.wait()

@@ -6,7 +6,8 @@ them:
 - **Generate:** a :class:`GenerateRequest` is admitted (ready, healthy, not too many in
   flight), checked against the model and the limits (:mod:`.validate`, errors naming the
   field), then submitted to the engine thread; engine errors map through :mod:`.errors`.
-- **Weight push** (:mod:`.updates`): the upload is streamed to disk, hashed and size-limited by the
+- **Weight push** (:class:`~.updates.WeightUpdates`, held as ``service.updates``): the upload
+  is streamed to disk, hashed and size-limited by the
   :class:`WeightStore`, checked by the engine (every tensor's name, shape, dtype, and every
   value finite) and only then applied between steps; the :class:`Canary` then runs on the new
   weights before any request does, and on a problem the engine restores the previous weights
@@ -21,7 +22,8 @@ them:
   weights -- not only the same version number.
 - **Fitness:** the served weights must pass the canary (at start, after each change, and again
   whenever a sample comes out non-finite); until they do the service is not ready and refuses
-  generates with 503, while pushes and rollbacks are still taken.
+  generates with 503, while pushes and rollbacks are still taken (:mod:`.readiness`: the one
+  state every admission asks).
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from typing import TYPE_CHECKING
 from pr2_serve.api.schemas import GenerateRequest
 from pr2_serve.core.types import Rollout, StreamEvent
 from pr2_serve.server.server_config import Limits
-from pr2_serve.service.canary import Canary, output_problem
-from pr2_serve.service.collective_receive import TransferControl
+from pr2_serve.service.canary import output_problem
 from pr2_serve.service.errors import ENGINE_ERRORS, ApiError, from_engine
 from pr2_serve.service.metrics import Metrics
+from pr2_serve.service.readiness import Phase, Readiness
 from pr2_serve.service.updates import WeightUpdates
 from pr2_serve.service.validate import validate
 from pr2_serve.service.weight_store import WeightStore
@@ -53,8 +55,9 @@ __all__ = ["MODEL_DIR_SOURCE", "RolloutService"]
 MODEL_DIR_SOURCE = "model directory"  # Info.weight_source of version 0
 
 
-class RolloutService(WeightUpdates):
-    """One engine behind HTTP and gRPC (see module docstring)."""
+class RolloutService:
+    """One engine behind HTTP and gRPC (see module docstring); its weight changes are
+    ``self.updates``."""
 
     def __init__(
         self,
@@ -67,38 +70,42 @@ class RolloutService(WeightUpdates):
         weights_dir: str | None = None,
         weight_transfer: bool = False,
     ) -> None:
-        self.engine = engine
+        self.engine: RolloutEngine | None = None
         self.api_key = api_key
-        self.weights_dir = weights_dir  # what POST /v1/weights/load may read (None: disabled)
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.store = WeightStore(state_dir, self.limits.max_upload_bytes, keep_versions)
-        self.ready = False  # loaded, restored, warm-up answered
-        self.unfit: str | None = None  # why the served weights fail the canary
-        self.on_fitness: Callable[[bool], object] | None = None  # e.g. gRPC health
-        self._push_lock = asyncio.Lock()
+        self.readiness = Readiness()  # phase, canary fitness (on_fitness: e.g. gRPC health)
+        self.updates = WeightUpdates(
+            self.store,
+            self.readiness,
+            self.metrics,
+            self._note_served,
+            weights_dir,
+            weight_transfer,
+        )
         self._recheck: asyncio.Task | None = None
         self._inflight = 0
         self.served: dict = {}  # fingerprints and source of the committed weights (`_note_served`)
-        self.restoring = False  # info() must not report the model directory's version meanwhile
         self.store.clean()
-        # collective weight transfers (.transfer), opt-in: pr2-serve --enable-weight-transfer
-        self.transfer = TransferControl(engine, enabled=weight_transfer)
+        if engine is not None:
+            self.attach(engine)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def attach(self, engine: RolloutEngine) -> None:
         """Serve ``engine`` (the server starts answering liveness before the model loads)."""
         self.engine = engine
-        self.transfer.engine = engine
+        self.updates.attach(engine)
+        self.readiness.phase = Phase.WARMING
 
     def restore_committed(self, fresh: bool = False) -> str:
         """Re-apply the last committed weights (if any; ``fresh``: forget them) and say which
         state the server starts from (one log line)."""
-        self.restoring = True
+        self.readiness.phase = Phase.RESTORING  # info() must not report version 0 meanwhile
         try:
             return self._restore(fresh)
         finally:
-            self.restoring = False
+            self.readiness.phase = Phase.WARMING
 
     def _restore(self, fresh: bool) -> str:
         where = self.store.state_dir
@@ -130,49 +137,34 @@ class RolloutService(WeightUpdates):
             "predictor_norm": fp["predictor_norm"],
         }
 
-    def canary(self) -> Canary:
-        """A fresh canary for the served model."""
-        return Canary(self.engine.info)
-
     def warm_up(self) -> None:
         """Answer the canary end to end; the server is ready after this (not ready while the
         served weights fail it)."""
-        c = self.canary()
+        c = self.updates.canary()
         try:
             self._set_fitness(c.check(self.engine.generate(c.prompts, c.sampling)))
         except ENGINE_ERRORS as e:  # a failed step: not servable, but pushes are taken
             self._set_fitness(f"the canary generate failed: {e}")
-        self.ready = True
+        self.readiness.phase = Phase.SERVING
 
     def _set_fitness(self, problem: str | None) -> None:
-        was = self.unfit is None
-        version = self.engine.weight_version
-        self.unfit = None if problem is None else f"weight version {version}: {problem}"
-        if self.on_fitness is not None and was != (self.unfit is None):
-            self.on_fitness(self.unfit is None)
+        self.readiness.set_fitness(problem, self.engine.weight_version)
 
     def is_ready(self) -> bool:
         """Loaded, warmed up, healthy and the served weights pass the canary: serving."""
-        return self.ready and self.unfit is None and self.engine.healthy()
+        return self.readiness.serving(self.engine)
 
-    def readiness(self) -> tuple[bool, dict]:
+    def ready_body(self) -> tuple[bool, dict]:
         """``/readyz``: whether serving, and the body saying so (or why not)."""
-        if self.is_ready():
+        why = self.readiness.reason(self.engine)
+        if why is None:
             return True, {"status": "ready", "weight_version": self.engine.weight_version}
-        if not self.ready or self.engine is None:
-            return False, {"status": "not ready", "reason": "loading"}
-        if not self.engine.healthy():
-            return False, {"status": "not ready", "reason": "the engine has failed"}
-        reason = f"the served weights fail the canary ({self.unfit}): push or roll back"
-        return False, {"status": "not ready", "reason": reason}
+        return False, {"status": "not ready", "reason": why}
 
     def info(self) -> dict:
         """Model facts and the weight version being served: the fields of ``Info`` (HTTP
         :class:`~.schemas.Info`, gRPC ``pb2.Info``)."""
-        if self.engine is None:
-            raise ApiError(503, "unavailable", "the model is still loading")
-        if self.restoring:
-            raise ApiError(503, "unavailable", "restoring the committed weights")
+        self.readiness.require_info(self.engine)
         i = self.engine.info
         if not self.served:  # an engine attached without restore_committed
             self._note_served(MODEL_DIR_SOURCE if self.engine.weight_version == 0 else "unknown")
@@ -206,20 +198,8 @@ class RolloutService(WeightUpdates):
             raise ApiError(401, "unauthenticated", "missing or wrong bearer token")
 
     # -- generate -------------------------------------------------------------------------------
-    def _require_loaded(self) -> None:
-        if not self.ready or self.engine is None:
-            raise ApiError(503, "unavailable", "the engine is not ready")
-
     def _admit(self) -> None:
-        self._require_loaded()
-        if not self.engine.healthy():
-            raise ApiError(503, "unavailable", "the engine has failed")
-        if self.unfit is not None:
-            raise ApiError(
-                503,
-                "unavailable",
-                f"the served weights fail the canary ({self.unfit}): push or roll back",
-            )
+        self.readiness.admit(self.engine)
         if self._inflight >= self.limits.max_queued_jobs:
             raise ApiError(429, "resource_exhausted", "too many requests in flight")
 
@@ -282,8 +262,8 @@ class RolloutService(WeightUpdates):
         raise ApiError(500, "non_finite_output", f"the model produced {problem}")
 
     async def _run_canary(self) -> None:
-        async with self._push_lock:  # the weights the canary sees are the served ones
-            c = self.canary()
+        async with self.updates.lock:  # the weights the canary sees are the served ones
+            c = self.updates.canary()
             try:
                 rollouts = await asyncio.wrap_future(self.engine.submit(c.prompts, c.sampling))
             except ENGINE_ERRORS as e:

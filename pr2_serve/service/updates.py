@@ -1,5 +1,6 @@
-"""How the served weights change, for :class:`~.service.RolloutService`: a push (an upload), a
-load from a path (``--weights-dir``), a collective transfer (:mod:`.transfer`) and a rollback.
+"""How the served weights change, held by :class:`~.rollout_service.RolloutService`: a push (an
+upload), a load from a path (``--weights-dir``), a collective transfer (:mod:`.collective_receive`)
+and a rollback.
 
 Every change goes one way (:meth:`WeightUpdates._update`): its files are received into the
 :class:`~.weight_store.WeightStore`, checked by the engine (names, shapes, dtypes, every value
@@ -12,13 +13,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pr2_serve.core.served_checkpoint import require_newer
-from pr2_serve.service.collective_receive import TransferInitRequest, TransferRequest
+from pr2_serve.service.canary import Canary
+from pr2_serve.service.collective_receive import (
+    TransferControl,
+    TransferInitRequest,
+    TransferRequest,
+)
 from pr2_serve.service.errors import ENGINE_ERRORS, ApiError, from_engine
 from pr2_serve.service.load_path import files_to_load, resolve_load_path
+from pr2_serve.service.metrics import Metrics
+from pr2_serve.service.readiness import Readiness
+from pr2_serve.service.weight_store import WeightStore
+
+if TYPE_CHECKING:
+    from pr2_serve.engine.rollout_engine import RolloutEngine
 
 __all__ = ["WeightUpdates", "served_as"]
 
@@ -29,8 +42,36 @@ def served_as(source: str, version: int) -> str:
 
 
 class WeightUpdates:
-    """The weight-changing half of the service (its state lives on the service: ``engine``,
-    ``store``, ``transfer``, ``weights_dir``, ``metrics``, the push lock)."""
+    """Every change of the served weights, one at a time (``lock``). ``engine``: set when the
+    model has loaded (:meth:`attach`); ``on_served(source)``: told of each committed version."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        readiness: Readiness,
+        metrics: Metrics,
+        on_served: Callable[[str], None],
+        weights_dir: str | None = None,
+        weight_transfer: bool = False,
+    ) -> None:
+        self.engine: RolloutEngine | None = None
+        self.store, self.readiness, self.metrics = store, readiness, metrics
+        self.on_served = on_served
+        self.weights_dir = weights_dir  # what POST /v1/weights/load may read (None: disabled)
+        self.lock = asyncio.Lock()  # one change at a time; the canary re-check takes it too
+        # collective weight transfers, opt-in: pr2-serve --enable-weight-transfer
+        self.transfer = TransferControl(None, enabled=weight_transfer)
+
+    def attach(self, engine: RolloutEngine) -> None:
+        self.engine = engine
+        self.transfer.engine = engine
+
+    def canary(self) -> Canary:
+        """A fresh canary for the served model."""
+        return Canary(self.engine.info)
+
+    def _require_loaded(self) -> None:
+        self.readiness.require_loaded(self.engine)
 
     # -- weight push and rollback -----------------------------------------------------------------
     async def push_weights(
@@ -66,7 +107,7 @@ class WeightUpdates:
     async def transfer_init(self, req: TransferInitRequest) -> dict:
         """Join the trainer's weight-transfer group (:mod:`.transfer`)."""
         self._require_loaded()
-        async with self._push_lock:
+        async with self.lock:
             return await asyncio.to_thread(self.transfer.init, req)
 
     async def transfer_weights(self, version: int, req: TransferRequest, protocol: str) -> dict:
@@ -90,7 +131,7 @@ class WeightUpdates:
         """Receive ``version``'s files, check and apply them with the canary, commit; on any
         failure the received files are removed and the previous weights serve on."""
         self._require_loaded()
-        async with self._push_lock:
+        async with self.lock:
             try:
                 require_newer(version, self.engine.weight_version)
             except ENGINE_ERRORS as e:
@@ -121,7 +162,7 @@ class WeightUpdates:
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
             self.store.commit(files, version, source=source)
-            await asyncio.to_thread(self._note_served, served_as(source, version))
+            await asyncio.to_thread(self.on_served, served_as(source, version))
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
             return {
@@ -138,7 +179,7 @@ class WeightUpdates:
         """Serve kept version ``target`` (0: the model directory) again, as the next version
         number (versions never go back; samples report the new number)."""
         self._require_loaded()
-        async with self._push_lock:
+        async with self.lock:
             kept = dict(self.store.kept())
             if target != 0 and target not in kept:
                 have = ", ".join(str(v) for v in [*kept, 0])
@@ -154,7 +195,7 @@ class WeightUpdates:
             result, canary = await self._apply(files, version, replace=True)
             self.store.commit(files, version, replace=True, source=f"rollback to {target}")
             to = "the model directory" if target == 0 else f"version {target}"
-            await asyncio.to_thread(self._note_served, f"version {version}: rolled back to {to}")
+            await asyncio.to_thread(self.on_served, f"version {version}: rolled back to {to}")
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, 0, seconds)
             return {
@@ -174,7 +215,7 @@ class WeightUpdates:
         canary = self.canary()
         fut = self.engine.commit_update(files, version, canary=canary, replace=replace)
         result = await self._engine_call(asyncio.wrap_future(fut))
-        self._set_fitness(None)
+        self.readiness.set_fitness(None, version)
         self.metrics.weight_version.set(version)
         return result, canary
 
