@@ -26,7 +26,6 @@ import os
 import queue
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,21 +36,20 @@ import torch
 from pr2_serve.core.fingerprint import ServedFingerprints
 from pr2_serve.core.route_protocol import route_dtype
 from pr2_serve.core.served_checkpoint import (
-    CanaryError,
     WeightTable,
-    WeightValidationError,
     checkpoint_files,
     require_newer,
 )
 from pr2_serve.core.types import EngineStepError, Rollout, Sampling, StreamEvent, UpdateResult
 from pr2_serve.engine.jobs import Job, Jobs, Update, check_prompt
+from pr2_serve.engine.live_apply import DEFAULT_UNDO_LIMIT
 from pr2_serve.engine.vllm_setup import build_llm_engine, engine_info
+from pr2_serve.engine.weight_apply import WeightApply
 
 # the values it takes and returns live in .types (``Sampling`` re-exported for convenience)
 __all__ = ["RolloutEngine", "Sampling"]
 
 MAX_STEP_FAILURES = 3  # consecutive failed steps mean the engine itself is broken
-CANARY_MAX_STEPS = 256  # a canary job (a few short greedy prompts) finishes well within this
 
 
 @dataclass
@@ -64,7 +62,7 @@ class _CheckedUpdate(Update):
     replace: bool = False
 
 
-class RolloutEngine:
+class RolloutEngine(WeightApply):
     """vLLM engine serving a PR2 model (see module docstring).
 
     Args:
@@ -94,6 +92,7 @@ class RolloutEngine:
         state_dir: str | os.PathLike | None = None,
         kv_cache_gib: int = 1,
         plugin: bool = True,
+        undo_limit: int = DEFAULT_UNDO_LIMIT,
         **engine_kwargs: Any,
     ) -> None:
         self.model_dir = str(Path(model_dir).resolve())
@@ -106,6 +105,7 @@ class RolloutEngine:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.weight_version = 0
         self.plugin = plugin
+        self.undo_limit = undo_limit  # bytes a live update keeps to undo itself
         self._llm = build_llm_engine(
             self.model_dir,
             config,
@@ -338,67 +338,6 @@ class RolloutEngine:
         for out in outputs:
             self._jobs.on_output(out)
         return True
-
-    def _apply_update(self, upd: Update) -> None:
-        try:
-            require_newer(upd.version, self.weight_version)
-            base = self._base_files if upd.replace else self._files
-            files = {**base, **upd.files}
-            if upd.replace:  # predictors the set lacks are zero, not left as they are
-                files = self._weights.with_zero_predictors(files, self.state_dir)
-            reload_s = self._reload(files)
-            problem = self._run_canary(upd.canary, upd.version) if upd.canary else None
-            if problem is not None:  # back to the previous weights (a complete set)
-                self._files = self._weights.with_zero_predictors(self._files, self.state_dir)
-                self._reload(self._files)
-                raise CanaryError(f"the canary generate failed on the new weights: {problem}")
-            self._files = files
-            self.weight_version = upd.version
-            self._llm.set_weight_version(str(upd.version))
-            seconds = time.perf_counter() - upd.submitted
-            upd.future.set_result(
-                UpdateResult(
-                    weight_version=upd.version,
-                    num_tensors=upd.num_tensors,
-                    seconds=seconds,
-                    reload_seconds=reload_s,
-                )
-            )
-        except WeightValidationError as e:
-            upd.future.set_exception(e)
-
-    def _reload(self, files: dict[str, str]) -> float:
-        """Reload every weight from ``files``, flush the prefix cache and zero the KV cache;
-        the seconds it took."""
-        t0 = time.perf_counter()
-        self._llm.collective_rpc("pr2_reload_weights", args=(files,))
-        if not self._llm.reset_prefix_cache():
-            # Never serve KV computed by the old weights; nothing runs now, so this is a bug.
-            raise RuntimeError("prefix cache could not be flushed after a weight update")
-        # Weights that made NaN/Inf leave them in KV slots; attention reads stale slots of a
-        # reused block (masked, but NaN x 0 is NaN), so later requests would come out NaN.
-        self._llm.collective_rpc("pr2_zero_kv_caches")
-        return time.perf_counter() - t0
-
-    def _run_canary(self, canary, version: int) -> str | None:
-        """Generate the canary's prompts on the weights just loaded, before any other request
-        starts (none is running); the problem ``canary.check`` finds, or None."""
-        t0 = time.perf_counter()
-        job = Job(list(canary.prompts), canary.sampling, True, True, cf.Future())
-        self._jobs.start(job, version)
-        for _ in range(CANARY_MAX_STEPS):
-            if job.future.done():
-                break
-            self._step()
-        if not job.future.done():
-            self._jobs.abort(job)
-            problem = f"it did not finish in {CANARY_MAX_STEPS} steps"
-        elif (exc := job.future.exception()) is not None:
-            problem = f"generate failed: {exc}"
-        else:
-            problem = canary.check(job.future.result())
-        canary.seconds = time.perf_counter() - t0
-        return problem
 
     def _fail_all(self, waiting: list[Job], updates: list[Update], exc: BaseException) -> None:
         jobs = waiting + (self._jobs.jobs() if self._jobs is not None else [])

@@ -46,7 +46,7 @@ def reload_all_weights(model_runner, files: dict[str, str]) -> None:
     """Reload the runner's model from ``{name: file}`` (every weight of the model)."""
     with quiet_reload_logs():
         model_runner.reload_weights(weights_iterator=iter_safetensors(files))
-    _redo_cpu_moe_prepack(model_runner.get_model())
+    redo_cpu_moe_prepack(model_runner.get_model())
 
 
 class ReloadNoise(logging.Filter):
@@ -78,10 +78,18 @@ def _float_cast(record: logging.LogRecord) -> bool:
     )
 
 
+class LiveNoise(ReloadNoise):
+    """:class:`ReloadNoise`, and "X: Failed to load weights" of any layer: a live update
+    (:mod:`.live_update`) feeds only the layers it changes, the others keep their tensors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) and record.msg != "%s: Failed to load weights"
+
+
 @contextmanager
-def quiet_reload_logs():
-    """:class:`ReloadNoise` on vLLM's reload loggers while the block runs."""
-    noise = ReloadNoise()
+def quiet_reload_logs(noise: logging.Filter | None = None):
+    """``noise`` (default :class:`ReloadNoise`) on vLLM's reload loggers while the block runs."""
+    noise = noise or ReloadNoise()
     loggers = [logging.getLogger(name) for name in RELOAD_LOGGERS]
     for logger in loggers:
         logger.addFilter(noise)
@@ -92,14 +100,22 @@ def quiet_reload_logs():
             logger.removeFilter(noise)
 
 
-def _redo_cpu_moe_prepack(model: torch.nn.Module) -> None:
+def quiet_live_logs():
+    """:func:`quiet_reload_logs` with :class:`LiveNoise`."""
+    return quiet_reload_logs(LiveNoise())
+
+
+def redo_cpu_moe_prepack(model: torch.nn.Module, roots: list | None = None) -> None:
+    """Redo the CPU MoE prepack of the MoE layers under ``roots`` (default: the whole model):
+    only layers just reloaded (prepacking packed weights again would scramble them)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-    for module in model.modules():
+    modules = {id(m): m for root in (roots or [model]) for m in root.modules()}
+    for module in modules.values():
         kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
         experts = getattr(kernel, "fused_experts", None)
         if isinstance(experts, CPUUnquantizedExperts):

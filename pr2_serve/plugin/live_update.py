@@ -1,0 +1,301 @@
+"""Apply a weight update to the live model bucket by bucket, with an undo (inside the worker).
+
+One update is one :class:`LiveUpdate` session, vLLM's layerwise reload lifecycle as its NCCL
+receiver drives it: ``initialize_layerwise_reload`` (every layer's tensors kept aside, the layer
+put on the meta device, its weight loaders deferred), then ``model.load_weights`` per bucket (a
+layer whose tensors have all arrived is processed and copied into its original storage at once,
+while the next bucket is on the wire), then the tensors a partly updated unit still lacks (read
+from the files served now), ``finalize_layerwise_reload`` and the CPU MoE prepack of the layers
+it reloaded (:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`). Every bucket is checked
+before it is loaded: every value finite, naming each bad tensor.
+
+Undo: before a bucket touches a *unit* (the deepest model module whose name is a dotted prefix of
+a tensor's checkpoint name: one layer's attention, its experts, the embedding...), the unit's
+state is saved: a copy of each tensor the reload may overwrite (up to ``undo_limit`` bytes) and
+its modules' other attributes (on the CPU build a linear layer's packed weights live in its
+``cpu_linear`` closure, which a reload replaces; the saved closure keeps the old one). :meth:`abort`
+puts the kept tensors back into the layers not yet processed and restores the saved units: the
+model is bit for bit what it was. Past ``undo_limit`` nothing more is saved and ``abort`` returns
+False: the caller reloads the files of the version served before (they are durable).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from pr2_serve.core.served_checkpoint import check_finite
+from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
+
+__all__ = ["LiveUpdate", "unit_of"]
+
+SKIPPED = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+
+
+def unit_of(name: str, modules: set[str]) -> str:
+    """The deepest name in ``modules`` that is a dotted prefix of ``name`` ('' if none)."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:k])
+        if prefix in modules:
+            return prefix
+    return ""
+
+
+def _kernel_tensors(module: torch.nn.Module) -> tuple[dict, dict]:
+    """``(params, buffers)`` the module serves with: the ones the layerwise reload set aside
+    while it runs, else the module's own."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    info = LAYERWISE_INFO.get(module)
+    if info is not None and info.kernel_tensors is not None:
+        params, buffers = info.kernel_tensors
+        return dict(params), dict(buffers)
+    return (
+        {k: v for k, v in module._parameters.items() if v is not None},
+        {k: v for k, v in module._buffers.items() if v is not None},
+    )
+
+
+class _Saved:
+    """One module's state before the update (see module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, keep_values: bool) -> None:
+        self.module = module
+        self.params, self.buffers = _kernel_tensors(module)
+        self.attrs = {k: v for k, v in vars(module).items() if k not in SKIPPED}
+        tensors = [*self.params.values(), *self.buffers.values()]
+        self.values = [(t, t.detach().clone()) for t in tensors] if keep_values else []
+
+    @staticmethod
+    def nbytes(module: torch.nn.Module) -> int:
+        params, buffers = _kernel_tensors(module)
+        return sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
+
+    def restore(self) -> None:
+        for t, old in self.values:
+            if t.shape == old.shape and t.dtype == old.dtype:
+                t.data.copy_(old)
+            else:  # processing replaced its data (a dtype change): put the old data back
+                t.data = old
+        m = self.module
+        for table, kept in ((m._parameters, self.params), (m._buffers, self.buffers)):
+            for name in [k for k, v in table.items() if v is not None and k not in kept]:
+                del table[name]  # made while processing (e.g. a replaced parameter's twin)
+            table.update(kept)
+        vars(m).update(self.attrs)
+
+
+class Undo:
+    """The saved state of every unit an update touched, up to ``limit`` bytes of copies."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.nbytes = 0
+        self.complete = True
+        self.saved: list[_Saved] = []
+        self._seen: set[int] = set()
+
+    def save(self, unit: torch.nn.Module) -> None:
+        for module in unit.modules():
+            if id(module) in self._seen:
+                continue
+            self._seen.add(id(module))
+            size = _Saved.nbytes(module)
+            if self.complete and self.nbytes + size > self.limit:
+                self.complete, self.saved = False, []  # past the bound: the caller reloads
+            if self.complete:
+                self.nbytes += size
+                self.saved.append(_Saved(module, keep_values=True))
+
+    def restore(self) -> bool:
+        for saved in reversed(self.saved):
+            saved.restore()
+        return self.complete
+
+
+class LiveUpdate:
+    """One update of the live model (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, model_config, undo_limit: int) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        self.model, self.model_config = model, model_config
+        self.modules = dict(model.named_modules())
+        self.undo = Undo(undo_limit)
+        self.units: set[str] = set()
+        self.loaded: set[str] = set()
+        initialize_layerwise_reload(model)
+
+    def apply(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        """Check one bucket (every value finite) and load it into the model."""
+        check_finite(pairs)
+        self._save_units(name for name, _ in pairs)
+        with quiet_live_logs():
+            self.model.load_weights(pairs)
+        self.loaded.update(name for name, _ in pairs)
+
+    def _save_units(self, names: Iterable[str]) -> None:
+        for name in names:
+            unit = unit_of(name, set(self.modules))
+            if unit not in self.units:
+                self.units.add(unit)
+                self.undo.save(self.modules[unit] if unit else self.model)
+
+    def missing(self, current: Mapping[str, str]) -> dict[str, str]:
+        """``{name: file}`` of the served tensors the update did not bring whose unit it
+        touched: a layer must get all of its tensors."""
+        names = set(self.modules)
+        return {
+            n: f
+            for n, f in current.items()
+            if n not in self.loaded and unit_of(n, names) in self.units
+        }
+
+    def finish(self, rest: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load ``rest`` (the served tensors of the touched units the update lacked), finish the
+        layerwise reload and redo the CPU MoE prepack."""
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        with quiet_live_logs():
+            pairs = list(rest)
+            if pairs:
+                self.model.load_weights(pairs)
+            finalize_layerwise_reload(self.model, self.model_config)
+        roots = [self.modules[u] if u else self.model for u in self.units]
+        redo_cpu_moe_prepack(self.model, roots)
+
+    def abort(self) -> bool:
+        """Put the model back as it was before the update; False if the undo passed its bound
+        (the caller must reload the previous version's files)."""
+        _abort_layerwise(self.model)
+        return self.undo.restore()
+
+
+def _abort_layerwise(model: torch.nn.Module) -> None:
+    """Stop a layerwise reload half-way: every layer not yet processed gets its own tensors
+    back (they were never written), nothing is processed."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        LAYERWISE_INFO,
+        LOADING_LAYERS,
+        _place_kernel_tensors,
+    )
+
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            _place_kernel_tensors(layer, info)
+            info.reset()
+    LOADING_LAYERS.clear()
+
+
+# -- the worker's side of an update (``collective_rpc`` with these functions: ``worker`` first) --
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LiveUpdate
+
+
+def live_begin(worker, undo_limit: int) -> None:
+    """Start an update session on this worker's model."""
+    runner = worker.model_runner
+    model = runner.get_model()
+    _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit)
+
+
+def session_of(model: torch.nn.Module) -> LiveUpdate:
+    """The update in progress on ``model`` (a weight-transfer engine applies into it)."""
+    session = _SESSIONS.get(model)
+    if session is None:
+        raise RuntimeError("no weight update in progress on this worker")
+    return session
+
+
+def live_apply_files(worker, files: dict[str, str], bucket_bytes: int) -> int:
+    """Apply ``{name: file}`` in buckets of about ``bucket_bytes`` (the next bucket is read while
+    one is applied); the bytes applied."""
+    from pr2_serve.core.tensor_files import iter_tensors
+
+    session, total = session_of(worker.model_runner.get_model()), 0
+    for bucket in prefetched(buckets_of(iter_tensors(files), bucket_bytes)):
+        session.apply(bucket)
+        total += sum(t.numel() * t.element_size() for _, t in bucket)
+    return total
+
+
+def live_finish(worker, current: dict[str, str]) -> None:
+    """Finish the update (``current``: ``{name: file}`` served now, for the tensors a touched
+    unit still lacks); the routes kept per KV slot belong to the old weights and are dropped."""
+    from pr2_serve.core.tensor_files import iter_tensors
+
+    session = session_of(worker.model_runner.get_model())
+    session.finish(iter_tensors(session.missing(current)))
+    store = getattr(worker, "_pr2_store", None)
+    if store is not None:
+        worker._pr2_rows.flush(store)
+        store.slots[:] = 0
+
+
+def live_abort(worker) -> bool:
+    """Undo the update in progress or finished (the canary failed); False if the undo passed
+    its bound."""
+    session = _SESSIONS.pop(worker.model_runner.get_model(), None)
+    return True if session is None else session.abort()
+
+
+def live_end(worker) -> None:
+    """The update is committed: drop its undo."""
+    _SESSIONS.pop(worker.model_runner.get_model(), None)
+
+
+def buckets_of(pairs: Iterable, bucket_bytes: int):
+    """``pairs`` grouped in order into lists; a list closes once its bytes reach
+    ``bucket_bytes`` (a tensor larger than that travels alone)."""
+    bucket, size = [], 0
+    for name, t in pairs:
+        bucket.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def prefetched(items: Iterable, depth: int = 1):
+    """``items``, produced on a thread up to ``depth`` ahead of the consumer (I/O overlaps with
+    the consumer's work); the producer's error is raised where it happened in the sequence."""
+    import contextlib
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+            q.put((done, None))
+        except BaseException as e:  # handed to the consumer
+            q.put((done, e))
+
+    thread = threading.Thread(target=produce, name="pr2-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.05)

@@ -1,0 +1,190 @@
+"""The live, bucketed weight update (:mod:`pr2_serve.engine.live_apply`,
+:mod:`pr2_serve.plugin.live_update`): equal to the whole-model reload it replaces, and a failed
+update (a NaN in the last bucket, a canary that fails, an undo past its bound) leaves the
+outputs bit for bit as they were. One engine for the module; each test leaves it serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pr2_serve.core.served_checkpoint import CanaryError, NonFiniteWeightsError
+from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
+from pr2_serve.plugin.live_update import buckets_of, prefetched, unit_of
+from pr2_serve.tiny.tiny_model import make_tiny_model
+
+PROMPTS = [[5, 6, 7], list(range(40, 80)), [200, 1, 2, 3, 4, 5, 6, 7, 8]]
+GREEDY = Sampling(temperature=0.0, max_tokens=10)
+SMALL_BUCKETS = 64 << 10  # many buckets on the tiny model
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+def test_unit_of_is_the_deepest_module_prefix():
+    modules = {"model", "model.layers.0", "model.layers.0.self_attn", "model.layers.0.mlp.experts"}
+    assert unit_of("model.layers.0.self_attn.q_proj.weight", modules) == "model.layers.0.self_attn"
+    assert unit_of("model.layers.0.mlp.experts.3.up_proj.weight", modules).endswith("experts")
+    assert unit_of("model.layers.0.mlp.gate.weight", modules) == "model.layers.0"
+    assert unit_of("lm_head.weight", modules) == ""
+    assert unit_of("model.layers.01.x", modules) == "model"  # components, not characters
+
+
+def test_buckets_of_closes_a_bucket_once_full():
+    pairs = [(str(i), torch.zeros(n, dtype=torch.uint8)) for i, n in enumerate([3, 3, 5, 1, 9])]
+    got = [[n for n, _ in b] for b in buckets_of(iter(pairs), 6)]
+    assert got == [["0", "1"], ["2", "3"], ["4"]]
+    assert list(buckets_of(iter([]), 6)) == []
+
+
+def test_prefetched_keeps_order_and_raises_where_the_producer_failed():
+    assert list(prefetched(iter(range(50)))) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("bucket 2 is broken")
+
+    seen = []
+    with pytest.raises(ValueError, match="bucket 2"):
+        for x in prefetched(failing()):
+            seen.append(x)
+    assert seen == [1]
+
+
+def test_prefetched_stops_its_producer_when_the_consumer_leaves():
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    for x in prefetched(items()):
+        if x == 2:
+            break
+    time.sleep(0.2)
+    assert len(produced) < 10
+    assert not [t for t in threading.enumerate() if t.name == "pr2-prefetch"]
+
+
+# -- on a real engine ----------------------------------------------------------------------------
+
+
+class FailingCanary:
+    """A canary whose check always finds a problem (after generating on the new weights)."""
+
+    prompts = ([1, 2, 3],)
+    sampling = Sampling(temperature=0.0, max_tokens=2)
+    seconds = 0.0
+
+    def check(self, rollouts) -> str:
+        return "forced failure"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("live")
+    model = make_tiny_model(root / "model", seed=0, predictor="random")
+    base = load_file(str(model / "model.safetensors"))
+    with RolloutEngine(model, dtype="float32", max_model_len=256, state_dir=root / "s") as e:
+        yield e, base, root
+
+
+def outputs(engine):
+    rs = engine.generate(PROMPTS, GREEDY)
+    return [(r.output_token_ids, list(r.logprobs), r.routes.tobytes()) for r in rs]
+
+
+def write(root, name, tensors) -> dict[str, str]:
+    path = root / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    return dict.fromkeys(tensors, str(path))
+
+
+def live(engine, files, version, **kw):
+    kw.setdefault("bucket_bytes", SMALL_BUCKETS)
+    return engine.apply_live(files, version, **kw).result(120)
+
+
+def moved(base, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in base.items()}
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_live_update_equals_the_whole_reload(setup):
+    engine, base, root = setup
+    files = write(root, "full", moved(base, 0.02, 1))
+    v = engine.weight_version + 1
+    res = live(engine, files, v)
+    assert res.weight_version == v == engine.weight_version
+    a = outputs(engine)
+    engine.update_weights(next(iter(files.values())), v + 1)  # the reload of every weight
+    b = outputs(engine)
+    assert a == b
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_live_partial_update_equals_the_whole_reload(setup):
+    """A subset (the predictors and one attention projection): the rest of a touched layer
+    comes from the served files, untouched layers keep their tensors (and their prepack)."""
+    engine, base, root = setup
+    part = {n: 0.5 * t for n, t in moved(base, 0.02, 2).items() if "predictor" in n}
+    part["model.layers.1.self_attn.q_proj.weight"] = base["model.layers.1.self_attn.q_proj.weight"]
+    files = write(root, "part", part)
+    live(engine, files, engine.weight_version + 1)
+    a = outputs(engine)
+    engine.update_weights(next(iter(files.values())), engine.weight_version + 1)
+    assert outputs(engine) == a
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_nan_in_the_last_bucket_changes_nothing(setup):
+    engine, base, root = setup
+    before, version = outputs(engine), engine.weight_version
+    bad = moved(base, 0.02, 3)
+    last = list(bad)[-1]
+    bad[last].view(-1)[-1] = float("nan")
+    files = write(root, "nan-last", bad)
+    with pytest.raises(NonFiniteWeightsError, match=last.replace(".", r"\.")):
+        live(engine, files, version + 1)
+    assert engine.weight_version == version
+    assert outputs(engine) == before  # bit for bit: tokens, log-probs, routes
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_failed_canary_after_the_last_bucket_restores_everything(setup):
+    engine, base, root = setup
+    before, version = outputs(engine), engine.weight_version
+    files = write(root, "canary", moved(base, 0.05, 4))
+    with pytest.raises(CanaryError, match="forced failure"):
+        live(engine, files, version + 1, canary=FailingCanary())
+    assert engine.weight_version == version
+    assert outputs(engine) == before
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_past_the_undo_bound_the_served_files_are_reloaded(setup):
+    engine, base, root = setup
+    before, version = outputs(engine), engine.weight_version
+    bad = moved(base, 0.02, 5)
+    bad[list(bad)[-1]].view(-1)[0] = float("inf")
+    files = write(root, "inf-last", bad)
+    engine.undo_limit, limit = 1, engine.undo_limit
+    try:
+        with pytest.raises(NonFiniteWeightsError):
+            live(engine, files, version + 1)
+    finally:
+        engine.undo_limit = limit
+    after = outputs(engine)
+    for (t0, l0, r0), (t1, l1, r1) in zip(before, after, strict=True):
+        assert t0 == t1 and r0 == r1
+        assert np.abs(np.array(l0) - np.array(l1)).max() <= 1e-5
