@@ -12,10 +12,14 @@ import torch
 
 import trainer.run.loop as loop
 from pr2_serve.core.routing import selection_scores
+from tests.test_trainer_no_server import Flaky, trainer_on
+from tests.test_trainer_no_server import config as no_server_config
 from tests.test_trainer_rollouts import FakeServer
 from trainer.algo.predictor import predicted_route_agreement
 from trainer.algo.version_metrics import by_staleness
-from trainer.rollouts.async_rollouts import PredictorHistory, Prefetcher, trainer_thread_only
+from trainer.checkpoint import checkpoints
+from trainer.rollouts.async_rollouts import PredictorHistory, Prefetcher
+from trainer.rollouts.server_pool import NoServerLeft
 from trainer.run.config import TrainConfig
 
 
@@ -72,19 +76,48 @@ def test_depth_zero_runs_nothing_ahead():
     pf.close()
 
 
-def test_hook_runs_in_the_trainers_thread_only():
-    calls: list[str] = []
-    hook = trainer_thread_only(lambda msg: calls.append(msg) or "checkpoint written")
-    pf = Prefetcher(depth=1)
-    pf.submit(2, None, lambda: hook("from the background"))
-    assert pf.take(2)[1] is None and calls == []
-    pf.close()
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(hook("another thread")))  # (any but those)
-    t.start()
-    t.join()
-    assert out == ["checkpoint written"]
-    assert hook("here") == "checkpoint written" and calls == ["another thread", "here"]
+class DownInTheBackground(Flaky):
+    """Goes down in its third generate (step 3's, requested ahead while step 2 trains), once
+    step 2's push has landed: the failure happens in the background request only."""
+
+    def __init__(self, model_dir) -> None:
+        super().__init__(model_dir)
+        self.generates, self.pushed_2 = 0, threading.Event()
+
+    def generate(self, *a, **kw):
+        self.generates += 1
+        if self.generates == 3:
+            assert self.pushed_2.wait(60)
+            self.down = True
+        return super().generate(*a, **kw)
+
+    def push_weights(self, path, version: int) -> dict:
+        out = super().push_weights(path, version)
+        if version == 2:
+            self.pushed_2.set()
+        return out
+
+
+@pytest.mark.timeout(300)
+def test_a_background_no_server_left_checkpoints_in_the_trainers_thread(
+    tiny_random, tmp_path, monkeypatch
+):
+    """No server left while a request made ahead runs: the trainer's loop catches it when step
+    3 takes its rollouts and writes step 2's checkpoint, in the trainer's thread."""
+    server, lines, threads = DownInTheBackground(tiny_random), [], []
+    save = checkpoints.save_checkpoint
+
+    def save_here(*a, **kw):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return save(*a, **kw)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_here)
+    cfg = no_server_config(tiny_random, tmp_path, max_staleness=1)
+    t = trainer_on(server, cfg, monkeypatch, lines)
+    with t, pytest.raises(NoServerLeft, match=r"checkpoint-2 \(step 2, weight version 2\)"):
+        t.run()
+    assert threads == [True] and server.version == 2
+    assert checkpoints.read_state(tmp_path / "checkpoint-2")["weight_version"] == 2
 
 
 # -- the predictors by version ---------------------------------------------------------------------

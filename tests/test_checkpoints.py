@@ -21,6 +21,7 @@ from trainer.rollouts.server_pool import ServerPool
 from trainer.run.config import TrainConfig, parse_config
 from trainer.run.distributed import synthetic_batch
 from trainer.run.policy import Policy
+from trainer.run.progress import RunProgress
 
 
 def fill(tmp: Path) -> None:
@@ -86,15 +87,7 @@ def make_trainer(model_dir, out: Path, replay: str = "pr2", **options) -> Simple
     )
     policy = Policy(str(model_dir), seed=0)
     learner = Learner(policy, cfg)
-    return SimpleNamespace(
-        cfg=cfg,
-        learner=learner,
-        policy=policy,
-        version=0,
-        dropped_stale=0,
-        dropped_bad_routes=0,
-        log=print,
-    )
+    return SimpleNamespace(cfg=cfg, learner=learner, policy=policy, progress=RunProgress())
 
 
 def draws() -> tuple:
@@ -112,9 +105,9 @@ def test_round_trip(tiny_random, tmp_path):
     a = make_trainer(tiny_random, tmp_path)
     batch = synthetic_batch(a.policy)
     a.learner.train(batch)  # Adam moments, and a router update to remember (drift cosine)
-    a.version, a.dropped_stale, a.dropped_bad_routes = 7, 3, 1
+    a.progress = RunProgress(version=7, dropped_stale=3, dropped_bad_routes=1)
     random.seed(1), np.random.seed(2), torch.manual_seed(3), draws()
-    path = ck.save_checkpoint(a, step=2)
+    path = ck.save_checkpoint(a.learner, a.cfg, a.progress, step=2)
     assert path == tmp_path / "checkpoint-2"
     names = sorted(p.name for p in path.iterdir())
     want = {"config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json"}
@@ -123,10 +116,10 @@ def test_round_trip(tiny_random, tmp_path):
 
     b = make_trainer(tiny_random, tmp_path)
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    state = ck.load_checkpoint(b, path)
+    state = ck.load_checkpoint(b.learner, b.progress, path)
     assert draws() == expected
     assert state["step"] == 2 and state["weight_version"] == 7
-    assert (b.dropped_stale, b.dropped_bad_routes) == (3, 1)
+    assert (b.progress.dropped_stale, b.progress.dropped_bad_routes) == (3, 1)
     assert_same_weights(a.policy, b.policy)
     # the same next step from both: equal weights only if both Adam states came back
     ma, mb = a.learner.train(batch), b.learner.train(batch)
@@ -137,7 +130,7 @@ def test_round_trip(tiny_random, tmp_path):
     # a checkpoint of another replay mode does not fit (no predictor optimizer in r3)
     c = make_trainer(tiny_random, tmp_path / "r3", replay="r3")
     with pytest.raises(ck.CheckpointError, match=r"predictor_optimizer\.safetensors"):
-        ck.load_checkpoint(c, path)
+        ck.load_checkpoint(c.learner, c.progress, path)
 
 
 @pytest.mark.parametrize(
@@ -156,12 +149,12 @@ def test_round_trip_of_every_predictor_option(tiny_random, tmp_path, options):
     a.learner.train(batch)
     served = a.learner.served_predictors()
     assert any(w.abs().max() > 0 for w in served) or options.get("predictor_scale")
-    path = ck.save_checkpoint(a, step=2)
+    path = ck.save_checkpoint(a.learner, a.cfg, a.progress, step=2)
     saved = load_file(str(path / "model.safetensors"))
     for name, w in zip(a.policy.replay.predictor_state_dict(), served, strict=True):
         assert torch.equal(saved[name], w.cpu()), name
     b = make_trainer(tiny_random, tmp_path, **options)
-    ck.load_checkpoint(b, path)
+    ck.load_checkpoint(b.learner, b.progress, path)
     for x, y in zip(served, b.learner.served_predictors(), strict=True):
         assert torch.equal(x, y)
     assert b.learner.scale.alpha == a.learner.scale.alpha
@@ -175,8 +168,8 @@ def test_round_trip_of_every_predictor_option(tiny_random, tmp_path, options):
 def test_keeps_the_newest(tiny_zero, tmp_path):
     t = make_trainer(tiny_zero, tmp_path, replay="r3")
     for step in (1, 2, 3):
-        t.last_step = step
-        ck.save_checkpoint(t)
+        t.progress.last_step = step
+        ck.save_checkpoint(t.learner, t.cfg, t.progress)
     assert [s for s, _ in ck.checkpoint_dirs(tmp_path)] == [2, 3]
     assert not (tmp_path / "checkpoint-3" / "predictor_optimizer.safetensors").exists()
     assert json.loads((tmp_path / "checkpoint-3" / ck.STATE_JSON).read_text())["step"] == 3
@@ -224,17 +217,17 @@ def test_resync_servers_compares_content_not_only_versions(tmp_path):
     clients = [FakeClient(4, target), FakeClient(2, target)]
     log = []
     pool = ServerPool(clients, ["a", "b"], 4, keep_dir=tmp_path / "keep", log=log.append)
-    cfg = SimpleNamespace(servers=["a", "b"], replay="r3")
-    t = SimpleNamespace(clients=clients, servers=pool, log=log.append, cfg=cfg)
-    assert ck.resync_servers(t, ckpt, 4) == 4  # the one behind gets the checkpoint's number
+    assert (
+        ck.resync_servers(pool, ckpt, 4, "r3", log.append) == 4
+    )  # the one behind gets the checkpoint's number
     assert clients[0].pushed == [] and clients[1].pushed == [4]
     assert pool.version == 4 and pool.weights.name == "weights-v4.safetensors"  # for re-syncs
     clients[0].version = 5  # the dead run got one more push in
-    assert ck.resync_servers(t, ckpt, 4) == 6
+    assert ck.resync_servers(pool, ckpt, 4, "r3", log.append) == 6
     assert [c.version for c in clients] == [6, 6] and pool.version == 6
     assert "version 6" in log[-1]
     clients[1].fps = other  # same version number, other weights (e.g. another run's push)
-    assert ck.resync_servers(t, ckpt, 6) == 7
+    assert ck.resync_servers(pool, ckpt, 6, "r3", log.append) == 7
     pool.close()
     assert [c.fps for c in clients] == [target, target]
 
@@ -261,9 +254,9 @@ def test_options():
 
 
 def test_resume_without_checkpoint(tmp_path):
-    t = SimpleNamespace(cfg=SimpleNamespace(output_dir=str(tmp_path)))
+    cfg = SimpleNamespace(output_dir=str(tmp_path))
     with pytest.raises(ck.CheckpointError, match="no checkpoint-<step> directory"):
-        ck.resume(t)
+        ck.resume(None, cfg, RunProgress(), None)
 
 
 def test_a_checkpoints_weights_are_its_model_file_only(tmp_path):

@@ -80,3 +80,22 @@ def test_the_logged_config_names_the_task_only_for_toy_data(tmp_path):
     data = TrainConfig(servers=["http://x"], dataset=str(tmp_path / "d.jsonl"))
     assert data.to_dict()["task"] is None  # not used with a dataset file
     assert data.to_dict()["api_key"] in (None, "***")
+
+
+def test_replay_mode_is_one_type_with_what_each_mode_does():
+    from trainer.algo.replay_mode import ReplayMode
+
+    cfg = TrainConfig(replay="r2")
+    assert cfg.replay is ReplayMode.R2 and cfg.replay == "r2" and cfg.to_dict()["replay"] == "r2"
+    table = {
+        m.value: (m.replays_server_routes, m.records_old_routes, m.serves_predictor)
+        for m in ReplayMode
+    }
+    assert table == {
+        "none": (False, False, False),
+        "r2": (False, True, False),
+        "r3": (True, False, False),
+        "pr2": (True, False, True),
+    }
+    with pytest.raises(ValueError, match=r"replay must be one of \('none', 'r2', 'r3', 'pr2'\)"):
+        TrainConfig(replay="R3")

@@ -7,6 +7,7 @@ lacks; a failed ``--weight-transfer gloo`` push is handled as a failed HTTP push
 from __future__ import annotations
 
 import json
+import threading
 from types import SimpleNamespace
 
 import httpx
@@ -175,3 +176,27 @@ def test_a_failed_gloo_push_is_handled_as_a_failed_http_push(tiny_random, tmp_pa
     assert rows[1]["stopped"] == "no rollout server left"
     state = checkpoints.read_state(tmp_path / "checkpoint-2")
     assert (state["step"], state["weight_version"]) == (2, 2)
+
+
+@pytest.mark.timeout(300)
+def test_close_closes_everything_the_trainer_opened(tiny_random, tmp_path, monkeypatch):
+    """After a run with requests made ahead and a transfer group: the group, the clients and
+    the request threads are all closed by ``Trainer.close`` (the context's exit)."""
+    closed: list[str] = []
+
+    class Group(BrokenGroup):
+        def close(self) -> None:
+            closed.append("group")
+
+    class Server(Flaky):
+        def close(self) -> None:
+            closed.append("client")
+
+    monkeypatch.setattr(transfer, "CollectivePusher", Group)
+    server, lines = Server(tiny_random), []
+    cfg = config(tiny_random, tmp_path, weight_transfer="gloo", max_staleness=1, steps=2)
+    with trainer_on(server, cfg, monkeypatch, lines) as t:
+        t.run()
+        assert closed == [] and t.collective.pusher is not None
+    assert closed == ["group", "client"] and t.collective.pusher is None
+    assert not [x for x in threading.enumerate() if x.name.startswith("pr2-rollouts")]

@@ -30,6 +30,7 @@ from trainer.algo.ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
 from trainer.algo.predictor import predictor_loss
 from trainer.algo.predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from trainer.algo.replay import RoutingControl
+from trainer.algo.replay_mode import ReplayMode
 from trainer.algo.ridge import RidgeFit
 from trainer.algo.step_metrics import (
     MiniStepLog,
@@ -64,13 +65,13 @@ def group_rows(batch: Batch, gidx: torch.Tensor, device) -> tuple[torch.Tensor, 
 
 
 def replayed_routes(
-    mode: str, server_routes: torch.Tensor, old_routes: torch.Tensor | None
+    mode: ReplayMode, server_routes: torch.Tensor, old_routes: torch.Tensor | None
 ) -> torch.Tensor | None:
     """The routes a forward forces, per mode: the server's (r3, pr2), the old pass's own (r2:
     None in the old pass itself, which records them), none (``none``: natural routing)."""
-    if mode in ("r3", "pr2"):
+    if mode.replays_server_routes:
         return server_routes
-    return old_routes if mode == "r2" else None
+    return old_routes if mode.records_old_routes else None
 
 
 # -- 1. old pass -----------------------------------------------------------------------------------
@@ -84,17 +85,22 @@ class OldPass:
 
 @torch.no_grad()
 def old_pass(
-    policy: Policy, batch: Batch, mode: str, order: tuple[torch.Tensor, ...], world: int
+    policy: Policy,
+    batch: Batch,
+    mode: ReplayMode | str,
+    order: tuple[torch.Tensor, ...],
+    world: int,
 ) -> OldPass:
     """Log-probs at theta_old, router inputs/logits (and r2's routes) of the whole batch.
 
     Run in the same pieces (mini-step x rank shard) as the training forwards: equal shapes give
     bit-identical kernels, so mini-step 1's ratio is exactly 1 when replaying."""
+    mode = ReplayMode(mode)
     server_routes = flat_routes(batch.routes)
     b, t = batch.input_ids.shape
     old_lp = torch.zeros(b, t, device=policy.device)
     h_old = z_old = None
-    old_routes = torch.zeros_like(server_routes) if mode == "r2" else None
+    old_routes = torch.zeros_like(server_routes) if mode.records_old_routes else None
     replayed = replayed_routes(mode, server_routes, None)
     for gidx in order:
         for r in range(world):
@@ -212,7 +218,7 @@ def mini_steps(
     mode, k, select = cfg.replay, policy.replay.top_k, policy.replay.select
     server_routes = flat_routes(batch.routes)
     replayed = replayed_routes(mode, server_routes, old.routes)
-    reference = old.routes if mode == "r2" else server_routes  # for the deviation metric
+    reference = old.routes if mode.records_old_routes else server_routes  # for the deviation metric
     valid_flat = batch.valid.reshape(-1).bool()
     log = MiniStepLog()
     log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
@@ -224,7 +230,7 @@ def mini_steps(
         mb = batch.select(idx)
         forced = None if replayed is None else replayed[rows]
         fit = None
-        if mode == "pr2" and pred_opt is not None and step > 1:
+        if mode.serves_predictor and pred_opt is not None and step > 1:
             h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
             count = valid_flat[all_rows].sum()
             fit = PredictorFit(cfg.predictor_loss, h, z, valid_flat[rows], count, pred_opt, world)
@@ -303,7 +309,7 @@ def train_batch(
     predictor_at_rollout = rollout_predictors or {
         s: served.weights() for s in batch.staleness.long().tolist()
     }
-    raw = served.raw if cfg.replay == "pr2" else None
+    raw = served.raw if cfg.replay.serves_predictor else None
     for obs in observers:
         obs.begin(batch, old)
     log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw, observers)
@@ -359,7 +365,7 @@ class Learner:
         )
         if self.ridge is not None:
             self.ridge.end_batch(self.shard[1])
-        if self.cfg.replay == "pr2":
+        if self.cfg.replay.serves_predictor:
             m["predictor_scale_served"] = served.scale
             m["predictor_scale"] = self.scale.update(*m["predictor_offset_fit_sums"])
             self.served = ServedPredictor(self.next_raw_predictor(), self.scale.alpha)
@@ -380,7 +386,7 @@ class Learner:
     def served_predictors(self) -> list[torch.Tensor] | None:
         """The predictor tensors a push sends (per MoE layer: scale x raw); None: the
         policy's own (not pr2)."""
-        return self.served.weights() if self.cfg.replay == "pr2" else None
+        return self.served.weights() if self.cfg.replay.serves_predictor else None
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole state dict to export, or None: the export reads the model itself."""

@@ -52,6 +52,7 @@ from trainer.checkpoint.sharded_checkpoint import (
     shared_tmp,
 )
 from trainer.rollouts import weight_agreement as sync
+from trainer.run.progress import RunProgress
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -140,17 +141,17 @@ def save_due(step: int, save_every: int, steps: int) -> bool:
 
 
 # -- save ------------------------------------------------------------------------------------------
-def save_checkpoint(trainer, step: int | None = None) -> Path:
-    """Write ``trainer``'s state after ``step`` (default: the last step it finished) into its
-    output directory, atomically, and prune to ``cfg.keep_checkpoints``; the checkpoint.
+def save_checkpoint(learner, cfg, progress: RunProgress, step: int | None = None) -> Path:
+    """Write the run's state after ``step`` (default: ``progress.last_step``) into
+    ``cfg.output_dir``, atomically, and prune to ``cfg.keep_checkpoints``; the checkpoint.
+    ``learner``: the policy, its optimizers and served predictor; ``progress``: the counters.
 
     Also what a run that cannot go on (no server left) calls before it exits, so that
     ``--resume`` continues it. The state must be a step boundary: a step that failed before
     its training (rollouts) is saved as the step before; one that failed after it (the push)
     as itself (write its metrics row first; resume pushes the weights the servers lack)."""
-    cfg = trainer.cfg
-    step = getattr(trainer, "last_step", 0) if step is None else step
-    learner, out = trainer.learner, Path(cfg.output_dir)
+    step = progress.last_step if step is None else step
+    out, policy = Path(cfg.output_dir), learner.policy
     state_dict = learner.state_dict()  # (a collective when sharded)
     shared = shared_tmp(out, step, TMP_PREFIX) if sharded(learner) else None  # (collective)
 
@@ -160,32 +161,32 @@ def save_checkpoint(trainer, step: int | None = None) -> Path:
         # the weights as served: the predictor the last push sent (scaled, look-ahead, ridge),
         # so a resume's re-sync and a load-from-path serve exactly what the run pushed
         served = learner.served_predictors()
-        trainer.policy.export(tmp, cfg.replay == "pr2", state_dict, predictors=served)
+        policy.export(tmp, cfg.replay.serves_predictor, state_dict, predictors=served)
         if shared is not None:  # every rank's shards of the policy and its Adam state
             save_shards(learner, tmp)
         else:
             save_optimizer_state(learner.opt, tmp / "optimizer")
-        if trainer.learner.pred_opt is not None:
-            save_optimizer_state(trainer.learner.pred_opt, tmp / "predictor_optimizer")
+        if learner.pred_opt is not None:
+            save_optimizer_state(learner.pred_opt, tmp / "predictor_optimizer")
         meta, tensors = rng_state()
-        tensors.update(history_tensors(trainer.policy.router_deltas))
-        pred_meta, pred_tensors = predictor_state(trainer.learner)
+        tensors.update(history_tensors(policy.router_deltas))
+        pred_meta, pred_tensors = predictor_state(learner)
         tensors.update(pred_tensors)
         tensors.update(
             {
                 f"predictor_trained.{i}": w.detach().cpu()
-                for i, w in enumerate(trainer.policy.predictor_parameters())
+                for i, w in enumerate(policy.predictor_parameters())
             }
         )
         save_file(tensors, str(tmp / STATE_TENSORS))
         state = {
             "format": FORMAT,
             "step": step,
-            "weight_version": trainer.version,
+            "weight_version": progress.version,
             # batches and sampling seeds are functions of (seed, step): the step is the position
             "data_position": {"kind": "step", "step": step, "seed": cfg.seed},
-            "dropped_stale": trainer.dropped_stale,
-            "dropped_bad_routes": trainer.dropped_bad_routes,
+            "dropped_stale": progress.dropped_stale,
+            "dropped_bad_routes": progress.dropped_bad_routes,
             "rng": meta,
             "predictor": pred_meta,
             "config": cfg.to_dict(),
@@ -241,13 +242,13 @@ def load_optimizer(opt: torch.optim.Optimizer | None, stem: Path) -> None:
         load_optimizer_state(opt, stem)
 
 
-def load_checkpoint(trainer, ckpt: Path) -> dict[str, Any]:
-    """Load ``ckpt`` into ``trainer`` (counters, then :func:`load_learner`); its trainer
-    state."""
+def load_checkpoint(learner, progress: RunProgress, ckpt: Path) -> dict[str, Any]:
+    """Load ``ckpt``: its counters into ``progress`` (the weight version is the servers' to
+    say: :func:`resync_servers`), then :func:`load_learner`; its trainer state."""
     state = read_state(ckpt)
-    trainer.dropped_stale = state["dropped_stale"]
-    trainer.dropped_bad_routes = state["dropped_bad_routes"]
-    load_learner(trainer.learner, ckpt, state)
+    progress.dropped_stale = state["dropped_stale"]
+    progress.dropped_bad_routes = state["dropped_bad_routes"]
+    load_learner(learner, ckpt, state)
     return state
 
 
@@ -302,19 +303,16 @@ def resync_plan(
     return max(server_versions) + 1, list(range(len(server_versions)))
 
 
-def resync_servers(trainer, ckpt: Path, version: int) -> int:
-    """Make every server of ``trainer`` serve ``ckpt``'s weights (:func:`resync_plan`: by
+def resync_servers(pool, ckpt: Path, version: int, replay: str, log=print) -> int:
+    """Make every server of ``pool`` serve ``ckpt``'s weights (:func:`resync_plan`: by
     content fingerprint, not by version number alone; each call retried for
     ``--server-timeout``: a server may be coming back); the version the servers now serve.
     The server pool keeps the file as that version's, to re-sync a server that restarts
-    later."""
-    pool, addresses = trainer.servers, trainer.cfg.servers
-    clients = [
-        Retrying(c, a, pool.policy, log=trainer.log)
-        for c, a in zip(trainer.clients, addresses, strict=True)
-    ]
+    later. ``replay``: the mode, which says whether the predictor is served."""
+    addresses = [s.address for s in pool.servers]
+    clients = [Retrying(s.client, s.address, pool.policy, log=log) for s in pool.servers]
     infos = [c.info() for c in clients]
-    target = sync.starting_target(ckpt, trainer.cfg.replay)  # the predictor as the mode serves it
+    target = sync.starting_target(ckpt, replay)  # the predictor as the mode serves it
     same = [not sync.differences(i, target.fingerprints) for i in infos]
     versions = [int(i["weight_version"]) for i in infos]
     new_version, push = resync_plan(versions, version, same)
@@ -322,7 +320,7 @@ def resync_servers(trainer, ckpt: Path, version: int) -> int:
         sync.serve_exactly(
             [clients[i] for i in push], [addresses[i] for i in push], target, new_version
         )
-        trainer.log(
+        log(
             f"resume: pushed {ckpt.name} as version {new_version} to "
             f"{[addresses[i] for i in push]} (they served {[versions[i] for i in push]})"
         )
@@ -370,18 +368,20 @@ def check_supported(cfg, distributed: bool) -> None:
         raise ValueError("save_every and keep_checkpoints must be >= 0")
 
 
-def resume(trainer) -> tuple[int, list[dict]]:
-    """Continue ``trainer``'s run from the newest checkpoint in its output directory: load it,
-    re-sync the servers, cut ``metrics.jsonl``; the next step and the metrics rows kept."""
-    out = Path(trainer.cfg.output_dir)
+def resume(learner, cfg, progress: RunProgress, pool, log=print) -> tuple[int, list[dict]]:
+    """Continue the run in ``cfg.output_dir`` from its newest checkpoint: load it into
+    ``learner`` and ``progress``, re-sync the servers of ``pool`` (``progress.version``: what
+    they serve now), cut ``metrics.jsonl``; the next step and the metrics rows kept."""
+    out = Path(cfg.output_dir)
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise CheckpointError(f"--resume: no {PREFIX}<step> directory in {out}")
-    state = load_checkpoint(trainer, ckpt)
+    state = load_checkpoint(learner, progress, ckpt)
     step = state["step"]
-    if changed := config_changes(state["config"], trainer.cfg.to_dict()):
-        trainer.log(f"resume: this run's config differs from {ckpt.name}'s (was, now): {changed}")
-    trainer.log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
-    trainer.version = resync_servers(trainer, ckpt, state["weight_version"])
+    if changed := config_changes(state["config"], cfg.to_dict()):
+        log(f"resume: this run's config differs from {ckpt.name}'s (was, now): {changed}")
+    log(f"resume: {ckpt} (step {step}, version {state['weight_version']})")
+    progress.version = resync_servers(pool, ckpt, state["weight_version"], cfg.replay, log)
+    progress.last_step = step
     rows = cut_metrics(out / "metrics.jsonl", step)
     return step + 1, rows

@@ -21,28 +21,25 @@ Edges: the last step requests nothing past ``cfg.steps``; after ``--resume`` not
 pending, so the first step requests its rollouts itself (as step 1 does); :meth:`close` cancels
 what has not started and waits for the request in flight (no thread outlives the trainer); a
 rollout that failed in the background raises when its step takes it, in the trainer's thread
-(:class:`~trainer.rollouts.server_pool.NoServerLeft`: the trainer's checkpoint hook runs there, see
-:func:`trainer_thread_only`).
+(:class:`~trainer.rollouts.server_pool.NoServerLeft` too: the trainer's loop catches it there and
+writes its checkpoint, never the background thread).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import threading
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from trainer.rollouts.server_pool import NoServerLeft
-
 __all__ = [
     "AsyncRollouts",
     "PredictorHistory",
     "Prefetcher",
     "lag_metrics",
-    "trainer_thread_only",
 ]
 
 
@@ -86,12 +83,7 @@ class Prefetcher:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-#: ``background`` is set in the Prefetcher's thread (see :func:`trainer_thread_only`)
-_THREAD = threading.local()
-
-
 def _timed(job: Callable[[], Any]) -> tuple[Any, float]:
-    _THREAD.background = True
     t0 = time.perf_counter()
     return job(), time.perf_counter() - t0
 
@@ -129,35 +121,30 @@ def lag_metrics(samples: Sequence, version: int) -> dict:
     return {"rollout_lag_max": max(lags) if lags else None}
 
 
-def trainer_thread_only(hook: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``hook``, but not in a :class:`Prefetcher`'s background thread (None there). The server
-    pool's ``on_no_server`` hook writes a checkpoint: not from the background request while
-    the trainer trains; the failure reaches the trainer's thread when the step takes its
-    rollouts (:meth:`AsyncRollouts.take`), which runs the hook there."""
-
-    def guarded(message: str) -> Any:
-        return None if getattr(_THREAD, "background", False) else hook(message)
-
-    guarded.hook = hook  # type: ignore[attr-defined]
-    return guarded
+#: ``request(prompts, step, min_version)``: every prompt's group of samples, of weight version
+#: ``min_version`` or newer (:meth:`trainer.run.loop.Trainer.request_rollouts`)
+Request = Callable[[list[list[int]], int, int], list[list]]
 
 
 class AsyncRollouts:
     """The trainer's side of ``--max-staleness`` (see the module docstring): what it takes at
-    each step, what it requests ahead, and the pushed predictors by version."""
+    each step, what it requests ahead, and the pushed predictors by version.
 
-    def __init__(self, trainer) -> None:
-        cfg = trainer.cfg
-        self.trainer = trainer
+    ``learner``: its policy names and places the predictors, its served predictor is the
+    first recorded; ``source``: the prompts of each step; ``request``: :data:`Request`."""
+
+    def __init__(self, cfg, learner, source, request: Request) -> None:
+        self.steps, self.learner, self.source, self.request = cfg.steps, learner, source, request
         self.prefetcher = Prefetcher(cfg.max_staleness)
-        names = list(trainer.policy.replay.predictor_state_dict())
-        self.predictors = PredictorHistory(names, cfg.max_staleness + 1, trainer.policy.device)
+        policy = learner.policy
+        names = list(policy.replay.predictor_state_dict())
+        self.predictors = PredictorHistory(names, cfg.max_staleness + 1, policy.device)
 
     def start(self, version: int) -> None:
         """What the servers serve when the run (or its resume) starts: ``version``. (The served
         predictor only: an export here would gather FSDP2 shards on rank 0 alone, a collective
         the other ranks never join.)"""
-        served = self.trainer.learner.served_predictors()  # None outside pr2
+        served = self.learner.served_predictors()  # None outside pr2
         names = self.predictors.names
         tensors = {} if served is None else dict(zip(names, served, strict=True))
         self.predictors.record(version, tensors)
@@ -173,49 +160,26 @@ class AsyncRollouts:
             return tensors
         return {name: t.clone() for name, t in tensors.items()}
 
-    def take(self, step: int) -> tuple[Any, list[list], float | None]:
+    def take(self, step: int, version: int) -> tuple[Any, list[list], float | None]:
         """``(prompts, groups, seconds the background request ran or None)`` of ``step``:
-        requested ahead, or now; then the next steps' requests are made."""
-        t = self.trainer
-        try:
-            got = self.prefetcher.take(step)
-        except NoServerLeft as e:  # (failed in the background: the hook did not run there)
-            hook = getattr(t.servers.on_no_server, "hook", t.servers.on_no_server)
-            more = hook(str(e)) if hook is not None else None
-            raise NoServerLeft(f"{e}; {more}" if more else str(e)) from e
+        requested ahead, or now (at ``version``, the trainer's); then the next steps' requests
+        are made. A background request's failure raises here, in the trainer's thread."""
+        got = self.prefetcher.take(step)
         if got is None:
-            prompts = t.source.batch(step)
-            prompts_groups = (prompts, t.request_rollouts(prompts.ids, step), None)
-        else:
-            prompts_groups = got
-        self.ahead(step)
-        return prompts_groups
+            prompts = self.source.batch(step)
+            got = (prompts, self.request(prompts.ids, step, version), None)
+        self.ahead(step, version)
+        return got
 
-    def ahead(self, step: int) -> None:
+    def ahead(self, step: int, version: int) -> None:
         """Request the rollouts of steps ``step+1 .. step+K`` (up to ``cfg.steps``) not yet
-        requested, at least at the trainer's current version."""
-        t = self.trainer
-        last = min(step + self.prefetcher.depth, t.cfg.steps)
+        requested, at least at ``version``."""
+        last = min(step + self.prefetcher.depth, self.steps)
         for s in range(step + 1, last + 1):
             if not self.prefetcher.pending(s):
-                prompts = t.source.batch(s)
-                job = _Request(t, prompts.ids, s, t.version)
+                prompts = self.source.batch(s)
+                job = functools.partial(self.request, prompts.ids, s, version)
                 self.prefetcher.submit(s, prompts, job)
 
     def close(self) -> None:
         self.prefetcher.close()
-
-
-class _Request:
-    """One rollout request of the trainer, run in the background thread."""
-
-    def __init__(self, trainer, prompts: list[list[int]], step: int, min_version: int) -> None:
-        self.trainer, self.prompts, self.step, self.min_version = (
-            trainer,
-            prompts,
-            step,
-            min_version,
-        )
-
-    def __call__(self) -> list[list]:
-        return self.trainer.request_rollouts(self.prompts, self.step, self.min_version)

@@ -40,11 +40,11 @@ BACKENDS = ("gloo", "nccl")
 
 __all__ = [
     "BACKENDS",
+    "CollectiveLink",
     "CollectivePusher",
     "GroupNotFormed",
     "ServersClient",
     "check_backend",
-    "collective_sender",
 ]
 
 
@@ -222,24 +222,31 @@ class CollectivePusher:
         self.client.close()
 
 
-def collective_sender(trainer, tensors: dict) -> Callable[[Sequence, int], list[dict]]:
-    """``--weight-transfer gloo|nccl``: what the server pool calls to push ``tensors``
-    (checkpoint names) to the live servers' clients over one group (kept on the trainer, opened
-    again when the live servers changed: a dropped server would never join)."""
+class CollectiveLink:
+    """The run's transfer group to the live servers (``--weight-transfer gloo|nccl``): opened
+    at the first push, opened again when the live servers changed (a dropped server would never
+    join), closed with the trainer (:meth:`close`)."""
 
-    def send(clients: Sequence, version: int) -> list[dict]:
-        pusher = getattr(trainer, "_collective", None)
-        if pusher is None or pusher.client.clients != list(clients):
-            if pusher is not None:
-                pusher.close()
-            cfg = trainer.cfg
-            pusher = CollectivePusher(
-                clients, address=cfg.weight_transfer_address, backend=cfg.weight_transfer
-            )
-            trainer._collective = pusher
-        return pusher.push(tensors, version)
+    def __init__(self, address: str, backend: str) -> None:
+        self.address, self.backend = address, backend
+        self.pusher: CollectivePusher | None = None
 
-    return send
+    def sender(self, tensors: dict) -> Callable[[Sequence, int], list[dict]]:
+        """What the server pool calls to push ``tensors`` (checkpoint names) to its live
+        servers' clients as ``version``."""
+
+        def send(clients: Sequence, version: int) -> list[dict]:
+            if self.pusher is None or self.pusher.client.clients != list(clients):
+                self.close()
+                self.pusher = CollectivePusher(clients, address=self.address, backend=self.backend)
+            return self.pusher.push(tensors, version)
+
+        return send
+
+    def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
+            self.pusher = None
 
 
 def _free_port(address: str) -> int:

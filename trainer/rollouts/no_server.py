@@ -18,8 +18,10 @@ Which step (:func:`stop_point`):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from trainer.checkpoint import checkpoints
+from trainer.run.progress import RunProgress
 
 
 def stop_point(last_step: int, trained: dict | None, version: int) -> tuple[int, int, dict | None]:
@@ -33,24 +35,24 @@ def stop_point(last_step: int, trained: dict | None, version: int) -> tuple[int,
     return row["step"], row["pushed_version"], row
 
 
-def checkpoint_on_no_server(trainer, message: str) -> str:
-    """The server pool's ``on_no_server`` hook of ``trainer``: the checkpoint (see the module
-    docstring); what the exit message adds: where it is and how to go on."""
-    if trainer.learner.shard[1] > 1:
+def checkpoint_on_no_server(learner, cfg, progress: RunProgress, message: str, log=print) -> str:
+    """What :meth:`trainer.run.loop.Trainer.run` does on ``NoServerLeft(message)``: the
+    checkpoint (see the module docstring); what the exit message adds: where it is and how to
+    go on."""
+    if learner.shard[1] > 1:
         return "no checkpoint written (not supported under torchrun yet)"
-    last = getattr(trainer, "last_step", 0)
-    step, version, row = stop_point(last, trainer.trained, trainer.version)
+    step, version, row = stop_point(progress.last_step, progress.trained, progress.version)
     try:
         if row is not None:
             row["stopped"] = "no rollout server left"
-            with open(trainer.out / "metrics.jsonl", "a") as f:
+            with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-        trainer.version = version
-        path = checkpoints.save_checkpoint(trainer, step)
+        progress.version = version
+        path = checkpoints.save_checkpoint(learner, cfg, progress, step)
     except Exception as e:  # the exit message says so; the run is lost past its last save
-        trainer.log(f"could not write a checkpoint: {e!r}")
+        log(f"could not write a checkpoint: {e!r}")
         return f"could not write a checkpoint: {e!r}"
-    trainer.log(f"wrote {path} (step {step}, weight version {version})")
+    log(f"wrote {path} (step {step}, weight version {version})")
     return (
         f"wrote {path} (step {step}, weight version {version}): once a server answers again, "
         "run the same command with --resume to continue"

@@ -17,10 +17,9 @@ when one fails.
 * a server still failing after the budget is dropped from the rotation (its prompts go to the
   others) and taken back, after a re-sync, when it answers ready again
   (:meth:`ServerPool.take_back`, between steps);
-* with no server left the ``on_no_server(message)`` hook runs (the trainer's writes a
-  checkpoint: :mod:`trainer.rollouts.no_server`) and :class:`NoServerLeft` is raised with the
-  message
-  and what the hook returned (``pr2-train`` exits non-zero with it).
+* with no server left :class:`NoServerLeft` is raised, naming the servers and the timeout (the
+  trainer catches it at its loop, writes a checkpoint, :mod:`trainer.rollouts.no_server`, and
+  ``pr2-train`` exits non-zero with both).
 """
 
 from __future__ import annotations
@@ -85,7 +84,6 @@ class ServerPool:
         policy: RetryPolicy | None = None,
         keep_dir: Path | None = None,
         resync: Callable[[Any], None] | None = None,
-        on_no_server: Callable[[str], str | None] | None = None,
         log: Callable[[str], None] = print,
         clock: Clock | None = None,
         fingerprints: dict[str, str] | None = None,
@@ -97,7 +95,6 @@ class ServerPool:
         self.policy = policy or RetryPolicy()
         self.keep_dir = keep_dir
         self.resync = resync or self.push_current
-        self.on_no_server = on_no_server
         self.log, self.clock = log, clock
         self.stats = RetryStats()
         self.resync_pushes = 0
@@ -111,7 +108,7 @@ class ServerPool:
         return [s for s in self.servers if s.live]
 
     def _live(self) -> list[Server]:
-        """The live servers; none: the ``on_no_server`` hook, then :class:`NoServerLeft`."""
+        """The live servers; none: :class:`NoServerLeft`."""
         live = self.live
         if live:
             return live
@@ -121,8 +118,6 @@ class ServerPool:
             f"{self.version}"
         )
         self.log(msg)
-        if self.on_no_server is not None and (more := self.on_no_server(msg)):
-            msg = f"{msg}; {more}"
         raise NoServerLeft(msg)
 
     def _drop(self, srv: Server, err: ServerDown) -> None:

@@ -33,6 +33,7 @@ import torch
 from pr2_serve.core.fingerprint import FileDigests, is_predictor, tensor_digest
 from pr2_serve.core.fingerprint import fingerprints as combine_fingerprints
 from pr2_serve.core.served_checkpoint import WeightTable, checkpoint_files
+from trainer.algo.replay_mode import ReplayMode
 
 __all__ = [
     "OnMismatch",
@@ -75,7 +76,7 @@ def starting_target(model_dir: str | Path, replay: str) -> Target:
     time, as the server does."""
     table = WeightTable.from_checkpoint(model_dir)
     files = checkpoint_files(model_dir)
-    if replay != "pr2":  # predictors the files do not hold count as zeros
+    if not ReplayMode(replay).serves_predictor:  # predictors the files do not hold count as zeros
         files = {n: f for n, f in files.items() if not is_predictor(n)}
     fps = FileDigests().fingerprints(files, table.predictor_shapes())
 
@@ -91,7 +92,7 @@ def starting_target(model_dir: str | Path, replay: str) -> Target:
                 out[name] = torch.zeros(spec.shape, dtype=_ST_DTYPES.get(spec.dtype))
         return out
 
-    predictor = "its predictor" if replay == "pr2" else "a zero predictor"
+    predictor = "its predictor" if ReplayMode(replay).serves_predictor else "a zero predictor"
     return Target(fps, tensors, f"the trainer's starting weights ({model_dir}, {predictor})")
 
 

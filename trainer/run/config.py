@@ -14,10 +14,12 @@ import os
 import textwrap
 import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-ReplayMode = Literal["none", "r2", "r3", "pr2"]
+from trainer.algo.replay_mode import ReplayMode
+
 PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.run.precision)
@@ -27,7 +29,7 @@ WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # weight transfer (iss
 PredictorKind = Literal["learned", "lookahead", "ridge"]  # the served predictor
 
 #: The routing replay modes, in the order tables and plots list them.
-REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
+REPLAY_MODES: tuple[str, ...] = tuple(m.value for m in ReplayMode)
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainConfig:
     else ``exact``)."""
     reward_weights: list[float] = field(default_factory=list)
     """One weight per reward function (default: all 1)."""
-    replay: ReplayMode = "pr2"
+    replay: ReplayMode = ReplayMode.PR2
     """Routing in training forwards: ``none`` (plain GRPO), ``r2`` (trainer's old-pass
     routes), ``r3`` (server routes), ``pr2`` (server routes chosen with the predictor)."""
     off_policy_steps: int = 2
@@ -181,6 +183,7 @@ class TrainConfig:
         for name, choices in literal_choices(TrainConfig).items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        self.replay = ReplayMode(self.replay)
         if self.off_policy_steps < 1 or self.prompts_per_batch % self.off_policy_steps:
             raise ValueError("off_policy_steps must be >= 1 and divide prompts_per_batch")
         if self.samples_per_prompt < 2:
@@ -251,12 +254,15 @@ class TrainConfig:
 
 
 def literal_choices(cls: type) -> dict[str, tuple]:
-    """The allowed values of each ``Literal[...]`` field of a dataclass."""
-    return {
-        name: get_args(typ)
-        for name, typ in get_type_hints(cls).items()
-        if get_origin(typ) is Literal
+    """The allowed values of each ``Literal[...]`` (or enum) field of a dataclass."""
+    hints = get_type_hints(cls).items()
+    literals = {name: get_args(typ) for name, typ in hints if get_origin(typ) is Literal}
+    enums = {
+        name: tuple(m.value for m in typ)
+        for name, typ in hints
+        if isinstance(typ, type) and issubclass(typ, Enum)
     }
+    return literals | enums
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -33,12 +33,13 @@ from trainer.checkpoint import checkpoints
 from trainer.data.source import Source
 from trainer.rollouts import no_server
 from trainer.rollouts import weight_agreement as sync
-from trainer.rollouts.async_rollouts import AsyncRollouts, lag_metrics, trainer_thread_only
+from trainer.rollouts.async_rollouts import AsyncRollouts, lag_metrics
 from trainer.rollouts.collective_push import check_backend
-from trainer.rollouts.server_pool import ServerPool
+from trainer.rollouts.server_pool import NoServerLeft, ServerPool
 from trainer.run.config import TrainConfig
 from trainer.run.policy import Policy
 from trainer.run.precision import precision_line
+from trainer.run.progress import RunProgress
 
 
 def make_client(address: str, api_key: str | None):
@@ -163,11 +164,12 @@ class Trainer:
         self.source.fit(infos)  # prompts within the servers' max_model_len
         fingerprints = None  # what every server serves at self.version (pool re-syncs check it)
         if cfg.resume:  # the checkpoint's weights are re-synced in run() (checkpoints.py)
-            self.version = max(c.info()["weight_version"] for c in calls)
+            version = max(c.info()["weight_version"] for c in calls)
         else:  # every server serves the starting weights (predictor as the mode serves it)
             target = sync.starting_target(cfg.model_dir, cfg.replay)
-            self.version = sync.agree(calls, cfg.servers, target, cfg.on_mismatch, log)
+            version = sync.agree(calls, cfg.servers, target, cfg.on_mismatch, log)
             fingerprints = target.fingerprints
+        self.progress = RunProgress(version=version)  # what a checkpoint saves
         self.learner = learner or Learner(Policy.from_config(cfg), cfg)
         self.policy = self.learner.policy
         served = [i.get("dtype") for i in infos]  # absent: "unknown"
@@ -178,13 +180,24 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.servers = make_pool(self.clients, cfg, self.version, self.out, log)
         self.servers.fingerprints = fingerprints
-        self.servers.on_no_server = trainer_thread_only(
-            lambda msg: no_server.checkpoint_on_no_server(self, msg)
-        )
-        self.async_rollouts = AsyncRollouts(self)  # --max-staleness: requests made ahead
-        self.trained: dict | None = None  # the last trained step's metrics (no_server.py)
-        self.dropped_stale = 0
-        self.dropped_bad_routes = 0
+        # --max-staleness: requests made ahead
+        self.async_rollouts = AsyncRollouts(cfg, self.learner, self.source, self.request_rollouts)
+        self.request_seconds: float | None = None  # the last step's background request
+        # --weight-transfer gloo|nccl: one transfer group to the servers, opened at first push
+        self.collective = None
+        if cfg.weight_transfer in ("gloo", "nccl"):
+            from trainer.rollouts.collective_push import CollectiveLink  # (vLLM's engines)
+
+            self.collective = CollectiveLink(cfg.weight_transfer_address, cfg.weight_transfer)
+
+    @property
+    def version(self) -> int:
+        """The weight version every live server serves."""
+        return self.progress.version
+
+    @version.setter
+    def version(self, version: int) -> None:
+        self.progress.version = version
 
     # rollouts ------------------------------------------------------------------------------------
     def request_rollouts(
@@ -206,7 +219,7 @@ class Trainer:
     def rollout(self, step: int) -> Rollouts:
         cfg = self.cfg
         self.servers.take_back()  # (between steps, in this thread)
-        prompts, groups, self.request_seconds = self.async_rollouts.take(step)
+        prompts, groups, self.request_seconds = self.async_rollouts.take(step, self.version)
         got = screen_groups(
             groups,
             prompts.examples,
@@ -216,8 +229,8 @@ class Trainer:
             self.source.score,
             log=lambda line: self.log(f"step {step}: {line}"),
         )
-        self.dropped_stale += got.dropped_stale
-        self.dropped_bad_routes += got.dropped_bad_routes
+        self.progress.dropped_stale += got.dropped_stale
+        self.progress.dropped_bad_routes += got.dropped_bad_routes
         return got
 
     def push(self, state_dict: dict | None = None) -> float:
@@ -225,16 +238,14 @@ class Trainer:
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
         served = self.learner.served_predictors()  # alpha x (W_p or look-ahead): issue 14
-        tensors = self.policy.checkpoint_tensors(self.cfg.replay == "pr2", state_dict, served)
+        tensors = self.policy.checkpoint_tensors(
+            self.cfg.replay.serves_predictor, state_dict, served
+        )
         tensors = self.async_rollouts.own(tensors)  # (copies when rollouts run ahead)
         version = self.version + 1
-        if self.cfg.weight_transfer in ("gloo", "nccl"):  # one collective to every server
-            from trainer.rollouts.collective_push import (
-                collective_sender,  # (vLLM's weight-transfer engines)
-            )
-
+        if self.collective is not None:  # one collective to every server
             # (on failure the pool pushes over HTTP/gRPC: its retries, drops, checkpoint)
-            send = collective_sender(self, tensors)
+            send = self.collective.sender(tensors)
             results = self.servers.push(tensors, version, collective=send)
         else:
             results = self.servers.push(weights_payload(tensors), version)
@@ -277,8 +288,8 @@ class Trainer:
         m["reward_mean"] = float(rewards.mean()) if len(rewards) else None
         m["reward_std"] = float(rewards.std(unbiased=False)) if len(rewards) else None
         m.update({f"reward/{name}": v for name, v in got.reward_means.items()})
-        m["dropped_stale"] = self.dropped_stale
-        m["dropped_bad_routes"] = self.dropped_bad_routes
+        m["dropped_stale"] = self.progress.dropped_stale
+        m["dropped_bad_routes"] = self.progress.dropped_bad_routes
         m.update(self.servers.metrics())  # live_servers, resent_requests, outage_seconds
         batch = None
         if samples:
@@ -293,7 +304,7 @@ class Trainer:
             )
         predictors = self.async_rollouts.predictors.by_staleness(self.version)
         m.update(self.learner.train(batch, predictors))  # (a collective under torchrun too)
-        self.trained = m
+        self.progress.trained = m
         m["time_push"] = self.push(self.learner.state_dict())
         m["pushed_version"] = self.version
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -301,11 +312,12 @@ class Trainer:
         return m
 
     def close(self) -> None:
-        """Stop the request threads and close the clients (no thread outlives the trainer)."""
+        """Close everything the trainer opened: the request threads, the server pool, the
+        transfer group and the clients (no thread outlives the trainer)."""
         self.async_rollouts.close()  # (first: its request runs on the server pool's threads)
         self.servers.close()
-        if getattr(self, "_collective", None) is not None:
-            self._collective.close()
+        if self.collective is not None:
+            self.collective.close()
         for c in self.clients:
             c.close()
 
@@ -317,21 +329,33 @@ class Trainer:
 
     def run(self, on_step=None) -> list[dict]:
         """The steps (from the newest checkpoint on with ``cfg.resume``), checkpoints every
-        ``cfg.save_every`` steps; the run's metrics rows (those kept from before a resume too)."""
-        cfg = self.cfg
+        ``cfg.save_every`` steps; the run's metrics rows (those kept from before a resume too).
+        With no server left, a checkpoint to resume from (:mod:`trainer.rollouts.no_server`),
+        named in the :class:`NoServerLeft` raised."""
+        cfg, progress = self.cfg, self.progress
         checkpoints.check_supported(cfg, distributed=self.learner.shard[1] > 1)
-        start, history = checkpoints.resume(self) if cfg.resume else (1, [])
+        if cfg.resume:
+            start, history = checkpoints.resume(self.learner, cfg, progress, self.servers, self.log)
+        else:
+            start, history = 1, []
         self.async_rollouts.start(self.version)
-        self.last_step = start - 1
+        try:
+            self._steps(start, history, on_step)
+        except NoServerLeft as e:
+            said = no_server.checkpoint_on_no_server(self.learner, cfg, progress, str(e), self.log)
+            raise NoServerLeft(f"{e}; {said}") from e
+        return history
+
+    def _steps(self, start: int, history: list[dict], on_step) -> None:
+        cfg = self.cfg
         with open(self.out / "metrics.jsonl", "a") as f:
             for step in range(start, cfg.steps + 1):
                 m = self.step(step)
                 f.write(json.dumps(m) + "\n")
                 f.flush()
-                self.last_step = step
+                self.progress.last_step = step
                 if checkpoints.save_due(step, cfg.save_every, cfg.steps):
-                    checkpoints.save_checkpoint(self, step)
+                    checkpoints.save_checkpoint(self.learner, cfg, self.progress, step)
                 history.append(m)
                 if on_step:
                     on_step(m)
-        return history

@@ -156,7 +156,7 @@ def make_policy_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optim
 def make_predictor_optimizer(policy: Policy, cfg: TrainConfig) -> torch.optim.Optimizer | None:
     """Adam over the predictors (pr2 with the learned predictor only, else None) at
     :func:`predictor_lr`; AdamW when ``cfg.predictor_weight_decay`` is set."""
-    if cfg.replay != "pr2" or cfg.predictor != "learned":
+    if not cfg.replay.serves_predictor or cfg.predictor != "learned":
         return None
     params, lr = policy.predictor_parameters(), predictor_lr(cfg)
     if cfg.predictor_weight_decay:
