@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from pr2_serve.plugin.compat import PR2ConfigError
+from pr2_serve.plugin.cpu_rope import fix_deepseek_attention_rope
 from pr2_serve.plugin.refusals import SIMULATION_ENV, check_architecture, check_engine_config
 from pr2_serve.plugin.router import GroupedRouting, PR2Predictor, PR2Router, RouteCapture
 
@@ -93,6 +94,9 @@ class PR2MoEMixin:
     """Shared by the PR2 classes: build with PR2 routers, add predictors, load them."""
 
     _stock_module: ModuleType
+    # DeepSeek's attention hands vLLM's CPU rotary kernel a query shape it mis-rotates
+    # (:mod:`pr2_serve.plugin.cpu_rope`)
+    _pr2_fix_cpu_rope: bool = False
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         check_architecture(type(self).__name__)
@@ -102,6 +106,8 @@ class PR2MoEMixin:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         if not routers:
             raise PR2ConfigError(f"{type(self).__name__}: no MoE layer was built")
+        if self._pr2_fix_cpu_rope:
+            fix_deepseek_attention_rope(self)
         config = vllm_config.model_config.hf_text_config
         num_experts = getattr(config, "num_experts", None) or config.num_local_experts
         self.pr2_num_experts = int(num_experts)
@@ -194,7 +200,7 @@ def check_router_is_pr2(moe_runner, pr2_router: PR2Router, layer_index: int) -> 
         )
 
 
-def _make(stock_module_path: str, stock_class: str) -> type:
+def _make(stock_module_path: str, stock_class: str, fix_cpu_rope: bool = False) -> type:
     import importlib
 
     module = importlib.import_module(stock_module_path)
@@ -204,6 +210,7 @@ def _make(stock_module_path: str, stock_class: str) -> type:
         (PR2MoEMixin, base),
         {
             "_stock_module": module,
+            "_pr2_fix_cpu_rope": fix_cpu_rope,
             "__doc__": f"{stock_class} with PR2 predictor-adjusted routing and route capture.",
             "__module__": __name__,
         },
@@ -215,5 +222,7 @@ PR2Qwen2MoeForCausalLM = _make("vllm.model_executor.models.qwen2_moe", "Qwen2Moe
 PR2MixtralForCausalLM = _make("vllm.model_executor.models.mixtral", "MixtralForCausalLM")
 PR2OlmoeForCausalLM = _make("vllm.model_executor.models.olmoe", "OlmoeForCausalLM")
 PR2Glm4MoeForCausalLM = _make("vllm.model_executor.models.glm4_moe", "Glm4MoeForCausalLM")
-PR2DeepseekV3ForCausalLM = _make("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM")
+PR2DeepseekV3ForCausalLM = _make(
+    "vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM", fix_cpu_rope=True
+)
 PR2GptOssForCausalLM = _make("vllm.model_executor.models.gpt_oss", "GptOssForCausalLM")

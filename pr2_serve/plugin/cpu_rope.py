@@ -1,0 +1,73 @@
+"""A fix for vLLM 0.32's CPU rotary embedding on DeepSeek's multi-head queries.
+
+vLLM's CPU kernel (``torch.ops._C.rotary_embedding``) reads a query as ``[tokens, heads * dim]``:
+it takes ``query.size(-1) / head_size`` as the number of heads and ``query.stride(-2)`` as the
+token stride. DeepSeek-V2/V3's attention (MLA and the plain path alike) hands it the rotary slice
+of a ``[tokens, heads, qk_head_dim]`` query, i.e. ``[tokens, heads, rope_dim]``: the kernel then
+sees ``heads * tokens`` one-head rows and rotates the row of token ``t``, head ``h`` by position
+``t * heads + h`` -- and the rows past the step's token count not at all. Keys (one latent head)
+are rotated correctly. With more than one attention head, stock vLLM on the CPU therefore serves
+a DeepSeek whose queries carry wrong positions (log-probs ~1e-3 off transformers on the tiny
+model); the CUDA kernel reads the head stride and is right.
+
+:func:`fix_multihead_rope` makes such a rotary module pass the kernel ``[tokens, heads * dim]``
+(a contiguous copy when the slice is strided) and write the result back: what the CUDA build
+and transformers compute. With one head it changes nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FIXED_ATTR = "_pr2_multihead_rope_fixed"
+
+
+def fix_multihead_rope(rope: torch.nn.Module) -> None:
+    """Make ``rope`` (a vLLM ``RotaryEmbedding``, on the CPU) rotate 3-D multi-head queries
+    and keys per head; idempotent (vLLM shares one rotary module between layers)."""
+    if getattr(rope, FIXED_ATTR, False):
+        return
+    stock = rope._forward_method
+
+    def forward(positions, query, key=None):
+        q2 = _as_rows(query)
+        k2 = None if key is None else _as_rows(key)
+        q2, k2 = stock(positions, q2, k2)  # in place on the CPU kernel, new tensors natively
+        _write_back(query, q2)
+        if key is not None:
+            _write_back(key, k2)
+        return query, key
+
+    rope._forward_method = forward
+    setattr(rope, FIXED_ATTR, True)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[tokens, heads * dim]`` with unit stride inside a row (a view when possible)."""
+    if x.dim() == 2:
+        return x
+    rows = x.reshape(x.shape[0], -1)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _write_back(x: torch.Tensor, rows: torch.Tensor) -> None:
+    """Copy ``rows`` into ``x`` unless ``rows`` is a view of it (a reshape view starts at the
+    same address; a copy or a new tensor never does)."""
+    if rows.data_ptr() != x.data_ptr():
+        x.copy_(rows.view(x.shape))
+
+
+def fix_deepseek_attention_rope(model: torch.nn.Module) -> int:
+    """Apply :func:`fix_multihead_rope` to every DeepSeek attention layer's rotary module of
+    ``model`` when vLLM runs on the CPU; returns how many layers were fixed (0 elsewhere)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return 0
+    fixed = 0
+    for layer in model.model.layers:
+        rope = getattr(getattr(layer, "self_attn", None), "rotary_emb", None)
+        if rope is not None and hasattr(rope, "_forward_method"):
+            fix_multihead_rope(rope)
+            fixed += 1
+    return fixed
