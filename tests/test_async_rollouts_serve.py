@@ -16,8 +16,9 @@ import torch
 import trainer.run.loop as loop
 from tests.helpers import API_KEY
 from trainer.algo.batch import flat_routes
+from trainer.algo.old_pass import mini_step_groups, old_pass
 from trainer.algo.predictor import predicted_route_agreement
-from trainer.algo.train_step import Learner, mini_step_groups, old_pass
+from trainer.algo.train_step import Learner
 from trainer.run.config import TrainConfig
 
 pytestmark = pytest.mark.vllm

@@ -55,7 +55,7 @@ def test_literal_fields_are_the_choices(capsys):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_trainer_step_on_cuda(tiny_random):
-    from trainer.algo.train_step import train_batch
+    from trainer.algo.train_step import Learner
     from trainer.run.distributed import synthetic_batch
     from trainer.run.policy import Policy
 
@@ -68,9 +68,7 @@ def test_trainer_step_on_cuda(tiny_random):
         samples_per_prompt=2,
         servers=["http://unused"],
     )
-    opt = torch.optim.Adam(policy.policy_parameters(), lr=1e-3)
-    pred_opt = torch.optim.Adam(policy.predictor_parameters(), lr=1e-2)
-    m = train_batch(policy, batch, cfg, opt, pred_opt)
+    m, _ = Learner(policy, cfg).train_batch(batch)
     assert m["first_ratio_max_dev"] == 0.0 and m["predictor_loss"] is not None
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from trainer.algo.old_pass import mini_step_groups
 from trainer.algo.replay import RoutingControl
-from trainer.algo.train_step import mini_step_groups, train_batch
+from trainer.algo.train_step import Learner
 from trainer.run.config import TrainConfig
 from trainer.run.distributed import synthetic_batch
 from trainer.run.policy import Policy
@@ -55,7 +56,9 @@ def test_predictor_learns_one_mini_step_move_not_two(tiny_zero):
     ctl = RoutingControl(record=True)  # h of the first MoE layer: the same in every forward
     with torch.no_grad(), policy.replay.control(ctl):
         policy.model(input_ids=batch.input_ids)
-    m = train_batch(policy, batch, cfg, MoveRouters(policy, deltas), pred_opt)
+    learner = Learner(policy, cfg)
+    learner.opt, learner.pred_opt = MoveRouters(policy, deltas), pred_opt
+    m, _ = learner.train_batch(batch)
     assert m["predictor_loss"] > 0
     # mini-step 1 replays the routes at theta_old; mini-step 2's router has moved by Delta
     first, second = m["zero_deviation_per_mini_step"]

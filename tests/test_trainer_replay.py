@@ -11,7 +11,7 @@ import torch
 from pr2_serve.engine.rollout_engine import Sampling
 from trainer.algo.batch import make_batch
 from trainer.algo.replay import RoutingControl
-from trainer.algo.train_step import train_batch
+from trainer.algo.train_step import Learner
 from trainer.run.config import TrainConfig
 from trainer.run.policy import Policy, forward_logprobs
 
@@ -41,8 +41,9 @@ def old_pass_dlogp(policy, batch, mode) -> float:
     cfg = TrainConfig(
         replay=mode, off_policy_steps=1, prompts_per_batch=4, lr=0.0, servers=["http://x"]
     )
-    opt = torch.optim.Adam(policy.policy_parameters(), lr=0.0)
-    return train_batch(policy, batch, cfg, opt, None)
+    learner = Learner(policy, cfg)
+    learner.pred_opt = None  # (the old pass and the mini-steps only)
+    return learner.train_batch(batch)[0]
 
 
 @pytest.mark.parametrize("mode", ["r3", "pr2"])

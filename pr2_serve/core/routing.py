@@ -3,7 +3,7 @@
 Pure torch, no vLLM import: it runs on any device and under ``torch.compile`` / CUDA graphs
 (no ``.item()``, no host sync, no Python-side lists of tensors).
 
-Notation (see ``shared/notes/pr2-method.md``): per MoE layer and token, ``h`` is the router input,
+Notation (see ``docs/method.md``): per MoE layer and token, ``h`` is the router input,
 ``z = W_r h`` the router logits over ``E`` experts, ``b = W_p h`` the evolution predictor's offset.
 
 - selection: ``ids = topk(z + b, k)``

@@ -1,6 +1,7 @@
-"""What one batch's training reports (:func:`trainer.algo.train_step.train_batch`): train-inference
-agreement, PPO health, routing deviation (per mini-step and off-policy), predictor hit rates and
-route agreement (with each sample's served predictor), router drift and its lag-1..3 cosines.
+"""What one batch's training reports (:meth:`trainer.algo.train_step.Learner.train_batch`):
+train-inference agreement, PPO health, routing deviation (per mini-step and off-policy),
+predictor hit rates and route agreement (with each sample's served predictor), router drift and
+its lag-1..3 cosines.
 Pure functions of the batch, the old pass and the mini-steps' log."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from trainer.algo.version_metrics import by_staleness
 from trainer.run.policy import Policy
 
 if TYPE_CHECKING:
-    from trainer.algo.train_step import OldPass
+    from trainer.algo.old_pass import OldPass
 
 
 @dataclass
@@ -189,7 +190,6 @@ def batch_metrics(
     policy.router_deltas = push_update(policy.router_deltas, delta)
     m["predictor_loss"] = float(np.mean(log.predictor_losses)) if log.predictor_losses else None
     dot, sq = log.offset_fit  # the served scale's evidence (trainer.algo.predictor_scale)
-    m["predictor_offset_fit_sums"] = [dot, sq]
     m["predictor_scale_fit"] = dot / sq if sq > 0 else None  # this batch alone, unclipped
     m["load_balance"] = float(np.mean(log.load_balance)) if log.load_balance else None
     return m

@@ -1,23 +1,22 @@
-"""Training on one rollout batch, as named phases (see ``shared/notes/pr2-method.md``):
+"""Training on one rollout batch, as named phases (the method: ``docs/method.md``):
 
-1. :func:`old_pass` -- log-probs at theta_old (no grad): replaying the server's routes (r3,
-   pr2), recording its own routes (r2), natural routing (none); keeps the router inputs and
-   logits (``h_old``, ``z_old``) per MoE layer;
-2. ``off_policy_steps`` x :func:`mini_step` -- the clipped objective on a slice of the groups,
-   replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) inside the same
-   mini-step, before its policy update (the reference code's order): target = that forward's
-   own router logits ``z_s`` on that mini-step's tokens;
-3. :func:`trainer.algo.step_metrics.batch_metrics` -- PPO health, routing deviation, predictor hit
-   rates, router drift.
+1. :func:`trainer.algo.old_pass.old_pass` -- log-probs at theta_old (no grad): replaying the
+   server's routes (r3, pr2), recording its own routes (r2), natural routing (none); keeps the
+   router inputs and logits (``h_old``, ``z_old``) per MoE layer;
+2. ``off_policy_steps`` x :meth:`Learner.mini_step` -- the clipped objective on a slice of the
+   groups, replaying per mode; from mini-step 2 on a :func:`predictor_step` (pr2) inside the
+   same mini-step, before its policy update (the reference code's order): target = that
+   forward's own router logits ``z_s`` on that mini-step's tokens;
+3. :func:`trainer.algo.step_metrics.batch_metrics` -- PPO health, routing deviation, predictor
+   hit rates, router drift.
 
-:func:`train_batch` composes them. It is a pure function of the batch and the model, so
-data-parallel training (``torchrun``) is the same code on a shard of each mini-step.
+:meth:`Learner.train_batch` composes them; data-parallel training (``torchrun``) is the same
+code on a shard of each mini-step.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +25,11 @@ import torch.distributed as dist
 from trainer.algo.batch import Batch, flat_routes
 from trainer.algo.load_balance import load_balance_loss
 from trainer.algo.lookahead import router_lookahead
+from trainer.algo.old_pass import OldPass, group_rows, mini_step_groups, old_pass, replayed_routes
 from trainer.algo.ppo import PPOStats, behaviour_logprobs, decoupled_ppo_loss
 from trainer.algo.predictor import predictor_loss
 from trainer.algo.predictor_scale import ScaleFit, ServedPredictor, offset_fit_sums
 from trainer.algo.replay import RoutingControl
-from trainer.algo.replay_mode import ReplayMode
 from trainer.algo.ridge import RidgeFit
 from trainer.algo.step_metrics import (
     MiniStepLog,
@@ -46,79 +45,6 @@ from trainer.run.policy import (
     make_policy_optimizer,
     make_predictor_optimizer,
 )
-
-
-# -- how a batch is split --------------------------------------------------------------------------
-def mini_step_groups(batch: Batch, off_policy_steps: int) -> tuple[torch.Tensor, ...]:
-    """The GRPO groups of each mini-step (group indices, in order)."""
-    groups = batch.input_ids.shape[0] // batch.group_size
-    return torch.arange(groups).chunk(off_policy_steps)
-
-
-def group_rows(batch: Batch, gidx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples of groups ``gidx`` and their rows in the flat ``[B * T]`` token order."""
-    t = batch.input_ids.shape[1]
-    gidx = gidx.to(device)
-    arange_g = torch.arange(batch.group_size, device=device)
-    idx = (gidx[:, None] * batch.group_size + arange_g).reshape(-1)
-    return idx, (idx[:, None] * t + torch.arange(t, device=device)).reshape(-1)
-
-
-def replayed_routes(
-    mode: ReplayMode, server_routes: torch.Tensor, old_routes: torch.Tensor | None
-) -> torch.Tensor | None:
-    """The routes a forward forces, per mode: the server's (r3, pr2), the old pass's own (r2:
-    None in the old pass itself, which records them), none (``none``: natural routing)."""
-    if mode.replays_server_routes:
-        return server_routes
-    return old_routes if mode.records_old_routes else None
-
-
-# -- 1. old pass -----------------------------------------------------------------------------------
-@dataclass
-class OldPass:
-    logprobs: torch.Tensor  # [B, T] at theta_old
-    hidden: list[torch.Tensor]  # h_old per MoE layer, [B * T, H]
-    logits: list[torch.Tensor]  # z_old per MoE layer, [B * T, E]
-    routes: torch.Tensor | None  # r2: the routes the old pass chose, [B * T, L, k]
-
-
-@torch.no_grad()
-def old_pass(
-    policy: Policy,
-    batch: Batch,
-    mode: ReplayMode | str,
-    order: tuple[torch.Tensor, ...],
-    world: int,
-) -> OldPass:
-    """Log-probs at theta_old, router inputs/logits (and r2's routes) of the whole batch.
-
-    Run in the same pieces (mini-step x rank shard) as the training forwards: equal shapes give
-    bit-identical kernels, so mini-step 1's ratio is exactly 1 when replaying."""
-    mode = ReplayMode(mode)
-    server_routes = flat_routes(batch.routes)
-    b, t = batch.input_ids.shape
-    old_lp = torch.zeros(b, t, device=policy.device)
-    h_old = z_old = None
-    old_routes = torch.zeros_like(server_routes) if mode.records_old_routes else None
-    replayed = replayed_routes(mode, server_routes, None)
-    for gidx in order:
-        for r in range(world):
-            idx, rows = group_rows(batch, gidx[r::world], policy.device)
-            if len(idx) == 0:
-                continue
-            forced = None if replayed is None else replayed[rows]
-            ctl = RoutingControl(forced_ids=forced, record=True)
-            old_lp[idx] = forward_logprobs(policy, batch.select(idx), ctl)
-            if h_old is None:
-                h_old = [h.new_zeros(b * t, h.shape[-1]) for h in ctl.hidden]
-                z_old = [z.new_zeros(b * t, z.shape[-1]) for z in ctl.logits]
-            for layer in range(len(ctl.hidden)):
-                h_old[layer][rows] = ctl.hidden[layer]
-                z_old[layer][rows] = ctl.logits[layer]
-            if old_routes is not None:
-                old_routes[rows] = ctl.recorded_routes()
-    return OldPass(old_lp, h_old, z_old, old_routes)
 
 
 # -- 2. mini-steps ---------------------------------------------------------------------------------
@@ -152,178 +78,16 @@ def predictor_step(policy: Policy, fit: PredictorFit, z_s: list[torch.Tensor]) -
     return float(pl)
 
 
-def mini_step(
-    policy: Policy,
-    mb: Batch,
-    old_lp: torch.Tensor,
-    forced: torch.Tensor | None,
-    normalizer: torch.Tensor,
-    cfg: TrainConfig,
-    opt: torch.optim.Optimizer,
-    model: torch.nn.Module | None,
-    fit: PredictorFit | None = None,
-) -> tuple[torch.Tensor, PPOStats, float, RoutingControl, float | None]:
-    """One update of the clipped objective on ``mb``; returns its log-probs, PPO stats, the
-    policy's grad norm, the routing record of its forward and the predictor loss (``fit``)."""
-    ctl = RoutingControl(forced_ids=forced, record=True)
-    lp = forward_logprobs(policy, mb, ctl, model)
-    behav_lp = behaviour_logprobs(mb.server_logprobs, old_lp, mb.staleness)  # fresh: old_lp
-    loss, st = decoupled_ppo_loss(
-        lp,
-        old_lp,
-        behav_lp,
-        mb.advantages.to(lp.device),
-        mb.loss_mask,
-        cfg.clip_eps,
-        normalizer,
-        cfg.behaviour_weight_cap or None,
-    )
-    if cfg.load_balance_coef:  # Switch aux loss on the route this forward used
-        loss = loss + cfg.load_balance_coef * load_balance_loss(ctl.logits, ctl.ids, mb.valid)
-    # pr2, off-policy: the predictor towards this forward's router logits z_s (s - 1 updates),
-    # before this mini-step's update (the reference code's COMPUTE_PREDICTIVE_LOSS branch)
-    pred_loss = None if fit is None else predictor_step(policy, fit, ctl.logits)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = policy.policy_parameters()
-    # (max_norm inf: only measures; DTensor grads under FSDP2 give a DTensor norm)
-    gn = torch.nn.utils.clip_grad_norm_(
-        [p for p in params if p.grad is not None],
-        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
-    )
-    opt.step()
-    return lp.detach(), st, float(full_tensor(gn)), ctl, pred_loss
-
-
-def mini_steps(
-    policy: Policy,
-    batch: Batch,
-    old: OldPass,
-    cfg: TrainConfig,
-    opt: torch.optim.Optimizer,
-    pred_opt: torch.optim.Optimizer | None,
-    model: torch.nn.Module | None,
-    shard: tuple[int, int],
-    served_raw: list[torch.Tensor] | None = None,
-    observers: Sequence = (),
-) -> MiniStepLog:
-    """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's share
-    of it), its loss scaled so that DDP's gradient average equals the single-process gradient
-    of the mini-step's token mean; a predictor step in each from mini-step 2 on (pr2).
-    ``served_raw``: the rollout's unscaled predictor, for the served scale's fit
-    (:mod:`trainer.algo.predictor_scale`) on the off-policy mini-steps. ``observers``: objects
-    whose ``mini_step(step, old, rows, z_s, valid)`` sees each mini-step's router logits
-    after its forward (the ridge predictor's fit, the research recorders)."""
-    rank, world = shard
-    mode, k, select = cfg.replay, policy.replay.top_k, policy.replay.select
-    server_routes = flat_routes(batch.routes)
-    replayed = replayed_routes(mode, server_routes, old.routes)
-    reference = old.routes if mode.records_old_routes else server_routes  # for the deviation metric
-    valid_flat = batch.valid.reshape(-1).bool()
-    log = MiniStepLog()
-    log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
-    log.hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
-    for step, gidx in enumerate(mini_step_groups(batch, cfg.off_policy_steps), start=1):
-        all_idx, all_rows = group_rows(batch, gidx, policy.device)
-        normalizer = batch.loss_mask[all_idx].sum().clamp(min=1) / world  # the mini-step's
-        idx, rows = group_rows(batch, gidx[rank::world], policy.device)
-        mb = batch.select(idx)
-        forced = None if replayed is None else replayed[rows]
-        fit = None
-        if mode.serves_predictor and pred_opt is not None and step > 1:
-            h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
-            count = valid_flat[all_rows].sum()
-            fit = PredictorFit(cfg.predictor_loss, h, z, valid_flat[rows], count, pred_opt, world)
-        lp, st, gn, ctl, pred_loss = mini_step(
-            policy, mb, old.logprobs[idx], forced, normalizer, cfg, opt, model, fit
-        )
-        for obs in observers:
-            obs.mini_step(step, old, rows, ctl.logits, valid_flat[rows])
-        if step > 1:  # each off-policy token's own router logits z_s: the predictors' target
-            log.keep_step_logits(rows, ctl.logits, valid_flat.numel())
-        if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
-            log.first_ratio_max_dev = float(((lp - old.logprobs[idx]).abs() * mb.loss_mask).max())
-        log.stats.append(st)
-        log.grad_norms.append(gn)
-        with torch.no_grad():  # logged in every mode (the coefficient may be 0)
-            log.load_balance.append(float(load_balance_loss(ctl.logits, ctl.ids, mb.valid)))
-        hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k, select)
-        log.hist += hist
-        log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
-        if step > 1:
-            log.hist_off += hist
-            if served_raw is not None:  # the served offset's raw b vs the router's move n_s
-                _add_fit_sums(log, old, rows, ctl.logits, served_raw, valid_flat[rows])
-        if pred_loss is not None:
-            log.predictor_losses.append(pred_loss)
-    if world > 1:  # each rank's share of the fit's sums
-        sums = torch.tensor(log.offset_fit, dtype=torch.float64)
-        dist.all_reduce(sums)
-        log.offset_fit = sums.tolist()
-    return log
-
-
-def _add_fit_sums(log: MiniStepLog, old: OldPass, rows, logits, served_raw, valid) -> None:
-    """Add a mini-step's ``offset_fit_sums`` (served offset vs the router's move) to the log."""
-    h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
-    sums = offset_fit_sums(h, z, logits, served_raw, valid)
-    log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]
-
-
-# -- one batch -------------------------------------------------------------------------------------
-def train_batch(
-    policy: Policy,
-    batch: Batch,
-    cfg: TrainConfig,
-    opt: torch.optim.Optimizer,
-    pred_opt: torch.optim.Optimizer | None,
-    model: torch.nn.Module | None = None,
-    shard: tuple[int, int] = (0, 1),
-    served: ServedPredictor | None = None,
-    rollout_predictors: dict[int, list[torch.Tensor] | None] | None = None,
-    observers: Sequence = (),
-) -> dict:
-    """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2) + metrics.
-
-    ``served``: the predictor the last push served (default: the policy's own at scale 1);
-    the scale fit reads its raw offset. ``rollout_predictors``: the predictor each sample was
-    served with, by staleness (:class:`trainer.rollouts.async_rollouts.PredictorHistory`; default:
-    ``served`` for every sample); the diagnostics compare the served routes with it.
-    ``observers``: see :func:`mini_steps` (their ``begin(batch, old)`` is called first).
+# -- the learner -----------------------------------------------------------------------------------
+class Learner:
+    """The policy, its optimizers and how a batch is trained: the whole job in one process
+    (this class), or one rank of a data-parallel job
+    (:class:`trainer.run.distributed.ShardedLearner`, whose methods are collectives).
 
     Data parallel: every rank holds the whole batch; ``shard = (rank, world)`` makes each rank
     compute the gradient of its share of each mini-step's groups. ``model`` is the module
     training forwards go through (the DDP wrapper). The old pass is computed on the whole batch
-    on every rank; the predictor loss on each rank's share, its gradient summed over ranks.
-    """
-    batch = batch.to(policy.device)
-    t0 = time.perf_counter()
-    order = mini_step_groups(batch, cfg.off_policy_steps)
-    old = old_pass(policy, batch, cfg.replay, order, world=shard[1])
-    m = train_infer_metrics(batch, old.logprobs)
-    m["time_old_pass"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    routers_before = [w.detach().clone() for w in policy.router_weights()]
-    if served is None:
-        served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
-    predictor_at_rollout = rollout_predictors or {
-        s: served.weights() for s in batch.staleness.long().tolist()
-    }
-    raw = served.raw if cfg.replay.serves_predictor else None
-    for obs in observers:
-        obs.begin(batch, old)
-    log = mini_steps(policy, batch, old, cfg, opt, pred_opt, model, shard, raw, observers)
-    m["first_ratio_max_dev"] = log.first_ratio_max_dev
-    m["time_train"] = time.perf_counter() - t0
-    m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
-    return m
-
-
-class Learner:
-    """The policy, its optimizers and how a batch is trained: the whole job in one process
-    (this class), or one rank of a data-parallel job
-    (:class:`trainer.run.distributed.ShardedLearner`,
-    whose methods are collectives)."""
+    on every rank; the predictor loss on each rank's share, its gradient summed over ranks."""
 
     def __init__(
         self,
@@ -339,38 +103,166 @@ class Learner:
         self.ridge = (
             RidgeFit(cfg.ridge_strength, cfg.ridge_memory) if cfg.predictor == "ridge" else None
         )
-        #: mini-step observers (:func:`mini_steps`): the ridge fit, and any a study adds
+        #: mini-step observers (:meth:`mini_steps`): the ridge fit, and any a study adds
         self.observers: list = [self.ridge] if self.ridge is not None else []
-        # what the servers serve: at the start the checkpoint's predictor as it is (sync.py)
+        # what the servers serve: at the start the checkpoint's predictor as it is
         self.served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
 
+    # -- one batch ---------------------------------------------------------------------------------
     def train(self, batch: Batch | None, rollout_predictors: dict | None = None) -> dict:
         """Metrics of training on ``batch`` (nothing when there is none; ``rollout_predictors``:
-        see :func:`train_batch`); then the predictor the next push serves
+        see :meth:`train_batch`); then the predictor the next push serves
         (:meth:`served_predictors`)."""
         if batch is None:
             return {}
         served = self.served  # what the last push served
-        m = train_batch(
-            self.policy,
-            batch,
-            self.cfg,
-            self.opt,
-            self.pred_opt,
-            self.model,
-            self.shard,
-            served,
-            rollout_predictors,
-            self.observers,
-        )
+        m, log = self.train_batch(batch, served, rollout_predictors)
         if self.ridge is not None:
             self.ridge.end_batch(self.shard[1])
         if self.cfg.replay.serves_predictor:
             m["predictor_scale_served"] = served.scale
-            m["predictor_scale"] = self.scale.update(*m["predictor_offset_fit_sums"])
+            m["predictor_scale"] = self.scale.update(*log.offset_fit)
             self.served = ServedPredictor(self.next_raw_predictor(), self.scale.alpha)
         return m
 
+    def train_batch(
+        self,
+        batch: Batch,
+        served: ServedPredictor | None = None,
+        rollout_predictors: dict[int, list[torch.Tensor] | None] | None = None,
+    ) -> tuple[dict, MiniStepLog]:
+        """Old pass + ``cfg.off_policy_steps`` mini-steps (+ predictor steps for pr2); the
+        metrics and the mini-steps' log.
+
+        ``served``: the predictor the last push served (default: the policy's own at scale 1);
+        the scale fit reads its raw offset. ``rollout_predictors``: the predictor each sample
+        was served with, by staleness (:class:`trainer.rollouts.async_rollouts.PredictorHistory`;
+        default: ``served`` for every sample); the diagnostics compare the served routes with
+        it. The observers' ``begin(batch, old)`` is called after the old pass."""
+        policy, cfg = self.policy, self.cfg
+        batch = batch.to(policy.device)
+        t0 = time.perf_counter()
+        order = mini_step_groups(batch, cfg.off_policy_steps)
+        old = old_pass(policy, batch, cfg.replay, order, world=self.shard[1])
+        m = train_infer_metrics(batch, old.logprobs)
+        m["time_old_pass"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        routers_before = [w.detach().clone() for w in policy.router_weights()]
+        if served is None:
+            served = ServedPredictor([w.detach().clone() for w in policy.predictor_parameters()])
+        predictor_at_rollout = rollout_predictors or {
+            s: served.weights() for s in batch.staleness.long().tolist()
+        }
+        for obs in self.observers:
+            obs.begin(batch, old)
+        log = self.mini_steps(batch, old, served.raw if cfg.replay.serves_predictor else None)
+        m["first_ratio_max_dev"] = log.first_ratio_max_dev
+        m["time_train"] = time.perf_counter() - t0
+        m.update(batch_metrics(policy, batch, old, log, routers_before, predictor_at_rollout))
+        return m, log
+
+    # -- 2. mini-steps -----------------------------------------------------------------------------
+    def mini_steps(
+        self, batch: Batch, old: OldPass, served_raw: list[torch.Tensor] | None
+    ) -> MiniStepLog:
+        """``cfg.off_policy_steps`` mini-steps, each on its slice of the groups (this rank's
+        share of it), its loss scaled so that DDP's gradient average equals the single-process
+        gradient of the mini-step's token mean; a predictor step in each from mini-step 2 on
+        (pr2). ``served_raw``: the rollout's unscaled predictor, for the served scale's fit
+        (:mod:`trainer.algo.predictor_scale`) on the off-policy mini-steps. The observers'
+        ``mini_step(step, old, rows, z_s, valid)`` sees each mini-step's router logits after
+        its forward (the ridge predictor's fit, the research recorders)."""
+        (rank, world), mode, policy = self.shard, self.cfg.replay, self.policy
+        k, select = policy.replay.top_k, policy.replay.select
+        server_routes = flat_routes(batch.routes)
+        replayed = replayed_routes(mode, server_routes, old.routes)
+        reference = old.routes if mode.records_old_routes else server_routes  # for the deviation
+        valid_flat = batch.valid.reshape(-1).bool()
+        log = MiniStepLog()
+        log.hist = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
+        log.hist_off = torch.zeros(k + 1, dtype=torch.long, device=policy.device)
+        for step, gidx in enumerate(mini_step_groups(batch, self.cfg.off_policy_steps), start=1):
+            all_idx, all_rows = group_rows(batch, gidx, policy.device)
+            normalizer = batch.loss_mask[all_idx].sum().clamp(min=1) / world  # the mini-step's
+            idx, rows = group_rows(batch, gidx[rank::world], policy.device)
+            mb = batch.select(idx)
+            forced = None if replayed is None else replayed[rows]
+            fit = None
+            if mode.serves_predictor and self.pred_opt is not None and step > 1:
+                h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+                count = valid_flat[all_rows].sum()
+                kind = self.cfg.predictor_loss
+                fit = PredictorFit(kind, h, z, valid_flat[rows], count, self.pred_opt, world)
+            lp, st, gn, ctl, pred_loss = self.mini_step(
+                mb, old.logprobs[idx], forced, normalizer, fit
+            )
+            for obs in self.observers:
+                obs.mini_step(step, old, rows, ctl.logits, valid_flat[rows])
+            if step > 1:  # each off-policy token's own router logits z_s: the predictors' target
+                log.keep_step_logits(rows, ctl.logits, valid_flat.numel())
+            if step == 1:  # at theta_old with the same routes the ratio must be exactly 1
+                dev = ((lp - old.logprobs[idx]).abs() * mb.loss_mask).max()
+                log.first_ratio_max_dev = float(dev)
+            log.stats.append(st)
+            log.grad_norms.append(gn)
+            with torch.no_grad():  # logged in every mode (the coefficient may be 0)
+                log.load_balance.append(float(load_balance_loss(ctl.logits, ctl.ids, mb.valid)))
+            hist = route_deviation(reference[rows], ctl.logits, valid_flat[rows], k, select)
+            log.hist += hist
+            log.zero_per_step.append(float(hist[0] / hist.sum().clamp(min=1)))
+            if step > 1:
+                log.hist_off += hist
+                if served_raw is not None:  # the served offset's raw b vs the router's move n_s
+                    _add_fit_sums(log, old, rows, ctl.logits, served_raw, valid_flat[rows])
+            if pred_loss is not None:
+                log.predictor_losses.append(pred_loss)
+        if world > 1:  # each rank's share of the fit's sums
+            sums = torch.tensor(log.offset_fit, dtype=torch.float64)
+            dist.all_reduce(sums)
+            log.offset_fit = sums.tolist()
+        return log
+
+    def mini_step(
+        self,
+        mb: Batch,
+        old_lp: torch.Tensor,
+        forced: torch.Tensor | None,
+        normalizer: torch.Tensor,
+        fit: PredictorFit | None = None,
+    ) -> tuple[torch.Tensor, PPOStats, float, RoutingControl, float | None]:
+        """One update of the clipped objective on ``mb``; returns its log-probs, PPO stats,
+        the policy's grad norm, the routing record of its forward and the predictor loss
+        (``fit``)."""
+        cfg, policy = self.cfg, self.policy
+        ctl = RoutingControl(forced_ids=forced, record=True)
+        lp = forward_logprobs(policy, mb, ctl, self.model)
+        behav_lp = behaviour_logprobs(mb.server_logprobs, old_lp, mb.staleness)  # fresh: old_lp
+        loss, st = decoupled_ppo_loss(
+            lp,
+            old_lp,
+            behav_lp,
+            mb.advantages.to(lp.device),
+            mb.loss_mask,
+            cfg.clip_eps,
+            normalizer,
+            cfg.behaviour_weight_cap or None,
+        )
+        if cfg.load_balance_coef:  # Switch aux loss on the route this forward used
+            loss = loss + cfg.load_balance_coef * load_balance_loss(ctl.logits, ctl.ids, mb.valid)
+        # pr2, off-policy: the predictor towards this forward's router logits z_s (s - 1
+        # updates), before this mini-step's update (the reference code's order)
+        pred_loss = None if fit is None else predictor_step(policy, fit, ctl.logits)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in policy.policy_parameters() if p.grad is not None]
+        # (max_norm inf: only measures; DTensor grads under FSDP2 give a DTensor norm)
+        gn = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        self.opt.step()
+        return lp.detach(), st, float(full_tensor(gn)), ctl, pred_loss
+
+    # -- what the next push serves -----------------------------------------------------------------
     def next_raw_predictor(self) -> list[torch.Tensor]:
         """The unscaled predictor of the next push: ``W_p`` (learned) or the routers' Adam
         look-ahead over the next batch's off-policy mini-steps (a collective under FSDP2), or the
@@ -391,3 +283,10 @@ class Learner:
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole state dict to export, or None: the export reads the model itself."""
         return None
+
+
+def _add_fit_sums(log: MiniStepLog, old: OldPass, rows, logits, served_raw, valid) -> None:
+    """Add a mini-step's ``offset_fit_sums`` (served offset vs the router's move) to the log."""
+    h, z = [x[rows] for x in old.hidden], [x[rows] for x in old.logits]
+    sums = offset_fit_sums(h, z, logits, served_raw, valid)
+    log.offset_fit = [a + b for a, b in zip(log.offset_fit, sums, strict=True)]

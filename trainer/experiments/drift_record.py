@@ -56,7 +56,7 @@ class DriftRecorder:
         self.shadow_w: dict[str, list] = {name: [] for name in SHADOWS}
         self._sample = None
 
-    # -- observer protocol (trainer.algo.train_step.mini_steps) --
+    # -- observer protocol (trainer.algo.train_step.Learner.mini_steps) --
     def begin(self, batch, old) -> None:
         g = torch.Generator().manual_seed(len(self.h))
         n_seq = batch.input_ids.shape[0]

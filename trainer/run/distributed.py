@@ -3,9 +3,9 @@
 Rank 0 runs the same :class:`trainer.run.loop.Trainer` as a single process (rollouts, eval,
 pushes, metrics) with a :class:`ShardedLearner`: it broadcasts each batch as tensors (no
 pickling), every rank holds the whole batch and trains on its share of each mini-step
-(:func:`trainer.algo.train_step.train_batch` with ``shard``); DDP averages the gradients, so all
-ranks keep identical weights and the result equals one process on the same data. The other
-ranks make the matching collectives (:meth:`ShardedLearner.follow_step`).
+(:meth:`trainer.algo.train_step.Learner.train_batch` with ``shard``); DDP averages the
+gradients, so all ranks keep identical weights and the result equals one process on the same
+data. The other ranks make the matching collectives (:meth:`ShardedLearner.follow_step`).
 
 ``python -m trainer.run.distributed selftest OUT`` (under torchrun or alone) runs one training step
 on a fixed synthetic batch and saves the updated weights: the test compares 1 and 2 processes.

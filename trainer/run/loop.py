@@ -1,6 +1,6 @@
 """The RL loop: rollouts with routes -> old pass -> off-policy mini-steps -> predictor -> push.
 
-Per rollout batch (see ``shared/notes/pr2-method.md``):
+Per rollout batch (see ``docs/method.md``):
 
 1. request ``prompts_per_batch x samples_per_prompt`` rollouts with routes, spread over the
    servers; drop the groups with a sample older than ``max_staleness`` versions or with routes
