@@ -1,4 +1,4 @@
-"""A training run survives its rollout servers (issue 17): real ``pr2-serve`` processes on
+"""A training run survives its rollout servers: real ``pr2-serve`` processes on
 loopback, the in-process :class:`~trainer.run.loop.Trainer`, tiny model, few steps.
 
 (1) one server SIGKILLed mid-run and restarted on its state directory: the run finishes;

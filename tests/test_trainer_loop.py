@@ -92,7 +92,7 @@ def alternating_reward(prompts, completions, completion_ids, **_) -> list[float]
     ids=["auto", "lookahead"],
 )
 def test_served_predictor_reaches_the_server(server, tiny_zero, tmp_path, flags, monkeypatch):
-    """pr2 with the served predictor scaled (issue 14): the server selects exactly what the
+    """pr2 with the served predictor scaled: the server selects exactly what the
     trainer predicts with alpha x (W_p or the Adam look-ahead) it pushed; alpha logged."""
     monkeypatch.setenv("PR2_API_KEY", API_KEY)
     out = tmp_path / flags[-1]

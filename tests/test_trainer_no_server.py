@@ -1,4 +1,4 @@
-"""A run without rollout servers (issue 17), with a fake server and the real tiny policy: the
+"""A run without rollout servers, with a fake server and the real tiny policy: the
 start-up outlives a server that is briefly down; with no server left the run writes a
 checkpoint of the right step (also with ``--save-every 0``), names it in the
 :class:`NoServerLeft` message, and ``--resume`` continues it, pushing the weights the server

@@ -1,4 +1,4 @@
-"""Issue 15's acceptance against a real ``pr2-serve`` (fp32): the README's Train example keeps
+"""Weight agreement against a real ``pr2-serve`` (fp32): the README's Train example keeps
 routing at least as well as r3, and a restarted server that restores a previous run's weights
 is detected and re-synced (or refused with ``--on-mismatch fail``)."""
 

@@ -1,4 +1,4 @@
-"""The experiment grid of issue 14, as data: named settings, variants, the cell list and what is
+"""The experiment grid, as data: named settings, variants, the cell list and what is
 left to run (resume). Pure: no server, no training (:mod:`trainer.experiments.grid_run` runs cells).
 
 A cell is ``(setting, variant, off-policy steps, seed)``. Setting A is the earlier grid's setting

@@ -1,4 +1,4 @@
-"""A deliberately imbalanced warm start (issue 14, setting B): routers biased towards a few
+"""A deliberately imbalanced warm start (setting B): routers biased towards a few
 experts, so that a load-balancing loss keeps pulling them the same way for many batches
 (persistent router drift, the regime PR2's predictor is built for).
 

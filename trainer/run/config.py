@@ -25,7 +25,7 @@ Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.run.precision)
 TrainDevice = Literal["auto", "cpu", "cuda"]
 OnMismatch = Literal["push", "fail"]
-WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # weight transfer (issue 12)
+WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # how weights reach the servers
 PredictorKind = Literal["learned", "lookahead", "ridge"]  # the served predictor
 
 #: The routing replay modes, in the order tables and plots list them.
@@ -44,7 +44,7 @@ class TrainConfig:
     when no ``dataset`` is given."""
     task_digits: int = 2
     """Task difficulty (operand digits)."""
-    # -- data and rewards (issue 11: datasets, chat template, reward functions) ----------------
+    # -- data and rewards (datasets, chat template, reward functions) ----------------
     dataset: str | None = None
     """Prompt data: a JSONL, JSON or Parquet file in TRL's standard (``{"prompt": "..."}``) or
     conversational (``{"prompt": [{"role": "user", "content": "..."}]}``) format, every other
@@ -148,7 +148,7 @@ class TrainConfig:
     """A server whose weight fingerprints (``/v1/info``) differ from the starting weights
     (predictor: the checkpoint's in pr2, zero otherwise): ``push`` them to every server as
     the next version (one log line), or ``fail`` naming the server and how to reset it."""
-    # -- weight transfer (issue 12; trainer/rollouts/collective_push.py) --
+    # -- weight transfer (trainer/rollouts/collective_push.py) --
     weight_transfer: WeightTransfer = "http"
     """How pushes travel: ``http``/``grpc``, a safetensors file over each server's own
     protocol (its URL scheme); ``gloo``, one gloo group of this trainer (rank 0) and every
@@ -158,11 +158,11 @@ class TrainConfig:
     GPU)."""
     weight_transfer_address: str = "127.0.0.1"
     """``gloo``: this trainer's address as the servers reach it (the group's TCPStore)."""
-    # -- asynchronous rollouts (issue 12 item 3; trainer/rollouts/async_rollouts.py) --
+    # -- asynchronous rollouts (trainer/rollouts/async_rollouts.py) --
     behaviour_weight_cap: float = 5.0
     """Decoupled PPO (stale samples, ``max_staleness`` >= 1): tokens whose behaviour weight
     ``pi_prox / pi_server`` exceeds this are left out of the loss (AReaL's filter; 0: none)."""
-    # -- the served predictor (issue 14; trainer/algo/predictor_scale.py,
+    # -- the served predictor (trainer/algo/predictor_scale.py,
     # trainer/algo/lookahead.py) --
     predictor: PredictorKind = "lookahead"
     """pr2: ``learned`` (the paper's trained W_p), ``lookahead`` (no training: the routers'
@@ -173,7 +173,7 @@ class TrainConfig:
     """pr2: the server gets alpha x the predictor (the trainer keeps the unscaled one): a number
     >= 0, or ``auto`` (alpha in [0, 1] fitted after each batch on how well the served offset
     predicted the router's actual move; 0 = R3 until there is evidence). Logged per step."""
-    # -- load balancing (issue 14: a setting with persistent router drift;
+    # -- load balancing (a setting with persistent router drift;
     # trainer/algo/load_balance.py)
     load_balance_coef: float = 0.0
     """Switch-style load-balancing loss on the routers, ``E * sum_e f_e * P_e`` per MoE layer,
@@ -225,7 +225,7 @@ class TrainConfig:
             raise ValueError("ridge_strength must be > 0 and ridge_memory in [0, 1)")
 
     def _check_data_fields(self) -> None:
-        """Data and reward fields (issue 11): defaults resolved, combinations checked."""
+        """Data and reward fields: defaults resolved, combinations checked."""
         if self.dataset is None:
             self.dataset = f"toy:{self.task}"
         toy = self.dataset.startswith("toy:")

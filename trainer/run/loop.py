@@ -237,7 +237,7 @@ class Trainer:
         """Export (``state_dict``: the gathered weights of a sharded model) and push to every
         server as the next version: streamed from memory, hashed once, the same body to each."""
         t0 = time.perf_counter()
-        served = self.learner.served_predictors()  # alpha x (W_p or look-ahead): issue 14
+        served = self.learner.served_predictors()  # alpha x (W_p, look-ahead or ridge)
         tensors = self.policy.checkpoint_tensors(
             self.cfg.replay.serves_predictor, state_dict, served
         )
