@@ -54,7 +54,12 @@ class DriftRecorder:
         self.ridge_a, self.ridge_b, self.ridge_n = [], [], []
         self.shadows = {name: Learned(c, kind) for name, (c, kind) in SHADOWS.items()}
         self.shadow_w: dict[str, list] = {name: [] for name in SHADOWS}
+        # the batch being recorded (set by :meth:`begin`): sample, h_old, z_s, routers, ridge
         self._sample = None
+        self._h: list = []
+        self._z: list = []
+        self._routers: list = []
+        self._ridge: RidgeFit | None = None
 
     # -- observer protocol (trainer.algo.train_step.Learner.mini_steps) --
     def begin(self, batch, old) -> None:
