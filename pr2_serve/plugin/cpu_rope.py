@@ -1,18 +1,23 @@
-"""A fix for vLLM 0.32's CPU rotary embedding on DeepSeek's multi-head queries.
+"""A fix for vLLM 0.32's CPU rotary embedding on DeepSeek's attention.
 
-vLLM's CPU kernel (``torch.ops._C.rotary_embedding``) reads a query as ``[tokens, heads * dim]``:
-it takes ``query.size(-1) / head_size`` as the number of heads and ``query.stride(-2)`` as the
-token stride. DeepSeek-V2/V3's attention (MLA and the plain path alike) hands it the rotary slice
-of a ``[tokens, heads, qk_head_dim]`` query, i.e. ``[tokens, heads, rope_dim]``: the kernel then
-sees ``heads * tokens`` one-head rows and rotates the row of token ``t``, head ``h`` by position
-``t * heads + h`` -- and the rows past the step's token count not at all. Keys (one latent head)
-are rotated correctly. With more than one attention head, stock vLLM on the CPU therefore serves
-a DeepSeek whose queries carry wrong positions (log-probs ~1e-3 off transformers on the tiny
-model); the CUDA kernel reads the head stride and is right.
+vLLM's CPU kernel (``torch.ops._C.rotary_embedding``) reads a query or key as
+``[tokens, heads * dim]``: it takes ``x.size(-1) / head_size`` as the number of heads and
+``x.stride(-2)`` as the token stride. DeepSeek-V2/V3's attention hands it 3-D slices instead:
 
-:func:`fix_multihead_rope` makes such a rotary module pass the kernel ``[tokens, heads * dim]``
-(a contiguous copy when the slice is strided) and write the result back: what the CUDA build
-and transformers compute. With one head it changes nothing.
+- the query's rope part, ``[tokens, heads, rope_dim]`` (MLA and plain path alike): the kernel
+  sees ``heads * tokens`` one-head rows and turns head ``h`` of token ``t`` by position
+  ``t * heads + h`` -- and the rows past the step's token count not at all. Right with one head.
+- on the MLA path, the key ``k_pe.unsqueeze(1)``, ``[tokens, 1, rope_dim]`` whose ``stride(-2)``
+  is ``rope_dim``, not the latent row: the kernel rotates the wrong memory (the next tokens'
+  latent ``kv_c``) and leaves the keys of every token but the first unrotated. The plain path's
+  key has the latent row as ``stride(-2)`` and is right.
+
+So stock vLLM on the CPU serves DeepSeek wrong on the MLA path, and with more than one attention
+head on both (log-probs ~1e-3 off transformers on the tiny models); the CUDA kernel reads the
+strides of every dimension and is right. :func:`fix_multihead_rope` makes a rotary module pass
+the kernel ``[tokens, heads * dim]`` rows (a contiguous copy when the slice is strided) and write
+the result back: what the CUDA build and transformers compute. Where stock is right (one head,
+plain path) it passes the kernel the same rows with the same strides: bit-identical.
 """
 
 from __future__ import annotations
