@@ -72,8 +72,11 @@ def test_gen_workload_is_the_demo_with_long_completions_and_a_dense_reward(tiny_
     assert (demo.reward, gen.reward) == (["toy"], ["benchmarks.vs_trl:digit_share"])
     rest = lambda c: {k: v for k, v in vars(c).items() if k not in GEN}  # noqa: E731
     assert rest(gen) == rest(demo)  # same lr, clip, replay, off-policy split, prompts source
-    # the prompts of a step are the demo's first ones (the same data, fewer per step)
-    assert pr2_rows(gen, 1)[0] == pr2_rows(demo, 1)[0][: gen.prompts_per_batch]
+    # the prompts of each step are the demo step's first ones (the same data, fewer per step)
+    rows, demo_rows = pr2_rows(gen, gen.steps)[0], pr2_rows(demo, demo.steps)[0]
+    n, m = gen.prompts_per_batch, demo.prompts_per_batch
+    for step in range(gen.steps):
+        assert rows[step * n : (step + 1) * n] == demo_rows[step * m : step * m + n]
     digits = load_reward(gen.reward[0]).fn  # what pr2-train and the TRL side both call
     ids = [[ord("4"), ord("2"), 256], [ord("x")] * 128]
     assert digits(None, ["", ""], ids) == [2 / 128, 0.0]
