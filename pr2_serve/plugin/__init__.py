@@ -27,6 +27,7 @@ PR2_ARCHITECTURES: dict[str, str] = {
     "OlmoeForCausalLM": "PR2OlmoeForCausalLM",
     "Glm4MoeForCausalLM": "PR2Glm4MoeForCausalLM",
     "DeepseekV3ForCausalLM": "PR2DeepseekV3ForCausalLM",
+    "DeepseekV2ForCausalLM": "PR2DeepseekV2ForCausalLM",
     "GptOssForCausalLM": "PR2GptOssForCausalLM",
 }
 

@@ -8,9 +8,9 @@ Each class subclasses the stock vLLM class and changes three things:
    honours the function on CPU, ``CustomRoutingRouter`` on CUDA), and kernel selection sees the
    custom routing from the start. The router computes ``ids = topk(z + W_p h, k)`` and gates with
    the unadjusted ``z`` (:func:`pr2_serve.core.routing.pr2_route`); a grouped layer (DeepSeek-V3,
-   GLM-4.5) is built without vLLM's grouped top-k and its settings go to the PR2 router instead
-   (:func:`grouped_settings`), which selects by the same group-limited rule on the
-   predictor-adjusted scores (:func:`pr2_serve.core.routing.grouped_route`).
+   GLM-4.5, DeepSeek-V2) is built without vLLM's grouped top-k and its settings go to the PR2
+   router instead (:func:`grouped_settings`), which selects by the same group-limited rule on
+   the predictor-adjusted scores (:func:`pr2_serve.core.routing.grouped_route`).
 2. **Predictors.** Each MoE block gets a ``predictor`` module (``weight [E, H]``, zero-initialised)
    loaded from ``model.layers.{i}.mlp.predictor.weight`` when the checkpoint has it.
 3. **Capture.** Each router writes its ids into one preallocated device buffer
@@ -224,5 +224,8 @@ PR2OlmoeForCausalLM = _make("vllm.model_executor.models.olmoe", "OlmoeForCausalL
 PR2Glm4MoeForCausalLM = _make("vllm.model_executor.models.glm4_moe", "Glm4MoeForCausalLM")
 PR2DeepseekV3ForCausalLM = _make(
     "vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM", fix_cpu_rope=True
+)
+PR2DeepseekV2ForCausalLM = _make(
+    "vllm.model_executor.models.deepseek_v2", "DeepseekV2ForCausalLM", fix_cpu_rope=True
 )
 PR2GptOssForCausalLM = _make("vllm.model_executor.models.gpt_oss", "GptOssForCausalLM")

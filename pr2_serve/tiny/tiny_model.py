@@ -27,19 +27,30 @@ from pr2_serve.tiny.tiny_tokenizers import TOKENIZERS, make_byte_tokenizer, make
 __all__ = ["ARCHS", "TinySpec", "make_byte_tokenizer", "make_tiny_model", "predictor_name"]
 __all__ += ["TOKENIZERS"]
 
-ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss")
-# families whose router is grouped top-k on sigmoid scores with a correction bias (noaux_tc)
-GROUPED_ARCHS = ("glm4_moe", "deepseek_v3")
+ARCHS = (
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "glm4_moe",
+    "deepseek_v3",
+    "deepseek_v2",
+    "gpt_oss",
+)
+# families whose router is group-limited top-k: on sigmoid scores with a correction bias
+# (noaux_tc: GLM-4.5, DeepSeek-V3), on softmax scores (group_limited_greedy: DeepSeek-V2)
+GROUPED_ARCHS = ("glm4_moe", "deepseek_v3", "deepseek_v2")
 # experts and top-k when not given: the new families get enough experts for 4 groups of 4
-_DEFAULT_EXPERTS = {"glm4_moe": (16, 4), "deepseek_v3": (16, 4), "gpt_oss": (16, 4)}
+_DEFAULT_EXPERTS = {a: (16, 4) for a in (*GROUPED_ARCHS, "gpt_oss")}
 
 
 @dataclass(slots=True)
 class TinySpec:
     """Sizes of a tiny model. Defaults: 4 MoE layers, 8 experts, top-2, hidden 64, vocab 512;
-    GLM-4.5 / DeepSeek-V3 / GPT-OSS: 16 experts, top-4, and for the grouped two 4 groups of
-    which 2 are kept, a non-zero correction bias, 1 shared expert, the first layer dense (so
-    MoE ordinals differ from layer indices, as in the real models)."""
+    GLM-4.5 / DeepSeek-V3 / DeepSeek-V2 / GPT-OSS: 16 experts, top-4, and for the grouped three
+    4 groups of which 2 are kept, 1 shared expert, the first layer dense (so MoE ordinals differ
+    from layer indices, as in the real models), and for GLM-4.5 / DeepSeek-V3 a non-zero
+    correction bias."""
 
     arch: str = "qwen3_moe"
     hidden_size: int = 64
@@ -134,6 +145,17 @@ def _family_fields(spec: TinySpec) -> tuple[str, dict]:
                 **_mla_fields(spec),
                 "topk_method": "noaux_tc",
                 "scoring_func": "sigmoid",
+            },
+        ),
+        "deepseek_v2": (
+            "DeepseekV2Config",
+            # softmax scores, groups ranked by their best score, the chosen scores not
+            # renormalised (DeepSeek-V2's own config)
+            {
+                **_grouped_fields(spec),
+                **_mla_fields(spec),
+                "topk_method": "group_limited_greedy",
+                "norm_topk_prob": False,
             },
         ),
         "gpt_oss": (

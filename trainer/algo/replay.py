@@ -13,12 +13,14 @@ GPT-OSS) gets its ``forward`` replaced by one that, per the active :class:`Routi
 - **record** the router input ``h``, logits ``z`` and chosen ids per layer.
 
 Each family keeps its own router (:func:`router_kind`): softmax top-k (Qwen, Mixtral, OLMoE);
-GPT-OSS, whose logits hold the router's bias (trained like the weight); and the grouped sigmoid
+GPT-OSS, whose logits hold the router's bias (trained like the weight); the grouped sigmoid
 routers of DeepSeek-V3 / GLM-4.5, which select by group-limited top-k on
 ``sigmoid(z + W_p h) + c`` and gate with ``sigmoid(z)``
 (:func:`pr2_serve.core.routing.grouped_route`)
 -- their correction bias ``c`` is a buffer, as in those models: load-balancing state adjusted
-outside the gradient, never a trained parameter.
+outside the gradient, never a trained parameter; and DeepSeek-V2's group-limited softmax
+router, which selects on ``softmax(z + W_p h)`` (groups ranked by their best score) and gates
+with ``softmax(z)`` at the ids, not renormalised, times ``routed_scaling_factor``.
 
 Predictors are ``nn.Linear(hidden, num_experts, bias=False)`` modules added as
 ``layers[i].mlp.predictor`` (state-dict name ``model.layers.{i}.mlp.predictor.weight``, the name
@@ -47,10 +49,13 @@ ROUTER_NAMES = ("gate", "router")  # the router's attribute in the family's MoE 
 
 
 def router_kind(router: nn.Module) -> str:
-    """``"grouped"`` (sigmoid, correction bias, group-limited top-k), ``"biased"`` (a Linear
-    with a bias: GPT-OSS) or ``"softmax"`` (plain top-k)."""
+    """``"grouped"`` (sigmoid, correction bias, group-limited top-k), ``"grouped_softmax"``
+    (DeepSeek-V2: softmax, group-limited top-k), ``"biased"`` (a Linear with a bias: GPT-OSS)
+    or ``"softmax"`` (plain top-k)."""
     if getattr(router, "e_score_correction_bias", None) is not None:
         return "grouped"
+    if getattr(router, "topk_method", None) in ("group_limited_greedy", "greedy"):
+        return "grouped_softmax"
     if getattr(router, "bias", None) is not None:
         return "biased"
     return "softmax"
@@ -139,25 +144,32 @@ class MoEReplay:
         (``w_p``: PR2's, on ``z + W_p h``), ``[T, k]`` int64 -- what fresh routes, deviations and
         predictor hits are measured against (plain ``topk(z)`` is not the grouped routers')."""
         router = self.routers[layer]
-        if router_kind(router) != "grouped":
-            return select_experts(z, h, w_p, self.top_k)
-        return grouped_select(
-            z,
-            h,
-            w_p,
-            self.top_k,
-            router.num_group,
-            router.topk_group,
-            "sigmoid",
-            router.e_score_correction_bias,
-        )
+        kind = router_kind(router)
+        if kind == "grouped":
+            return grouped_select(
+                z,
+                h,
+                w_p,
+                self.top_k,
+                router.num_group,
+                router.topk_group,
+                "sigmoid",
+                router.e_score_correction_bias,
+            )
+        if kind == "grouped_softmax":
+            groups, kept = _softmax_groups(router)
+            return grouped_select(z, h, w_p, self.top_k, groups, kept, "softmax")
+        return select_experts(z, h, w_p, self.top_k)
 
     def gate(self, layer: int, z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """MoE layer ``layer``'s gating of the plain logits ``z`` at ``ids``, in the dtype the
         family's router returns (its logits' dtype; fp32 for the grouped routers)."""
         router = self.routers[layer]
-        if router_kind(router) == "grouped":
+        kind = router_kind(router)
+        if kind == "grouped":
             return grouped_gate(z, ids, router.norm_topk_prob, router.routed_scaling_factor)
+        if kind == "grouped_softmax":  # the chosen softmax scores, never renormalised
+            return grouped_gate(z, ids, False, router.routed_scaling_factor, "softmax")
         return gate_weights(z.float(), ids, self.renormalize(router)).to(z.dtype)
 
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:
@@ -186,10 +198,17 @@ def _router_of(block: nn.Module | None) -> nn.Module | None:
     return None
 
 
+def _softmax_groups(router: nn.Module) -> tuple[int, int]:
+    """DeepSeek-V2's ``(groups, groups kept)``: its ``greedy`` router is one group."""
+    if router.topk_method == "greedy":
+        return 1, 1
+    return int(router.num_group), int(router.topk_group)
+
+
 def _logits(router: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """``z`` as the family computes it: fp32 for the grouped routers, with the bias for
     GPT-OSS, in the model's dtype otherwise."""
-    if router_kind(router) == "grouped":
+    if router_kind(router).startswith("grouped"):
         return F.linear(h.float(), router.weight.float())
     return F.linear(h, router.weight, getattr(router, "bias", None))
 
