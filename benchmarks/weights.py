@@ -11,16 +11,21 @@ trainer broadcasts packed buckets; load: the trainer writes the file into ``--we
 asks the server to load it; then the server checks, applies, runs the canary and commits).
 Every tensor changes before every update (as after an optimizer step): nothing can be skipped.
 Also the server's peak extra RSS during the update and its reported split (receive, check,
-apply, canary). Goals (issue 12): gloo >= 1 GB/s end to end, HTTP >= 300 MB/s, peak extra RSS
-<= one bucket (64 MiB).
+apply, canary). Goals: gloo >= 400 MB/s end to end, HTTP >= 300 MB/s, gRPC >= HTTP (or >= 0.8x
+of vLLM's own reload rate on this build, if that is lower), peak extra RSS <= 2 buckets + the
+undo copy. ``--experts N`` changes the checkpoint's size (84: ~1.07 GB); ``--profile`` times
+the pieces of one update instead (:mod:`benchmarks.weights_profile`).
 
     .venv/bin/python benchmarks/weights.py [--repeats 3] [--baseline-ref REF | --no-baseline]
+    .venv/bin/python benchmarks/weights.py --profile --out benchmarks/results/weights_profile.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
 import statistics
 import subprocess
 import sys
@@ -42,7 +47,7 @@ from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
 from trainer.rollouts.collective_push import CollectivePusher
 
-BASELINE_REF = "47568ae"  # before issue 12's weight-movement work
+BASELINE_REF = "f8aa2cb"  # the staged path: receive to a file, check it, reload, canary
 TRANSPORTS = ("http", "grpc", "gloo", "load")
 
 
@@ -196,14 +201,25 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--out", default="benchmarks/results/weights.json")
     ap.add_argument("--workdir", default="runs", help="model + server state (a fast disk)")
+    ap.add_argument("--experts", type=int, default=BENCH_SPEC.num_experts, help="per MoE layer")
+    ap.add_argument("--profile", action="store_true", help="where one update's time goes")
     args = ap.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp).resolve()
-        model = make_tiny_model(tmp / "model", seed=0, spec=BENCH_SPEC, predictor="random")
+        spec = dataclasses.replace(BENCH_SPEC, num_experts=args.experts)
+        model = make_tiny_model(tmp / "model", seed=0, spec=spec, predictor="random")
         state_dict = load_file(str(model / "model.safetensors"))
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
         results: dict = {"state_dict_MB": size / 1e6, "bucket_MiB": args.bucket_mib}
+        if args.profile:
+            from benchmarks.weights_profile import profile_update
+
+            results["profile"] = profile_update(
+                model, state_dict, tmp, args.repeats, args.bucket_mib << 20
+            )
+            print(json.dumps(results, indent=1))
+            return write_results(args.out, args, results)
         trees = {"new": Path(__file__).resolve().parents[1]}
         if not args.no_baseline:
             trees = {"baseline": baseline_tree(args.baseline_ref, tmp / "baseline-tree"), **trees}

@@ -73,9 +73,12 @@ def build_llm_engine(
             "distributed_executor_backend", "uni" if tp == 1 else "mp"
         ),
         disable_log_stats=True,
-        # the workers make the ``gloo`` weight-transfer engine (pr2_serve.transfer): trainers
-        # may send weights over a collective (POST /v1/weights/transfer/...)
-        weight_transfer_config=engine_kwargs.pop("weight_transfer_config", {"backend": "gloo"}),
+        # the workers make the weight-transfer engine (pr2_serve.transfer: ``gloo`` on the CPU,
+        # the NCCL receiver on CUDA): trainers may send weights over a collective
+        # (POST /v1/weights/transfer/...)
+        weight_transfer_config=engine_kwargs.pop(
+            "weight_transfer_config", {"backend": worker_backend(on_cpu)}
+        ),
         **engine_kwargs,
     )
     return LLMEngine.from_engine_args(args)
@@ -97,3 +100,11 @@ def engine_info(llm, config: dict, model_dir: str, plugin: bool) -> EngineInfo:
         max_model_len=model_config.max_model_len,
         dtype=str(model_config.dtype).removeprefix("torch."),
     )
+
+
+def worker_backend(on_cpu: bool) -> str:
+    """The weight-transfer engine the workers make: ``gloo`` on the CPU, the NCCL receiver
+    (:mod:`pr2_serve.transfer.nccl_receiver`) on CUDA."""
+    from pr2_serve.transfer import BACKEND, NCCL_BACKEND
+
+    return BACKEND if on_cpu else NCCL_BACKEND

@@ -204,9 +204,13 @@ def live_begin(worker, undo_limit: int) -> None:
     _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit)
 
 
-def session_of(model: torch.nn.Module) -> LiveUpdate:
+def live_session(model: torch.nn.Module | None) -> LiveUpdate | None:
     """The update in progress on ``model`` (a weight-transfer engine applies into it)."""
-    session = _SESSIONS.get(model)
+    return None if model is None else _SESSIONS.get(model)
+
+
+def session_of(model: torch.nn.Module) -> LiveUpdate:
+    session = live_session(model)
     if session is None:
         raise RuntimeError("no weight update in progress on this worker")
     return session

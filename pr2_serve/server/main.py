@@ -127,6 +127,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
         keep_versions=cfg.keep_versions,
         weights_dir=cfg.weights_dir,
         weight_transfer=cfg.enable_weight_transfer,
+        persist=cfg.persist,
     )
     if not api_key:
         print("pr2-serve: no API key: weight pushes are refused", file=sys.stderr)
@@ -152,6 +153,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
         http.should_exit = True
         await grpc_server.stop(grace=2)
         await http_task
+        await service.updates.persisted()  # the version served is on record before exit
         if service.engine is not None:
             await asyncio.to_thread(service.engine.close)
 

@@ -76,6 +76,12 @@ class ServerConfig:
     keep_versions: int = option(
         2, "committed weight versions kept in the state directory (rollback targets), >= 1"
     )
+    persist: str = option(
+        "sync",
+        "when a pushed version is recorded in the state directory: 'sync' before the push is "
+        "answered; 'async' after (its files flushed to the disk, then committed.json, on a "
+        "thread while the next update runs; a restart before that restores the version before)",
+    )
     weights_dir: str | None = option(
         None,
         "allow POST /v1/weights/load/{version} (gRPC LoadWeights) to load checkpoints from "

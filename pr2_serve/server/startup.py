@@ -108,6 +108,8 @@ def preflight(cfg: ServerConfig) -> Path:
     return the state directory to use."""
     if cfg.keep_versions < 1:
         raise StartupError(f"--keep-versions must be >= 1 (got {cfg.keep_versions})")
+    if cfg.persist not in ("sync", "async"):
+        raise StartupError(f"--persist must be 'sync' or 'async' (got {cfg.persist!r})")
     if cfg.api_key_file:
         try:
             Path(cfg.api_key_file).read_text()

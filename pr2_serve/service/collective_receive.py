@@ -5,18 +5,22 @@ join the trainer's gloo group (vLLM's ``init_weight_transfer_engine``, through
 ``collective_rpc``); ``POST /v1/weights/transfer/{version}`` (:class:`TransferRequest`) checks
 the announced names, shapes and dtypes against the model *before* joining the broadcast, then
 runs ``start_weight_update`` / ``update_weights`` / ``finish_weight_update`` on the engine thread
-(between steps: requests wait while the bytes arrive), the workers writing the tensors into a
-file of the weight store. The service then checks, applies with the canary and commits that
-file exactly as a pushed one (``RolloutService._update``). Any failure on the wire (a peer
-gone, a timeout) leaves nothing applied and closes the group: the trainer inits again. The gRPC
+inside a live update (:meth:`TransferControl.feed`): the workers check and load each bucket into
+the model as it arrives and write it into the version's file in the weight store; the canary
+runs after the last one and the service commits the version like a push. Any failure (a bad
+bucket, a peer gone, a timeout) is undone, so the old version serves on unchanged, and a broken
+transfer closes the group: the trainer inits again. The gRPC
 methods ``TransferInit`` / ``TransferWeights`` build the same requests and call the same
 :class:`TransferControl` (through the service), so both answer alike.
 
-On CUDA vLLM's upstream ``nccl`` engine is the transport by design (it loads into the live model
-as it receives, so it would need the same staging); this server registers and uses ``gloo``.
+On CUDA vLLM's upstream ``nccl`` engine is the transport by design; this server registers and
+uses ``gloo``.
 """
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,12 +86,13 @@ class TransferControl:
     def init(self, req: TransferInitRequest) -> dict:
         """Join the group (blocks until every rank has, or the timeout); the group's facts."""
         self.require_enabled()
-        if req.backend != BACKEND:
+        served = served_backend()
+        if req.backend != served:
             raise ApiError(
                 400,
                 "invalid_argument",
-                f"backend {req.backend!r} is not served here: this server takes {BACKEND!r} "
-                "(vLLM's 'nccl' is the CUDA transport)",
+                f"backend {req.backend!r} is not served here: this server takes {served!r} "
+                "('gloo' on the CPU build, 'nccl' on CUDA)",
                 "backend",
             )
         fields = req.model_dump(exclude={"backend"})
@@ -95,6 +100,8 @@ class TransferControl:
             info = GlooInitInfo(**fields)
         except ValueError as e:
             raise ApiError(400, "invalid_argument", str(e), "world_size") from None
+        if served == "nccl":  # vLLM's NCCL init info, packed buckets of the trainer's size
+            fields = nccl_worker_init(fields)
         self.close()
         try:
             workers = self.engine.call(
@@ -109,7 +116,7 @@ class TransferControl:
             )
             raise _failed(what, e) from e
         self.info = info
-        return {"backend": BACKEND, "world_size": info.world_size, "workers": len(workers)}
+        return {"backend": served, "world_size": info.world_size, "workers": len(workers)}
 
     def check(self, req: TransferRequest) -> GlooUpdateInfo:
         """The update info of ``req`` once every tensor is one the model takes (400 naming it);
@@ -131,31 +138,60 @@ class TransferControl:
             raise ApiError(400, "invalid_argument", str(e), "names") from None
         return info
 
-    def receive(self, info: GlooUpdateInfo, path: str) -> None:
-        """Receive the broadcast into ``path`` on the engine thread; on failure close the group."""
+    def feed(self, info: GlooUpdateInfo, part: Path, final: Path):
+        """The live update's ``feed`` (:meth:`RolloutEngine.apply_live`, on the engine thread):
+        the workers receive the broadcast into the model, bucket by bucket, and into ``part``,
+        renamed ``final`` once complete. A bucket that fails its check raises its
+        :class:`WeightValidationError` once the broadcast is over; a broken transfer closes the
+        group and raises 502. On any failure no file is left."""
         payload = {
             "names": info.names,
             "dtype_names": info.dtype_names,
             "shapes": info.shapes,
-            "path": path,
+            "path": str(part),
         }
 
         def run(llm) -> None:
-            llm.collective_rpc("start_weight_update")
-            llm.collective_rpc("update_weights", args=(payload,))
-            llm.collective_rpc("finish_weight_update")
+            try:
+                llm.collective_rpc("start_weight_update")
+                llm.collective_rpc("update_weights", args=(payload,))
+                llm.collective_rpc("finish_weight_update")
+                part.replace(final)
+            except WeightValidationError:
+                part.unlink(missing_ok=True)
+                raise
+            except Exception as e:
+                part.unlink(missing_ok=True)
+                self.info = None  # on the engine thread: leave the group here, not via call()
+                with contextlib.suppress(Exception):
+                    llm.collective_rpc("shutdown_weight_transfer_engine")
+                raise _failed("receiving the tensors", e) from e
 
-        try:
-            self.engine.call(run)
-        except Exception as e:
-            self.close()
-            raise _failed("receiving the tensors", e) from e
+        return run
 
     def close(self) -> None:
         """Leave the group (idempotent; the engine thread runs it between steps)."""
         self.info = None
         if self.engine is not None and self.engine.healthy():
             self.engine.call(lambda llm: llm.collective_rpc("shutdown_weight_transfer_engine"))
+
+
+def served_backend() -> str:
+    """The transfer backend this server joins: ``gloo`` on the CPU build, ``nccl`` on CUDA
+    (the workers' :mod:`pr2_serve.transfer.nccl_receiver`)."""
+    import torch
+
+    return "nccl" if torch.cuda.is_available() else BACKEND
+
+
+def nccl_worker_init(fields: dict) -> dict:
+    """The init request as vLLM's ``NCCLWeightTransferInitInfo`` (packed buckets)."""
+    keys = ("master_address", "master_port", "rank_offset", "world_size")
+    return {
+        **{k: fields[k] for k in keys},
+        "packed": True,
+        "packed_buffer_size_bytes": fields["bucket_bytes"],
+    }
 
 
 def _failed(what: str, e: BaseException) -> ApiError:

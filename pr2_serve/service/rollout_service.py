@@ -69,6 +69,7 @@ class RolloutService:
         keep_versions: int = 2,
         weights_dir: str | None = None,
         weight_transfer: bool = False,
+        persist: str = "sync",
     ) -> None:
         self.engine: RolloutEngine | None = None
         self.api_key = api_key
@@ -83,6 +84,7 @@ class RolloutService:
             self._note_served,
             weights_dir,
             weight_transfer,
+            persist=persist,
         )
         self._recheck: asyncio.Task | None = None
         self._inflight = 0

@@ -2,16 +2,20 @@
 upload), a load from a path (``--weights-dir``), a collective transfer (:mod:`.collective_receive`)
 and a rollback.
 
-Every change goes one way (:meth:`WeightUpdates._update`): its files are received into the
-:class:`~.weight_store.WeightStore`, checked by the engine (names, shapes, dtypes, every value
-finite), applied between steps with the canary (the engine restores the previous weights on a
-problem), and only then committed, fingerprinted and reported as the served source. Changes are
-serialised by one lock; a failed one leaves no file and no change.
+Every change goes one way (:meth:`WeightUpdates._update`): its tensors are announced (a file's
+header, a transfer's names, shapes and dtypes) and checked, then applied to the live model
+bucket by bucket with every value checked finite as it goes (an upload or a loaded checkpoint
+is read from the :class:`~.weight_store.WeightStore` file it was received into; a collective
+transfer is applied as it arrives and written to its file meanwhile), the canary runs after the
+last bucket (the engine undoes everything on a problem), and only then is the version
+committed, fingerprinted and reported as the served source. Changes are serialised by one lock;
+a failed one leaves no file and no change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -29,6 +33,7 @@ from pr2_serve.service.load_path import files_to_load, resolve_load_path
 from pr2_serve.service.metrics import Metrics
 from pr2_serve.service.readiness import Readiness
 from pr2_serve.service.weight_store import WeightStore
+from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 
 if TYPE_CHECKING:
     from pr2_serve.engine.rollout_engine import RolloutEngine
@@ -53,11 +58,16 @@ class WeightUpdates:
         on_served: Callable[[str], None],
         weights_dir: str | None = None,
         weight_transfer: bool = False,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        persist: str = "sync",
     ) -> None:
         self.engine: RolloutEngine | None = None
         self.store, self.readiness, self.metrics = store, readiness, metrics
         self.on_served = on_served
         self.weights_dir = weights_dir  # what POST /v1/weights/load may read (None: disabled)
+        self.bucket_bytes = bucket_bytes  # a file-borne update is applied in buckets this size
+        self.persist = persist  # "sync": commit before answering; "async": fsync + commit after
+        self._persisting: asyncio.Future | None = None
         self.lock = asyncio.Lock()  # one change at a time; the canary re-check takes it too
         # collective weight transfers, opt-in: pr2-serve --enable-weight-transfer
         self.transfer = TransferControl(None, enabled=weight_transfer)
@@ -83,15 +93,15 @@ class WeightUpdates:
         protocol: str,
     ) -> dict:
         """Stream an upload to disk, verify it, apply it as ``version`` if it passes the canary.
-        The result has the time split: receive, check (names, shapes, dtypes, finite values),
-        apply (the reload), canary."""
+        The result has the time split: receive, check (names, shapes, dtypes), apply (bucket by
+        bucket, every value checked finite as it goes), canary."""
         self.store.check_declared(sha256, declared_size)
 
         async def receive() -> tuple[list[Path], int]:
             path, size = await self.store.receive(chunks, version, sha256, declared_size)
             return [path], size
 
-        return await self._update(version, receive, protocol, "push")
+        return await self._update(version, self._from_files(receive), protocol, "push")
 
     async def load_weights(self, version: int, path: str, protocol: str) -> dict:
         """Load a checkpoint from the server's own filesystem (only inside ``--weights-dir``,
@@ -102,7 +112,8 @@ class WeightUpdates:
         async def receive() -> tuple[list[Path], int]:
             return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
 
-        return await self._update(version, receive, protocol, f"load {path}")
+        stage = self._from_files(receive)
+        return await self._update(version, stage, protocol, f"load {path}")
 
     async def transfer_init(self, req: TransferInitRequest) -> dict:
         """Join the trainer's weight-transfer group (:mod:`.transfer`)."""
@@ -112,24 +123,42 @@ class WeightUpdates:
 
     async def transfer_weights(self, version: int, req: TransferRequest, protocol: str) -> dict:
         """Receive ``version`` over the transfer group (the trainer broadcasts while this
-        runs) into the weight store, then check, apply and commit it as a push."""
+        runs) straight into the live model, bucket by bucket, and into the weight store; commit
+        it as a push once the canary passes."""
         self._require_loaded()
         info = self.transfer.check(req)
+        part, final = self.store.part_path(version), self.store.final_path(version)
 
-        async def receive() -> tuple[list[Path], int]:
-            path = await self.store.take(version, lambda p: self.transfer.receive(info, str(p)))
-            return [path], path.stat().st_size
+        async def stage() -> tuple[dict, object, int, dict]:
+            files, size = dict.fromkeys(info.names, str(final)), sum(info.nbytes())
+            return files, self.transfer.feed(info, part, final), size, {}
 
         try:
-            return await self._update(version, receive, protocol, f"transfer {info.names[0]}...")
+            return await self._update(version, stage, protocol, f"transfer {info.names[0]}...")
         except BaseException:
             if self.transfer.info is not None:  # refused before receiving: the trainer re-inits
                 await asyncio.to_thread(self.transfer.close)
             raise
 
-    async def _update(self, version: int, receive, protocol: str, source: str) -> dict:
-        """Receive ``version``'s files, check and apply them with the canary, commit; on any
-        failure the received files are removed and the previous weights serve on."""
+    def _from_files(self, receive):
+        """A ``stage`` of :meth:`_update` for updates that arrive as files: ``receive()`` them,
+        then check their headers (names, shapes, dtypes)."""
+
+        async def stage() -> tuple[dict, None, int, dict]:
+            t0 = time.perf_counter()
+            paths, size = await receive()
+            t1 = time.perf_counter()
+            files = await self._engine_call(asyncio.to_thread(self.engine.check_files, paths))
+            split = {"receive_seconds": t1 - t0, "check_seconds": time.perf_counter() - t1}
+            return files, None, size, split
+
+        return stage
+
+    async def _update(self, version: int, stage, protocol: str, source: str) -> dict:
+        """``stage()`` -> ``({name: file}, feed, bytes, time split)``; apply them live with the
+        canary (``feed``: how the buckets reach the workers, None: read from the files, whose
+        digests are then computed meanwhile), commit; on any failure the files are removed and
+        the previous weights serve on, unchanged."""
         self._require_loaded()
         async with self.lock:
             try:
@@ -138,30 +167,16 @@ class WeightUpdates:
                 raise from_engine(e) from e
             t0 = time.perf_counter()
             try:
-                paths, size = await receive()
-                received = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                files = {}
-                for path in paths:
-                    prepare = asyncio.to_thread(self.engine.prepare_update, path, version)
-                    files.update(await self._engine_call(prepare))
-                checked = time.perf_counter() - t1
-                # the fingerprints' digests are computed while the engine applies the update
-                digests = asyncio.ensure_future(
-                    asyncio.to_thread(self.engine.update_digests, files)
-                )
-                try:
-                    result, canary = await self._apply(files, version, replace=False)
-                finally:
-                    await asyncio.wait([digests])
-                if digests.exception() is None:  # else fingerprinted when committed, as before
-                    self.engine.keep_digests(digests.result())
+                files, feed, size, split = await stage()
+                digests = None if feed is not None else self._digests(files)
+                result, canary = await self._apply_live(files, version, feed)
+                await self._fingerprint(digests or self._digests(files))
             except BaseException:
                 if self.engine.weight_version != version:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
-            self.store.commit(files, version, source=source)
+            await self._commit(files, version, source)
             await asyncio.to_thread(self.on_served, served_as(source, version))
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
@@ -169,17 +184,65 @@ class WeightUpdates:
                 "weight_version": result.weight_version,
                 "num_tensors": result.num_tensors,
                 "seconds": seconds,
-                "receive_seconds": received,
-                "check_seconds": checked,
+                # a transfer is received while it is applied: its receive is its apply
+                "receive_seconds": split.get("receive_seconds", result.reload_seconds),
+                "check_seconds": split.get("check_seconds", 0.0),
                 "apply_seconds": result.reload_seconds,
                 "canary_seconds": canary.seconds,
             }
+
+    async def _apply_live(self, files: dict[str, str], version: int, feed):
+        canary = self.canary()
+        fut = self.engine.apply_live(
+            files, version, feed=feed, canary=canary, bucket_bytes=self.bucket_bytes
+        )
+        result = await self._engine_call(asyncio.wrap_future(fut))
+        self.readiness.set_fitness(None, version)
+        self.metrics.weight_version.set(version)
+        return result, canary
+
+    async def _commit(self, files: dict[str, str], version: int, source: str) -> None:
+        """Record the version now serving: at once (``sync``), or (``async``) flushed to the
+        disk and recorded on a thread while the next update runs; either way after the previous
+        version's record, and ``committed.json`` only ever names complete versions."""
+        await self.persisted()
+        if self.persist == "sync":
+            self.store.commit(files, version, source=source)
+            return
+        delay = float(os.environ.get("PR2_TEST_PERSIST_DELAY_S", "0"))  # tests: a slow disk
+
+        def persist() -> None:
+            time.sleep(delay)
+            self.store.persist(files, version, source=source)
+
+        self._persisting = asyncio.ensure_future(asyncio.to_thread(persist))
+
+    async def persisted(self) -> None:
+        """Wait for the last version's asynchronous persist (before the next one is recorded,
+        a rollback, shutdown). A failed persist leaves the previous record: logged, counted."""
+        task, self._persisting = self._persisting, None
+        if task is None:
+            return
+        await asyncio.wait([task])
+        if task.exception() is not None:
+            self.metrics.errors.labels(kind="weight_persist").inc()
+            print(f"pr2-serve: persisting a weight version failed: {task.exception()!r}")
+
+    def _digests(self, files: dict[str, str]) -> asyncio.Future:
+        """The digests of an update's tensors, computed on a thread from its complete files."""
+        return asyncio.ensure_future(asyncio.to_thread(self.engine.update_digests, files))
+
+    async def _fingerprint(self, digests: asyncio.Future) -> None:
+        await asyncio.wait([digests])
+        if digests.exception() is None:  # else fingerprinted when committed, as before
+            self.engine.keep_digests(digests.result())
 
     async def rollback(self, target: int, protocol: str) -> dict:
         """Serve kept version ``target`` (0: the model directory) again, as the next version
         number (versions never go back; samples report the new number)."""
         self._require_loaded()
         async with self.lock:
+            await self.persisted()  # the kept versions are on record
             kept = dict(self.store.kept())
             if target != 0 and target not in kept:
                 have = ", ".join(str(v) for v in [*kept, 0])

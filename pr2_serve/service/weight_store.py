@@ -95,6 +95,16 @@ class WeightStore:
         os.replace(tmp, path)
         self._remove_unreferenced(self._live(new))
 
+    def persist(self, update_files: dict[str, str], version: int, source="push") -> None:
+        """Make ``version`` durable, then record it: its files are flushed to the disk
+        (``fsync``) before ``committed.json`` names it (written atomically and flushed too), so
+        the record only ever names complete versions (``pr2-serve --persist async`` runs this
+        on a thread after the version already serves)."""
+        for path in dict.fromkeys(update_files.values()):
+            _fsync(path)
+        self.commit(update_files, version, source=source)
+        _fsync(self.state_dir / COMMITTED)
+
     def reset(self) -> None:
         """Forget every commit and remove its files (``pr2-serve --fresh``)."""
         (self.state_dir / COMMITTED).unlink(missing_ok=True)
@@ -125,11 +135,16 @@ class WeightStore:
 
     def discard(self, version: int) -> None:
         """Remove the received or copied-in (uncommitted) files of ``version``."""
-        self._final(version).unlink(missing_ok=True)
+        self.final_path(version).unlink(missing_ok=True)
         for f in self.weights_dir.glob(f"v{version}-*.safetensors"):
             f.unlink(missing_ok=True)
 
-    def _final(self, version: int) -> Path:
+    def part_path(self, version: int) -> Path:
+        """A new partial file of ``version`` (removed at start if a crash left it)."""
+        return self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
+
+    def final_path(self, version: int) -> Path:
+        """Where ``version``'s single file lives (an upload's, a collective transfer's)."""
         return self.weights_dir / f"v{version}.safetensors"
 
     # -- uploads --------------------------------------------------------------------------------
@@ -151,7 +166,7 @@ class WeightStore:
     ) -> tuple[Path, int]:
         """Stream ``chunks`` to disk, check size and sha256, and return the file of
         ``version`` and its size; on any failure no file is left."""
-        part = self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
+        part = self.part_path(version)
         try:
             digest, size = await self._write(chunks, part)
             if declared is not None and size != declared:
@@ -168,7 +183,7 @@ class WeightStore:
                     f"sha256 mismatch: body is {digest}, header says {sha256.lower()}",
                     "sha256",
                 )
-            final = self._final(version)
+            final = self.final_path(version)
             part.replace(final)
         except BaseException:
             part.unlink(missing_ok=True)
@@ -179,7 +194,7 @@ class WeightStore:
         """Copy a checkpoint's files into the store as ``version``'s (a copy, not a link: the
         owner may rewrite its files in place; the server must restore this version after a
         restart); on any failure no file is left."""
-        parts = [self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part" for _ in files]
+        parts = [self.part_path(version) for _ in files]
         finals = [self.weights_dir / f"v{version}-{k}.safetensors" for k in range(len(files))]
         try:
             for src, part, final in zip(files, parts, finals, strict=True):
@@ -192,21 +207,6 @@ class WeightStore:
                 raise storage_error(e) from e
             raise
         return finals
-
-    async def take(self, version: int, fill) -> Path:
-        """The file of ``version`` written by ``fill(part_path)`` on a thread (a collective
-        transfer's receiver); on any failure no file is left."""
-        part = self.weights_dir / f".v{version}-{uuid.uuid4().hex[:8]}.part"
-        try:
-            await asyncio.to_thread(fill, part)
-            final = self._final(version)
-            part.replace(final)
-        except BaseException as e:
-            part.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise storage_error(e) from e
-            raise
-        return final
 
     async def _write(self, chunks: AsyncIterator[bytes], part: Path) -> tuple[str, int]:
         """``(sha256, size)`` of ``chunks`` written to ``part``; hashing and disk writes run
@@ -241,6 +241,14 @@ class WeightStore:
             return await writer.finish(), size
         except OSError as e:
             raise storage_error(e) from e
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def storage_error(e: OSError) -> ApiError | OSError:

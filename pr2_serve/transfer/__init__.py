@@ -12,26 +12,32 @@ dense protocol (trainer = rank 0 of one group with every server's workers; updat
 cuts them) over a ``torch.distributed`` gloo group made by vLLM's
 ``stateless_init_torch_distributed_process_group``.
 
-One difference, on purpose: the worker does not load what it receives into the live model. It
-writes each bucket into a safetensors file laid out in advance from the update info
-(:mod:`.protocol`), so the served weights never mix versions and peak extra memory is the receive
-buffers; the server then checks, applies (with its canary) and commits that file like a push,
-and restores it on restart.
+The worker loads each bucket into the live model as it arrives, like upstream's receivers, but
+inside the engine's update session (:mod:`pr2_serve.plugin.live_update`): each bucket is checked
+first (every value finite), the session keeps an undo, so a transfer that fails half-way, a bad
+bucket or a failed canary leaves the served weights as they were; every bucket is also written
+into a safetensors file laid out in advance from the update info (:mod:`.protocol`), the
+version's durable copy that a restart restores.
 
 - :mod:`.protocol`: the init/update infos, the bucket plan, the file layout, the gloo group.
-- :mod:`.gloo_engine`: ``GlooWeightTransferEngine`` (inside the vLLM worker).
-- :mod:`.trainer`: ``GlooTrainerWeightTransferEngine`` and ``StateDictSource``.
+- :mod:`.gloo_engine`: ``GlooWeightTransferEngine`` (inside the vLLM worker) and the receive
+  loop every transport shares.
+- :mod:`.nccl_receiver`: ``PR2NcclWeightTransferEngine``, upstream's NCCL worker engine on that
+  loop (CUDA).
+- :mod:`.trainer_engine`: ``GlooTrainerWeightTransferEngine`` and ``StateDictSource``.
 """
 
 from __future__ import annotations
 
 BACKEND = "gloo"
+NCCL_BACKEND = "pr2-nccl"  # vLLM's NCCL transport into the live update (CUDA)
 
-__all__ = ["BACKEND", "register"]
+__all__ = ["BACKEND", "NCCL_BACKEND", "register"]
 
 
 def register() -> None:
-    """Register the ``gloo`` engines with vLLM's worker and trainer factories (idempotent;
+    """Register the ``gloo`` engines with vLLM's worker and trainer factories, and the NCCL
+    receiver (:mod:`.nccl_receiver`, ``pr2-nccl``) with the worker factory (idempotent;
     imported lazily by the factories)."""
     from vllm.distributed.weight_transfer.factory import (
         WeightTransferEngineFactory,
@@ -45,4 +51,8 @@ def register() -> None:
     if BACKEND not in WeightTransferTrainerFactory._registry:
         WeightTransferTrainerFactory.register_engine(
             BACKEND, "pr2_serve.transfer.trainer_engine", "GlooTrainerWeightTransferEngine"
+        )
+    if NCCL_BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(
+            NCCL_BACKEND, "pr2_serve.transfer.nccl_receiver", "PR2NcclWeightTransferEngine"
         )

@@ -2,23 +2,27 @@
 
 Made by vLLM's ``WeightTransferEngineFactory`` when the engine's ``weight_transfer_config`` says
 ``gloo``; driven by the worker's ``init_weight_transfer_engine`` / ``start_weight_update`` /
-``update_weights`` / ``finish_weight_update`` (``collective_rpc``). ``update_weights`` receives
-the trainer's packed buckets and writes each at its place in a safetensors file laid out from
-the update info (``GlooUpdateInfo.path``); the live model is never touched, so a transfer that
-fails half-way changes nothing served. Two receive buffers: a bucket is written to the file on a
-thread while the next one arrives. With several workers (tensor parallel) each receives every
-bucket and only the first writes.
+``update_weights`` / ``finish_weight_update`` (``collective_rpc``), inside the update session the
+engine opened (:mod:`pr2_serve.plugin.live_update`). ``update_weights`` receives the trainer's
+packed buckets and, as each arrives, checks it and loads it into the live model (the session
+keeps the undo) while the next one is on the wire; each bucket is also written at its place in
+a safetensors file laid out from the update info (``GlooUpdateInfo.path``, on a writer thread):
+the version's durable copy. A bucket that fails its check stops the loading, the rest is still
+received (the broadcast stays in step), then the error is raised and the engine undoes the
+update. With several workers (tensor parallel) each receives and loads every bucket and only the
+first writes.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
+from pr2_serve.plugin.live_update import live_session, prefetched
 from pr2_serve.transfer.protocol import (
     GlooInitInfo,
     GlooUpdateInfo,
@@ -28,7 +32,7 @@ from pr2_serve.transfer.protocol import (
     safetensors_layout,
 )
 
-__all__ = ["GlooWeightTransferEngine", "receive_to_file", "worker_rank"]
+__all__ = ["GlooWeightTransferEngine", "receive_and_apply", "unpack_bucket", "worker_rank"]
 
 
 def worker_rank(parallel_config) -> int:
@@ -38,7 +42,7 @@ def worker_rank(parallel_config) -> int:
 
 
 class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
-    """Receive a transfer into a staged safetensors file (see module docstring)."""
+    """Receive a transfer into the live model and its file (see module docstring)."""
 
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
@@ -66,10 +70,10 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.init_info = init_info
 
     def start_weight_update(self) -> None:
-        pass  # nothing is loaded into the model: the server applies the finished file
+        pass  # the engine opened the update session (it also keeps the undo)
 
     def finish_weight_update(self) -> None:
-        pass
+        pass  # the engine finishes the session, then runs the canary
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # the base class also calls torch.accelerator.synchronize(), absent on the CPU build
@@ -82,7 +86,14 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         if write and not update_info.path:
             raise ValueError("update info has no path to write the received tensors to")
         path = update_info.path if write else None
-        receive_to_file(self.group, update_info, self.init_info.bucket_bytes, path)
+        session = live_session(self.model)
+        apply = None if session is None else session.apply  # None: only stored (no engine)
+        group = self.group
+
+        def recv(buf: torch.Tensor) -> None:
+            group.broadcast(buf, root=0).wait()
+
+        receive_and_apply(recv, update_info, self.init_info.bucket_bytes, path, apply)
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -90,43 +101,85 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
             close_group(group)
 
 
-def receive_to_file(group, info: GlooUpdateInfo, bucket_bytes: int, path: str | None) -> int:
-    """Receive every bucket of ``info`` from rank 0 of ``group``; write them to ``path`` (a
-    complete safetensors file; None: receive only). The bytes received."""
+def unpack_bucket(info: GlooUpdateInfo, start: int, stop: int, buf: torch.Tensor) -> list:
+    """``(name, tensor)`` of tensors ``start:stop`` of ``info``: views into ``buf``, the
+    bucket's packed bytes (``pack_tensors``' layout: the tensors' bytes end to end; a tensor
+    not aligned to its dtype there is copied)."""
+    pairs, pos = [], 0
+    sizes, dtypes = info.nbytes(), info.dtypes()
+    for i in range(start, stop):
+        raw = buf[pos : pos + sizes[i]]
+        if pos % dtypes[i].itemsize:  # after an odd-sized tensor of a smaller dtype
+            raw = raw.clone()
+        t = raw.view(dtypes[i]).reshape(info.shapes[i])
+        pairs.append((info.names[i], t))
+        pos += sizes[i]
+    return pairs
+
+
+def receive_and_apply(
+    recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply, device="cpu"
+) -> int:
+    """Receive every bucket of ``info`` into a buffer on ``device`` with ``recv(buffer)`` (a
+    broadcast from the trainer; the buffer is complete when it returns), the next one while
+    ``apply`` checks and loads one (None: nothing is loaded); write them to ``path`` (a
+    complete safetensors file; None: not written); the bytes received. The first error ``apply``
+    raises stops the applying, not the receiving, and is raised at the end."""
     sizes = info.nbytes()
-    buckets = plan_buckets(sizes, bucket_bytes)
-    largest = max((sum(sizes[a:b]) for a, b in buckets), default=0)
-    buffers = [torch.empty(largest, dtype=torch.uint8) for _ in range(2)]
-    pending: list[Future | None] = [None, None]
     prefix, offsets = safetensors_layout(info)
-    fd = None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    total = 0
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr2-xfer-write") as writer:
-            if fd is not None:
-                os.pwrite(fd, prefix, 0)
-                os.ftruncate(fd, len(prefix) + sum(sizes))
-            for k, (a, b) in enumerate(buckets):
-                slot = k % 2
-                if pending[slot] is not None:
-                    pending[slot].result()  # the buffer's previous bucket is on disk
-                n = sum(sizes[a:b])
-                buf = buffers[slot][:n]
-                group.broadcast(buf, root=0).wait()
-                total += n
-                if fd is not None and n:
-                    pending[slot] = writer.submit(_pwrite, fd, buf, len(prefix) + offsets[a])
-            for fut in pending:
-                if fut is not None:
-                    fut.result()
-    finally:
-        if fd is not None:
-            os.close(fd)
+
+    def arrivals():
+        for a, b in plan_buckets(sizes, bucket_bytes):
+            # each bucket its own buffer: the reload may keep views until a layer is whole
+            buf = torch.empty(sum(sizes[a:b]), dtype=torch.uint8, device=device)
+            recv(buf)
+            yield a, b, buf
+
+    error, total = None, 0
+    with _Writer(path, prefix, sum(sizes)) as writer:
+        for a, b, buf in prefetched(arrivals()):
+            total += buf.numel()
+            writer.put(buf, len(prefix) + offsets[a])
+            if error is None and apply is not None:
+                try:
+                    apply(unpack_bucket(info, a, b, buf))
+                except Exception as e:
+                    error = e
+    if error is not None:
+        raise error
     return total
 
 
+class _Writer:
+    """Writes buckets at their offsets in a file on a thread (nothing when ``path`` is None)."""
+
+    def __init__(self, path, prefix: bytes, data_bytes: int) -> None:
+        self.fd, self.pending = None, []
+        if path is not None:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self.fd, prefix, 0)
+            os.ftruncate(self.fd, len(prefix) + data_bytes)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr2-xfer-write")
+
+    def put(self, buf: torch.Tensor, offset: int) -> None:
+        if self.fd is not None and buf.numel():
+            self.pending.append(self.pool.submit(_pwrite, self.fd, buf, offset))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for fut in self.pending:
+                fut.result()
+        finally:
+            self.pool.shutdown(wait=True)
+            if self.fd is not None:
+                os.close(self.fd)
+
+
 def _pwrite(fd: int, buf: torch.Tensor, offset: int) -> None:
-    view = memoryview(buf.numpy()).cast("B")
+    view = memoryview(buf.cpu().numpy()).cast("B")  # a GPU bucket is copied to the host here
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written

@@ -87,7 +87,8 @@ class GlooTrainerInitInfo(TrainerInitInfo):
 
 @dataclass
 class GlooUpdateInfo(WeightTransferUpdateInfo):
-    """Per-transfer metadata, in broadcast order; ``path``: where the worker writes them."""
+    """Per-transfer metadata, in broadcast order; ``path``: where the worker writes them (the
+    durable copy of the version, laid out by :func:`safetensors_layout`)."""
 
     names: list[str]
     dtype_names: list[str]
