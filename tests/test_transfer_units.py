@@ -273,6 +273,10 @@ def test_grpc_transfer_refusals_have_the_http_routes_codes():
         async def transfer_weights(self, version, req, protocol):
             return self.transfer.check(req)
 
+        @property
+        def updates(self):  # (the real service holds its weight updates apart)
+            return self
+
     class Context:
         def __init__(self, key):
             self.meta = [("authorization", f"Bearer {key}")]
