@@ -167,3 +167,12 @@ def test_route_deviation_ranks_by_the_family_selection(family_dir):
     assert family[1:].sum() == 0, (arch, family.tolist())
     if router_kind(policy.replay.routers[0]).startswith("grouped"):
         assert route_deviation(routes, ctl.logits, valid, k)[1:].sum() > 0
+
+
+def test_predictor_loss_scores_as_the_family_ranks(family_dir):
+    """The learned predictor's loss compares sigmoid scores for the sigmoid routers and the
+    softmax for the others (:func:`trainer.algo.predictor.predictor_loss`)."""
+    arch, d = family_dir
+    _, replay = _with_predictors(d)
+    kind = "sigmoid" if arch in ("glm4_moe", "deepseek_v3") else "softmax"
+    assert replay.scoring() == [kind] * replay.num_moe_layers

@@ -8,8 +8,13 @@ the experts the router picks there (the reference code's ``COMPUTE_PREDICTIVE_LO
 computed in the forward, before the optimizer step, on that mini-step's tokens):
 
 - ``kl-post``: ``KL( sg(softmax(z_s)) || softmax(z_old + W_p h_old) )``, mean over tokens,
-  summed over layers (the paper's / reference code's default);
-- ``l2``: ``MSE(W_p h_old, z_s - z_old)`` (regress the logit drift directly).
+  summed over layers (the paper's / reference code's default). For a sigmoid router (DeepSeek-V3,
+  GLM-4.5: each expert's score ``sigmoid(z_e)`` on its own, no distribution over experts) the
+  same divergence taken per expert: ``sum_e KL( Bern(sg(sigmoid(z_s,e))) ||
+  Bern(sigmoid(z_old,e + (W_p h_old)_e)) )`` -- zero exactly when every score the selection
+  ranks is matched (the correction bias is added to both alike), where a softmax over sigmoid
+  logits would be a surrogate blind to a shift shared by all experts;
+- ``l2``: ``MSE(W_p h_old, z_s - z_old)`` (regress the logit drift directly, any router).
 """
 
 from __future__ import annotations
@@ -31,7 +36,13 @@ def plain_select(top_k: int) -> Select:
     return lambda layer, z, h, w_p: select_experts(z, h, w_p, top_k)
 
 
-__all__ = ["drift_cosine", "predicted_route_agreement", "predictor_hit_rate", "predictor_loss"]
+__all__ = [
+    "bernoulli_kl",
+    "drift_cosine",
+    "predicted_route_agreement",
+    "predictor_hit_rate",
+    "predictor_loss",
+]
 
 
 def predictor_loss(
@@ -42,29 +53,47 @@ def predictor_loss(
     predictor_weights: Sequence[torch.Tensor],
     mask: torch.Tensor | None = None,
     count: torch.Tensor | float | None = None,
+    scoring: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Sum over layers of the per-token mean loss; gradients reach only the predictors.
 
     ``target_logits``: per layer ``[T, E]`` the router logits to predict (a mini-step's own
     ``z_s``, detached here). ``count``: the mean's divisor when ``mask`` holds only a share of
-    the tokens (a data-parallel rank's); default ``mask.sum()``."""
+    the tokens (a data-parallel rank's); default ``mask.sum()``. ``scoring``: per layer the
+    router's scores, ``"softmax"`` (default) or ``"sigmoid"`` (``kl-post`` then compares each
+    expert's score: module docstring)."""
     total = torch.zeros((), dtype=torch.float32, device=predictor_weights[0].device)
-    for h, z, z_s, w_p in zip(h_old, z_old, target_logits, predictor_weights, strict=True):
+    scoring = scoring or ["softmax"] * len(predictor_weights)
+    layers = zip(h_old, z_old, target_logits, predictor_weights, scoring, strict=True)
+    for h, z, z_s, w_p, score in layers:
         h, z, target = h.detach().float(), z.detach().float(), z_s.detach().float()
         pred = selection_scores(z, h, w_p.float())
-        if kind == "kl-post":
+        if kind == "kl-post" and score == "sigmoid":
+            per_tok = bernoulli_kl(target, pred).sum(-1)
+        elif kind == "kl-post" and score == "softmax":
             per_tok = F.kl_div(
                 F.log_softmax(pred, -1),
                 F.log_softmax(target, -1),
                 log_target=True,
                 reduction="none",
             ).sum(-1)
+        elif kind == "kl-post":
+            raise ValueError(f"scoring must be 'softmax' or 'sigmoid', got {score!r}")
         elif kind == "l2":
             per_tok = ((pred - target) ** 2).mean(-1)
         else:
             raise ValueError(f"predictor loss must be 'kl-post' or 'l2', got {kind!r}")
         total = total + _masked_mean(per_tok, mask, count)
     return total
+
+
+def bernoulli_kl(target_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``KL( Bern(sigmoid(target)) || Bern(sigmoid(logits)) )`` from logits, in
+    log-sigmoids (no ``log(0)`` for saturated scores)."""
+    p = torch.sigmoid(target_logits)
+    log_p, log_not_p = F.logsigmoid(target_logits), F.logsigmoid(-target_logits)
+    log_q, log_not_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return p * (log_p - log_q) + (1 - p) * (log_not_p - log_not_q)
 
 
 @torch.no_grad()

@@ -172,6 +172,11 @@ class MoEReplay:
             return grouped_gate(z, ids, False, router.routed_scaling_factor, "softmax")
         return gate_weights(z.float(), ids, self.renormalize(router)).to(z.dtype)
 
+    def scoring(self) -> list[str]:
+        """Per MoE layer, the scores the router ranks: ``"sigmoid"`` (DeepSeek-V3, GLM-4.5) or
+        ``"softmax"`` (the others) -- what the learned predictor's loss compares."""
+        return ["sigmoid" if router_kind(r) == "grouped" else "softmax" for r in self.routers]
+
     def predictor_state_dict(self) -> dict[str, torch.Tensor]:
         """``{"model.layers.{i}.mlp.predictor.weight": W_p}`` for every MoE layer."""
         return {

@@ -63,10 +63,14 @@ class PredictorFit:
 
 def predictor_step(policy: Policy, fit: PredictorFit, z_s: list[torch.Tensor]) -> float:
     """One predictor update: ``L_p = KL(sg(softmax(z_s)) || softmax(z_old + W_p h_old))``
-    (``cfg.predictor_loss``) over the mini-step's tokens, ``z_s`` = this forward's router
-    logits. Ranks hold shares of the tokens: their gradients (and losses) are summed."""
+    (``cfg.predictor_loss``; per expert on sigmoid scores for the sigmoid routers) over the
+    mini-step's tokens, ``z_s`` = this forward's router logits. Ranks hold shares of the
+    tokens: their gradients (and losses) are summed."""
     predictors = policy.predictor_parameters()
-    pl = predictor_loss(fit.kind, fit.h_old, fit.z_old, z_s, predictors, fit.valid, fit.count)
+    pl = predictor_loss(
+        fit.kind, fit.h_old, fit.z_old, z_s, predictors, fit.valid, fit.count,
+        scoring=policy.replay.scoring(),
+    )  # fmt: skip
     fit.opt.zero_grad(set_to_none=True)
     pl.backward()
     pl = pl.detach()
