@@ -52,3 +52,11 @@ def test_unknown_architecture_is_refused():
     assert pr2_architecture("Qwen3MoeForCausalLM") == "PR2Qwen3MoeForCausalLM"
     with pytest.raises(PR2ConfigError, match="no PR2 variant"):
         pr2_architecture("LlamaForCausalLM")
+
+
+def test_minimax_m2_is_refused_with_its_reason():
+    """One line at start: what PR2 defines for the router and why it is not served."""
+    assert pr2_architecture("DeepseekV2ForCausalLM") == "PR2DeepseekV2ForCausalLM"
+    with pytest.raises(PR2ConfigError, match=r"^MiniMax-M2 is refused: .*replay") as err:
+        pr2_architecture("MiniMaxM2ForCausalLM")
+    assert "\n" not in str(err.value)

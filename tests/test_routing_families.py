@@ -64,6 +64,7 @@ def _sorted(ids, w):
         ("sigmoid", True, False, 1.0, 4, 4, 2),
         ("sigmoid", True, True, 1.0, 8, 8, 4),  # DeepSeek-V3's own 8 groups, 4 kept
         ("sigmoid", True, True, 1.5, 2, 1, 1),  # one group: plain biased top-k
+        ("sigmoid", True, True, 1.0, 8, 1, 1),  # MiniMax-M2: ungrouped, top-8, renormalised
         ("softmax", False, False, 1.0, 4, 4, 2),  # DeepSeek-V2 group_limited_greedy
     ],
 )

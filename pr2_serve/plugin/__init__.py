@@ -36,6 +36,10 @@ def pr2_architecture(stock: str) -> str:
     """The PR2 architecture name serving checkpoints of architecture ``stock``."""
     if stock in PR2_ARCHITECTURES.values():
         return stock
+    from pr2_serve.plugin.refusals import UNSERVED_ARCHITECTURES
+
+    if stock in UNSERVED_ARCHITECTURES:
+        raise PR2ConfigError(UNSERVED_ARCHITECTURES[stock])
     try:
         return PR2_ARCHITECTURES[stock]
     except KeyError:

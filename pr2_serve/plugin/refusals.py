@@ -63,6 +63,17 @@ REFUSED_ARCHITECTURES = {
 }
 
 
+# stock architecture without a PR2 variant -> why (one line, said at start)
+UNSERVED_ARCHITECTURES = {
+    "MiniMaxM2ForCausalLM": (
+        "MiniMax-M2 is refused: PR2 defines its router (grouped_route with one group: top-k of "
+        "sigmoid(z + W_p h) + c, weights sigmoid(z) renormalised) but the plugin has no variant "
+        "of it and the trainer's replay cannot drive its router (transformers passes the "
+        "correction bias in from the MoE block)"
+    ),
+}
+
+
 def architecture_problem(architecture: str) -> str | None:
     """Why ``architecture`` cannot be served with PR2 (None: it can)."""
     return REFUSED_ARCHITECTURES.get(architecture)
