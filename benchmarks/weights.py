@@ -135,7 +135,9 @@ def serve(model, tmp: Path, name: str, tree: Path):
     flags += ("--weights-dir", str(drop))
     # ``python -m pr2_serve.server.main`` imports from its working directory first
     with contextlib.chdir(tree):
-        srv = start_server(model, tmp / f"{name}-state", *flags, env={"PYTHONPATH": str(tree)})
+        srv = start_server(
+            model, tmp / f"{name}-state", *flags, env={"PYTHONPATH": str(tree)}, timeout=900
+        )
     return srv, drop
 
 

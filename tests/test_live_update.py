@@ -188,3 +188,20 @@ def test_past_the_undo_bound_the_served_files_are_reloaded(setup):
     for (t0, l0, r0), (t1, l1, r1) in zip(before, after, strict=True):
         assert t0 == t1 and r0 == r1
         assert np.abs(np.array(l0) - np.array(l1)).max() <= 1e-5
+
+
+def test_prefetched_holds_at_most_the_consumers_item_and_the_next():
+    made, alive = [], []
+
+    def items():
+        for i in range(20):
+            made.append(i)
+            alive.append(len(made) - len(seen))
+            yield i
+
+    seen = []
+    for x in prefetched(items()):
+        time.sleep(0.005)
+        seen.append(x)
+    assert seen == list(range(20))
+    assert max(alive) <= 2

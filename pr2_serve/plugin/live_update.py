@@ -267,23 +267,26 @@ def buckets_of(pairs: Iterable, bucket_bytes: int):
         yield bucket
 
 
-def prefetched(items: Iterable, depth: int = 1):
-    """``items``, produced on a thread up to ``depth`` ahead of the consumer (I/O overlaps with
-    the consumer's work); the producer's error is raised where it happened in the sequence."""
+def prefetched(items: Iterable):
+    """``items``, the next one produced on a thread while the consumer works on one (I/O
+    overlaps with the consumer's work; at most two items exist at once: the consumer's and the
+    next); the producer's error is raised where it happened in the sequence."""
     import contextlib
     import queue
     import threading
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q: queue.Queue = queue.Queue(maxsize=1)
+    taken = threading.Semaphore(0)
     done = object()
     stop = threading.Event()
 
     def produce() -> None:
         try:
             for item in items:
+                q.put((item, None))
+                taken.acquire()  # the consumer holds it: make the next one
                 if stop.is_set():
                     return
-                q.put((item, None))
             q.put((done, None))
         except BaseException as e:  # handed to the consumer
             q.put((done, e))
@@ -293,6 +296,7 @@ def prefetched(items: Iterable, depth: int = 1):
     try:
         while True:
             item, error = q.get()
+            taken.release()
             if item is done:
                 if error is not None:
                     raise error
@@ -300,6 +304,8 @@ def prefetched(items: Iterable, depth: int = 1):
             yield item
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        taken.release()
+        while thread.is_alive():  # unblock a producer waiting to hand over an item
             with contextlib.suppress(queue.Empty):
                 q.get(timeout=0.05)
+                taken.release()

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures as cf
 import hmac
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -89,6 +90,9 @@ class RolloutService:
         self._recheck: asyncio.Task | None = None
         self._inflight = 0
         self.served: dict = {}  # fingerprints and source of the committed weights (`_note_served`)
+        self._served_lock = threading.Lock()
+        self._fingerprinter = cf.ThreadPoolExecutor(1, thread_name_prefix="pr2-fingerprint")
+        self._fingerprinted: cf.Future | None = None
         self.store.clean()
         if engine is not None:
             self.attach(engine)
@@ -127,17 +131,31 @@ class RolloutService:
         kept = ", ".join(str(v) for v, _ in self.store.kept())
         return f"restored weight version {version} from {where} (kept for rollback: {kept}, 0)"
 
-    def _note_served(self, source: str) -> None:
-        """Fingerprint the weights just committed (once per version, never per request) and
-        record where they came from: what ``info()`` reports."""
+    def _note_served(self, source: str, digests: cf.Future | None = None) -> None:
+        """Record where the committed weights came from and start fingerprinting them on a
+        thread (after ``digests``, the update's tensor digests, computed meanwhile): a push
+        does not wait for it; :meth:`info` does, if asked before it is done."""
+        with self._served_lock:
+            self.served = {"weight_source": source}
+            self._fingerprinted = self._fingerprinter.submit(self._fingerprint, digests)
+
+    def _fingerprint(self, digests: cf.Future | None) -> dict:
+        """The fingerprints of the weights served (once per version, never per request)."""
+        if digests is not None and digests.exception() is None:
+            self.engine.keep_digests(digests.result())
         fp = self.engine.fingerprints()
-        self.served = {
-            "weight_source": source,
+        return {
             "policy_fingerprint": fp["policy"],
             "predictor_fingerprint": fp["predictor"],
             "predictor_active": fp["predictor_norm"] > 0,
             "predictor_norm": fp["predictor_norm"],
         }
+
+    def _served_fields(self) -> dict:
+        """``weight_source`` and the fingerprints of the weights served (see above)."""
+        with self._served_lock:
+            served, fingerprinted = dict(self.served), self._fingerprinted
+        return {**served, **fingerprinted.result()}
 
     def warm_up(self) -> None:
         """Answer the canary end to end; the server is ready after this (not ready while the
@@ -183,7 +201,7 @@ class RolloutService:
             "vocab_size": i.vocab_size,
             "kept_versions": [v for v, _ in self.store.kept()] + [0],
             "dtype": i.dtype,
-            **self.served,
+            **self._served_fields(),
         }
 
     # -- auth -----------------------------------------------------------------------------------

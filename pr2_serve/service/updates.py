@@ -15,6 +15,7 @@ a failed one leaves no file and no change.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures as cf
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -48,14 +49,15 @@ def served_as(source: str, version: int) -> str:
 
 class WeightUpdates:
     """Every change of the served weights, one at a time (``lock``). ``engine``: set when the
-    model has loaded (:meth:`attach`); ``on_served(source)``: told of each committed version."""
+    model has loaded (:meth:`attach`); ``on_served(source, digests)``: told of each committed
+    version (``digests``: a future of its tensor digests, or None)."""
 
     def __init__(
         self,
         store: WeightStore,
         readiness: Readiness,
         metrics: Metrics,
-        on_served: Callable[[str], None],
+        on_served: Callable[..., None],
         weights_dir: str | None = None,
         weight_transfer: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -68,6 +70,7 @@ class WeightUpdates:
         self.bucket_bytes = bucket_bytes  # a file-borne update is applied in buckets this size
         self.persist = persist  # "sync": commit before answering; "async": fsync + commit after
         self._persisting: asyncio.Future | None = None
+        self._hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="pr2-digests")
         self.lock = asyncio.Lock()  # one change at a time; the canary re-check takes it too
         # collective weight transfers, opt-in: pr2-serve --enable-weight-transfer
         self.transfer = TransferControl(None, enabled=weight_transfer)
@@ -170,14 +173,13 @@ class WeightUpdates:
                 files, feed, size, split = await stage()
                 digests = None if feed is not None else self._digests(files)
                 result, canary = await self._apply_live(files, version, feed)
-                await self._fingerprint(digests or self._digests(files))
             except BaseException:
                 if self.engine.weight_version != version:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
             await self._commit(files, version, source)
-            await asyncio.to_thread(self.on_served, served_as(source, version))
+            self.on_served(served_as(source, version), digests or self._digests(files))
             seconds = time.perf_counter() - t0
             self.metrics.observe_push(protocol, version, size, seconds)
             return {
@@ -228,14 +230,10 @@ class WeightUpdates:
             self.metrics.errors.labels(kind="weight_persist").inc()
             print(f"pr2-serve: persisting a weight version failed: {task.exception()!r}")
 
-    def _digests(self, files: dict[str, str]) -> asyncio.Future:
-        """The digests of an update's tensors, computed on a thread from its complete files."""
-        return asyncio.ensure_future(asyncio.to_thread(self.engine.update_digests, files))
-
-    async def _fingerprint(self, digests: asyncio.Future) -> None:
-        await asyncio.wait([digests])
-        if digests.exception() is None:  # else fingerprinted when committed, as before
-            self.engine.keep_digests(digests.result())
+    def _digests(self, files: dict[str, str]) -> cf.Future:
+        """The digests of an update's tensors, computed on a thread from its complete files
+        (the served fingerprints wait for them when first asked, not the push)."""
+        return self._hasher.submit(self.engine.update_digests, files)
 
     async def rollback(self, target: int, protocol: str) -> dict:
         """Serve kept version ``target`` (0: the model directory) again, as the next version
