@@ -74,6 +74,20 @@ class _Saved:
         params, buffers = _kernel_tensors(module)
         return sum(t.numel() * t.element_size() for t in [*params.values(), *buffers.values()])
 
+    def release_replaced(self) -> None:
+        """Let go of the tensors processing replaced (the CPU MoE prepack registers new ones):
+        their saved copy stands in for them, so the undo holds one copy of what it saves."""
+        m, copies = self.module, {id(t): old for t, old in self.values}
+        for table, kept in ((m._parameters, self.params), (m._buffers, self.buffers)):
+            for name, t in list(kept.items()):
+                if table.get(name) is t or id(t) not in copies:
+                    continue
+                old = copies.pop(id(t))
+                stand = torch.nn.Parameter(old, False) if isinstance(t, torch.nn.Parameter) else old
+                vars(stand).update(vars(t))  # the loader and flags the old tensor carried
+                kept[name] = stand
+        self.values = [(t, old) for t, old in self.values if id(t) in copies]
+
     def restore(self) -> None:
         for t, old in self.values:
             if t.shape == old.shape and t.dtype == old.dtype:
@@ -109,6 +123,10 @@ class Undo:
             if self.complete:
                 self.nbytes += size
                 self.saved.append(_Saved(module, keep_values=True))
+
+    def release_replaced(self) -> None:
+        for saved in self.saved:
+            saved.release_replaced()
 
     def restore(self) -> bool:
         for saved in reversed(self.saved):
@@ -166,6 +184,7 @@ class LiveUpdate:
             finalize_layerwise_reload(self.model, self.model_config)
         roots = [self.modules[u] if u else self.model for u in self.units]
         redo_cpu_moe_prepack(self.model, roots)
+        self.undo.release_replaced()
 
     def abort(self) -> bool:
         """Put the model back as it was before the update; False if the undo passed its bound
