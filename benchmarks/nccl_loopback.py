@@ -22,18 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def plan(sizes: list[int], bucket: int) -> list[tuple[int, int]]:
-    """``[(start, stop)]`` of the buckets: one closes once its bytes exceed ``bucket``."""
-    out, start, total = [], 0, 0
-    for i, n in enumerate(sizes):
-        total += n
-        if total > bucket:
-            out.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
+from pr2_serve.transfer.bucket_plan import plan_buckets
 
 
 def tensors(mib: int, device) -> list[torch.Tensor]:
@@ -55,7 +44,7 @@ def run(rank: int, world: int, device: str, mib: int, bucket: int, port: int) ->
     )
     sent = tensors(mib, dev)
     sizes = [t.numel() * t.element_size() for t in sent]
-    buckets, bad, t0 = plan(sizes, bucket), [], time.perf_counter()
+    buckets, bad, t0 = plan_buckets(sizes, bucket), [], time.perf_counter()
     for k, (a, b) in enumerate(buckets):
         if rank == 0:
             buf = torch.cat([t.reshape(-1).view(torch.uint8) for t in sent[a:b]])

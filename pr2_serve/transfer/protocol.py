@@ -7,9 +7,8 @@ staged file's layout, and the group.
   (``bucket_bytes``, ``timeout_s``) so the two sides cannot disagree.
 - **Update** (:class:`GlooUpdateInfo`): upstream's ``{names, dtype_names, shapes}``; the server
   adds ``path``, the file the worker writes.
-- **Buckets** (:func:`plan_buckets`): tensors are packed in order; a bucket closes once its size
-  exceeds ``bucket_bytes`` (the tensor that crosses the line is in it), the rule of vLLM's
-  ``pack_tensors`` and ``packed_nccl_broadcast_consumer``.
+- **Buckets** (:mod:`pr2_serve.transfer.bucket_plan`): tensors packed in order, a bucket closing
+  once its size exceeds ``bucket_bytes``, as vLLM's ``pack_tensors`` does.
 - **File** (:func:`safetensors_layout`): the safetensors header for the tensors in broadcast
   order, so bucket ``k`` is one contiguous byte range of the file.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import struct
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from pr2_serve.core.served_checkpoint import st_dtype
+from pr2_serve.transfer.bucket_plan import plan_buckets, tensor_nbytes
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -113,23 +112,6 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
 
     def nbytes(self) -> list[int]:
         return [tensor_nbytes(s, d) for s, d in zip(self.shapes, self.dtypes(), strict=True)]
-
-
-def tensor_nbytes(shape, dtype: torch.dtype) -> int:
-    return math.prod(int(s) for s in shape) * dtype.itemsize
-
-
-def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[tuple[int, int]]:
-    """``[(start, stop)]`` tensor index ranges of the buckets (see module docstring)."""
-    buckets, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        total += size
-        if total > bucket_bytes:
-            buckets.append((start, i + 1))
-            start, total = i + 1, 0
-    if start < len(sizes):
-        buckets.append((start, len(sizes)))
-    return buckets
 
 
 def safetensors_layout(info: GlooUpdateInfo) -> tuple[bytes, list[int]]:
