@@ -39,9 +39,13 @@ class Readiness:
         if self.on_fitness is not None and was != (self.unfit is None):
             self.on_fitness(self.unfit is None)
 
+    def loaded(self, engine) -> bool:
+        """An engine is attached and warmed up (whatever its fitness and health)."""
+        return self.phase is Phase.SERVING and engine is not None
+
     def reason(self, engine) -> str | None:
         """Why generates are refused now, or None: serving."""
-        if self.phase is not Phase.SERVING or engine is None:
+        if not self.loaded(engine):
             return "loading"
         if not engine.healthy():
             return "the engine has failed"
@@ -55,7 +59,7 @@ class Readiness:
 
     def require_loaded(self, engine) -> None:
         """Weight changes need a warmed-up engine (fitness aside: an unfit server takes them)."""
-        if self.phase is not Phase.SERVING or engine is None:
+        if not self.loaded(engine):
             raise ApiError(503, "unavailable", "the engine is not ready")
 
     def admit(self, engine) -> None:

@@ -34,7 +34,7 @@ from trainer.data.source import Source
 from trainer.rollouts import no_server
 from trainer.rollouts import weight_agreement as sync
 from trainer.rollouts.async_rollouts import AsyncRollouts, lag_metrics
-from trainer.rollouts.collective_push import check_backend
+from trainer.rollouts.collective_push import BACKENDS, CollectiveLink, check_backend
 from trainer.rollouts.server_pool import NoServerLeft, ServerPool
 from trainer.run.config import TrainConfig
 from trainer.run.policy import Policy
@@ -185,9 +185,7 @@ class Trainer:
         self.request_seconds: float | None = None  # the last step's background request
         # --weight-transfer gloo|nccl: one transfer group to the servers, opened at first push
         self.collective = None
-        if cfg.weight_transfer in ("gloo", "nccl"):
-            from trainer.rollouts.collective_push import CollectiveLink  # (vLLM's engines)
-
+        if cfg.weight_transfer in BACKENDS:
             self.collective = CollectiveLink(cfg.weight_transfer_address, cfg.weight_transfer)
 
     @property
