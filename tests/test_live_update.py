@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pr2_serve.core.served_checkpoint import CanaryError, NonFiniteWeightsError
 from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
-from pr2_serve.plugin.live_update import buckets_of, prefetched, unit_of
+from pr2_serve.plugin.live_update import LiveUpdate, buckets_of, prefetched, unit_of
 from pr2_serve.tiny.tiny_model import make_tiny_model
 
 PROMPTS = [[5, 6, 7], list(range(40, 80)), [200, 1, 2, 3, 4, 5, 6, 7, 8]]
@@ -68,6 +70,70 @@ def test_prefetched_stops_its_producer_when_the_consumer_leaves():
     time.sleep(0.2)
     assert len(produced) < 10
     assert not [t for t in threading.enumerate() if t.name == "pr2-prefetch"]
+
+
+# -- on a toy model of CPU MoE layers -------------------------------------------------------------
+def toy_moe_model(layers: int, seen: list, before: list) -> torch.nn.Module:
+    """``layers`` MoE layers whose experts' prepack (as the CPU one: new tensors registered in
+    place of the loaded ones) appends to ``seen`` how many of ``before`` (weak references to
+    the tensors the model had before the update) are still alive."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+    from vllm.model_executor.utils import replace_parameter
+
+    class Prepack(CPUUnquantizedExperts):
+        def __init__(self) -> None:  # nothing of a real MoE config is used
+            pass
+
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            seen.append(sum(r() is not None for r in before))
+            for name in ("w13_weight", "w2_weight"):
+                replace_parameter(layer, name, getattr(layer, name).detach().clone())
+
+    kernel = SimpleNamespace(fused_experts=Prepack())
+
+    class MoE(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w13_weight = torch.nn.Parameter(torch.randn(4, 8, 16), requires_grad=False)
+            self.w2_weight = torch.nn.Parameter(torch.randn(4, 16, 4), requires_grad=False)
+            self.quant_method = SimpleNamespace(moe_kernel=kernel)
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(MoE() for _ in range(layers))
+
+        def load_weights(self, pairs) -> None:
+            params = dict(self.named_parameters())
+            for name, t in pairs:
+                getattr(params[name], "weight_loader", default_weight_loader)(params[name], t)
+
+    model = Toy()
+    before.extend(weakref.ref(p) for p in model.parameters())
+    return model
+
+
+@pytest.mark.vllm
+def test_finish_lets_go_of_each_layers_replaced_tensors_right_after_its_prepack():
+    """The undo's copy stands in for the tensors a layer's prepack replaced as soon as that
+    layer is done: the extra memory of an update's end is one layer's, not the model's."""
+    from vllm.model_executor.model_loader.reload.layerwise import record_metadata_for_reloading
+
+    seen, before = [], []
+    model = toy_moe_model(3, seen, before)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new = {n: torch.randn(p.shape) for n, p in model.named_parameters()}
+    record_metadata_for_reloading(model)
+    update = LiveUpdate(model, None, undo_limit=1 << 30)
+    for name, t in new.items():  # one tensor a bucket
+        update.apply([(name, t)])
+    update.finish([])
+    assert seen == [6, 4, 2]  # each prepack: the layers not yet done (2 tensors each)
+    assert not any(r() for r in before)
+    assert all(torch.equal(p, new[n]) for n, p in model.named_parameters())
+    assert update.abort()
+    assert all(torch.equal(p, old[n]) for n, p in model.named_parameters())
 
 
 # -- on a real engine ----------------------------------------------------------------------------

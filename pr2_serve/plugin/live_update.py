@@ -6,7 +6,8 @@ put on the meta device, its weight loaders deferred), then ``model.load_weights`
 layer whose tensors have all arrived is processed and copied into its original storage at once,
 while the next bucket is on the wire), then the tensors a partly updated unit still lacks (read
 from the files served now), ``finalize_layerwise_reload`` and the CPU MoE prepack of the layers
-it reloaded (:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`). Every bucket is checked
+it reloaded (:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`), one layer at a time, the
+undo letting go of what each replaced right after it. Every bucket is checked
 before it is loaded: every value finite, naming each bad tensor.
 
 Undo: before a bucket touches a *unit* (the deepest model module whose name is a dotted prefix of
@@ -32,6 +33,7 @@ from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
 __all__ = ["LiveUpdate", "unit_of"]
 
 SKIPPED = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
+FINISH_BUCKET_BYTES = 64 << 20  # the served tensors a touched unit lacks, loaded this many at once
 
 
 def unit_of(name: str, modules: set[str]) -> str:
@@ -124,9 +126,11 @@ class Undo:
                 self.nbytes += size
                 self.saved.append(_Saved(module, keep_values=True))
 
-    def release_replaced(self) -> None:
+    def release_replaced(self, module: torch.nn.Module | None = None) -> None:
+        """:meth:`_Saved.release_replaced` of ``module``'s saved state (default: every one)."""
         for saved in self.saved:
-            saved.release_replaced()
+            if module is None or saved.module is module:
+                saved.release_replaced()
 
     def restore(self) -> bool:
         for saved in reversed(self.saved):
@@ -174,17 +178,18 @@ class LiveUpdate:
 
     def finish(self, rest: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load ``rest`` (the served tensors of the touched units the update lacked), finish the
-        layerwise reload and redo the CPU MoE prepack."""
+        layerwise reload and redo the CPU MoE prepack. The undo lets go of what each layer's
+        prepack replaced as soon as it is done (its copy stands in): the extra memory is the
+        undo copy and one layer, never the model's pre-prepack tensors all at once."""
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
         with quiet_live_logs():
-            pairs = list(rest)
-            if pairs:
-                self.model.load_weights(pairs)
+            for bucket in buckets_of(rest, FINISH_BUCKET_BYTES):
+                self.model.load_weights(bucket)
             finalize_layerwise_reload(self.model, self.model_config)
         roots = [self.modules[u] if u else self.model for u in self.units]
-        redo_cpu_moe_prepack(self.model, roots)
-        self.undo.release_replaced()
+        redo_cpu_moe_prepack(self.model, roots, then=self.undo.release_replaced)
+        self.undo.release_replaced()  # any other tensor processing replaced
 
     def abort(self) -> bool:
         """Put the model back as it was before the update; False if the undo passed its bound

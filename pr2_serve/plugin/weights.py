@@ -16,7 +16,7 @@ dropped while it runs (:func:`quiet_reload_logs`), every other warning is kept.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -105,9 +105,15 @@ def quiet_live_logs():
     return quiet_reload_logs(LiveNoise())
 
 
-def redo_cpu_moe_prepack(model: torch.nn.Module, roots: list | None = None) -> None:
+def redo_cpu_moe_prepack(
+    model: torch.nn.Module,
+    roots: list | None = None,
+    then: Callable[[torch.nn.Module], None] | None = None,
+) -> None:
     """Redo the CPU MoE prepack of the MoE layers under ``roots`` (default: the whole model):
-    only layers just reloaded (prepacking packed weights again would scramble them)."""
+    only layers just reloaded (prepacking packed weights again would scramble them); each
+    layer once, ``then(layer)`` right after its prepack (a caller holding the tensors it
+    replaced lets go of them there: one layer's extra memory at a time, not the model's)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -120,3 +126,5 @@ def redo_cpu_moe_prepack(model: torch.nn.Module, roots: list | None = None) -> N
         experts = getattr(kernel, "fused_experts", None)
         if isinstance(experts, CPUUnquantizedExperts):
             experts.process_weights_after_loading(module)
+            if then is not None:
+                then(module)
