@@ -85,15 +85,15 @@ def step(state_dict: dict) -> None:
 class Side:
     """One server under test and its clients (``drop``: its ``--weights-dir``)."""
 
-    def __init__(self, srv, state_dict: dict, drop: Path, bucket_bytes: int) -> None:
+    def __init__(self, srv, state_dict: dict, drop: Path, bucket_bytes: int, checksum: str) -> None:
         self.srv, self.drop, self.sd = srv, drop, state_dict
         self.http, self.rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
         self.pusher = CollectivePusher([self.http], bucket_bytes=bucket_bytes)
         self.version = self.http.info()["weight_version"] + 1
         self.pusher.push(state_dict, self.version)  # the group is opened once, before timing
         self.ways = {
-            "http": lambda v: self.http.push_weights(self.sd, v),
-            "grpc": lambda v: self.rpc.push_weights(self.sd, v),
+            "http": lambda v: self.http.push_weights(self.sd, v, checksum),
+            "grpc": lambda v: self.rpc.push_weights(self.sd, v, checksum),
             "gloo": lambda v: self.pusher.push(self.sd, v)[0],
             "load": self.load,
         }
@@ -149,7 +149,8 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
         for name, tree in trees.items():
             srv, drop = serve(model, tmp, name, tree)
             servers.append(srv)
-            sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20)
+            checksum = "sha256" if name == "baseline" else "xxh128"  # what each side's client sent
+            sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20, checksum)
         for _ in range(args.repeats):
             for way in TRANSPORTS:
                 for side in sides.values():

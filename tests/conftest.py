@@ -58,7 +58,8 @@ def weights_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zero_server(tiny_zero, weights_dir, tmp_path_factory):
     """``pr2-serve`` on ``tiny_zero`` with every opt-in flag the tests need (collective
-    transfers, loading from ``weights_dir``, small body limits, fault injection): the server of
+    transfers, loading from ``weights_dir``, small body limits, fault injection, 0.25 MiB
+    buckets: a whole-model upload arrives in 8): the server of
     every test that needs "a server". Tests take versions relative to what it serves
     (``info()["weight_version"]``), and a module that needs the model's own weights takes
     ``model_weights_server`` (rolled back to version 0 first)."""
@@ -74,6 +75,8 @@ def zero_server(tiny_zero, weights_dir, tmp_path_factory):
         str(8 << 20),
         "--max-request-bytes",
         str(1 << 20),
+        "--bucket-mib",
+        "0.25",
         env={"PR2_ENABLE_FAULT_INJECTION": "1"},
     )
     yield srv
@@ -95,10 +98,13 @@ def model_weights_server(zero_server):
 
 @pytest.fixture(scope="session")
 def second_server(tiny_zero, tmp_path_factory):
-    """A second ``pr2-serve`` on ``tiny_zero`` (default flags), for the tests that need two."""
+    """A second ``pr2-serve`` on ``tiny_zero`` (default flags but uploads applied once stored,
+    ``--apply-uploads stored``), for the tests that need two."""
     from tests.helpers import start_server
 
-    srv = start_server(tiny_zero, tmp_path_factory.mktemp("second-state"))
+    srv = start_server(
+        tiny_zero, tmp_path_factory.mktemp("second-state"), "--apply-uploads", "stored"
+    )
     yield srv
     srv.stop()
 

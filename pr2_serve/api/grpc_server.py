@@ -168,6 +168,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
                 header.sha256,
                 header.total_size or None,
                 "grpc",
+                header.xxh128,
             )
             return pb2.UpdateWeightsResponse(**res)
         except Exception as e:

@@ -253,6 +253,7 @@ def add_weights_route(app: FastAPI, service: RolloutService) -> None:
         version: int = Path(ge=MIN_WEIGHT_VERSION, le=MAX_WEIGHT_VERSION),
         authorization: str | None = Header(None),
         x_content_sha256: str | None = Header(None),
+        x_content_xxh128: str | None = Header(None),
     ):
         """Push a safetensors file (any subset of policy and predictor tensors, HF names).
 
@@ -269,6 +270,7 @@ def add_weights_route(app: FastAPI, service: RolloutService) -> None:
             x_content_sha256,
             int(length) if length is not None else None,
             "http",
+            x_content_xxh128,
         )
 
 

@@ -84,9 +84,10 @@ class GrpcClient:
         except self._grpc.RpcError as e:
             raise _grpc_error(e) from None
 
-    def push_weights(self, weights, version: int) -> dict:
-        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``."""
-        payload = weights_payload(weights)
+    def push_weights(self, weights, version: int, checksum: str = "xxh128") -> dict:
+        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``
+        (``checksum``: the body's, ``xxh128`` or ``sha256``)."""
+        payload = weights_payload(weights, checksum)
         meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
         try:
             res = self._stub.UpdateWeights(
@@ -241,7 +242,7 @@ def _weights_result(res) -> dict:
 def _upload_messages(pb2, payload: WeightsPayload, version: int) -> Iterator:
     yield pb2.UpdateWeightsRequest(
         header=pb2.UpdateWeightsHeader(
-            version=version, sha256=payload.sha256, total_size=payload.size
+            version=version, total_size=payload.size, **{payload.algorithm: payload.digest}
         )
     )
     for block in payload.chunks(GRPC_CHUNK):

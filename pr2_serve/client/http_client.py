@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pr2_serve.client.common import PROBE_TIMEOUT_S, GenerateResult, ServerError, push_result
 from pr2_serve.client.payload import WeightsPayload, weights_payload
 from pr2_serve.client.retry import push_attempts
+from pr2_serve.core.body_checksum import HEADERS
 from pr2_serve.core.route_protocol import EncodedRoutes, decode_routes
 from pr2_serve.core.types import Rollout, StreamEvent
 
@@ -78,9 +79,10 @@ class HttpClient:
                     return
                 yield _event(obj)
 
-    def push_weights(self, weights, version: int) -> dict:
-        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``."""
-        payload = weights_payload(weights)
+    def push_weights(self, weights, version: int, checksum: str = "xxh128") -> dict:
+        """Upload ``weights`` (safetensors bytes, a state dict or a file path) as ``version``
+        (``checksum``: the body's, ``xxh128`` or ``sha256``)."""
+        payload = weights_payload(weights, checksum)
         headers = _push_headers(payload, self.api_key)
         url = f"/v1/weights/{version}"
 
@@ -141,7 +143,7 @@ def _request(prompts, **kw) -> dict:
 def _push_headers(payload: WeightsPayload, api_key: str | None) -> dict[str, str]:
     """Headers of ``PUT /v1/weights/{version}`` for the safetensors ``payload``."""
     headers = {
-        "X-Content-SHA256": payload.sha256,
+        HEADERS[payload.algorithm]: payload.digest,
         "Content-Length": str(payload.size),
         "Content-Type": "application/octet-stream",
     }

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pr2_serve.core.body_checksum import hexdigest_of
+
 CHUNK = 4 << 20
 
 __all__ = ["CHUNK", "WeightsPayload", "safetensors_parts", "weights_payload"]
@@ -27,13 +29,23 @@ __all__ = ["CHUNK", "WeightsPayload", "safetensors_parts", "weights_payload"]
 @dataclass(frozen=True, slots=True)
 class WeightsPayload:
     """A safetensors file as ``parts`` (buffers, concatenated in order) or a ``path``, with its
-    size and SHA-256 (computed once, when made by :func:`weights_payload`: a payload pushed to
-    several servers is hashed once)."""
+    size and checksum (``algorithm``: ``xxh128`` or ``sha256``, see
+    :mod:`pr2_serve.core.body_checksum`; computed once, when made by :func:`weights_payload`: a
+    payload pushed to several servers is hashed once)."""
 
     parts: tuple
     path: Path | None
     size: int
-    sha256: str
+    algorithm: str
+    digest: str
+
+    @property
+    def sha256(self) -> str:
+        """The body's SHA-256 (computed on each call: for tools that want it; not sent)."""
+        h = hashlib.sha256()
+        for block in self.chunks():
+            h.update(block)
+        return h.hexdigest()
 
     def chunks(self, size: int = CHUNK) -> Iterator:
         """The body in blocks of at most ``size`` bytes (views where it is in memory; a new
@@ -43,28 +55,24 @@ class WeightsPayload:
         return (p[i : i + size] for p in self.parts for i in range(0, len(p), size))
 
 
-def weights_payload(weights: Any) -> WeightsPayload:
+def weights_payload(weights: Any, checksum: str = "xxh128") -> WeightsPayload:
     """What a push sends: a :class:`WeightsPayload` as it is, safetensors ``bytes``, a state
-    dict ``{name: tensor}`` (streamed from its tensors), or the safetensors file at a path."""
+    dict ``{name: tensor}`` (streamed from its tensors), or the safetensors file at a path;
+    ``checksum``: the algorithm it declares (``sha256`` for servers older than ``xxh128``)."""
     if isinstance(weights, WeightsPayload):
         return weights
     if isinstance(weights, (str, os.PathLike)):
         path = Path(weights)
-        return WeightsPayload((), path, path.stat().st_size, _sha256(_file_chunks(path, CHUNK)))
+        digest = hexdigest_of(checksum, _file_chunks(path, CHUNK))
+        return WeightsPayload((), path, path.stat().st_size, checksum, digest)
     if isinstance(weights, (bytes, bytearray, memoryview)):
         parts = (memoryview(weights).cast("B"),)
     elif isinstance(weights, Mapping):
         parts = tuple(safetensors_parts(weights, {"format": "pt"}))
     else:
         raise TypeError(f"weights must be bytes, a state dict or a path, not {type(weights)}")
-    return WeightsPayload(parts, None, sum(len(p) for p in parts), _sha256(parts))
-
-
-def _sha256(blocks) -> str:
-    h = hashlib.sha256()
-    for block in blocks:
-        h.update(block)
-    return h.hexdigest()
+    size = sum(len(p) for p in parts)
+    return WeightsPayload(parts, None, size, checksum, hexdigest_of(checksum, parts))
 
 
 def safetensors_parts(

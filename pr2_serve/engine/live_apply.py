@@ -16,6 +16,7 @@ costs one pass over the bytes (receive and apply overlap) instead of receive, ch
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ class LiveJob(Update):
     ``{name: file}`` once complete (the served set for later updates and restarts)."""
 
     feed: Callable | None = None
+    confirm: Callable | None = None  # confirm(llm, ok): after the canary (see run_live)
     canary: Any = None
     undo_limit: int = DEFAULT_UNDO_LIMIT
 
@@ -67,7 +69,7 @@ def run_live(engine, job: LiveJob) -> float:
     llm = engine._llm
     require_newer(job.version, engine.weight_version)
     t0 = time.perf_counter()
-    llm.collective_rpc(live_begin, args=(job.undo_limit,))
+    llm.collective_rpc(live_begin, args=(job.undo_limit, list(job.files)))
     try:
         job.feed(llm)
         llm.collective_rpc(live_finish, args=(dict(engine._files),))
@@ -76,7 +78,12 @@ def run_live(engine, job: LiveJob) -> float:
         problem = run_canary(engine, job.canary, job.version) if job.canary else None
         if problem is not None:
             raise CanaryError(f"the canary generate failed on the new weights: {problem}")
+        if job.confirm is not None:  # what the feed's source still had to check (raises: undo)
+            job.confirm(llm, True)
     except BaseException as e:
+        if job.confirm is not None:
+            with contextlib.suppress(Exception):
+                job.confirm(llm, False)  # its loose ends, after a failure
         restore(engine, e)
         raise
     llm.collective_rpc(live_end)

@@ -36,19 +36,30 @@ class WeightApply:
         return files
 
     def apply_live(
-        self, files: dict[str, str], version: int, *, feed=None, canary=None, bucket_bytes: int
+        self,
+        files: dict[str, str],
+        version: int,
+        *,
+        feed=None,
+        confirm=None,
+        canary=None,
+        bucket_bytes: int,
     ) -> cf.Future:
         """Apply an update to the live model bucket by bucket, checking each bucket's values
         as it goes (:mod:`pr2_serve.engine.live_apply`); future of :class:`UpdateResult`.
 
         ``files``: the update's ``{name: file}``, complete once ``feed(llm)`` has handed the
-        workers every bucket (default: read ``files`` in buckets of ``bucket_bytes``). On any
-        failure (a non-finite bucket, a broken feed, ``canary``) the model is restored and the
-        previous version serves on.
+        workers every bucket (default: read ``files`` in buckets of ``bucket_bytes``);
+        ``confirm(llm, ok)``: called after the canary (``ok``: it passed; raising undoes the
+        update) or after a failure (``ok`` False: loose ends), for what the feed's source checks
+        last (an upload's checksum, a transfer's file writes). On any failure (a non-finite
+        bucket, a broken feed, ``canary``, ``confirm``) the model is restored and the previous
+        version serves on.
         """
         require_newer(version, self.weight_version)
         job = LiveJob(dict(files), version, len(files), cf.Future())
         job.feed = feed or file_feed(dict(files), bucket_bytes)
+        job.confirm = confirm
         job.canary, job.undo_limit = canary, self.undo_limit
         self._put(("update", job))
         return job.future

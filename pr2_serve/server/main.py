@@ -128,6 +128,8 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
         weights_dir=cfg.weights_dir,
         weight_transfer=cfg.enable_weight_transfer,
         persist=cfg.persist,
+        apply_uploads=cfg.apply_uploads,
+        bucket_bytes=int(cfg.bucket_mib * (1 << 20)),
     )
     if not api_key:
         print("pr2-serve: no API key: weight pushes are refused", file=sys.stderr)

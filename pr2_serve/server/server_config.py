@@ -82,6 +82,24 @@ class ServerConfig:
         "answered; 'async' after (its files flushed to the disk, then committed.json, on a "
         "thread while the next update runs; a restart before that restores the version before)",
     )
+    apply_uploads: str = option(
+        "streamed",
+        "how a pushed upload (HTTP PUT /v1/weights, gRPC UpdateWeights) is applied: "
+        "'streamed' bucket by bucket as it arrives (receive and apply overlap; generation waits "
+        "from its first complete bucket to the canary); 'stored' received whole into its file "
+        "first (generation goes on meanwhile), then applied: for links slower than the apply",
+    )
+    bucket_mib: float = option(
+        64.0,
+        "bucket size of an update read from an upload or a file, MiB (a collective transfer's "
+        "comes with its init request): received, checked and applied one bucket at a time",
+    )
+    undo_limit_mib: int = option(
+        8192,
+        "MiB of previous tensor values an update keeps to undo itself bit for bit on a failure "
+        "(the whole model for a full update; past it nothing more is kept and a failed update "
+        "reloads the previous version from the state directory instead)",
+    )
     weights_dir: str | None = option(
         None,
         "allow POST /v1/weights/load/{version} (gRPC LoadWeights) to load checkpoints from "
@@ -224,6 +242,7 @@ def engine_kwargs(cfg: ServerConfig) -> dict:
         "enable_prefix_caching": not cfg.no_prefix_caching,
         "max_model_len": cfg.max_model_len,
         "logprobs_mode": cfg.logprobs_mode,
+        "undo_limit": cfg.undo_limit_mib << 20,
     }
     if cfg.logprobs_mode not in LOGPROBS_MODES:
         raise SystemExit(f"--logprobs-mode must be one of {', '.join(LOGPROBS_MODES)}")

@@ -110,6 +110,14 @@ def preflight(cfg: ServerConfig) -> Path:
         raise StartupError(f"--keep-versions must be >= 1 (got {cfg.keep_versions})")
     if cfg.persist not in ("sync", "async"):
         raise StartupError(f"--persist must be 'sync' or 'async' (got {cfg.persist!r})")
+    if cfg.apply_uploads not in ("streamed", "stored"):
+        raise StartupError(
+            f"--apply-uploads must be 'streamed' or 'stored' (got {cfg.apply_uploads!r})"
+        )
+    if not cfg.bucket_mib > 0:
+        raise StartupError(f"--bucket-mib must be > 0 (got {cfg.bucket_mib})")
+    if cfg.undo_limit_mib < 0:
+        raise StartupError(f"--undo-limit-mib must be >= 0 (got {cfg.undo_limit_mib})")
     if cfg.api_key_file:
         try:
             Path(cfg.api_key_file).read_text()

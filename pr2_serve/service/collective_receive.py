@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pr2_serve.core.served_checkpoint import WeightValidationError
 from pr2_serve.service.errors import ApiError
+from pr2_serve.service.weight_store import storage_error
 from pr2_serve.transfer import BACKEND
 from pr2_serve.transfer.protocol import (
     DEFAULT_BUCKET_BYTES,
@@ -139,11 +140,12 @@ class TransferControl:
         return info
 
     def feed(self, info: GlooUpdateInfo, part: Path, final: Path):
-        """The live update's ``feed`` (:meth:`RolloutEngine.apply_live`, on the engine thread):
-        the workers receive the broadcast into the model, bucket by bucket, and into ``part``,
-        renamed ``final`` once complete. A bucket that fails its check raises its
-        :class:`WeightValidationError` once the broadcast is over; a broken transfer closes the
-        group and raises 502. On any failure no file is left."""
+        """The live update's ``(feed, confirm)`` (:meth:`RolloutEngine.apply_live`, on the
+        engine thread): the workers receive the broadcast into the model, bucket by bucket, and
+        into ``part``, whose writes end while the canary runs and which ``confirm`` renames
+        ``final``. A bucket that fails its check raises its :class:`WeightValidationError` once
+        the broadcast is over; a broken transfer closes the group and raises 502. On any failure
+        no file is left."""
         payload = {
             "names": info.names,
             "dtype_names": info.dtype_names,
@@ -155,8 +157,6 @@ class TransferControl:
             try:
                 llm.collective_rpc("start_weight_update")
                 llm.collective_rpc("update_weights", args=(payload,))
-                llm.collective_rpc("finish_weight_update")
-                part.replace(final)
             except WeightValidationError:
                 part.unlink(missing_ok=True)
                 raise
@@ -167,7 +167,18 @@ class TransferControl:
                     llm.collective_rpc("shutdown_weight_transfer_engine")
                 raise _failed("receiving the tensors", e) from e
 
-        return run
+        def confirm(llm, ok: bool) -> None:
+            try:
+                llm.collective_rpc("finish_weight_update")  # the file's writes are done
+                if ok:
+                    part.replace(final)
+            except OSError as e:
+                raise storage_error(e) from e
+            finally:
+                if not ok or not final.exists():
+                    part.unlink(missing_ok=True)
+
+        return run, confirm
 
     def close(self) -> None:
         """Leave the group (idempotent; the engine thread runs it between steps)."""

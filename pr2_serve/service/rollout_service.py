@@ -47,6 +47,7 @@ from pr2_serve.service.readiness import Phase, Readiness
 from pr2_serve.service.updates import WeightUpdates
 from pr2_serve.service.validate import validate
 from pr2_serve.service.weight_store import WeightStore
+from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 
 if TYPE_CHECKING:
     from pr2_serve.engine.rollout_engine import RolloutEngine
@@ -71,6 +72,8 @@ class RolloutService:
         weights_dir: str | None = None,
         weight_transfer: bool = False,
         persist: str = "sync",
+        apply_uploads: str = "streamed",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
         self.engine: RolloutEngine | None = None
         self.api_key = api_key
@@ -86,6 +89,8 @@ class RolloutService:
             weights_dir,
             weight_transfer,
             persist=persist,
+            apply_uploads=apply_uploads,
+            bucket_bytes=bucket_bytes,
         )
         self._recheck: asyncio.Task | None = None
         self._inflight = 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,7 @@ from pr2_serve.service.errors import ENGINE_ERRORS, ApiError, from_engine
 from pr2_serve.service.load_path import files_to_load, resolve_load_path
 from pr2_serve.service.metrics import Metrics
 from pr2_serve.service.readiness import Readiness
+from pr2_serve.service.streamed_upload import StreamedUpload
 from pr2_serve.service.weight_store import WeightStore
 from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
 
@@ -62,6 +64,7 @@ class WeightUpdates:
         weight_transfer: bool = False,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         persist: str = "sync",
+        apply_uploads: str = "streamed",
     ) -> None:
         self.engine: RolloutEngine | None = None
         self.store, self.readiness, self.metrics = store, readiness, metrics
@@ -69,6 +72,7 @@ class WeightUpdates:
         self.weights_dir = weights_dir  # what POST /v1/weights/load may read (None: disabled)
         self.bucket_bytes = bucket_bytes  # a file-borne update is applied in buckets this size
         self.persist = persist  # "sync": commit before answering; "async": fsync + commit after
+        self.apply_uploads = apply_uploads  # "streamed": as it arrives; "stored": file first
         self._persisting: asyncio.Future | None = None
         self._hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="pr2-digests")
         self.lock = asyncio.Lock()  # one change at a time; the canary re-check takes it too
@@ -94,14 +98,22 @@ class WeightUpdates:
         sha256: str | None,
         declared_size: int | None,
         protocol: str,
+        xxh128: str | None = None,
     ) -> dict:
-        """Stream an upload to disk, verify it, apply it as ``version`` if it passes the canary.
-        The result has the time split: receive, check (names, shapes, dtypes), apply (bucket by
-        bucket, every value checked finite as it goes), canary."""
-        self.store.check_declared(sha256, declared_size)
+        """Apply an upload as ``version`` if it passes the canary: as it arrives
+        (:mod:`.streamed_upload`) or, ``stored``, once it is whole in its file. The result has
+        the time split: receive, check (names, shapes, dtypes), apply (bucket by bucket, every
+        value checked finite as it goes), canary."""
+        checksums = self.store.check_declared(sha256, declared_size, xxh128)
+        if self.apply_uploads == "streamed":
+            upload = StreamedUpload(
+                self.store, self.engine, version, checksums, declared_size, self.bucket_bytes
+            )
+            stage = functools.partial(upload.stage, chunks)
+            return await self._update(version, stage, protocol, "push", upload.settle)
 
         async def receive() -> tuple[list[Path], int]:
-            path, size = await self.store.receive(chunks, version, sha256, declared_size)
+            path, size = await self.store.receive(chunks, version, sha256, declared_size, xxh128)
             return [path], size
 
         return await self._update(version, self._from_files(receive), protocol, "push")
@@ -132,9 +144,9 @@ class WeightUpdates:
         info = self.transfer.check(req)
         part, final = self.store.part_path(version), self.store.final_path(version)
 
-        async def stage() -> tuple[dict, object, int, dict]:
+        async def stage() -> tuple[dict, object, object, int, dict]:
             files, size = dict.fromkeys(info.names, str(final)), sum(info.nbytes())
-            return files, self.transfer.feed(info, part, final), size, {}
+            return files, *self.transfer.feed(info, part, final), size, {}
 
         try:
             return await self._update(version, stage, protocol, f"transfer {info.names[0]}...")
@@ -147,21 +159,23 @@ class WeightUpdates:
         """A ``stage`` of :meth:`_update` for updates that arrive as files: ``receive()`` them,
         then check their headers (names, shapes, dtypes)."""
 
-        async def stage() -> tuple[dict, None, int, dict]:
+        async def stage() -> tuple[dict, None, None, int, dict]:
             t0 = time.perf_counter()
             paths, size = await receive()
             t1 = time.perf_counter()
             files = await self._engine_call(asyncio.to_thread(self.engine.check_files, paths))
             split = {"receive_seconds": t1 - t0, "check_seconds": time.perf_counter() - t1}
-            return files, None, size, split
+            return files, None, None, size, split
 
         return stage
 
-    async def _update(self, version: int, stage, protocol: str, source: str) -> dict:
-        """``stage()`` -> ``({name: file}, feed, bytes, time split)``; apply them live with the
-        canary (``feed``: how the buckets reach the workers, None: read from the files, whose
-        digests are then computed meanwhile), commit; on any failure the files are removed and
-        the previous weights serve on, unchanged."""
+    async def _update(self, version: int, stage, protocol: str, source: str, settle=None) -> dict:
+        """``stage()`` -> ``({name: file}, feed, confirm, bytes, time split)``; apply them live
+        with the canary (``feed``: how the buckets reach the workers, None: read from the files,
+        whose digests are then computed meanwhile; ``confirm``: see
+        :meth:`RolloutEngine.apply_live`), ``settle()`` (the stage's own loose ends; the
+        update's digests if it computed them), commit;
+        on any failure the files are removed and the previous weights serve on, unchanged."""
         self._require_loaded()
         async with self.lock:
             try:
@@ -170,14 +184,20 @@ class WeightUpdates:
                 raise from_engine(e) from e
             t0 = time.perf_counter()
             try:
-                files, feed, size, split = await stage()
+                files, feed, confirm, size, split = await stage()
+
                 digests = None if feed is not None else self._digests(files)
-                result, canary = await self._apply_live(files, version, feed)
+                result, canary = await self._apply_live(files, version, feed, confirm)
             except BaseException:
+                if settle is not None:
+                    await settle()
                 if self.engine.weight_version != version:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
+            if settle is not None and (known := await settle()):
+                digests = cf.Future()  # computed as the buckets arrived
+                digests.set_result(known)
             await self._commit(files, version, source)
             self.on_served(served_as(source, version), digests or self._digests(files))
             seconds = time.perf_counter() - t0
@@ -193,10 +213,15 @@ class WeightUpdates:
                 "canary_seconds": canary.seconds,
             }
 
-    async def _apply_live(self, files: dict[str, str], version: int, feed):
+    async def _apply_live(self, files: dict[str, str], version: int, feed, confirm):
         canary = self.canary()
         fut = self.engine.apply_live(
-            files, version, feed=feed, canary=canary, bucket_bytes=self.bucket_bytes
+            files,
+            version,
+            feed=feed,
+            confirm=confirm,
+            canary=canary,
+            bucket_bytes=self.bucket_bytes,
         )
         result = await self._engine_call(asyncio.wrap_future(fut))
         self.readiness.set_fitness(None, version)

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
-import hmac
 import json
 import os
 import queue
@@ -30,9 +28,17 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from pr2_serve.core.body_checksum import BodyHasher, ChecksumError, declared_checksums
 from pr2_serve.service.errors import ApiError
 
-__all__ = ["COMMITTED", "WeightStore"]
+__all__ = [
+    "COMMITTED",
+    "HashingWriter",
+    "WeightStore",
+    "check_received",
+    "too_large",
+    "upload_error",
+]
 
 COMMITTED = "committed.json"
 
@@ -148,41 +154,38 @@ class WeightStore:
         return self.weights_dir / f"v{version}.safetensors"
 
     # -- uploads --------------------------------------------------------------------------------
-    def check_declared(self, sha256: str | None, declared_size: int | None) -> None:
-        """Refuse an upload from its headers, before reading it: no sha256, or too large."""
-        if not sha256 or len(sha256) != 64:
-            raise ApiError(
-                400, "invalid_argument", "a hex sha256 of the body is required", "sha256"
-            )
+    def check_declared(
+        self, sha256: str | None, declared_size: int | None, xxh128: str | None = None
+    ) -> dict[str, str]:
+        """Refuse an upload from its headers, before reading it: no checksum (or a malformed
+        one), or too large; the checksums it declares (:mod:`pr2_serve.core.body_checksum`)."""
+        try:
+            checksums = declared_checksums(sha256=sha256, xxh128=xxh128)
+        except ChecksumError as e:
+            raise ApiError(400, "invalid_argument", str(e), e.field) from None
         if declared_size is not None and declared_size > self.max_upload_bytes:
             raise ApiError(
                 413,
                 "resource_exhausted",
                 f"upload of {declared_size} bytes exceeds the limit {self.max_upload_bytes}",
             )
+        return checksums
 
     async def receive(
-        self, chunks: AsyncIterator[bytes], version: int, sha256: str, declared: int | None
+        self,
+        chunks: AsyncIterator[bytes],
+        version: int,
+        sha256: str | None,
+        declared: int | None,
+        xxh128: str | None = None,
     ) -> tuple[Path, int]:
-        """Stream ``chunks`` to disk, check size and sha256, and return the file of
+        """Stream ``chunks`` to disk, check size and checksums, and return the file of
         ``version`` and its size; on any failure no file is left."""
         part = self.part_path(version)
+        hasher = BodyHasher(self.check_declared(sha256, None, xxh128))
         try:
-            digest, size = await self._write(chunks, part)
-            if declared is not None and size != declared:
-                raise ApiError(
-                    400,
-                    "invalid_argument",
-                    f"upload ended after {size} of {declared} bytes",
-                    "body",
-                )
-            if not hmac.compare_digest(digest, sha256.lower()):
-                raise ApiError(
-                    400,
-                    "invalid_argument",
-                    f"sha256 mismatch: body is {digest}, header says {sha256.lower()}",
-                    "sha256",
-                )
+            size = await self._write(chunks, part, hasher)
+            check_received(size, declared, hasher)
             final = self.final_path(version)
             part.replace(final)
         except BaseException:
@@ -208,39 +211,58 @@ class WeightStore:
             raise
         return finals
 
-    async def _write(self, chunks: AsyncIterator[bytes], part: Path) -> tuple[str, int]:
-        """``(sha256, size)`` of ``chunks`` written to ``part``; hashing and disk writes run
-        on a writer thread (both release the GIL), overlapping with receiving more chunks."""
-        writer = _HashingWriter(part)
+    async def _write(self, chunks: AsyncIterator[bytes], part: Path, hasher: BodyHasher) -> int:
+        """The size of ``chunks``, written to ``part`` and hashed by ``hasher`` on a writer
+        thread (both release the GIL), overlapping with receiving more chunks."""
+        writer = HashingWriter(part, hasher)
         size = 0
         try:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > self.max_upload_bytes:
-                    raise ApiError(
-                        413,
-                        "resource_exhausted",
-                        f"upload exceeds the limit {self.max_upload_bytes}",
-                    )
+                    raise too_large(self.max_upload_bytes)
                 await writer.put(chunk)
-        except ApiError:
+        except BaseException as e:
             writer.abort()
-            raise
-        except OSError as e:
-            writer.abort()
-            raise storage_error(e) from e
-        except Exception as e:  # the client went away mid-body
-            writer.abort()
-            raise ApiError(
-                400,
-                "upload_interrupted",
-                f"upload interrupted after {size} bytes ({type(e).__name__})",
-                "body",
-            ) from e
+            if (err := upload_error(e, size)) is e:
+                raise
+            raise err from e
         try:
-            return await writer.finish(), size
+            await writer.finish()
+            return size
         except OSError as e:
             raise storage_error(e) from e
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "resource_exhausted", f"upload exceeds the limit {limit}")
+
+
+def upload_error(e: BaseException, size: int) -> BaseException:
+    """What an upload that failed after ``size`` bytes answers: its own :class:`ApiError`,
+    507 for a full disk, 400 ``upload_interrupted`` when the client went away mid-body."""
+    if isinstance(e, ApiError) or not isinstance(e, Exception):
+        return e
+    if isinstance(e, OSError):
+        return storage_error(e)
+    return ApiError(
+        400,
+        "upload_interrupted",
+        f"upload interrupted after {size} bytes ({type(e).__name__})",
+        "body",
+    )
+
+
+def check_received(size: int, declared: int | None, hasher: BodyHasher) -> None:
+    """A complete upload has its declared size and checksums (400 naming which)."""
+    if declared is not None and size != declared:
+        raise ApiError(
+            400, "invalid_argument", f"upload ended after {size} of {declared} bytes", "body"
+        )
+    try:
+        hasher.check()
+    except ChecksumError as e:
+        raise ApiError(400, "invalid_argument", str(e), e.field) from None
 
 
 def _fsync(path) -> None:
@@ -258,16 +280,17 @@ def storage_error(e: OSError) -> ApiError | OSError:
     return e
 
 
-class _HashingWriter:
-    """Write + sha256 on a thread, fed in ~4 MiB batches through a bounded queue."""
+class HashingWriter:
+    """Write + hash (``hasher``) on a thread, fed in ~4 MiB batches through a bounded queue (a
+    block that size or larger goes as it is, uncopied)."""
 
     BATCH = 4 << 20
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, hasher: BodyHasher) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=8)
         self._buf: list[bytes] = []
         self._buffered = 0
-        self._hash = hashlib.sha256()
+        self._hash = hasher
         self._error: BaseException | None = None
         self._file = open(path, "wb")  # noqa: SIM115 - closed by the thread
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -288,6 +311,10 @@ class _HashingWriter:
     async def put(self, chunk: bytes) -> None:
         if self._error is not None:  # e.g. the disk filled up: stop reading the upload
             raise self._error
+        if len(chunk) >= self.BATCH:  # a bucket: as it is
+            await self._flush()
+            await asyncio.to_thread(self._q.put, chunk)
+            return
         self._buf.append(chunk)
         self._buffered += len(chunk)
         if self._buffered >= self.BATCH:
@@ -295,17 +322,16 @@ class _HashingWriter:
 
     async def _flush(self) -> None:
         if self._buf:
-            block = b"".join(self._buf)
+            block = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
             self._buf, self._buffered = [], 0
             await asyncio.to_thread(self._q.put, block)
 
-    async def finish(self) -> str:
+    async def finish(self) -> None:
         await self._flush()
         await asyncio.to_thread(self._q.put, None)
         await asyncio.to_thread(self._thread.join)
         if self._error is not None:
             raise self._error
-        return self._hash.hexdigest()
 
     def abort(self) -> None:
         self._buf.clear()

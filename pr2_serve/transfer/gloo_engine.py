@@ -7,14 +7,16 @@ engine opened (:mod:`pr2_serve.plugin.live_update`). ``update_weights`` receives
 packed buckets and, as each arrives, checks it and loads it into the live model (the session
 keeps the undo) while the next one is on the wire; each bucket is also written at its place in
 a safetensors file laid out from the update info (``GlooUpdateInfo.path``, on a writer thread):
-the version's durable copy. A bucket that fails its check stops the loading, the rest is still
-received (the broadcast stays in step), then the error is raised and the engine undoes the
-update. With several workers (tensor parallel) each receives and loads every bucket and only the
-first writes.
+the version's durable copy, complete once ``finish_weight_update`` returns (the engine calls it
+after the canary: the writes end while the update finishes). A bucket that fails its check stops
+the loading, the rest is still received (the broadcast stays in step), then the error is raised
+and the engine undoes the update. With several workers (tensor parallel) each receives and loads
+every bucket and only the first writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -51,6 +53,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         super().__init__(config, vllm_config, device, model)
         self.group = None
         self.init_info: GlooInitInfo | None = None
+        self.writing: _Writer | None = None  # the last update's file writes, still going on
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         self.shutdown()
@@ -70,10 +73,16 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.init_info = init_info
 
     def start_weight_update(self) -> None:
-        pass  # the engine opened the update session (it also keeps the undo)
+        """(The engine opened the update session, which keeps the undo.)"""
+        with contextlib.suppress(Exception):
+            self.finish_weight_update()  # writes an aborted update left going
 
     def finish_weight_update(self) -> None:
-        pass  # the engine finishes the session, then runs the canary
+        """Wait until the received buckets are written (they are written while the engine
+        finishes the update and runs the canary); raise a write that failed."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            writing.close()
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # the base class also calls torch.accelerator.synchronize(), absent on the CPU build
@@ -93,7 +102,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         def recv(buf: torch.Tensor) -> None:
             group.broadcast(buf, root=0).wait()
 
-        receive_and_apply(recv, update_info, self.init_info.bucket_bytes, path, apply)
+        self.writing = receive_and_apply(
+            recv, update_info, self.init_info.bucket_bytes, path, apply, wait_writes=False
+        )
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -118,13 +129,15 @@ def unpack_bucket(info: GlooUpdateInfo, start: int, stop: int, buf: torch.Tensor
 
 
 def receive_and_apply(
-    recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply, device="cpu"
-) -> int:
+    recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply, device="cpu", wait_writes=True
+):
     """Receive every bucket of ``info`` into a buffer on ``device`` with ``recv(buffer)`` (a
     broadcast from the trainer; the buffer is complete when it returns), the next one while
     ``apply`` checks and loads one (None: nothing is loaded); write them to ``path`` (a
-    complete safetensors file; None: not written); the bytes received. The first error ``apply``
-    raises stops the applying, not the receiving, and is raised at the end."""
+    complete safetensors file; None: not written). The first error ``apply`` raises stops the
+    applying, not the receiving, and is raised at the end (after the writes). ``wait_writes``
+    False: return the writer, whose :meth:`~_Writer.close` waits for the writes (the caller's
+    to call), instead of waiting here."""
     sizes = info.nbytes()
     prefix, offsets = safetensors_layout(info)
 
@@ -135,19 +148,23 @@ def receive_and_apply(
             recv(buf)
             yield a, b, buf
 
-    error, total = None, 0
-    with _Writer(path, prefix, sum(sizes)) as writer:
+    error, writer = None, _Writer(path, prefix, sum(sizes))
+    try:
         for a, b, buf in prefetched(arrivals()):
-            total += buf.numel()
             writer.put(buf, len(prefix) + offsets[a])
             if error is None and apply is not None:
                 try:
                     apply(unpack_bucket(info, a, b, buf))
                 except Exception as e:
                     error = e
+    except BaseException:
+        writer.close()
+        raise
+    if error is not None or wait_writes:
+        writer.close()
     if error is not None:
         raise error
-    return total
+    return None if wait_writes else writer
 
 
 class _Writer:
@@ -165,17 +182,17 @@ class _Writer:
         if self.fd is not None and buf.numel():
             self.pending.append(self.pool.submit(_pwrite, self.fd, buf, offset))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """Wait for every write (raising the first that failed); idempotent."""
+        pending, self.pending = self.pending, []
         try:
-            for fut in self.pending:
+            for fut in pending:
                 fut.result()
         finally:
             self.pool.shutdown(wait=True)
             if self.fd is not None:
-                os.close(self.fd)
+                fd, self.fd = self.fd, None
+                os.close(fd)
 
 
 def _pwrite(fd: int, buf: torch.Tensor, offset: int) -> None:

@@ -51,13 +51,18 @@ class StateDictSource(WeightSource):
 
 
 def broadcast_buckets(group, pairs: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> int:
-    """Broadcast ``pairs`` from rank 0 in packed buckets; the bytes sent."""
-    total = 0
+    """Broadcast ``pairs`` from rank 0 in packed buckets, each packed while the one before is
+    on the wire; the bytes sent."""
+    total, sending = 0, None
     with warnings.catch_warnings():  # a tensor larger than a bucket travels alone: expected
         warnings.filterwarnings("ignore", message="Tensor .* exceeds buffer_size_bytes")
         while (chunk := pack_tensors(pairs, lambda item: item[1], bucket_bytes)) is not None:
-            group.broadcast(chunk.packed_tensor, root=0).wait()
+            if sending is not None:
+                sending[0].wait()
+            sending = (group.broadcast(chunk.packed_tensor, root=0), chunk)  # kept until sent
             total += chunk.packed_tensor.numel()
+    if sending is not None:
+        sending[0].wait()
     return total
 
 
