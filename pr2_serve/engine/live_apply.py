@@ -69,7 +69,7 @@ def run_live(engine, job: LiveJob) -> float:
     llm = engine._llm
     require_newer(job.version, engine.weight_version)
     t0 = time.perf_counter()
-    llm.collective_rpc(live_begin, args=(job.undo_limit, list(job.files)))
+    llm.collective_rpc(live_begin, args=(job.undo_limit,))
     try:
         job.feed(llm)
         llm.collective_rpc(live_finish, args=(dict(engine._files),))

@@ -14,9 +14,7 @@ Undo: before a bucket touches a *unit* (the deepest model module whose name is a
 a tensor's checkpoint name: one layer's attention, its experts, the embedding...), the unit's
 state is saved: a copy of each tensor the reload may overwrite (up to ``undo_limit`` bytes) and
 its modules' other attributes (on the CPU build a linear layer's packed weights live in its
-``cpu_linear`` closure, which a reload replaces; the saved closure keeps the old one). The units
-of the tensors an update announces are saved from its start, on a thread, while its first bucket
-is still on the wire (the copies release the GIL); the first bucket waits for them. :meth:`abort`
+``cpu_linear`` closure, which a reload replaces; the saved closure keeps the old one). :meth:`abort`
 puts the kept tensors back into the layers not yet processed and restores the saved units: the
 model is bit for bit what it was. Past ``undo_limit`` nothing more is saved and ``abort`` returns
 False: the caller reloads the files of the version served before (they are durable).
@@ -24,7 +22,6 @@ False: the caller reloads the files of the version served before (they are durab
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -144,9 +141,7 @@ class Undo:
 class LiveUpdate:
     """One update of the live model (see module docstring)."""
 
-    def __init__(
-        self, model: torch.nn.Module, model_config, undo_limit: int, names: Iterable[str] = ()
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, model_config, undo_limit: int) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
         self.model, self.model_config = model, model_config
@@ -156,12 +151,10 @@ class LiveUpdate:
         self.units: set[str] = set()
         self.loaded: set[str] = set()
         initialize_layerwise_reload(model)
-        self._saving = _Background(self._save_units, list(names))
 
     def apply(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """Check one bucket (every value finite) and load it into the model."""
         check_finite(pairs)
-        self._saving.join()
         self._save_units(name for name, _ in pairs)
         with quiet_live_logs():
             self.model.load_weights(pairs)
@@ -177,7 +170,6 @@ class LiveUpdate:
     def missing(self, current: Mapping[str, str]) -> dict[str, str]:
         """``{name: file}`` of the served tensors the update did not bring whose unit it
         touched: a layer must get all of its tensors."""
-        self._saving.join()
         names = self._module_names
         return {
             n: f
@@ -192,7 +184,6 @@ class LiveUpdate:
         undo copy and one layer, never the model's pre-prepack tensors all at once."""
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
-        self._saving.join()
         with quiet_live_logs():
             for bucket in buckets_of(rest, FINISH_BUCKET_BYTES):
                 self.model.load_weights(bucket)
@@ -204,33 +195,8 @@ class LiveUpdate:
     def abort(self) -> bool:
         """Put the model back as it was before the update; False if the undo passed its bound
         (the caller must reload the previous version's files)."""
-        self._saving.join(raise_error=False)  # a failed save left the undo incomplete
         _abort_layerwise(self.model)
         return self.undo.restore()
-
-
-class _Background:
-    """``fn(*args)`` on a thread from now on (the undo copies of an update's announced tensors
-    are taken while its first bucket is on the wire: tensor copies release the GIL);
-    :meth:`join` before touching what it does."""
-
-    def __init__(self, fn, *args) -> None:
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                fn(*args)
-            except BaseException as e:  # raised by join
-                self.error = e
-
-        self.thread = threading.Thread(target=run, name="pr2-undo-save", daemon=True)
-        self.thread.start()
-
-    def join(self, raise_error: bool = True) -> None:
-        self.thread.join()
-        if raise_error and self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
 
 def _abort_layerwise(model: torch.nn.Module) -> None:
@@ -256,12 +222,11 @@ def _abort_layerwise(model: torch.nn.Module) -> None:
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LiveUpdate
 
 
-def live_begin(worker, undo_limit: int, names: list[str] = ()) -> None:
-    """Start an update session on this worker's model (``names``: the tensors the update
-    announced, whose undo copies are taken from now on)."""
+def live_begin(worker, undo_limit: int) -> None:
+    """Start an update session on this worker's model."""
     runner = worker.model_runner
     model = runner.get_model()
-    _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit, names)
+    _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit)
 
 
 def live_session(model: torch.nn.Module | None) -> LiveUpdate | None:
