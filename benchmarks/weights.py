@@ -43,7 +43,7 @@ from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
 from pr2_serve.tiny.tiny_model import make_tiny_model
-from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
+from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
 from trainer.rollouts.collective_push import CollectivePusher
 
@@ -109,6 +109,8 @@ class Side:
         step(self.sd)
         res = one_update(self.srv, self.http, self.ways[way], self.version, size)
         self.runs.setdefault(way, []).append(res)
+        self.http.info()  # waits for the version's fingerprints: the next update (on either
+        time.sleep(0.2)  # server) starts on a quiet machine, not beside this one's tail
 
     def medians(self) -> dict:
         return {

@@ -33,7 +33,7 @@ from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
 __all__ = ["LiveUpdate", "unit_of"]
 
 SKIPPED = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
-FINISH_BUCKET_BYTES = 64 << 20  # the served tensors a touched unit lacks, loaded this many at once
+FINISH_BUCKET_BYTES = 16 << 20  # the served tensors a touched unit lacks, loaded this many at once
 
 
 def unit_of(name: str, modules: set[str]) -> str:

@@ -90,9 +90,10 @@ class ServerConfig:
         "first (generation goes on meanwhile), then applied: for links slower than the apply",
     )
     bucket_mib: float = option(
-        64.0,
+        8.0,
         "bucket size of an update read from an upload or a file, MiB (a collective transfer's "
-        "comes with its init request): received, checked and applied one bucket at a time",
+        "comes with its init request): received, checked and applied one bucket at a time; "
+        "small buckets are recycled by the allocator instead of being page-faulted in anew",
     )
     undo_limit_mib: int = option(
         8192,

@@ -36,7 +36,7 @@ from pr2_serve.service.metrics import Metrics
 from pr2_serve.service.readiness import Readiness
 from pr2_serve.service.streamed_upload import StreamedUpload
 from pr2_serve.service.weight_store import WeightStore
-from pr2_serve.transfer.protocol import DEFAULT_BUCKET_BYTES
+from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 
 if TYPE_CHECKING:
     from pr2_serve.engine.rollout_engine import RolloutEngine

@@ -9,7 +9,13 @@ import math
 
 import torch
 
-__all__ = ["plan_buckets", "tensor_nbytes"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "plan_buckets", "tensor_nbytes"]
+
+DEFAULT_BUCKET_BYTES = 16 << 20
+"""Packed bucket size: each end holds two or three buffers of about this size. Under glibc's
+largest mmap threshold (32 MiB), so a buffer freed is reused by the next one from the heap
+instead of being mapped anew and page-faulted in (64 MiB buckets cost ~20% of the end-to-end
+rate of a transfer here: ``benchmarks/weights.py``)."""
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:

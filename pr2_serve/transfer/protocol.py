@@ -30,7 +30,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from pr2_serve.core.served_checkpoint import st_dtype
-from pr2_serve.transfer.bucket_plan import plan_buckets, tensor_nbytes
+from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES, plan_buckets, tensor_nbytes
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES",
@@ -44,8 +44,6 @@ __all__ = [
     "tensor_nbytes",
 ]
 
-DEFAULT_BUCKET_BYTES = 64 << 20
-"""Packed bucket size: the worker holds two receive buffers of about this size."""
 DEFAULT_TIMEOUT_S = 120.0
 """How long a rendezvous or one collective may wait for a peer before failing."""
 

@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from pr2_serve.client import ServerError
+from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 
-DEFAULT_BUCKET_BYTES = 64 << 20  # = pr2_serve.transfer.protocol's (not imported: it loads vLLM)
 DEFAULT_TIMEOUT_S = 120.0
 BACKENDS = ("gloo", "nccl")
 
