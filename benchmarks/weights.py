@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import weights_doc
 from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
@@ -104,11 +105,12 @@ class Side:
         save_file(self.sd, str(path))
         return self.http.load_weights(str(path), v)
 
-    def update(self, way: str, size: int) -> None:
+    def update(self, way: str, size: int, timed: bool = True) -> None:
         self.version += 1
         step(self.sd)
         res = one_update(self.srv, self.http, self.ways[way], self.version, size)
-        self.runs.setdefault(way, []).append(res)
+        if timed:
+            self.runs.setdefault(way, []).append(res)
         self.http.info()  # waits for the version's fingerprints: the next update (on either
         time.sleep(0.2)  # server) starts on a quiet machine, not beside this one's tail
 
@@ -153,10 +155,10 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
             servers.append(srv)
             checksum = "sha256" if name == "baseline" else "xxh128"  # what each side's client sent
             sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20, checksum)
-        for _ in range(args.repeats):
+        for k in range(args.warmup + args.repeats):  # the first ones untimed: warm-up
             for way in TRANSPORTS:
                 for side in sides.values():
-                    side.update(way, size)
+                    side.update(way, size, timed=k >= args.warmup)
         return {name: side.medians() for name, side in sides.items()}
     finally:
         for side in sides.values():
@@ -200,7 +202,8 @@ def ratios(results: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed updates per transport first")
     ap.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline server")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
@@ -224,14 +227,21 @@ def main() -> None:
                 model, state_dict, tmp, args.repeats, args.bucket_mib << 20
             )
             print(json.dumps(results, indent=1))
-            return write_results(args.out, args, results)
+            return written(args, results)
         trees = {"new": Path(__file__).resolve().parents[1]}
         if not args.no_baseline:
             trees = {"baseline": baseline_tree(args.baseline_ref, tmp / "baseline-tree"), **trees}
         results.update(measure(model, tmp, trees, state_dict, size, args))
     results["ratios"] = ratios(results)
     report(results)
+    written(args, results)
+
+
+def written(args, results: dict) -> None:
+    """Write the results; the docs page's figures too when they are its files."""
     write_results(args.out, args, results)
+    if Path(args.out).resolve() in (*weights_doc.RESULTS, weights_doc.PROFILE):
+        weights_doc.rewrite()
 
 
 if __name__ == "__main__":

@@ -29,3 +29,10 @@ def test_relative_links_lead_to_files():
             if not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert broken == []
+
+
+def test_the_weight_update_figures_are_the_results_files():
+    """``docs/benchmarks.md`` shows what ``benchmarks/weights.py`` wrote (it rewrites them)."""
+    from benchmarks.weights_doc import PAGE, block
+
+    assert block() in PAGE.read_text()

@@ -21,6 +21,7 @@ from typing import Any, get_args, get_type_hints
 
 __all__ = [
     "KEEP_ALIVE_S",
+    "UPLOAD_BUCKET_MIB",
     "Limits",
     "ServerConfig",
     "default_state_dir",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 KEEP_ALIVE_S = 75.0  # idle HTTP keep-alive, seconds
+UPLOAD_BUCKET_MIB = 8.0  # --bucket-mib
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")  # vLLM's names (--logprobs-mode)
 VLLM_GROUP = "vLLM pass-through"
 
@@ -90,7 +92,7 @@ class ServerConfig:
         "first (generation goes on meanwhile), then applied: for links slower than the apply",
     )
     bucket_mib: float = option(
-        8.0,
+        UPLOAD_BUCKET_MIB,
         "bucket size of an update read from an upload or a file, MiB (a collective transfer's "
         "comes with its init request): received, checked and applied one bucket at a time; "
         "small buckets are recycled by the allocator instead of being page-faulted in anew",

@@ -1,0 +1,108 @@
+"""The weight-update figures of ``docs/benchmarks.md``, written from the results files of
+``benchmarks/weights.py`` (``weights.json``: 214 MB, ``weights_1gb.json``: 1.07 GB) between the
+page's ``<!-- weights.py -->`` markers, each time the benchmark writes one: the page shows what
+the files hold, and ``tests/test_docs.py`` checks that it still does.
+
+    .venv/bin/python benchmarks/weights_doc.py   # rewrite the block from the files as they are
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pr2_serve.server.server_config import UPLOAD_BUCKET_MIB
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "benchmarks.md"
+RESULTS = [ROOT / "benchmarks" / "results" / f for f in ("weights.json", "weights_1gb.json")]
+PROFILE = ROOT / "benchmarks" / "results" / "weights_profile.json"
+BEGIN, END = "<!-- weights.py -->", "<!-- /weights.py -->"
+TRANSPORTS = ("http", "grpc", "gloo", "load")
+GOALS = {"http": 300, "gloo": 400}  # MB/s end to end on the 214 MB checkpoint
+
+
+def render(runs: list[dict]) -> str:
+    """The block's markdown for the results files' contents ``runs``."""
+    lines = [
+        "| checkpoint | transport | end to end, MB/s | baseline, MB/s | new ÷ baseline | "
+        "peak extra RSS, MiB | bound, MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines += _rows(run["args"], run["results"])
+    first = runs[0]["args"]
+    lines += [
+        "",
+        f"Medians of {first['repeats']} updates per transport and server after "
+        f"{first.get('warmup', 0)} untimed (1.07 GB: {runs[-1]['args']['repeats']} after "
+        f"{runs[-1]['args'].get('warmup', 0)}); the baseline is the staged path (receive into a "
+        f"file, check it, reload everything, canary) at `{first['baseline_ref']}`, both servers "
+        "up at once, alternating. Bound: the undo copy (the whole model, for a full update) + 2 "
+        f"buckets ({UPLOAD_BUCKET_MIB:g} MiB for uploads and loads, {first['bucket_mib']} MiB "
+        "for gloo).",
+    ]
+    return "\n".join(lines)
+
+
+def _rows(args: dict, res: dict) -> list[str]:
+    size, new, base = res["state_dict_MB"], res["new"], res.get("baseline", {})
+    out = []
+    for way in TRANSPORTS:
+        if way not in new:
+            continue
+        mbps = new[way]["end_to_end_MBps"]
+        b = base.get(way, {}).get("end_to_end_MBps")
+        bucket = (args["bucket_mib"] if way == "gloo" else UPLOAD_BUCKET_MIB) * 2**20
+        bound = (size * 1e6 + 2 * bucket) / 2**20
+        goal = GOALS.get(way) if size < 500 else None
+        mark = "" if goal is None else (" ✓" if mbps >= goal else f" (goal {goal})")
+        out.append(
+            f"| {size:.0f} MB | {way} | {mbps:.0f}{mark} | "
+            f"{'' if b is None else f'{b:.0f}'} | {'' if b is None else f'{mbps / b:.2f}x'} | "
+            f"{new[way]['peak_extra_rss_MiB']:.0f} | {bound:.0f} |"
+        )
+    return out
+
+
+def render_profile(res: dict) -> str:
+    """One sentence of where one update's time goes (``--profile``)."""
+    p, size = res["profile"], res["state_dict_MB"]
+    return (
+        f"Where one {size:.0f} MB update's time goes (`weights_profile.json`, medians): reading "
+        f"its file {p['read_file_s']:.2f} s; on the engine thread, the finite checks "
+        f"{p['finite_check_s']:.2f} s, vLLM's `load_weights` with the copy into the live "
+        f"storage {p['load_weights_and_copy_s']:.2f} s, the CPU MoE prepack "
+        f"{p['cpu_moe_prepack_s']:.2f} s, the undo copies {p['undo_copies_s']:.2f} s "
+        f"({p['undo_MB']:.0f} MB), zeroing the KV cache {p['zero_kv_cache_s']:.3f} s, the "
+        f"canary {p['canary_s']:.2f} s: the whole live update {p['engine_live_apply_s']:.2f} s "
+        f"+ canary (~{size / (p['engine_live_apply_s'] + p['canary_s']):.0f} MB/s, what no "
+        f"transport can beat here); the content fingerprints (XXH3, on a thread) "
+        f"{p['digests_s']:.2f} s."
+    )
+
+
+def block() -> str:
+    runs = [json.loads(p.read_text()) for p in RESULTS if p.exists()]
+    text = render(runs)
+    if PROFILE.exists():
+        text += "\n\n" + render_profile(json.loads(PROFILE.read_text())["results"])
+    return f"{BEGIN}\n{text}\n{END}"
+
+
+def rewrite() -> None:
+    """Put :func:`block` between the page's markers."""
+    text = PAGE.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{PAGE} has no {BEGIN} ... {END} block")
+    PAGE.write_text(pattern.sub(lambda _: block(), text))
+    print(f"wrote the weights block of {PAGE}")
+
+
+if __name__ == "__main__":
+    rewrite()
