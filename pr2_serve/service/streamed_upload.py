@@ -150,7 +150,7 @@ class StreamedUpload:
                 self._layout = self._check(stream.layout)
                 self.split["check_seconds"] = time.perf_counter() - t0
                 await writer.put(piece)
-                first.set_result(self._layout)  # the engine may start (its undo copies)
+                first.set_result(self._layout)  # the engine may start: it waits for a bucket
                 continue
             await writer.put(piece.data)
             if not await asyncio.to_thread(self.handoff.put, piece.pairs):
