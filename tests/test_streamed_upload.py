@@ -210,3 +210,20 @@ def test_the_feed_raises_what_the_receiver_put_and_closes():
         feed(llm)
     t.join(5)
     assert len(llm.buckets) == 1 and h.put("late") is False
+
+
+def test_the_engine_never_fails_on_a_future_its_caller_cancelled():
+    """A gRPC caller that goes away cancels its asyncio future, which cancels the engine's:
+    setting that one's outcome must not stop the engine (it raised InvalidStateError)."""
+    import concurrent.futures as cf
+
+    from pr2_serve.engine.jobs import resolve
+
+    fut = cf.Future()
+    fut.cancel()
+    resolve(fut, 1)
+    resolve(fut, error=ValueError("x"))
+    assert fut.cancelled()
+    live = cf.Future()
+    resolve(live, error=ValueError("y"))
+    assert isinstance(live.exception(), ValueError)

@@ -38,8 +38,13 @@ def _files(server) -> set[str]:
     return {p.name for p in (server.state_dir / "weights").iterdir()}
 
 
+PRED = "model.layers.{}.mlp.predictor.weight"
+
+
 def _model(tiny_zero, shift: float) -> dict[str, torch.Tensor]:
+    """Every tensor the server serves, predictors included (whatever earlier tests pushed)."""
     base = load_file(str(Path(tiny_zero) / "model.safetensors"))
+    base.update({PRED.format(i): torch.full((8, 64), 0.01) for i in range(4)})
     return {n: t + shift for n, t in base.items()}
 
 
@@ -86,7 +91,7 @@ def test_a_checksum_that_fails_after_every_bucket_changes_nothing(zero_server, c
 
 def test_a_streamed_model_serves_with_the_trainers_fingerprints(zero_server, clients, tiny_zero):
     http, rpc = clients
-    shapes = {n: (8, 64) for n in (f"model.layers.{i}.mlp.predictor.weight" for i in range(4))}
+    shapes = {PRED.format(i): (8, 64) for i in range(4)}
     for k, (client, checksum) in enumerate([(http, "xxh128"), (rpc, "sha256")]):
         weights = _model(tiny_zero, 0.03 * (k + 1))
         version = http.info()["weight_version"] + 1

@@ -30,6 +30,18 @@ from pr2_serve.core.types import (
 ROUTE_KEY = "pr2_route_key"  # SamplingParams.extra_args key the worker reads (plugin/worker.py)
 
 
+def resolve(fut: cf.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set ``fut``'s outcome, unless its caller cancelled it (gone: nobody reads it, and the
+    engine must not fail on it)."""
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except cf.InvalidStateError:
+        pass
+
+
 @dataclass
 class Job:
     """One generate call: ``sampling.n`` samples of each prompt, resolved as one future."""
@@ -107,7 +119,7 @@ class Jobs:
                 job.pending.add(rid)
         except Exception as e:
             self.abort(job)
-            job.future.set_exception(e if isinstance(e, ValueError) else RequestRejected(str(e)))
+            resolve(job.future, error=e if isinstance(e, ValueError) else RequestRejected(str(e)))
 
     def abort(self, job: Job) -> None:
         ids = list(job.pending)
@@ -126,7 +138,7 @@ class Jobs:
         for job in jobs:
             job.pending.clear()
             if not job.future.done():
-                job.future.set_exception(err)
+                resolve(job.future, error=err)
 
     def jobs(self) -> list[Job]:
         return list({id(j): j for j in self.running.values()}.values())
@@ -149,9 +161,9 @@ class Jobs:
         if job.pending:
             return
         try:
-            job.future.set_result([] if job.on_event else self._rollouts(job))
+            resolve(job.future, [] if job.on_event else self._rollouts(job))
         except Exception as e:
-            job.future.set_exception(e)
+            resolve(job.future, error=e)
 
     def _rollouts(self, job: Job) -> list[Rollout]:
         rollouts, wanted = [], []

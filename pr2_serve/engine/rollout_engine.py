@@ -41,7 +41,7 @@ from pr2_serve.core.served_checkpoint import (
     require_newer,
 )
 from pr2_serve.core.types import EngineStepError, Rollout, Sampling, StreamEvent, UpdateResult
-from pr2_serve.engine.jobs import Job, Jobs, Update, check_prompt
+from pr2_serve.engine.jobs import Job, Jobs, Update, check_prompt, resolve
 from pr2_serve.engine.live_apply import DEFAULT_UNDO_LIMIT
 from pr2_serve.engine.vllm_setup import build_llm_engine, engine_info
 from pr2_serve.engine.weight_apply import WeightApply
@@ -316,9 +316,9 @@ class RolloutEngine(WeightApply):
             if kind == "call":
                 fn, fut = obj
                 try:
-                    fut.set_result(fn(self._llm))
+                    resolve(fut, fn(self._llm))
                 except Exception as e:
-                    fut.set_exception(e)
+                    resolve(fut, error=e)
             else:
                 (waiting if kind == "generate" else updates).append(obj)
             try:
@@ -343,7 +343,7 @@ class RolloutEngine(WeightApply):
         jobs = waiting + (self._jobs.jobs() if self._jobs is not None else [])
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(exc)
+                resolve(job.future, error=exc)
         for upd in updates:
             if not upd.future.done():
-                upd.future.set_exception(exc)
+                resolve(upd.future, error=exc)

@@ -15,7 +15,7 @@ from pr2_serve.core.served_checkpoint import (
     require_newer,
 )
 from pr2_serve.core.types import UpdateResult
-from pr2_serve.engine.jobs import Update
+from pr2_serve.engine.jobs import Update, resolve
 from pr2_serve.engine.live_apply import LiveJob, RestoreFailed, file_feed, run_canary, run_live
 
 __all__ = ["WeightApply"]
@@ -82,7 +82,7 @@ class WeightApply:
             self._files = files
             self._served(upd, reload_s)
         except WeightValidationError as e:
-            upd.future.set_exception(e)
+            resolve(upd.future, error=e)
 
     def _apply_live(self, job: LiveJob) -> None:
         try:
@@ -90,7 +90,7 @@ class WeightApply:
         except RestoreFailed:
             raise  # the engine no longer knows what it serves: it stops
         except Exception as e:  # restored: the previous version serves on
-            job.future.set_exception(e)
+            resolve(job.future, error=e)
             return
         self._files = {**self._files, **job.files}
         self._served(job, reload_s)
@@ -99,13 +99,14 @@ class WeightApply:
         self.weight_version = upd.version
         self._llm.set_weight_version(str(upd.version))
         seconds = time.perf_counter() - upd.submitted
-        upd.future.set_result(
+        resolve(
+            upd.future,
             UpdateResult(
                 weight_version=upd.version,
                 num_tensors=upd.num_tensors,
                 seconds=seconds,
                 reload_seconds=reload_s,
-            )
+            ),
         )
 
     def _reload(self, files: dict[str, str]) -> float:

@@ -74,6 +74,7 @@ class WeightUpdates:
         self.persist = persist  # "sync": commit before answering; "async": fsync + commit after
         self.apply_uploads = apply_uploads  # "streamed": as it arrives; "stored": file first
         self._persisting: asyncio.Future | None = None
+        self._applying: cf.Future | None = None  # the engine's future of the update running
         self._hasher = cf.ThreadPoolExecutor(1, thread_name_prefix="pr2-digests")
         self.lock = asyncio.Lock()  # one change at a time; the canary re-check takes it too
         # collective weight transfers, opt-in: pr2-serve --enable-weight-transfer
@@ -182,7 +183,7 @@ class WeightUpdates:
                 require_newer(version, self.engine.weight_version)
             except ENGINE_ERRORS as e:
                 raise from_engine(e) from e
-            t0 = time.perf_counter()
+            t0, files, self._applying = time.perf_counter(), None, None
             try:
                 files, feed, confirm, size, split = await stage()
 
@@ -191,7 +192,11 @@ class WeightUpdates:
             except BaseException:
                 if settle is not None:
                     await settle()
-                if self.engine.weight_version != version:
+                await _ended(self._applying)  # the engine is done with it (its caller may not be)
+                if files is not None and self.engine.weight_version == version:
+                    await self._commit(files, version, source)  # served: its caller went away
+                    self.on_served(served_as(source, version), self._digests(files))
+                else:
                     self.store.discard(version)
                 self.metrics.errors.labels(kind="weight_push").inc()
                 raise
@@ -223,7 +228,8 @@ class WeightUpdates:
             canary=canary,
             bucket_bytes=self.bucket_bytes,
         )
-        result = await self._engine_call(asyncio.wrap_future(fut))
+        self._applying = fut  # a cancelled caller must not cancel the update: shielded
+        result = await self._engine_call(asyncio.shield(asyncio.wrap_future(fut)))
         self.readiness.set_fitness(None, version)
         self.metrics.weight_version.set(version)
         return result, canary
@@ -311,3 +317,9 @@ class WeightUpdates:
             return await awaitable
         except ENGINE_ERRORS as e:
             raise from_engine(e) from e
+
+
+async def _ended(fut: cf.Future | None) -> None:
+    """Wait until the engine has finished ``fut`` (restored or served), whatever its outcome."""
+    if fut is not None and not fut.done():
+        await asyncio.wait([asyncio.wrap_future(fut)])
