@@ -65,7 +65,8 @@ machine's load moves less between them). Torch threads (``--threads``) are the s
 trainers (the server is a subprocess with its own). ``--threads 1`` (the default, what the
 Makefile's ``OMP_NUM_THREADS=1`` gives pr2's trainer runs) helps TRL too, measured here (6
 steps, 2 shared cores, load 4-5): 1.6 s per step with 1 thread, 37 s with 2 (OpenMP threads
-contending for cores that other jobs hold). Writes ``benchmarks/results/vs_trl.json``.
+contending for cores that other jobs hold). Writes ``benchmarks/results/vs_trl.json``, and
+the figures of ``docs/benchmarks.md`` from it (``benchmarks/vs_trl_doc.py``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from benchmarks import vs_trl_doc
 from benchmarks.common import BENCH_SPEC, write_results
 from benchmarks.staleness import demo_config
 from benchmarks.vs_trl_runs import greedy_accuracy, run_pr2, run_trl
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     for workload, res in results["workloads"].items():
         print_table(workload, res)
     write_results(args.out, args, results)
+    if not args.smoke and Path(args.out).resolve() == vs_trl_doc.RESULTS:
+        vs_trl_doc.rewrite()  # the docs page's figures are this file's
 
 
 def workload_model(workload: str, args, tmp: Path) -> str:

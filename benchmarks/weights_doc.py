@@ -9,12 +9,12 @@ the files hold, and ``tests/test_docs.py`` checks that it still does.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import doc_block
 from pr2_serve.server.server_config import UPLOAD_BUCKET_MIB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,12 +96,7 @@ def block() -> str:
 
 def rewrite() -> None:
     """Put :func:`block` between the page's markers."""
-    text = PAGE.read_text()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{PAGE} has no {BEGIN} ... {END} block")
-    PAGE.write_text(pattern.sub(lambda _: block(), text))
-    print(f"wrote the weights block of {PAGE}")
+    doc_block.rewrite(PAGE, BEGIN, END, block(), "weights")
 
 
 if __name__ == "__main__":

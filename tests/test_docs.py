@@ -36,3 +36,10 @@ def test_the_weight_update_figures_are_the_results_files():
     from benchmarks.weights_doc import PAGE, block
 
     assert block() in PAGE.read_text()
+
+
+def test_the_peer_comparison_figures_are_the_results_files():
+    """``docs/benchmarks.md`` shows what ``benchmarks/vs_trl.py`` wrote (it rewrites them)."""
+    from benchmarks.vs_trl_doc import PAGE, block
+
+    assert block() in PAGE.read_text()
