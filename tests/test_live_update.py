@@ -136,6 +136,33 @@ def test_finish_lets_go_of_each_layers_replaced_tensors_right_after_its_prepack(
     assert all(torch.equal(p, old[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.vllm
+def test_a_bucket_is_let_go_once_loaded_and_the_undo_copies_nothing():
+    """On the CPU a layer loads each tensor as it arrives (vLLM's reload would hold it until
+    its layer is complete) and its new data is swapped in: the undo keeps the old storage
+    itself, no copy of it."""
+    from vllm.model_executor.model_loader.reload.layerwise import record_metadata_for_reloading
+
+    model = toy_moe_model(2, [], [])
+    old = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    record_metadata_for_reloading(model)
+    update = LiveUpdate(model, None, undo_limit=1 << 30)
+    first = "layers.0.w13_weight"  # its layer still waits for w2_weight
+    t = torch.randn(model.layers[0].w13_weight.shape)
+    gone = weakref.ref(t)
+    update.apply([(first, t)])
+    del t
+    assert gone() is None
+    for name, p in dict(model.named_parameters()).items():
+        if name != first:
+            update.apply([(name, torch.randn(p.shape))])
+    update.finish([])
+    kept = {t.data_ptr() for saved in update.undo.saved for t in saved.params.values()}
+    assert kept == {ptr for ptr, _ in old.values()}  # the prepack's stand-ins: the old storage
+    assert update.abort()
+    assert all(torch.equal(p, old[n][1]) for n, p in model.named_parameters())
+
+
 # -- on a real engine ----------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from pr2_serve.core.served_checkpoint import check_finite
+from pr2_serve.plugin.swap_reload import copies_in_place, install, process_partial
 from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
 
 __all__ = ["LiveUpdate", "unit_of"]
@@ -64,12 +65,18 @@ def _kernel_tensors(module: torch.nn.Module) -> tuple[dict, dict]:
 class _Saved:
     """One module's state before the update (see module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, keep_values: bool) -> None:
+    def __init__(self, module: torch.nn.Module, swapping: set[int]) -> None:
         self.module = module
         self.params, self.buffers = _kernel_tensors(module)
         self.attrs = {k: v for k, v in vars(module).items() if k not in SKIPPED}
-        tensors = [*self.params.values(), *self.buffers.values()]
-        self.values = [(t, t.detach().clone()) for t in tensors] if keep_values else []
+        named = [*self.params.items(), *self.buffers.items()]
+        # (tensor, its old values, whether those are a copy): a swapping layer's old data is
+        # never written (its new data is swapped in), so keeping a reference to it is enough
+        self.values = [
+            (t, t.detach().clone(), True) if copies_in_place(module, n, swapping)
+            else (t, t.detach(), False)
+            for n, t in named
+        ]
 
     @staticmethod
     def nbytes(module: torch.nn.Module) -> int:
@@ -79,7 +86,7 @@ class _Saved:
     def release_replaced(self) -> None:
         """Let go of the tensors processing replaced (the CPU MoE prepack registers new ones):
         their saved copy stands in for them, so the undo holds one copy of what it saves."""
-        m, copies = self.module, {id(t): old for t, old in self.values}
+        m, copies = self.module, {id(t): old for t, old, _ in self.values}
         for table, kept in ((m._parameters, self.params), (m._buffers, self.buffers)):
             for name, t in list(kept.items()):
                 if table.get(name) is t or id(t) not in copies:
@@ -88,13 +95,13 @@ class _Saved:
                 stand = torch.nn.Parameter(old, False) if isinstance(t, torch.nn.Parameter) else old
                 vars(stand).update(vars(t))  # the loader and flags the old tensor carried
                 kept[name] = stand
-        self.values = [(t, old) for t, old in self.values if id(t) in copies]
+        self.values = [v for v in self.values if id(v[0]) in copies]
 
     def restore(self) -> None:
-        for t, old in self.values:
-            if t.shape == old.shape and t.dtype == old.dtype:
-                t.data.copy_(old)
-            else:  # processing replaced its data (a dtype change): put the old data back
+        for t, old, copied in self.values:
+            if copied and t.shape == old.shape and t.dtype == old.dtype:
+                t.data.copy_(old)  # in place: the storage CUDA graphs captured
+            else:  # the old data itself (swapped out, or replaced by processing)
                 t.data = old
         m = self.module
         for table, kept in ((m._parameters, self.params), (m._buffers, self.buffers)):
@@ -107,8 +114,8 @@ class _Saved:
 class Undo:
     """The saved state of every unit an update touched, up to ``limit`` bytes of copies."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, swapping: set[int]) -> None:
+        self.limit, self.swapping = limit, swapping
         self.nbytes = 0
         self.complete = True
         self.saved: list[_Saved] = []
@@ -124,7 +131,7 @@ class Undo:
                 self.complete, self.saved = False, []  # past the bound: the caller reloads
             if self.complete:
                 self.nbytes += size
-                self.saved.append(_Saved(module, keep_values=True))
+                self.saved.append(_Saved(module, self.swapping))
 
     def release_replaced(self, module: torch.nn.Module | None = None) -> None:
         """:meth:`_Saved.release_replaced` of ``module``'s saved state (default: every one)."""
@@ -147,10 +154,11 @@ class LiveUpdate:
         self.model, self.model_config = model, model_config
         self.modules = dict(model.named_modules())
         self._module_names = set(self.modules)
-        self.undo = Undo(undo_limit)
         self.units: set[str] = set()
         self.loaded: set[str] = set()
         initialize_layerwise_reload(model)
+        self.swapping = install(model)
+        self.undo = Undo(undo_limit, self.swapping)
 
     def apply(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         """Check one bucket (every value finite) and load it into the model."""
@@ -187,6 +195,7 @@ class LiveUpdate:
         with quiet_live_logs():
             for bucket in buckets_of(rest, FINISH_BUCKET_BYTES):
                 self.model.load_weights(bucket)
+            process_partial(self.model, self.swapping)
             finalize_layerwise_reload(self.model, self.model_config)
         roots = [self.modules[u] if u else self.model for u in self.units]
         redo_cpu_moe_prepack(self.model, roots, then=self.undo.release_replaced)
