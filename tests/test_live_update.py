@@ -35,10 +35,10 @@ def test_unit_of_is_the_deepest_module_prefix():
     assert unit_of("model.layers.01.x", modules) == "model"  # components, not characters
 
 
-def test_buckets_of_closes_a_bucket_once_full():
+def test_buckets_of_closes_a_bucket_once_past_its_size():
     pairs = [(str(i), torch.zeros(n, dtype=torch.uint8)) for i, n in enumerate([3, 3, 5, 1, 9])]
     got = [[n for n, _ in b] for b in buckets_of(iter(pairs), 6)]
-    assert got == [["0", "1"], ["2", "3"], ["4"]]
+    assert got == [["0", "1", "2"], ["3", "4"]]  # the transfers' rule (vLLM's pack_tensors)
     assert list(buckets_of(iter([]), 6)) == []
 
 

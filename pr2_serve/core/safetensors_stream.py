@@ -8,8 +8,9 @@ tensor's byte count ``numel x itemsize``, the tensors covering the data exactly 
 overlap), so the whole body's length is known once the header is in.
 
 :class:`SafetensorsStream` is fed the body in chunks of any size and hands back what is complete:
-the header's bytes, then buckets of whole tensors in file order (a bucket closes once it holds
-``bucket_bytes``; a larger tensor travels alone), each one buffer of its own that its tensors
+the header's bytes, then buckets of whole tensors in file order (the rule of every path,
+:func:`pr2_serve.transfer.bucket_plan.grouped`: a bucket closes once past ``bucket_bytes``),
+each one buffer of its own that its tensors
 are views of. Nothing is copied but the chunk into its bucket's buffer.
 """
 
@@ -21,6 +22,8 @@ import struct
 from dataclasses import dataclass
 
 import torch
+
+from pr2_serve.transfer.bucket_plan import grouped
 
 __all__ = ["Bucket", "Entry", "Layout", "SafetensorsStream", "parse_header"]
 
@@ -37,6 +40,9 @@ class Entry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +149,7 @@ class SafetensorsStream:
                 )
             if len(self._head) >= 8 and len(self._head) == 8 + self._header_len():
                 self.layout = parse_header(bytes(self._head[8:]))
-                self._plan = _plan(self.layout.entries, self.bucket_bytes)
+                self._plan = list(grouped(self.layout.entries, Entry.nbytes, self.bucket_bytes))
                 out.append(bytes(self._head))
                 self._flush_empty(out)
         return view
@@ -169,20 +175,6 @@ class SafetensorsStream:
         """Buckets of zero bytes (empty tensors only) are complete as soon as they come up."""
         while self._plan and self._plan[0][-1].end == self._plan[0][0].begin:
             out.append(_bucket(torch.empty(0, dtype=torch.uint8), self._plan.pop(0)))
-
-
-def _plan(entries: tuple[Entry, ...], bucket_bytes: int) -> list[list[Entry]]:
-    """``entries`` grouped in order; a group closes once it holds ``bucket_bytes``."""
-    plan, group, size = [], [], 0
-    for e in entries:
-        group.append(e)
-        size += e.end - e.begin
-        if size >= bucket_bytes:
-            plan.append(group)
-            group, size = [], 0
-    if group:
-        plan.append(group)
-    return plan
 
 
 def _bucket(data: torch.Tensor, entries: list[Entry]) -> Bucket:

@@ -30,6 +30,7 @@ import torch
 from pr2_serve.core.served_checkpoint import check_finite
 from pr2_serve.plugin.swap_reload import copies_in_place, install, process_partial
 from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
+from pr2_serve.transfer.bucket_plan import grouped, pair_nbytes
 
 __all__ = ["LiveUpdate", "unit_of"]
 
@@ -73,7 +74,8 @@ class _Saved:
         # (tensor, its old values, whether those are a copy): a swapping layer's old data is
         # never written (its new data is swapped in), so keeping a reference to it is enough
         self.values = [
-            (t, t.detach().clone(), True) if copies_in_place(module, n, swapping)
+            (t, t.detach().clone(), True)
+            if copies_in_place(module, n, swapping)
             else (t, t.detach(), False)
             for n, t in named
         ]
@@ -288,17 +290,8 @@ def live_end(worker) -> None:
 
 
 def buckets_of(pairs: Iterable, bucket_bytes: int):
-    """``pairs`` grouped in order into lists; a list closes once its bytes reach
-    ``bucket_bytes`` (a tensor larger than that travels alone)."""
-    bucket, size = [], 0
-    for name, t in pairs:
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
-        if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+    """``(name, tensor)`` pairs in buckets (the rule: :mod:`pr2_serve.transfer.bucket_plan`)."""
+    return grouped(pairs, pair_nbytes, bucket_bytes)
 
 
 def prefetched(items: Iterable):
