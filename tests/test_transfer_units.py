@@ -325,3 +325,27 @@ def test_a_group_with_a_hung_server_fails_at_its_timeout(tmp_path):
         )
     assert time.monotonic() - t0 < 20
     client.engine.shutdown()
+
+
+def test_a_slow_disk_holds_the_receive_back(tmp_path, monkeypatch):
+    """The transfer's file writer queues at most ``AHEAD`` buckets: a disk slower than the
+    wire holds the receive back, buckets do not pile up in memory."""
+    from pr2_serve.transfer import gloo_engine
+
+    alive, most, write = [], [0], gloo_engine._pwrite
+
+    def slow(fd, buf, offset):
+        time.sleep(0.05)
+        write(fd, buf, offset)
+        alive.remove(id(buf))
+
+    monkeypatch.setattr(gloo_engine, "_pwrite", slow)
+    writer = gloo_engine._Writer(tmp_path / "f", b"", 8 * 10)
+    for i in range(10):
+        buf = torch.full((8,), i, dtype=torch.uint8)
+        alive.append(id(buf))
+        most[0] = max(most[0], len(alive))
+        writer.put(buf, 8 * i)
+    writer.close()
+    assert most[0] <= 4  # 2 queued + the one being written + the one just put
+    assert (tmp_path / "f").read_bytes() == bytes(i for i in range(10) for _ in range(8))

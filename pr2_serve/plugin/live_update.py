@@ -3,8 +3,9 @@
 One update is one :class:`LiveUpdate` session, vLLM's layerwise reload lifecycle as its NCCL
 receiver drives it: ``initialize_layerwise_reload`` (every layer's tensors kept aside, the layer
 put on the meta device, its weight loaders deferred), then ``model.load_weights`` per bucket (a
-layer whose tensors have all arrived is processed and copied into its original storage at once,
-while the next bucket is on the wire), then the tensors a partly updated unit still lacks (read
+layer whose tensors have all arrived is processed and put into its original tensors at once,
+while the next bucket is on the wire; on the CPU each tensor is loaded as it arrives and the
+processed data swapped in, not copied: :mod:`pr2_serve.plugin.swap_reload`), then the tensors a partly updated unit still lacks (read
 from the files served now), ``finalize_layerwise_reload`` and the CPU MoE prepack of the layers
 it reloaded (:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`), one layer at a time, the
 undo letting go of what each replaced right after it. Every bucket is checked
@@ -12,7 +13,8 @@ before it is loaded: every value finite, naming each bad tensor.
 
 Undo: before a bucket touches a *unit* (the deepest model module whose name is a dotted prefix of
 a tensor's checkpoint name: one layer's attention, its experts, the embedding...), the unit's
-state is saved: a copy of each tensor the reload may overwrite (up to ``undo_limit`` bytes) and
+state is saved: each tensor's old values (up to ``undo_limit`` bytes: its old storage itself where
+the new data is swapped in, else a copy of what the reload overwrites in place) and
 its modules' other attributes (on the CPU build a linear layer's packed weights live in its
 ``cpu_linear`` closure, which a reload replaces; the saved closure keeps the old one). :meth:`abort`
 puts the kept tensors back into the layers not yet processed and restores the saved units: the

@@ -170,6 +170,8 @@ def receive_and_apply(
 class _Writer:
     """Writes buckets at their offsets in a file on a thread (nothing when ``path`` is None)."""
 
+    AHEAD = 2  # buckets queued for writing at most
+
     def __init__(self, path, prefix: bytes, data_bytes: int) -> None:
         self.fd, self.pending = None, []
         if path is not None:
@@ -179,8 +181,12 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr2-xfer-write")
 
     def put(self, buf: torch.Tensor, offset: int) -> None:
+        """Queue ``buf``'s write; wait while more than ``AHEAD`` are queued (a disk slower than
+        the wire holds the receive back instead of piling buckets up in memory)."""
         if self.fd is not None and buf.numel():
             self.pending.append(self.pool.submit(_pwrite, self.fd, buf, offset))
+            if len(self.pending) > self.AHEAD:
+                self.pending[-self.AHEAD - 1].result()
 
     def close(self) -> None:
         """Wait for every write (raising the first that failed); idempotent."""
