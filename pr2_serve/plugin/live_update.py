@@ -5,11 +5,12 @@ receiver drives it: ``initialize_layerwise_reload`` (every layer's tensors kept 
 put on the meta device, its weight loaders deferred), then ``model.load_weights`` per bucket (a
 layer whose tensors have all arrived is processed and put into its original tensors at once,
 while the next bucket is on the wire; on the CPU each tensor is loaded as it arrives and the
-processed data swapped in, not copied: :mod:`pr2_serve.plugin.swap_reload`), then the tensors a partly updated unit still lacks (read
-from the files served now), ``finalize_layerwise_reload`` and the CPU MoE prepack of the layers
-it reloaded (:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`), one layer at a time, the
-undo letting go of what each replaced right after it. Every bucket is checked
-before it is loaded: every value finite, naming each bad tensor.
+processed data swapped in, not copied: :mod:`pr2_serve.plugin.swap_reload`), then the tensors
+a partly updated unit still lacks (read from the files served now), ``finalize_layerwise_reload``
+and the CPU MoE prepack of the layers it reloaded
+(:func:`pr2_serve.plugin.weights.redo_cpu_moe_prepack`), one layer at a time, the undo letting go
+of what each replaced right after it. Every bucket is checked before it is loaded: every value
+finite, naming each bad tensor.
 
 Undo: before a bucket touches a *unit* (the deepest model module whose name is a dotted prefix of
 a tensor's checkpoint name: one layer's attention, its experts, the embedding...), the unit's
