@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import doc_block
+from benchmarks.common import BENCH_SPEC
 from pr2_serve.server.server_config import UPLOAD_BUCKET_MIB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,11 +43,22 @@ def render(runs: list[dict]) -> str:
         f"{first.get('warmup', 0)} untimed (1.07 GB: {runs[-1]['args']['repeats']} after "
         f"{runs[-1]['args'].get('warmup', 0)}); the baseline is the staged path (receive into a "
         f"file, check it, reload everything, canary) at `{first['baseline_ref']}`, both servers "
-        "up at once, alternating. Bound: the undo copy (the whole model, for a full update) + 2 "
+        "up at once, alternating. Bound: the undo (the old values of the whole model, for a full "
+        "update) + 2 "
         f"buckets ({UPLOAD_BUCKET_MIB:g} MiB for uploads and loads, {first['bucket_mib']} MiB "
-        "for gloo).",
+        "for gloo). Above it at the end of an update: the CPU MoE prepack (vLLM's kernel) "
+        "makes each expert tensor's packed copy while the tensor is alive, so one MoE layer's "
+        f"experts exist twice for a moment ({_moe_layer_mib(runs[-1]['args']):.0f} MiB at "
+        f"{runs[-1]['args']['experts']} experts).",
     ]
     return "\n".join(lines)
+
+
+def _moe_layer_mib(args: dict) -> float:
+    """One MoE layer's expert weights (gate, up, down; fp32) in the bench model of ``args``."""
+    return (
+        args["experts"] * 3 * BENCH_SPEC.hidden_size * BENCH_SPEC.moe_intermediate_size * 4 / 2**20
+    )
 
 
 def _rows(args: dict, res: dict) -> list[str]:
@@ -77,8 +89,9 @@ def render_profile(res: dict) -> str:
         f"its file {p['read_file_s']:.2f} s; on the engine thread, the finite checks "
         f"{p['finite_check_s']:.2f} s, vLLM's `load_weights` with the copy into the live "
         f"storage {p['load_weights_and_copy_s']:.2f} s, the CPU MoE prepack "
-        f"{p['cpu_moe_prepack_s']:.2f} s, the undo copies {p['undo_copies_s']:.2f} s "
-        f"({p['undo_MB']:.0f} MB), zeroing the KV cache {p['zero_kv_cache_s']:.3f} s, the "
+        f"{p['cpu_moe_prepack_s']:.2f} s, an undo made of copies {p['undo_copies_s']:.2f} s "
+        f"({p['undo_MB']:.0f} MB: what vLLM's path off the CPU needs; on the CPU the undo keeps "
+        f"the old storage, no copy), zeroing the KV cache {p['zero_kv_cache_s']:.3f} s, the "
         f"canary {p['canary_s']:.2f} s: the whole live update {p['engine_live_apply_s']:.2f} s "
         f"+ canary (~{size / (p['engine_live_apply_s'] + p['canary_s']):.0f} MB/s, what no "
         f"transport can beat here); the content fingerprints (XXH3, on a thread) "

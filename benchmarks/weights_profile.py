@@ -4,8 +4,9 @@ on the bench checkpoint (fp32), every tensor changed, each piece timed alone (me
 
 Pieces: reading the update's file, the finite check, vLLM's in-place reload split into
 ``load_weights`` (with the layerwise copy into the live storage), ``finalize`` and the CPU MoE
-prepack, the old whole reload, the live update (read + check + load per bucket + undo copies +
-finish), the undo copies alone, zeroing the KV cache, the canary, the fingerprint digests, and
+prepack, the old whole reload, the live update (read + check + load per bucket + undo +
+finish), an undo made of copies alone (as off the CPU; on the CPU the undo keeps the old
+storage), zeroing the KV cache, the canary, the fingerprint digests, and
 the machine's memcpy rate (the bound on any in-memory copy here).
 """
 
@@ -48,7 +49,7 @@ def in_worker(worker, files: dict, bucket_bytes: int) -> dict:
         _timed(out, "load_weights_and_copy_s", model.load_weights, iter(tensors))
     _timed(out, "layerwise_finalize_s", finalize_layerwise_reload, model, runner.model_config)
     _timed(out, "cpu_moe_prepack_s", redo_cpu_moe_prepack, model)
-    undo = live.Undo(1 << 62)
+    undo = live.Undo(1 << 62, swapping=set())  # copies, as off the CPU
     _timed(out, "undo_copies_s", lambda: [undo.save(m) for m in model.children()])
     out["undo_MB"] = [undo.nbytes / 1e6]
     undo.saved = []  # free the copies
