@@ -117,7 +117,7 @@ class _Saved:
 
 
 class Undo:
-    """The saved state of every unit an update touched, up to ``limit`` bytes of copies."""
+    """The saved state of every unit an update touched, up to ``limit`` bytes of old values."""
 
     def __init__(self, limit: int, swapping: set[int]) -> None:
         self.limit, self.swapping = limit, swapping
