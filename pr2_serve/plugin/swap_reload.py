@@ -129,8 +129,11 @@ def _eager_loader(layer: torch.nn.Module, name: str, original):
 
 def _process(layer: torch.nn.Module, info) -> None:
     """vLLM's processing of the loaded ``layer`` (nothing replayed, nothing copied), then its
-    tensors swapped into the kernel tensors."""
-    from vllm.model_executor.model_loader.reload.layerwise import _layerwise_process
+    tensors swapped into the kernel tensors, which take their places back."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        _layerwise_process,
+        _place_kernel_tensors,
+    )
 
     kernel = info.kernel_tensors
     non_persistent = set(info.kernel_non_persistent_buffers)
@@ -138,22 +141,19 @@ def _process(layer: torch.nn.Module, info) -> None:
     info.kernel_tensors, info.loaded_weights = None, []
     _layerwise_process(layer, info)  # materialises the rest, processes, resets ``info``
     _swap_in(layer, kernel, non_persistent, loaded)
+    info.kernel_tensors, info.kernel_non_persistent_buffers = kernel, non_persistent
+    _place_kernel_tensors(layer, info)
+    info.reset()
 
 
 def _swap_in(layer, kernel, non_persistent: set[str], loaded: set[str]) -> None:
-    """The kernel tensors take the layer's processed data and their places back."""
-    from vllm.model_executor.model_loader.reload.layerwise import _place_kernel_tensors
-    from vllm.model_executor.model_loader.reload.types import LayerReloadingInfo
-
+    """The kernel tensors take the layer's processed data."""
     params, buffers = kernel
     for name, old in params.items():
         _take(old, getattr(layer, name))
     for name, old in buffers.items():
         if name in layer._buffers and (name not in non_persistent or name in loaded):
             _take(old, getattr(layer, name))
-    placed = LayerReloadingInfo(({}, {}), torch.device("cpu"), kernel_tensors=kernel)
-    placed.kernel_non_persistent_buffers = non_persistent
-    _place_kernel_tensors(layer, placed)
 
 
 def _take(kernel: torch.Tensor, new: torch.Tensor) -> None:
