@@ -349,3 +349,17 @@ def test_a_slow_disk_holds_the_receive_back(tmp_path, monkeypatch):
     writer.close()
     assert most[0] <= 4  # 2 queued + the one being written + the one just put
     assert (tmp_path / "f").read_bytes() == bytes(i for i in range(10) for _ in range(8))
+
+
+def test_the_transfer_writer_writes_over_a_longer_file_and_cuts_it(tmp_path):
+    """The gloo file writer writes over an existing file (a spare, ``WeightStore.reuse_spare``)
+    without truncating it first, and leaves exactly the version's bytes."""
+    from pr2_serve.transfer import gloo_engine
+
+    path = tmp_path / "f"
+    path.write_bytes(b"\xff" * 100)
+    inode = path.stat().st_ino
+    writer = gloo_engine._Writer(path, b"head", 8)
+    writer.put(torch.arange(8, dtype=torch.uint8), 4)
+    writer.close()
+    assert (path.stat().st_ino, path.read_bytes()) == (inode, b"head" + bytes(range(8)))

@@ -175,7 +175,8 @@ class _Writer:
     def __init__(self, path, prefix: bytes, data_bytes: int) -> None:
         self.fd, self.pending = None, []
         if path is not None:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # written over, not truncated: the file may be a spare (``WeightStore.reuse_spare``)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             os.pwrite(self.fd, prefix, 0)
             os.ftruncate(self.fd, len(prefix) + data_bytes)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr2-xfer-write")
