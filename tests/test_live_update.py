@@ -222,6 +222,42 @@ def test_live_update_equals_the_whole_reload(setup):
 
 
 @pytest.mark.vllm
+def test_the_cpu_moe_prepack_packs_each_expert_in_place():
+    """:func:`prepack_in_place` is vLLM's prepack, bit for bit, written over the tensor it
+    packs (vLLM's makes a new one: the layer's experts twice for a moment)."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+
+    from pr2_serve.plugin.weights import prepack_in_place
+
+    for shape, dtype in [((4, 64, 32), torch.float32), ((8, 256, 128), torch.bfloat16)]:
+        w = torch.nn.Parameter(torch.randn(shape).to(dtype), requires_grad=False)
+        whole, ptr = cpu_prepack_moe_weight(w.detach().clone(), "vec"), w.data_ptr()
+        assert not torch.equal(whole, w)  # packing moves values
+        packed = prepack_in_place(w, "vec")
+        assert packed is w and w.data_ptr() == ptr and torch.equal(w, whole)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_live_update_prepacks_the_experts_in_place(setup, monkeypatch):
+    """The live update's CPU MoE prepack goes through :func:`prepack_in_place` (w13 and w2 of
+    each MoE layer), and serves as the whole reload does."""
+    from pr2_serve.plugin import weights
+
+    engine, base, root = setup
+    calls, pack = [], weights.prepack_in_place
+    monkeypatch.setattr(weights, "prepack_in_place", lambda w, isa: calls.append(1) or pack(w, isa))
+    files = write(root, "in-place", moved(base, 0.02, 5))
+    live(engine, files, engine.weight_version + 1)
+    moe_layers = sum(".mlp.experts." in n and n.endswith(".0.down_proj.weight") for n in base)
+    assert len(calls) == 2 * moe_layers > 0
+    a = outputs(engine)
+    monkeypatch.undo()
+    engine.update_weights(next(iter(files.values())), engine.weight_version + 1)
+    assert outputs(engine) == a
+
+
+@pytest.mark.vllm
 @pytest.mark.slow
 def test_live_partial_update_equals_the_whole_reload(setup):
     """A subset (the predictors and one attention projection): the rest of a touched layer
