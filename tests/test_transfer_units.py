@@ -327,28 +327,61 @@ def test_a_group_with_a_hung_server_fails_at_its_timeout(tmp_path):
     client.engine.shutdown()
 
 
-def test_a_slow_disk_holds_the_receive_back(tmp_path, monkeypatch):
-    """The transfer's file writer queues at most ``AHEAD`` buckets: a disk slower than the
-    wire holds the receive back, buckets do not pile up in memory."""
+def test_a_slow_disk_holds_the_receive_back(tmp_path):
+    """Each bucket is written on the receiving thread as it arrives: a disk slower than the
+    wire holds the receive back, buckets do not pile up in memory waiting to be written (at
+    most two exist: the one received, the one applied)."""
     from pr2_serve.transfer import gloo_engine
 
-    alive, most, write = [], [0], gloo_engine._pwrite
+    n, write = 10, gloo_engine._pwrite
+    info = GlooUpdateInfo(
+        names=[f"t{i}" for i in range(n)], dtype_names=["uint8"] * n, shapes=[[8]] * n
+    )
+    fill, pending, most = iter(range(n)), {}, [0]  # buffer -> what it still waits for
+
+    def done(ptr, what):
+        pending[ptr].discard(what)
+        if not pending[ptr]:
+            del pending[ptr]
+
+    def recv(buf):
+        buf.fill_(next(fill))
+        pending[buf.data_ptr()] = {"apply", "write"}
+        most[0] = max(most[0], len(pending))
 
     def slow(fd, buf, offset):
         time.sleep(0.05)
         write(fd, buf, offset)
-        alive.remove(id(buf))
+        done(buf.data_ptr(), "write")
 
-    monkeypatch.setattr(gloo_engine, "_pwrite", slow)
-    writer = gloo_engine._Writer(tmp_path / "f", b"", 8 * 10)
-    for i in range(10):
-        buf = torch.full((8,), i, dtype=torch.uint8)
-        alive.append(id(buf))
-        most[0] = max(most[0], len(alive))
-        writer.put(buf, 8 * i)
-    writer.close()
-    assert most[0] <= 4  # 2 queued + the one being written + the one just put
-    assert (tmp_path / "f").read_bytes() == bytes(i for i in range(10) for _ in range(8))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gloo_engine, "_pwrite", slow)
+        apply = lambda pairs: done(pairs[0][1].data_ptr(), "apply")  # noqa: E731
+        gloo_engine.receive_and_apply(recv, info, 1, tmp_path / "f", apply)
+    assert most[0] <= 2
+    data = load_file(str(tmp_path / "f"))
+    assert all(torch.equal(data[f"t{i}"], torch.full((8,), i, dtype=torch.uint8)) for i in range(n))
+
+
+def test_a_failed_write_is_raised_once_every_bucket_is_received(tmp_path):
+    """A write that fails (a full disk) stops the writing, not the receiving (the trainer's
+    broadcast stays in step), and is raised at the end."""
+    import errno
+
+    from pr2_serve.transfer import gloo_engine
+
+    info = GlooUpdateInfo(names=["a", "b", "c"], dtype_names=["uint8"] * 3, shapes=[[8]] * 3)
+    received, writes = [], []
+
+    def full(fd, buf, offset):
+        writes.append(offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gloo_engine, "_pwrite", full)
+        with pytest.raises(OSError, match="No space"):
+            gloo_engine.receive_and_apply(received.append, info, 1, tmp_path / "f", None)
+    assert len(received) == 3 and len(writes) == 1
 
 
 def test_the_transfer_writer_writes_over_a_longer_file_and_cuts_it(tmp_path):

@@ -162,6 +162,9 @@ class TransferControl:
             except WeightValidationError:
                 part.unlink(missing_ok=True)
                 raise
+            except OSError as e:  # writing the file (the broadcast was received: group kept)
+                part.unlink(missing_ok=True)
+                raise storage_error(e) from e
             except Exception as e:
                 part.unlink(missing_ok=True)
                 self.info = None  # on the engine thread: leave the group here, not via call()

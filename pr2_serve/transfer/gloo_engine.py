@@ -6,19 +6,17 @@ Made by vLLM's ``WeightTransferEngineFactory`` when the engine's ``weight_transf
 engine opened (:mod:`pr2_serve.plugin.live_update`). ``update_weights`` receives the trainer's
 packed buckets and, as each arrives, checks it and loads it into the live model (the session
 keeps the undo) while the next one is on the wire; each bucket is also written at its place in
-a safetensors file laid out from the update info (``GlooUpdateInfo.path``, on a writer thread):
-the version's durable copy, complete once ``finish_weight_update`` returns (the engine calls it
-after the canary: the writes end while the update finishes). A bucket that fails its check stops
-the loading, the rest is still received (the broadcast stays in step), then the error is raised
-and the engine undoes the update. With several workers (tensor parallel) each receives and loads
-every bucket and only the first writes.
+a safetensors file laid out from the update info (``GlooUpdateInfo.path``), on the receiving
+thread as it arrives: the version's durable copy, complete when ``update_weights`` returns. A
+bucket that fails its check, or a write that fails, stops the loading (the writing), the rest is
+still received (the broadcast stays in step), then the error is raised and the engine undoes the
+update. With several workers (tensor parallel) each receives and loads every bucket and only the
+first writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -53,7 +51,6 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         super().__init__(config, vllm_config, device, model)
         self.group = None
         self.init_info: GlooInitInfo | None = None
-        self.writing: _Writer | None = None  # the last update's file writes, still going on
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         self.shutdown()
@@ -74,15 +71,9 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
     def start_weight_update(self) -> None:
         """(The engine opened the update session, which keeps the undo.)"""
-        with contextlib.suppress(Exception):
-            self.finish_weight_update()  # writes an aborted update left going
 
     def finish_weight_update(self) -> None:
-        """Wait until the received buckets are written (they are written while the engine
-        finishes the update and runs the canary); raise a write that failed."""
-        writing, self.writing = self.writing, None
-        if writing is not None:
-            writing.close()
+        """(``update_weights`` returned with the file complete.)"""
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
         # the base class also calls torch.accelerator.synchronize(), absent on the CPU build
@@ -102,9 +93,7 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         def recv(buf: torch.Tensor) -> None:
             group.broadcast(buf, root=0).wait()
 
-        self.writing = receive_and_apply(
-            recv, update_info, self.init_info.bucket_bytes, path, apply, wait_writes=False
-        )
+        receive_and_apply(recv, update_info, self.init_info.bucket_bytes, path, apply)
 
     def shutdown(self) -> None:
         if self.group is not None:
@@ -128,78 +117,68 @@ def unpack_bucket(info: GlooUpdateInfo, start: int, stop: int, buf: torch.Tensor
     return pairs
 
 
-def receive_and_apply(
-    recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply, device="cpu", wait_writes=True
-):
+def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply, device="cpu"):
     """Receive every bucket of ``info`` into a buffer on ``device`` with ``recv(buffer)`` (a
-    broadcast from the trainer; the buffer is complete when it returns), the next one while
-    ``apply`` checks and loads one (None: nothing is loaded); write them to ``path`` (a
-    complete safetensors file; None: not written). The first error ``apply`` raises stops the
-    applying, not the receiving, and is raised at the end (after the writes). ``wait_writes``
-    False: return the writer, whose :meth:`~_Writer.close` waits for the writes (the caller's
-    to call), instead of waiting here."""
+    broadcast from the trainer; the buffer is complete when it returns) and write it to
+    ``path`` (a complete safetensors file; None: not written) on the receiving thread, the next
+    one while ``apply`` checks and loads one (None: nothing is loaded). So at most two buckets
+    exist at once, and a disk slower than the wire holds the receive back (the file is usually
+    a spare written over: a copy into cached pages). The first error ``apply`` or a write
+    raises stops the applying or writing, not the receiving, and is raised at the end."""
     sizes = info.nbytes()
     prefix, offsets = safetensors_layout(info)
+    writer = _Writer(path, prefix, sum(sizes))
 
     def arrivals():
         for a, b in plan_buckets(sizes, bucket_bytes):
             # each bucket its own buffer: the reload may keep views until a layer is whole
             buf = torch.empty(sum(sizes[a:b]), dtype=torch.uint8, device=device)
             recv(buf)
+            writer.put(buf, len(prefix) + offsets[a])
             yield a, b, buf
 
-    error, writer = None, _Writer(path, prefix, sum(sizes))
+    error = None
     try:
         for a, b, buf in prefetched(arrivals()):
-            writer.put(buf, len(prefix) + offsets[a])
             if error is None and apply is not None:
                 try:
                     apply(unpack_bucket(info, a, b, buf))
                 except Exception as e:
                     error = e
     except BaseException:
-        writer.close()
+        writer.close(raise_error=False)  # the receive's own error, not a write's
         raise
-    if error is not None or wait_writes:
-        writer.close()
+    writer.close(raise_error=error is None)
     if error is not None:
         raise error
-    return None if wait_writes else writer
 
 
 class _Writer:
-    """Writes buckets at their offsets in a file on a thread (nothing when ``path`` is None)."""
-
-    AHEAD = 2  # buckets queued for writing at most
+    """Writes buckets at their offsets in a file (nothing when ``path`` is None); the first
+    write that fails stops the writing and is raised by :meth:`close`."""
 
     def __init__(self, path, prefix: bytes, data_bytes: int) -> None:
-        self.fd, self.pending = None, []
+        self.fd, self.error = None, None
         if path is not None:
             # written over, not truncated: the file may be a spare (``WeightStore.reuse_spare``)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             os.pwrite(self.fd, prefix, 0)
             os.ftruncate(self.fd, len(prefix) + data_bytes)
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pr2-xfer-write")
 
     def put(self, buf: torch.Tensor, offset: int) -> None:
-        """Queue ``buf``'s write; wait while more than ``AHEAD`` are queued (a disk slower than
-        the wire holds the receive back instead of piling buckets up in memory)."""
-        if self.fd is not None and buf.numel():
-            self.pending.append(self.pool.submit(_pwrite, self.fd, buf, offset))
-            if len(self.pending) > self.AHEAD:
-                self.pending[-self.AHEAD - 1].result()
+        if self.fd is not None and self.error is None and buf.numel():
+            try:
+                _pwrite(self.fd, buf, offset)
+            except OSError as e:
+                self.error = e
 
-    def close(self) -> None:
-        """Wait for every write (raising the first that failed); idempotent."""
-        pending, self.pending = self.pending, []
-        try:
-            for fut in pending:
-                fut.result()
-        finally:
-            self.pool.shutdown(wait=True)
-            if self.fd is not None:
-                fd, self.fd = self.fd, None
-                os.close(fd)
+    def close(self, raise_error: bool = True) -> None:
+        """Close the file (idempotent); raise the write that failed, if any."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+        if raise_error and self.error is not None:
+            raise self.error
 
 
 def _pwrite(fd: int, buf: torch.Tensor, offset: int) -> None:
