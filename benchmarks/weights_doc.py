@@ -46,10 +46,10 @@ def render(runs: list[dict]) -> str:
         "up at once, alternating. Bound: the undo (the old values of the whole model, for a full "
         "update) + 2 "
         f"buckets ({UPLOAD_BUCKET_MIB:g} MiB for uploads and loads, {first['bucket_mib']} MiB "
-        "for gloo). Above it at the end of an update: the CPU MoE prepack (vLLM's kernel) "
-        "makes each expert tensor's packed copy while the tensor is alive, so one MoE layer's "
-        f"experts exist twice for a moment ({_moe_layer_mib(runs[-1]['args']):.0f} MiB at "
-        f"{runs[-1]['args']['experts']} experts).",
+        "for gloo); ✓: within it. The CPU MoE prepack packs each expert in place: vLLM's own "
+        "packs a whole tensor into a new one, which held one MoE layer's experts twice for a "
+        f"moment ({_moe_layer_mib(runs[-1]['args']):.0f} MiB at {runs[-1]['args']['experts']} "
+        "experts, the excess over the bound before).",
     ]
     return "\n".join(lines)
 
@@ -73,10 +73,11 @@ def _rows(args: dict, res: dict) -> list[str]:
         bound = (size * 1e6 + 2 * bucket) / 2**20
         goal = GOALS.get(way) if size < 500 else None
         mark = "" if goal is None else (" ✓" if mbps >= goal else f" (goal {goal})")
+        rss = new[way]["peak_extra_rss_MiB"]
         out.append(
             f"| {size:.0f} MB | {way} | {mbps:.0f}{mark} | "
             f"{'' if b is None else f'{b:.0f}'} | {'' if b is None else f'{mbps / b:.2f}x'} | "
-            f"{new[way]['peak_extra_rss_MiB']:.0f} | {bound:.0f} |"
+            f"{rss:.0f}{' ✓' if rss <= bound else ''} | {bound:.0f} |"
         )
     return out
 
