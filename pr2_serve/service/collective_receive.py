@@ -142,11 +142,11 @@ class TransferControl:
     def feed(self, info: GlooUpdateInfo, part: Path, final: Path, reuse=lambda part: None):
         """The live update's ``(feed, confirm)`` (:meth:`RolloutEngine.apply_live`, on the
         engine thread): the workers receive the broadcast into the model, bucket by bucket, and
-        into ``part`` (``reuse(part)`` first: a spare file put there to write over), whose
-        writes end while the canary runs and which ``confirm`` renames ``final``. A bucket
-        that fails its check raises its :class:`WeightValidationError` once the broadcast is
-        over; a broken transfer closes the group and raises 502. On any failure no file is
-        left."""
+        into ``part`` (``reuse(part)`` first: a spare file put there to write over), complete
+        when the receive ends, which ``confirm`` renames ``final``. A bucket that fails its
+        check raises its :class:`WeightValidationError` once the broadcast is over, a failed
+        write 507; a broken transfer closes the group and raises 502. On any failure no file
+        is left."""
         payload = {
             "names": info.names,
             "dtype_names": info.dtype_names,
