@@ -144,8 +144,8 @@ class TransferControl:
         engine thread): the workers receive the broadcast into the model, bucket by bucket, and
         into ``part`` (``reuse(part)`` first: a spare file put there to write over), complete
         when the receive ends, which ``confirm`` renames ``final``. A bucket that fails its
-        check raises its :class:`WeightValidationError` once the broadcast is over, a failed
-        write 507; a broken transfer closes the group and raises 502. On any failure no file
+        check raises its :class:`WeightValidationError` once the broadcast is over, a full disk
+        507; a broken transfer closes the group and raises 502. On any failure no file
         is left."""
         payload = {
             "names": info.names,
