@@ -396,3 +396,26 @@ def test_the_transfer_writer_writes_over_a_longer_file_and_cuts_it(tmp_path):
     writer.put(torch.arange(8, dtype=torch.uint8), 4)
     writer.close()
     assert (path.stat().st_ino, path.read_bytes()) == (inode, b"head" + bytes(range(8)))
+
+
+def test_a_buffer_is_received_into_again_only_once_nothing_holds_it(tmp_path, monkeypatch):
+    """Two buffers serve a whole transfer when each bucket is copied out as it loads; a bucket
+    whose views the loader keeps (a layer not yet whole) keeps its buffer: never overwritten."""
+    from pr2_serve.transfer import gloo_engine
+
+    n, empty = 10, torch.empty
+    info = GlooUpdateInfo(
+        names=[f"t{i}" for i in range(n)], dtype_names=["uint8"] * n, shapes=[[8]] * n
+    )
+
+    def run(apply) -> int:
+        fill, made = iter(range(n)), []
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(1) or empty(*a, **k))
+        gloo_engine.receive_and_apply(lambda buf: buf.fill_(next(fill)), info, 1, None, apply)
+        monkeypatch.setattr(torch, "empty", empty)
+        return len(made)
+
+    assert run(lambda pairs: [t.clone() for _, t in pairs]) == 2
+    kept = []
+    assert run(lambda pairs: kept.extend(pairs) if len(kept) < 3 else None) == 3 + 2
+    assert [int(t[0]) for _, t in kept] == [0, 1, 2]  # still what was received into them
