@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-__all__ = ["iter_tensors", "read_layout"]
+__all__ = ["iter_buckets", "iter_tensors", "read_layout"]
 
 
 def read_layout(path: str) -> tuple[int, dict[str, dict]]:
@@ -54,6 +54,50 @@ def iter_tensors(files: Mapping[str, str], names: Iterable[str] | None = None) -
                 f.seek(start + a)
                 _read_into(f, memoryview(buf.numpy()), f"{path}: {name}")
                 yield name, buf.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+def iter_buckets(files: Mapping[str, str], bucket_bytes: int) -> Iterator[list]:
+    """:func:`iter_tensors` in buckets (:func:`~pr2_serve.transfer.bucket_plan.grouped`), each
+    bucket's tensors read into one buffer, 8-byte aligned: the bucket before the one just
+    given out is read over once nothing holds it any more (:mod:`pr2_serve.core.reused_buffers`:
+    two buffers serve a whole pass when the caller copies each tensor out)."""
+    from safetensors.torch import _TYPES
+
+    from pr2_serve.core.reused_buffers import ReusedBuffers
+    from pr2_serve.transfer.bucket_plan import grouped
+
+    entries = []  # (name, path, data start, offsets, header entry), in file and offset order
+    by_file: dict[str, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(str(path), []).append(name)
+    for path, group in by_file.items():
+        start, header = read_layout(path)
+        group.sort(key=lambda n: header[n]["data_offsets"][0])
+        entries += [(n, path, start, *header[n]["data_offsets"], header[n]) for n in group]
+    buffers, given, opened = ReusedBuffers(), [], {}
+    try:
+        for bucket in grouped(entries, lambda e: e[4] - e[3], bucket_bytes):
+            base = buffers.take(sum(_aligned(e[4] - e[3]) for e in bucket))
+            pairs, pos = [], 0
+            for name, path, start, a, b, meta in bucket:
+                f = opened.get(path) or opened.setdefault(path, open(path, "rb", buffering=0))  # noqa: SIM115
+                f.seek(start + a)
+                _read_into(f, memoryview(base[pos : pos + b - a].numpy()), f"{path}: {name}")
+                view = base[pos : pos + b - a].view(_TYPES[meta["dtype"]])
+                pairs.append((name, view.reshape(meta["shape"])))
+                pos += _aligned(b - a)
+            given.append(base)
+            yield pairs
+            del pairs, view
+            if len(given) > 1:  # the caller is done with the bucket before the one just given
+                buffers.give_back(given.pop(0))
+    finally:
+        for f in opened.values():
+            f.close()
+
+
+def _aligned(n: int) -> int:
+    return n + (-n % 8)
 
 
 def _read_into(f, view: memoryview, what: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine
 
+from pr2_serve.core.reused_buffers import ReusedBuffers
 from pr2_serve.plugin.live_update import live_session, prefetched
 from pr2_serve.transfer.protocol import (
     GlooInitInfo,
@@ -122,13 +123,13 @@ def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply
     broadcast from the trainer; the buffer is complete when it returns) and write it to
     ``path`` (a complete safetensors file; None: not written) on the receiving thread, the next
     one while ``apply`` checks and loads one (None: nothing is loaded). So at most two buckets
-    exist at once (:class:`_Buffers`: in the same two buffers on the CPU), and a disk slower
-    than the wire holds the receive back (the file is usually a spare written over: a copy
-    into cached pages). The first error ``apply`` or a write
-    raises stops the applying or writing, not the receiving, and is raised at the end."""
+    exist at once (on the CPU in the same two buffers: :mod:`pr2_serve.core.reused_buffers`),
+    and a disk slower than the wire holds the receive back (the file is usually a spare written
+    over: a copy into cached pages). The first error ``apply`` or a write raises stops the
+    applying or writing, not the receiving, and is raised at the end."""
     sizes = info.nbytes()
     prefix, offsets = safetensors_layout(info)
-    writer, buffers = _Writer(path, prefix, sum(sizes)), _Buffers(device)
+    writer, buffers = _Writer(path, prefix, sum(sizes)), ReusedBuffers(device)
 
     def arrivals():
         for a, b in plan_buckets(sizes, bucket_bytes):
@@ -152,38 +153,6 @@ def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply
     writer.close(raise_error=error is None)
     if error is not None:
         raise error
-
-
-class _Buffers:
-    """Receive buffers: one nobody else holds any more is received into again (on the CPU the
-    live update copies each tensor into the model as it loads, so a bucket's buffer is free
-    once applied: two buffers serve a whole update, no new memory is touched). A layer that
-    keeps views of its tensors until it is whole keeps its buffer, and a new one is made; so is
-    one on a GPU (the copies out of it may still be queued)."""
-
-    KEEP = 2
-
-    def __init__(self, device) -> None:
-        self.device, self.free = torch.device(device), []
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A buffer of at least ``nbytes`` bytes."""
-        for i, base in enumerate(self.free):
-            if base.numel() >= nbytes:
-                return self.free.pop(i)
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def give_back(self, base: torch.Tensor) -> None:
-        if self.device.type == "cpu" and _held_only_here(base):
-            self.free = sorted([*self.free, base], key=torch.Tensor.numel)[-self.KEEP :]
-
-
-def _held_only_here(base: torch.Tensor) -> bool:
-    """Nothing but ``base`` itself holds its memory (no view of it is alive anywhere)."""
-    try:  # the tensor's reference + the storage object made for asking
-        return torch._C._storage_Use_Count(base.untyped_storage()._cdata) <= 2
-    except AttributeError:  # another torch: never reuse rather than guess
-        return False
 
 
 class _Writer:
