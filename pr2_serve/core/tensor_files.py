@@ -40,20 +40,12 @@ def iter_tensors(files: Mapping[str, str], names: Iterable[str] | None = None) -
     from safetensors.torch import _TYPES
 
     wanted = files if names is None else {n: files[n] for n in names}
-    by_file: dict[str, list[str]] = {}
-    for name, path in wanted.items():
-        by_file.setdefault(str(path), []).append(name)
-    for path, group in by_file.items():
-        start, header = read_layout(path)
-        group.sort(key=lambda n: header[n]["data_offsets"][0])
-        with open(path, "rb", buffering=0) as f:
-            for name in group:
-                meta = header[name]
-                a, b = meta["data_offsets"]
-                buf = torch.empty(b - a, dtype=torch.uint8)
-                f.seek(start + a)
-                _read_into(f, memoryview(buf.numpy()), f"{path}: {name}")
-                yield name, buf.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])
+    with _Reader() as reader:
+        for name, path, start, meta in _in_file_order(wanted):
+            a, b = meta["data_offsets"]
+            buf = torch.empty(b - a, dtype=torch.uint8)
+            reader.read(path, start + a, buf, name)
+            yield name, buf.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
 def iter_buckets(files: Mapping[str, str], bucket_bytes: int) -> Iterator[list]:
@@ -66,34 +58,59 @@ def iter_buckets(files: Mapping[str, str], bucket_bytes: int) -> Iterator[list]:
     from pr2_serve.core.reused_buffers import ReusedBuffers
     from pr2_serve.transfer.bucket_plan import grouped
 
-    entries = []  # (name, path, data start, offsets, header entry), in file and offset order
+    def nbytes(entry) -> int:
+        a, b = entry[3]["data_offsets"]
+        return b - a
+
+    buffers, given = ReusedBuffers(), []
+    with _Reader() as reader:
+        for bucket in grouped(_in_file_order(files), nbytes, bucket_bytes):
+            base = buffers.take(sum(_aligned(nbytes(e)) for e in bucket))
+            pairs, pos = [], 0
+            for name, path, start, meta in bucket:
+                view = base[pos : pos + nbytes((name, path, start, meta))]
+                reader.read(path, start + meta["data_offsets"][0], view, name)
+                pairs.append((name, view.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])))
+                pos += _aligned(view.numel())
+            given.append(base)
+            yield pairs
+            del pairs, view
+            if len(given) > 1:  # the caller is done with the bucket before the one just given
+                buffers.give_back(given.pop(0))
+
+
+def _in_file_order(files: Mapping[str, str]) -> Iterator[tuple[str, str, int, dict]]:
+    """``(name, file, data start, header entry)`` of ``{name: file}``, file by file, each in
+    offset order (sequential reads); a file's header is read when its turn comes."""
     by_file: dict[str, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(str(path), []).append(name)
     for path, group in by_file.items():
         start, header = read_layout(path)
         group.sort(key=lambda n: header[n]["data_offsets"][0])
-        entries += [(n, path, start, *header[n]["data_offsets"], header[n]) for n in group]
-    buffers, given, opened = ReusedBuffers(), [], {}
-    try:
-        for bucket in grouped(entries, lambda e: e[4] - e[3], bucket_bytes):
-            base = buffers.take(sum(_aligned(e[4] - e[3]) for e in bucket))
-            pairs, pos = [], 0
-            for name, path, start, a, b, meta in bucket:
-                f = opened.get(path) or opened.setdefault(path, open(path, "rb", buffering=0))  # noqa: SIM115
-                f.seek(start + a)
-                _read_into(f, memoryview(base[pos : pos + b - a].numpy()), f"{path}: {name}")
-                view = base[pos : pos + b - a].view(_TYPES[meta["dtype"]])
-                pairs.append((name, view.reshape(meta["shape"])))
-                pos += _aligned(b - a)
-            given.append(base)
-            yield pairs
-            del pairs, view
-            if len(given) > 1:  # the caller is done with the bucket before the one just given
-                buffers.give_back(given.pop(0))
-    finally:
-        for f in opened.values():
+        for name in group:
+            yield name, path, start, header[name]
+
+
+class _Reader:
+    """Files opened once each, read at an offset into a CPU tensor; closed on exit."""
+
+    def __init__(self) -> None:
+        self.opened: dict[str, object] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for f in self.opened.values():
             f.close()
+
+    def read(self, path: str, offset: int, into: torch.Tensor, name: str) -> None:
+        if path not in self.opened:
+            self.opened[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed on exit
+        f = self.opened[path]
+        f.seek(offset)
+        _read_into(f, memoryview(into.numpy()), f"{path}: {name}")
 
 
 def _aligned(n: int) -> int:
