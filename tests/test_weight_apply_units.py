@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pr2_serve.core.fingerprint import FileDigests, tensor_digest
 from pr2_serve.core.served_checkpoint import non_finite_counts
-from pr2_serve.core.tensor_files import iter_buckets, iter_tensors
+from pr2_serve.core.tensor_files import iter_tensors
 from pr2_serve.plugin.kv_dirty import DirtyBlocks
 
 
@@ -37,35 +37,6 @@ def test_iter_tensors_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(Exception):  # noqa: B017 - safetensors' own header check
         list(iter_tensors({"a": str(path)}))
-
-
-def test_iter_buckets_reads_what_iter_tensors_reads_in_two_buffers(tmp_path, monkeypatch):
-    """A load's buckets: the same tensors and bucket bounds as ``iter_tensors`` cut by the one
-    rule, read into two buffers in all when each bucket is copied out as it is used; a bucket
-    the caller keeps is never read over."""
-    from pr2_serve.plugin.live_update import buckets_of
-
-    g = torch.Generator().manual_seed(0)
-    files = {}
-    for f in range(2):
-        tensors = {f"f{f}.t{i}": torch.randn(3 + i, generator=g) for i in range(6)}
-        tensors[f"f{f}.odd"] = torch.randn(5, generator=g).bfloat16()  # 10 bytes: misaligns
-        path = str(tmp_path / f"{f}.safetensors")
-        save_file(tensors, path)
-        files.update(dict.fromkeys(tensors, path))
-    ref = [[(n, t.clone()) for n, t in b] for b in buckets_of(iter_tensors(files), 40)]
-    empty, made = torch.empty, []
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(1) or empty(*a, **k))
-    got = [[(n, t.clone()) for n, t in b] for b in iter_buckets(files, 40)]
-    assert len(ref) > 4 and len(made) == 2
-    assert [[n for n, _ in b] for b in got] == [[n for n, _ in b] for b in ref]
-    for b, r in zip(got, ref, strict=True):
-        assert all(torch.equal(t, u) for (_, t), (_, u) in zip(b, r, strict=True))
-    made.clear()
-    kept = list(iter_buckets(files, 40))  # every bucket kept: none is read over
-    assert len(made) == len(ref)
-    for b, r in zip(kept, ref, strict=True):
-        assert all(torch.equal(t, u) for (_, t), (_, u) in zip(b, r, strict=True))
 
 
 def test_dirty_blocks_zero_only_what_was_written():

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-__all__ = ["iter_buckets", "iter_tensors", "read_layout"]
+__all__ = ["iter_tensors", "read_layout"]
 
 
 def read_layout(path: str) -> tuple[int, dict[str, dict]]:
@@ -40,81 +40,20 @@ def iter_tensors(files: Mapping[str, str], names: Iterable[str] | None = None) -
     from safetensors.torch import _TYPES
 
     wanted = files if names is None else {n: files[n] for n in names}
-    with _Reader() as reader:
-        for name, path, start, meta in _in_file_order(wanted):
-            a, b = meta["data_offsets"]
-            buf = torch.empty(b - a, dtype=torch.uint8)
-            reader.read(path, start + a, buf, name)
-            yield name, buf.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])
-
-
-def iter_buckets(files: Mapping[str, str], bucket_bytes: int) -> Iterator[list]:
-    """:func:`iter_tensors` in buckets (:func:`~pr2_serve.transfer.bucket_plan.grouped`), each
-    bucket's tensors read into one buffer, 8-byte aligned: the bucket before the one just
-    given out is read over once nothing holds it any more (:mod:`pr2_serve.core.reused_buffers`:
-    two buffers serve a whole pass when the caller copies each tensor out)."""
-    from safetensors.torch import _TYPES
-
-    from pr2_serve.core.reused_buffers import ReusedBuffers
-    from pr2_serve.transfer.bucket_plan import grouped
-
-    def nbytes(entry) -> int:
-        a, b = entry[3]["data_offsets"]
-        return b - a
-
-    buffers, given = ReusedBuffers(), []
-    with _Reader() as reader:
-        for bucket in grouped(_in_file_order(files), nbytes, bucket_bytes):
-            base = buffers.take(sum(_aligned(nbytes(e)) for e in bucket))
-            pairs, pos = [], 0
-            for name, path, start, meta in bucket:
-                view = base[pos : pos + nbytes((name, path, start, meta))]
-                reader.read(path, start + meta["data_offsets"][0], view, name)
-                pairs.append((name, view.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])))
-                pos += _aligned(view.numel())
-            given.append(base)
-            yield pairs
-            del pairs, view
-            if len(given) > 1:  # the caller is done with the bucket before the one just given
-                buffers.give_back(given.pop(0))
-
-
-def _in_file_order(files: Mapping[str, str]) -> Iterator[tuple[str, str, int, dict]]:
-    """``(name, file, data start, header entry)`` of ``{name: file}``, file by file, each in
-    offset order (sequential reads); a file's header is read when its turn comes."""
     by_file: dict[str, list[str]] = {}
-    for name, path in files.items():
+    for name, path in wanted.items():
         by_file.setdefault(str(path), []).append(name)
     for path, group in by_file.items():
         start, header = read_layout(path)
         group.sort(key=lambda n: header[n]["data_offsets"][0])
-        for name in group:
-            yield name, path, start, header[name]
-
-
-class _Reader:
-    """Files opened once each, read at an offset into a CPU tensor; closed on exit."""
-
-    def __init__(self) -> None:
-        self.opened: dict[str, object] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for f in self.opened.values():
-            f.close()
-
-    def read(self, path: str, offset: int, into: torch.Tensor, name: str) -> None:
-        if path not in self.opened:
-            self.opened[path] = open(path, "rb", buffering=0)  # noqa: SIM115 - closed on exit
-        f = self.opened[path]
-        f.seek(offset)
-        _read_into(f, memoryview(into.numpy()), f"{path}: {name}")
-
-
-def _aligned(n: int) -> int:
-    return n + (-n % 8)
+        with open(path, "rb", buffering=0) as f:
+            for name in group:
+                meta = header[name]
+                a, b = meta["data_offsets"]
+                buf = torch.empty(b - a, dtype=torch.uint8)
+                f.seek(start + a)
+                _read_into(f, memoryview(buf.numpy()), f"{path}: {name}")
+                yield name, buf.view(_TYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
 def _read_into(f, view: memoryview, what: str) -> None:

@@ -258,10 +258,10 @@ def session_of(model: torch.nn.Module) -> LiveUpdate:
 def live_apply_files(worker, files: dict[str, str], bucket_bytes: int) -> int:
     """Apply ``{name: file}`` in buckets of about ``bucket_bytes`` (the next bucket is read while
     one is applied); the bytes applied."""
-    from pr2_serve.core.tensor_files import iter_buckets
+    from pr2_serve.core.tensor_files import iter_tensors
 
     session, total = session_of(worker.model_runner.get_model()), 0
-    for bucket in prefetched(iter_buckets(files, bucket_bytes)):
+    for bucket in prefetched(buckets_of(iter_tensors(files), bucket_bytes)):
         session.apply(bucket)
         total += sum(t.numel() * t.element_size() for _, t in bucket)
     return total
