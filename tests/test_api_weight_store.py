@@ -86,29 +86,6 @@ def test_keeps_the_last_n_versions_and_rolls_back_to_one(tmp_path):
     assert [v for v, _ in store3.kept()] == [6, 5, 4]
 
 
-def test_a_removed_version_is_written_over_by_the_next_upload(tmp_path):
-    """The file a commit removes is kept as a spare, and the next upload is written into it
-    (its pages are still cached: no new ones to find and zero), cut to the upload's size."""
-    store = WeightStore(tmp_path, 64 << 20, keep_versions=1)
-    _push(store, 1, ["a"])
-    path, _ = receive(store, 2)
-    store.commit({"a": str(path)}, 2)  # v1 goes: it becomes the spare
-    spare = store.spare_dir / "0"
-    assert files(store) == {"v2.safetensors"} and spare.read_bytes() == b"v1"
-    v1, inode = spare.stat().st_ino, path.stat().st_ino
-    _push(store, 3, ["a"])  # written over the spare: v1's file
-    assert (store.weights_dir / "v3.safetensors").stat().st_ino == v1
-    assert (store.weights_dir / "v3.safetensors").read_bytes() == b"v3"
-    assert spare.stat().st_ino == inode  # v2's file (~10 MiB), removed by that commit
-    short = b"x" * 10
-    path4, size = receive(store, 4, short, hashlib.sha256(short).hexdigest())
-    assert (path4.stat().st_ino, path4.read_bytes(), size) == (inode, short, 10)
-    assert not spare.exists()
-    store.commit({"a": str(path4)}, 4)
-    store.reset()
-    assert not store.spare_dir.exists() and files(store) == set()
-
-
 def test_reset_forgets_every_commit(tmp_path):
     store = WeightStore(tmp_path, 64 << 20)
     _push(store, 1, ["a"])
