@@ -132,17 +132,18 @@ def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply
 
     def arrivals():
         for a, b in plan_buckets(sizes, bucket_bytes):
-            base = buffers.take(sum(sizes[a:b]))
-            recv(base[: sum(sizes[a:b])])  # views made for the call alone: none outlives it
-            writer.put(base[: sum(sizes[a:b])], len(prefix) + offsets[a])
-            yield a, b, base
+            n = sum(sizes[a:b])
+            base = buffers.take(n)
+            recv(base[:n])  # views made for the call alone: none outlives it
+            writer.put(base[:n], len(prefix) + offsets[a])
+            yield a, b, base, n
 
     error = None
     try:
-        for a, b, base in prefetched(arrivals()):
+        for a, b, base, n in prefetched(arrivals()):
             if error is None and apply is not None:
                 try:
-                    apply(unpack_bucket(info, a, b, base[: sum(sizes[a:b])]))
+                    apply(unpack_bucket(info, a, b, base[:n]))
                 except Exception as e:
                     error = e
             buffers.give_back(base)
