@@ -136,8 +136,12 @@ def _raw_push(pb2, stub, tensors: dict, version: int):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.safetensors"
         save_file(tensors, str(path))
+        messages = (  # the stock stub's protobuf messages, as any gRPC client sends them
+            m if isinstance(m, pb2.UpdateWeightsRequest) else pb2.UpdateWeightsRequest(chunk=m)
+            for m in _upload_messages(pb2, weights_payload(path), version)
+        )
         stub.UpdateWeights(
-            _upload_messages(pb2, weights_payload(path), version),
+            messages,
             metadata=[("authorization", f"Bearer {API_KEY}")],
         )
 

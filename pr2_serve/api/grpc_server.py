@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from pr2_serve.api.chunk_codec import decode_upload
 from pr2_serve.api.proto import load
 from pr2_serve.api.sample_fields import route_window, sample_fields
 from pr2_serve.api.schemas import MIN_WEIGHT_VERSION, GenerateRequest
@@ -154,7 +155,7 @@ class RolloutServicer(pb2_grpc.RolloutServicer):
             meta = dict(context.invocation_metadata())
             self.service.check_auth(meta.get("authorization"))
             first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("part") != "header":
+            if _part(first) != "header":
                 raise ApiError(
                     400, "invalid_argument", "the first message must be the header", "header"
                 )
@@ -256,9 +257,35 @@ def _validated(model, fields: dict):
 async def _chunks(request_iterator) -> AsyncIterator[bytes]:
     """The upload's bytes: every message after the header must be a chunk."""
     async for m in request_iterator:
-        if m.WhichOneof("part") != "chunk":
+        if isinstance(m, memoryview):  # decoded by decode_upload, without a copy
+            yield m
+        elif _part(m) == "chunk":
+            yield m.chunk
+        else:
             raise ApiError(400, "invalid_argument", "only chunks after the header", "chunk")
-        yield m.chunk
+
+
+def _part(m) -> str | None:
+    """Which part of an upload message ``m`` is (a ``memoryview`` is a chunk's bytes)."""
+    if m is None:
+        return None
+    return "chunk" if isinstance(m, memoryview) else m.WhichOneof("part")
+
+
+class _UploadCodec:
+    """``server`` as the generated registration sees it: ``UpdateWeights`` decodes its
+    messages with :func:`decode_upload` (chunks without protobuf's copies; registered
+    handlers take precedence over the generic one)."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        upload = handlers["UpdateWeights"]._replace(request_deserializer=decode_upload)
+        self._server.add_registered_method_handlers(service, {**handlers, "UpdateWeights": upload})
 
 
 async def start_grpc(service: RolloutService, host: str, port: int):
@@ -269,7 +296,7 @@ async def start_grpc(service: RolloutService, host: str, port: int):
             ("grpc.max_send_message_length", 64 << 20),
         ]
     )
-    pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(service), server)
+    pb2_grpc.add_RolloutServicer_to_server(RolloutServicer(service), _UploadCodec(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE_NAME, ""):

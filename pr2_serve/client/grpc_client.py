@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from pr2_serve.api.chunk_codec import encode_upload
 from pr2_serve.client.common import PROBE_TIMEOUT_S, GenerateResult, ServerError
 from pr2_serve.client.payload import WeightsPayload, weights_payload
 from pr2_serve.core.route_protocol import EncodedRoutes, decode_routes
@@ -28,6 +29,12 @@ class GrpcClient:
         self._grpc = grpc
         self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb2_grpc.RolloutStub(self._channel)
+        service = self._pb2.DESCRIPTOR.services_by_name["Rollout"].full_name
+        self._upload = self._channel.stream_unary(  # chunks encoded without protobuf's copies
+            f"/{service}/UpdateWeights",
+            request_serializer=encode_upload,
+            response_deserializer=self._pb2.UpdateWeightsResponse.FromString,
+        )
         self.api_key, self.timeout = api_key, timeout
 
     def info(self) -> dict:
@@ -90,7 +97,7 @@ class GrpcClient:
         payload = weights_payload(weights, checksum)
         meta = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
         try:
-            res = self._stub.UpdateWeights(
+            res = self._upload(
                 _upload_messages(self._pb2, payload, version), metadata=meta, timeout=self.timeout
             )
         except self._grpc.RpcError as e:
@@ -240,13 +247,13 @@ def _weights_result(res) -> dict:
 
 
 def _upload_messages(pb2, payload: WeightsPayload, version: int) -> Iterator:
+    """The header message, then each chunk's bytes (encoded by :func:`encode_upload`)."""
     yield pb2.UpdateWeightsRequest(
         header=pb2.UpdateWeightsHeader(
             version=version, total_size=payload.size, **{payload.algorithm: payload.digest}
         )
     )
-    for block in payload.chunks(GRPC_CHUNK):
-        yield pb2.UpdateWeightsRequest(chunk=bytes(block))
+    yield from payload.chunks(GRPC_CHUNK)
 
 
 def _info(m) -> dict:
