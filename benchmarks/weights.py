@@ -34,6 +34,7 @@ import time
 from math import nan
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -159,12 +160,25 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
             for way in TRANSPORTS:
                 for side in sides.values():
                     side.update(way, size, timed=k >= args.warmup)
-        return {name: side.medians() for name, side in sides.items()}
+        out = {name: side.medians() for name, side in sides.items()}
+        new = sides["new"].runs
+        out["paired"] = {"new_grpc_vs_new_http": paired_ratio(new["http"], new["grpc"])}
+        return out
     finally:
         for side in sides.values():
             side.pusher.close()
         for srv in servers:
             srv.stop()
+
+
+def paired_ratio(a: list[dict], b: list[dict], n_boot: int = 4000, seed: int = 0) -> dict:
+    """End-to-end MB/s of ``b`` over ``a``, repeat by repeat (the two ran seconds apart in each
+    repeat: the machine's swings between repeats cancel): the median of the per-repeat ratios
+    and its 95 % interval (percentile bootstrap over repeats)."""
+    r = np.array([y["end_to_end_MBps"] / x["end_to_end_MBps"] for x, y in zip(a, b, strict=True)])
+    boots = np.median(np.random.default_rng(seed).choice(r, (n_boot, len(r))), axis=1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return {"median": float(np.median(r)), "ci95": [float(lo), float(hi)], "per_repeat": r.tolist()}
 
 
 def report(results: dict) -> None:
@@ -182,6 +196,9 @@ def report(results: dict) -> None:
             )
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}x")
+    for k, v in results.get("paired", {}).items():
+        lo, hi = v["ci95"]
+        print(f"{k}, paired by repeat: median {v['median']:.2f}x (95% CI {lo:.2f}-{hi:.2f})")
 
 
 def ratios(results: dict) -> dict:

@@ -51,7 +51,19 @@ def render(runs: list[dict]) -> str:
         f"moment ({_moe_layer_mib(runs[-1]['args']):.0f} MiB at {runs[-1]['args']['experts']} "
         "experts, the excess over the bound before).",
     ]
+    paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
+    if paired:
+        lines += ["", "gRPC ÷ HTTP on this tree, paired by repeat: " + "; ".join(paired) + "."]
     return "\n".join(lines)
+
+
+def _paired(res: dict) -> str:
+    p = res["paired"]["new_grpc_vs_new_http"]
+    lo, hi = p["ci95"]
+    return (
+        f"{res['state_dict_MB']:.0f} MB, median {p['median']:.2f}x (95 % interval {lo:.2f}-"
+        f"{hi:.2f}, {len(p['per_repeat'])} repeats)"
+    )
 
 
 def _moe_layer_mib(args: dict) -> float:
