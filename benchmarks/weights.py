@@ -44,6 +44,7 @@ from benchmarks import weights_doc
 from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
+from pr2_serve.client.payload import weights_payload
 from pr2_serve.tiny.tiny_model import make_tiny_model
 from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
@@ -156,11 +157,17 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
             servers.append(srv)
             checksum = "sha256" if name == "baseline" else "xxh128"  # what each side's client sent
             sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20, checksum)
+        writes = []
         for k in range(args.warmup + args.repeats):  # the first ones untimed: warm-up
             for way in TRANSPORTS:
                 for side in sides.values():
                     side.update(way, size, timed=k >= args.warmup)
+            writes.append(file_write(tmp / "writes", state_dict, k))
         out = {name: side.medians() for name, side in sides.items()}
+        out["file_write_MBps"] = {
+            "median": statistics.median(size / s / 1e6 for s in writes[args.warmup :]),
+            "per_repeat": [size / s / 1e6 for s in writes[args.warmup :]],
+        }
         new = sides["new"].runs
         out["paired"] = {"new_grpc_vs_new_http": paired_ratio(new["http"], new["grpc"])}
         return out
@@ -169,6 +176,21 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
             side.pusher.close()
         for srv in servers:
             srv.stop()
+
+
+def file_write(folder: Path, state_dict: dict, k: int, kept: int = 2) -> float:
+    """Seconds to write the version's bytes into a new file on the state directory's disk (as
+    every update writes its version's file; the ``kept`` latest stay, as kept versions do):
+    the rate no update that writes its file before answering can pass on this machine."""
+    folder.mkdir(exist_ok=True)
+    parts = weights_payload(state_dict).parts
+    t = time.perf_counter()
+    with open(folder / f"v{k}.safetensors", "wb") as f:
+        for p in parts:
+            f.write(p)
+    seconds = time.perf_counter() - t
+    (folder / f"v{k - kept}.safetensors").unlink(missing_ok=True)
+    return seconds
 
 
 def paired_ratio(a: list[dict], b: list[dict], n_boot: int = 4000, seed: int = 0) -> dict:
@@ -196,6 +218,9 @@ def report(results: dict) -> None:
             )
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}x")
+    if "file_write_MBps" in results:
+        rate = results["file_write_MBps"]["median"]
+        print(f"a new file of the same bytes written at {rate:.0f} MB/s")
     for k, v in results.get("paired", {}).items():
         lo, hi = v["ci95"]
         print(f"{k}, paired by repeat: median {v['median']:.2f}x (95% CI {lo:.2f}-{hi:.2f})")

@@ -54,6 +54,18 @@ def render(runs: list[dict]) -> str:
     paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
     if paired:
         lines += ["", "gRPC ÷ HTTP on this tree, paired by repeat: " + "; ".join(paired) + "."]
+    writes = [
+        f"{r['state_dict_MB']:.0f} MB at {r['file_write_MBps']['median']:.0f} MB/s"
+        for r in (run["results"] for run in runs)
+        if "file_write_MBps" in r
+    ]
+    if writes:
+        lines += [
+            "",
+            "The same bytes written into a new file on the state directory's disk once per "
+            "repeat, in the same run (every update writes its version's file before it is "
+            "answered, so none passes this rate): " + "; ".join(writes) + ".",
+        ]
     return "\n".join(lines)
 
 
