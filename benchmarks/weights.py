@@ -44,7 +44,7 @@ from benchmarks import weights_doc
 from benchmarks.api import peak_rss_during
 from benchmarks.common import BENCH_SPEC, write_results
 from pr2_serve.client import GrpcClient, HttpClient
-from pr2_serve.client.payload import weights_payload
+from pr2_serve.client.payload import safetensors_parts
 from pr2_serve.tiny.tiny_model import make_tiny_model
 from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 from tests.helpers import API_KEY, start_server
@@ -183,7 +183,7 @@ def file_write(folder: Path, state_dict: dict, k: int, kept: int = 2) -> float:
     every update writes its version's file; the ``kept`` latest stay, as kept versions do):
     the rate no update that writes its file before answering can pass on this machine."""
     folder.mkdir(exist_ok=True)
-    parts = weights_payload(state_dict).parts
+    parts = safetensors_parts(state_dict)  # the body a push sends, not hashed
     t = time.perf_counter()
     with open(folder / f"v{k}.safetensors", "wb") as f:
         for p in parts:

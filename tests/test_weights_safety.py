@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from pr2_serve.api.proto import load
 from pr2_serve.client import GrpcClient, HttpClient, ServerError
 from pr2_serve.server.launch import server_command
-from pr2_serve.service.errors import TYPE_METADATA_KEY
+from pr2_serve.service.errors import FIELD_METADATA_KEY, TYPE_METADATA_KEY
 from tests.helpers import API_KEY
 from tests.helpers import assert_same_samples as assert_same
 
@@ -144,6 +144,35 @@ def _raw_push(pb2, stub, tensors: dict, version: int):
             messages,
             metadata=[("authorization", f"Bearer {API_KEY}")],
         )
+
+
+@pytest.mark.parametrize("order", ["chunk first", "two headers"])
+def test_an_upload_out_of_order_is_invalid_argument_and_changes_nothing(server, http, order):
+    """A chunk before the header, or a second header, is refused naming the part (the chunk
+    decoded without a copy, api/chunk_codec, or the header parsed by the runtime)."""
+    before = http.generate(PROMPTS, **GREEDY)
+    files = sorted(os.listdir(server.state_dir / "weights"))
+    version = before.weight_version + 1
+
+    def messages(pb2):
+        fields = {"version": version, "xxh128": "0" * 32, "total_size": 64}
+        header = pb2.UpdateWeightsRequest(header=pb2.UpdateWeightsHeader(**fields))
+        chunk = pb2.UpdateWeightsRequest(chunk=b"\0" * 64)
+        return iter([chunk, header] if order == "chunk first" else [header, header])
+
+    def call(pb2, stub):
+        meta = [("authorization", f"Bearer {API_KEY}")]
+        stub.UpdateWeights(messages(pb2), metadata=meta)
+
+    pb2, pb2_grpc = load()
+    with grpc.insecure_channel(server.grpc) as ch, pytest.raises(grpc.RpcError) as e:
+        call(pb2, pb2_grpc.RolloutStub(ch))
+    field = dict(e.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field == ("header" if order == "chunk first" else "chunk"), e.value.details()
+    assert http.info()["weight_version"] == before.weight_version
+    assert_same(http.generate(PROMPTS, **GREEDY).samples, before.samples)
+    assert sorted(os.listdir(server.state_dir / "weights")) == files
 
 
 def test_rollback_to_a_kept_version_gives_its_outputs(server, http, rpc):

@@ -6,7 +6,7 @@ https://protobuf.dev/programming-guides/encoding/). Built and parsed through the
 runtime, each chunk is copied into a message, out of it into the serialized bytes (client), and
 again into a message and out of it as ``chunk`` (server): measured on this project's 2-core
 machines, that made gRPC's raw upload cost 0.13-0.41 s of client CPU per 214 MB against
-0.08-0.11 s encoded here. :func:`encode_upload` writes a chunk's encoding in one join and
+0.08-0.14 s encoded here. :func:`encode_upload` writes a chunk's encoding in one join and
 :func:`decode_upload` hands a received chunk on as a view of gRPC's own bytes; the header, and any
 message that is not exactly one chunk field, goes through the runtime as before. The bytes on the
 wire are the same, so any protobuf client or server speaks to these.

@@ -257,12 +257,9 @@ def _validated(model, fields: dict):
 async def _chunks(request_iterator) -> AsyncIterator[bytes]:
     """The upload's bytes: every message after the header must be a chunk."""
     async for m in request_iterator:
-        if isinstance(m, memoryview):  # decoded by decode_upload, without a copy
-            yield m
-        elif _part(m) == "chunk":
-            yield m.chunk
-        else:
+        if _part(m) != "chunk":
             raise ApiError(400, "invalid_argument", "only chunks after the header", "chunk")
+        yield m if isinstance(m, memoryview) else m.chunk  # a view: decoded without a copy
 
 
 def _part(m) -> str | None:
