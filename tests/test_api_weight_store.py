@@ -86,6 +86,51 @@ def test_keeps_the_last_n_versions_and_rolls_back_to_one(tmp_path):
     assert [v for v, _ in store3.kept()] == [6, 5, 4]
 
 
+def test_a_removed_version_is_written_over_by_the_next_upload(tmp_path):
+    """The file a commit removes is kept as a spare, and the next upload is written into it
+    (its pages are still cached: no new ones to find and zero), cut to the upload's size."""
+    store = WeightStore(tmp_path, 64 << 20, keep_versions=1)
+    _push(store, 1, ["a"])
+    path, _ = receive(store, 2)
+    store.commit({"a": str(path)}, 2)  # v1 goes: it becomes the spare
+    spare = store.spare_dir / "0"
+    assert files(store) == {"v2.safetensors"} and spare.read_bytes() == b"v1"
+    v1, inode = spare.stat().st_ino, path.stat().st_ino
+    _push(store, 3, ["a"])  # written over the spare: v1's file
+    assert (store.weights_dir / "v3.safetensors").stat().st_ino == v1
+    assert (store.weights_dir / "v3.safetensors").read_bytes() == b"v3"
+    assert spare.stat().st_ino == inode  # v2's file (~10 MiB), removed by that commit
+    short = b"x" * 10
+    path4, size = receive(store, 4, short, hashlib.sha256(short).hexdigest())
+    assert (path4.stat().st_ino, path4.read_bytes(), size) == (inode, short, 10)
+    assert not spare.exists()
+    store.commit({"a": str(path4)}, 4)
+    store.reset()
+    assert not store.spare_dir.exists() and files(store) == set()
+
+
+def test_a_removed_version_a_reader_maps_is_not_written_over(tmp_path):
+    """A reader that mapped a version's file (``safetensors.load_file``) keeps its tensors
+    after the commit that removes that version: the spare it became is held, so the next
+    upload goes into a new file and the spare is let go (the reader keeps its inode)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    store = WeightStore(tmp_path, 64 << 20, keep_versions=1)
+    blob = tmp_path / "blob.safetensors"
+    save_file({"w": torch.arange(1000.0)}, str(blob))
+    data = blob.read_bytes()
+    path1, _ = receive(store, 1, data, hashlib.sha256(data).hexdigest())
+    store.commit({"w": str(path1)}, 1)
+    mapped = load_file(str(path1))  # its tensors map v1's file
+    _push(store, 2, ["w"])  # v1 goes: its file becomes the spare, still mapped
+    v1 = (store.spare_dir / "0").stat().st_ino
+    path3, _ = receive(store, 3)  # ~10 MiB of other bytes: not over v1's file
+    assert path3.stat().st_ino != v1 and path3.read_bytes() == BLOB
+    assert not (store.spare_dir / "0").exists()
+    assert torch.equal(mapped["w"], torch.arange(1000.0))
+
+
 def test_reset_forgets_every_commit(tmp_path):
     store = WeightStore(tmp_path, 64 << 20)
     _push(store, 1, ["a"])

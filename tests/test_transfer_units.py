@@ -384,6 +384,20 @@ def test_a_failed_write_is_raised_once_every_bucket_is_received(tmp_path):
     assert len(received) == 3 and len(writes) == 1
 
 
+def test_the_transfer_writer_writes_over_a_longer_file_and_cuts_it(tmp_path):
+    """The gloo file writer writes over an existing file (a spare, ``WeightStore.reuse_spare``)
+    without truncating it first, and leaves exactly the version's bytes."""
+    from pr2_serve.transfer import gloo_engine
+
+    path = tmp_path / "f"
+    path.write_bytes(b"\xff" * 100)
+    inode = path.stat().st_ino
+    writer = gloo_engine._Writer(path, b"head", 8)
+    writer.put(torch.arange(8, dtype=torch.uint8), 4)
+    writer.close()
+    assert (path.stat().st_ino, path.read_bytes()) == (inode, b"head" + bytes(range(8)))
+
+
 def test_a_buffer_is_received_into_again_only_once_nothing_holds_it(tmp_path, monkeypatch):
     """Two buffers serve a whole transfer when each bucket is copied out as it loads; a bucket
     whose views the loader keeps (a layer not yet whole) keeps its buffer: never overwritten."""

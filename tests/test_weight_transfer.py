@@ -132,6 +132,20 @@ def test_a_transfer_serves_as_the_same_tensors_pushed(setup, which):
     assert_same(outputs(http), sent)
 
 
+def test_a_transfer_is_written_over_the_file_a_commit_removed(setup):
+    """A version's file that a commit removes becomes the spare the next transfer writes
+    over (``WeightStore.reuse_spare``: its pages are still cached)."""
+    _, http, pusher, state, _ = setup
+    v = http.info()["weight_version"]
+    inodes = []
+    for k in range(1, 5):  # v+3's commit removes v+1's file; v+4 is written into it
+        pusher.push(predictors(50 + k), v + k)
+        record = json.loads((state / "committed.json").read_text())
+        inodes.append((state / "weights" / record["files"][PRED.format(0)]).stat().st_ino)
+    assert len(set(inodes[:3])) == 3 and inodes[3] == inodes[0]
+    assert (state / "spare" / "0").stat().st_ino == inodes[1]  # v+4's commit removed v+2's
+
+
 def test_refused_transfers_leave_the_old_version_serving(setup):
     srv, http, pusher, state, _ = setup
     pusher.push(predictors(20), http.info()["weight_version"] + 1)

@@ -139,13 +139,14 @@ class TransferControl:
             raise ApiError(400, "invalid_argument", str(e), "names") from None
         return info
 
-    def feed(self, info: GlooUpdateInfo, part: Path, final: Path):
+    def feed(self, info: GlooUpdateInfo, part: Path, final: Path, reuse=lambda part: None):
         """The live update's ``(feed, confirm)`` (:meth:`RolloutEngine.apply_live`, on the
         engine thread): the workers receive the broadcast into the model, bucket by bucket, and
-        into ``part``, complete when the receive ends, which ``confirm`` renames ``final``. A
-        bucket that fails its check raises its :class:`WeightValidationError` once the
-        broadcast is over, a full disk 507; a broken transfer closes the group and raises 502.
-        On any failure no file is left."""
+        into ``part`` (``reuse(part)`` first: a spare file put there to write over), complete
+        when the receive ends, which ``confirm`` renames ``final``. A bucket that fails its
+        check raises its :class:`WeightValidationError` once the broadcast is over, a full disk
+        507; a broken transfer closes the group and raises 502. On any failure no file
+        is left."""
         payload = {
             "names": info.names,
             "dtype_names": info.dtype_names,
@@ -155,6 +156,7 @@ class TransferControl:
 
         def run(llm) -> None:
             try:
+                reuse(part)
                 llm.collective_rpc("start_weight_update")
                 llm.collective_rpc("update_weights", args=(payload,))
             except WeightValidationError:

@@ -101,6 +101,7 @@ class StreamedUpload:
     async def _receive(self, chunks, first: asyncio.Future) -> None:
         t0, loop = time.perf_counter(), asyncio.get_running_loop()
         stream, hasher = SafetensorsStream(self.bucket_bytes), BodyHasher(self.checksums)
+        self.store.reuse_spare(self.part)
         writer = HashingWriter(self.part, hasher)
         try:
             async with asyncio.timeout(STALL_S) as clock:

@@ -147,7 +147,8 @@ class WeightUpdates:
 
         async def stage() -> tuple[dict, object, object, int, dict]:
             files, size = dict.fromkeys(info.names, str(final)), sum(info.nbytes())
-            return files, *self.transfer.feed(info, part, final), size, {}
+            feed = self.transfer.feed(info, part, final, self.store.reuse_spare)
+            return files, *feed, size, {}
 
         try:
             return await self._update(version, stage, protocol, f"transfer {info.names[0]}...")

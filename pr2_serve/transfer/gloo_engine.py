@@ -124,8 +124,9 @@ def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply
     ``path`` (a complete safetensors file; None: not written) on the receiving thread, the next
     one while ``apply`` checks and loads one (None: nothing is loaded). So at most two buckets
     exist at once (on the CPU in the same two buffers: :mod:`pr2_serve.core.reused_buffers`),
-    and a disk slower than the wire holds the receive back. The first error ``apply`` or a
-    write raises stops the applying or writing, not the receiving, and is raised at the end."""
+    and a disk slower than the wire holds the receive back (the file is usually a spare written
+    over: a copy into cached pages). The first error ``apply`` or a write raises stops the
+    applying or writing, not the receiving, and is raised at the end."""
     sizes = info.nbytes()
     prefix, offsets = safetensors_layout(info)
     writer, buffers = _Writer(path, prefix, sum(sizes)), ReusedBuffers(device)
@@ -162,7 +163,8 @@ class _Writer:
     def __init__(self, path, prefix: bytes, data_bytes: int) -> None:
         self.fd, self.error = None, None
         if path is not None:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # written over, not truncated: the file may be a spare (``WeightStore.reuse_spare``)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
             os.pwrite(self.fd, prefix, 0)
             os.ftruncate(self.fd, len(prefix) + data_bytes)
 
