@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from pr2_serve.core.body_checksum import xxh128_of
+from pr2_serve.core import safetensors_stream
+from pr2_serve.core.body_checksum import BodyHasher, xxh128_of
 from pr2_serve.core.fingerprint import tensor_digest
 from pr2_serve.core.served_checkpoint import WeightValidationError
 from pr2_serve.engine import bucket_handoff
@@ -21,7 +22,7 @@ from pr2_serve.engine.bucket_handoff import BucketHandoff, UploadStalled
 from pr2_serve.service import streamed_upload
 from pr2_serve.service.errors import ApiError
 from pr2_serve.service.streamed_upload import StreamedUpload
-from pr2_serve.service.weight_store import WeightStore
+from pr2_serve.service.weight_store import HashingWriter, WeightStore
 
 BUCKET = 4096
 
@@ -109,6 +110,37 @@ def test_buckets_are_applied_while_the_body_is_still_arriving(tmp_path):
     final = upload.final
     assert final.read_bytes() == body and files == dict.fromkeys(expected, str(final))
     assert digests == {(str(final), n): tensor_digest(n, t) for n, t in expected.items()}
+
+
+def test_at_most_two_buckets_exist_at_once_even_on_a_slow_disk(tmp_path, monkeypatch):
+    """The engine copies each bucket out as it loads it (as the live update does on the CPU)
+    and the disk writes slowly: a bucket's buffer is let go once applied and written, and the
+    next one is begun only once the one before is handed on, so never more than two exist."""
+    made, alive = [], []
+    bucket_of = safetensors_stream._bucket
+
+    def recorded(data, entries):
+        made.append(data.untyped_storage())  # held by the bucket's views and its buffer
+        return bucket_of(data, entries)
+
+    def held_elsewhere(storage) -> bool:
+        return torch._C._storage_Use_Count(storage._cdata) > 1  # more than ``made``'s
+
+    class CopyingLlm:
+        def collective_rpc(self, fn, args=()):
+            _ = [t.clone() for _, t in args[0]]
+            alive.append(sum(held_elsewhere(storage) for storage in made))
+
+    slow_update = BodyHasher.update
+    monkeypatch.setattr(safetensors_stream, "_bucket", recorded)
+    monkeypatch.setattr(HashingWriter, "BATCH", BUCKET)  # each bucket goes as it is
+    monkeypatch.setattr(BodyHasher, "update", lambda h, b: (time.sleep(0.02), slow_update(h, b)))
+    g = torch.Generator().manual_seed(1)
+    body = save({f"layer.{i}.weight": torch.randn(32, 32, generator=g) for i in range(16)})
+    upload = _upload(tmp_path, body)
+    error, *_ = asyncio.run(_run(upload, _chunks(body, size=3000), CopyingLlm()))
+    assert error is None and len(alive) == 8 and upload.final.read_bytes() == body
+    assert max(alive) <= 2, alive
 
 
 def test_a_bad_checksum_is_raised_on_the_engine_side_after_the_last_bucket(tmp_path):

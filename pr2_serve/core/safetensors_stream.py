@@ -11,7 +11,9 @@ overlap), so the whole body's length is known once the header is in.
 the header's bytes, then buckets of whole tensors in file order (the rule of every path,
 :func:`pr2_serve.transfer.bucket_plan.grouped`: a bucket closes once past ``bucket_bytes``),
 each one buffer of its own that its tensors
-are views of. Nothing is copied but the chunk into its bucket's buffer.
+are views of. Nothing is copied but the chunk into its bucket's buffer. :meth:`~SafetensorsStream.
+pieces` hands them out lazily: the next bucket's buffer is made only when the caller asks for
+more, so one that hands each bucket on before asking holds at most two.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,19 +121,26 @@ class SafetensorsStream:
     def feed(self, chunk) -> list:
         """Take the next ``chunk`` of the body; what it completed, in order. ``ValueError``
         on a malformed header or bytes past the body's end."""
+        return list(self.pieces(chunk))
+
+    def pieces(self, chunk) -> Iterator:
+        """:meth:`feed`, lazily: what ``chunk`` completes, each as soon as it is complete; the
+        rest of ``chunk`` is taken (into a new bucket) only when the next one is asked for."""
         view = memoryview(chunk).cast("B")
         self.received += len(view)
         out: list = []
         if self.layout is None:
             view = self._take_header(view, out)
+        yield from out
         while view.nbytes:
             if not self._plan:
                 raise ValueError(
                     f"the body is longer than its safetensors header describes "
                     f"({self.layout.total} bytes)"
                 )
+            out = []
             view = self._fill(view, out)
-        return out
+            yield from out
 
     @property
     def complete(self) -> bool:

@@ -141,11 +141,7 @@ class StreamedUpload:
         """Feed ``chunk``; hand each bucket it completes to the engine (False: it stopped)."""
         if stream.received + len(chunk) > self.store.max_upload_bytes:
             raise too_large(self.store.max_upload_bytes)
-        try:
-            pieces = stream.feed(chunk)
-        except ValueError as e:
-            raise ApiError(400, "invalid_argument", str(e), "weights") from None
-        for piece in pieces:
+        for piece in _malformed_is_400(stream.pieces(chunk)):  # each handed on before the next
             if isinstance(piece, bytes):  # the header: checked before anything is applied
                 t0 = time.perf_counter()
                 self._layout = self._check(stream.layout)
@@ -179,6 +175,13 @@ class StreamedUpload:
         except ENGINE_ERRORS as e:
             raise from_engine(e) from None
         return layout
+
+
+def _malformed_is_400(pieces):
+    try:
+        yield from pieces
+    except ValueError as e:
+        raise ApiError(400, "invalid_argument", str(e), "weights") from None
 
 
 def _stalled(size: int) -> ApiError:

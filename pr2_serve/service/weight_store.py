@@ -318,7 +318,9 @@ def storage_error(e: OSError) -> ApiError | OSError:
 
 class HashingWriter:
     """Write + hash (``hasher``) on a thread, fed in ~4 MiB batches through a bounded queue (a
-    block that size or larger goes as it is, uncopied)."""
+    block that size or larger goes as it is, uncopied, once everything before it is written:
+    a bucket of a streamed upload is then the only one the writer holds, and a disk slower
+    than the wire holds the receive back instead of buckets piling up in memory)."""
 
     BATCH = 4 << 20
 
@@ -334,23 +336,32 @@ class HashingWriter:
         self._thread.start()
 
     def _run(self) -> None:
+        """Write each block until ``None``, then cut the file to size; after a failure,
+        take and drop the rest (so producers never block), every block marked done."""
         try:
             while (block := self._q.get()) is not None:
-                self._hash.update(block)
-                self._file.write(block)
-            self._file.truncate()
+                try:
+                    if self._error is None:
+                        self._hash.update(block)
+                        self._file.write(block)
+                except BaseException as e:
+                    self._error = e
+                finally:
+                    del block  # let it go before waiting for the next
+                    self._q.task_done()
+            if self._error is None:
+                self._file.truncate()  # written over a longer spare: cut to size
         except BaseException as e:
             self._error = e
-            while self._q.get() is not None:  # drain so producers never block
-                pass
         finally:
             self._file.close()
 
     async def put(self, chunk: bytes) -> None:
         if self._error is not None:  # e.g. the disk filled up: stop reading the upload
             raise self._error
-        if len(chunk) >= self.BATCH:  # a bucket: as it is
+        if len(chunk) >= self.BATCH:  # a bucket: as it is, once the one before is written
             await self._flush()
+            await asyncio.to_thread(self._q.join)
             await asyncio.to_thread(self._q.put, chunk)
             return
         self._buf.append(chunk)
