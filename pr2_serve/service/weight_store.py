@@ -12,8 +12,8 @@ are removed (on start and on each commit).
 The file a removed version leaves is kept as a spare (``spare/``, at most :data:`SPARES`) for
 the next update to write over (:meth:`WeightStore.reuse_spare`): its pages are still in the
 kernel's cache, so writing over them is a copy, where a new file's pages must first be found
-and zeroed (measured here: 214 MB written over a spare in ~22 ms, into a new file 60 ms to
-1.1 s, the slow end on memory the machine had not touched lately). Writers of these files
+and zeroed (``benchmarks/weights.py`` times both; a new file is the slow and variable one where
+the host lends memory again page by page after the guest frees it, as on our machines). Writers of these files
 therefore never truncate on open: they write every byte and set the size at the end. A spare
 is written over only if nobody else has it open or mapped (:mod:`pr2_serve.core.file_lease`):
 a reader that mapped a version's file (``safetensors.load_file``) keeps its bytes, and the
