@@ -13,11 +13,11 @@ The file a removed version leaves is kept as a spare (``spare/``, at most :data:
 the next update to write over (:meth:`WeightStore.reuse_spare`): its pages are still in the
 kernel's cache, so writing over them is a copy, where a new file's pages must first be found
 and zeroed (``benchmarks/weights.py`` times both; a new file is the slow and variable one where
-the host lends memory again page by page after the guest frees it, as on our machines). Writers of these files
-therefore never truncate on open: they write every byte and set the size at the end. A spare
-is written over only if nobody else has it open or mapped (:mod:`pr2_serve.core.file_lease`):
-a reader that mapped a version's file (``safetensors.load_file``) keeps its bytes, and the
-next update then goes into a new file.
+the host lends memory again page by page after the guest frees it, as on our machines).
+Writers of these files therefore never truncate on open: they write every byte and set the
+size at the end. A spare is written over only if nobody else has it open or mapped
+(:mod:`pr2_serve.core.file_lease`): a reader that mapped a version's file
+(``safetensors.load_file``) keeps its bytes, and the next update then goes into a new file.
 
 ``committed.json``: ``{"version": 5, "files": {tensor name: file name}, "source": "push",
 "history": [{"version": 4, "files": {...}, "source": "push"}]}``; ``files`` are the tensors
