@@ -118,9 +118,12 @@ class Side:
         time.sleep(0.2)  # server) starts on a quiet machine, not beside this one's tail
 
     def medians(self) -> dict:
-        return {
-            k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in self.runs.items()
-        }
+        """Per transport, the median of every figure, and the largest peak extra RSS."""
+        out = {}
+        for k, v in self.runs.items():
+            out[k] = {m: statistics.median(r[m] for r in v) for m in v[0]}
+            out[k]["peak_extra_rss_MiB_max"] = max(r["peak_extra_rss_MiB"] for r in v)
+        return out
 
 
 def baseline_tree(ref: str, into: Path) -> Path:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from pr2_serve.core import safetensors_stream
+from pr2_serve.core import reused_buffers
 from pr2_serve.core.body_checksum import BodyHasher, xxh128_of
 from pr2_serve.core.fingerprint import tensor_digest
 from pr2_serve.core.served_checkpoint import WeightValidationError
@@ -115,32 +115,29 @@ def test_buckets_are_applied_while_the_body_is_still_arriving(tmp_path):
 def test_at_most_two_buckets_exist_at_once_even_on_a_slow_disk(tmp_path, monkeypatch):
     """The engine copies each bucket out as it loads it (as the live update does on the CPU)
     and the disk writes slowly: a bucket's buffer is let go once applied and written, and the
-    next one is begun only once the one before is handed on, so never more than two exist."""
-    made, alive = [], []
-    bucket_of = safetensors_stream._bucket
+    next one is begun only once the one before is handed on, so two buffers serve them all."""
 
-    def recorded(data, entries):
-        made.append(data.untyped_storage())  # held by the bucket's views and its buffer
-        return bucket_of(data, entries)
-
-    def held_elsewhere(storage) -> bool:
-        return torch._C._storage_Use_Count(storage._cdata) > 1  # more than ``made``'s
+    made, applied = [], []
+    mapped = reused_buffers.mapped_bytes
 
     class CopyingLlm:
         def collective_rpc(self, fn, args=()):
-            _ = [t.clone() for _, t in args[0]]
-            alive.append(sum(held_elsewhere(storage) for storage in made))
+            applied.append({n: t.clone() for n, t in args[0]})
 
     slow_update = BodyHasher.update
-    monkeypatch.setattr(safetensors_stream, "_bucket", recorded)
+    monkeypatch.setattr(reused_buffers, "mapped_bytes", lambda n: made.append(n) or mapped(n))
     monkeypatch.setattr(HashingWriter, "BATCH", BUCKET)  # each bucket goes as it is
     monkeypatch.setattr(BodyHasher, "update", lambda h, b: (time.sleep(0.02), slow_update(h, b)))
     g = torch.Generator().manual_seed(1)
-    body = save({f"layer.{i}.weight": torch.randn(32, 32, generator=g) for i in range(16)})
+    tensors = {f"layer.{i}.weight": torch.randn(32, 32, generator=g) for i in range(16)}
+    body = save(tensors)
     upload = _upload(tmp_path, body)
     error, *_ = asyncio.run(_run(upload, _chunks(body, size=3000), CopyingLlm()))
-    assert error is None and len(alive) == 8 and upload.final.read_bytes() == body
-    assert max(alive) <= 2, alive
+    assert error is None and len(applied) == 8 and upload.final.read_bytes() == body
+    got = {n: t for bucket in applied for n, t in bucket.items()}
+    assert got.keys() == tensors.keys()
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())  # no bucket written over
+    assert 1 <= len(made) <= 2, made  # 8 buckets
 
 
 def test_a_bad_checksum_is_raised_on_the_engine_side_after_the_last_bucket(tmp_path):

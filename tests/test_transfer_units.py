@@ -401,18 +401,19 @@ def test_the_transfer_writer_writes_over_a_longer_file_and_cuts_it(tmp_path):
 def test_a_buffer_is_received_into_again_only_once_nothing_holds_it(tmp_path, monkeypatch):
     """Two buffers serve a whole transfer when each bucket is copied out as it loads; a bucket
     whose views the loader keeps (a layer not yet whole) keeps its buffer: never overwritten."""
+    from pr2_serve.core import reused_buffers
     from pr2_serve.transfer import gloo_engine
 
-    n, empty = 10, torch.empty
+    n, mapped = 10, reused_buffers.mapped_bytes
     info = GlooUpdateInfo(
         names=[f"t{i}" for i in range(n)], dtype_names=["uint8"] * n, shapes=[[8]] * n
     )
 
     def run(apply) -> int:
         fill, made = iter(range(n)), []
-        monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(1) or empty(*a, **k))
+        monkeypatch.setattr(reused_buffers, "mapped_bytes", lambda k: made.append(k) or mapped(k))
         gloo_engine.receive_and_apply(lambda buf: buf.fill_(next(fill)), info, 1, None, apply)
-        monkeypatch.setattr(torch, "empty", empty)
+        monkeypatch.setattr(reused_buffers, "mapped_bytes", mapped)
         return len(made)
 
     assert run(lambda pairs: [t.clone() for _, t in pairs]) == 2

@@ -10,10 +10,12 @@ overlap), so the whole body's length is known once the header is in.
 :class:`SafetensorsStream` is fed the body in chunks of any size and hands back what is complete:
 the header's bytes, then buckets of whole tensors in file order (the rule of every path,
 :func:`pr2_serve.transfer.bucket_plan.grouped`: a bucket closes once past ``bucket_bytes``),
-each one buffer of its own that its tensors
-are views of. Nothing is copied but the chunk into its bucket's buffer. :meth:`~SafetensorsStream.
-pieces` hands them out lazily: the next bucket's buffer is made only when the caller asks for
-more, so one that hands each bucket on before asking holds at most two.
+each one buffer that its tensors are views of. Nothing is copied but the chunk into its
+bucket's buffer. :meth:`~SafetensorsStream.pieces` hands them out lazily: the next bucket's
+buffer is taken only when the caller asks for more, so one that hands each bucket on before
+asking holds at most two; a buffer nothing holds any more is filled again
+(:mod:`pr2_serve.core.reused_buffers`), and the ones not in use are let go once the last bucket
+is begun.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pr2_serve.core.reused_buffers import ReusedBuffers
 from pr2_serve.transfer.bucket_plan import grouped
 
 __all__ = ["Bucket", "Entry", "Layout", "SafetensorsStream", "parse_header"]
@@ -116,6 +119,7 @@ class SafetensorsStream:
         self._head = bytearray()
         self._plan: list[list[Entry]] = []
         self._bucket: torch.Tensor | None = None  # the bucket being filled
+        self._buffers = ReusedBuffers()
         self._filled = 0
 
     def feed(self, chunk) -> list:
@@ -171,7 +175,8 @@ class SafetensorsStream:
         entries = self._plan[0]
         size = entries[-1].end - entries[0].begin
         if self._bucket is None:
-            self._bucket, self._filled = torch.empty(size, dtype=torch.uint8), 0
+            base = self._buffers.take(size, last=len(self._plan) == 1)
+            self._bucket, self._filled = base[:size], 0
         take = min(size - self._filled, view.nbytes)
         memoryview(self._bucket.numpy())[self._filled : self._filled + take] = view[:take]
         self._filled += take

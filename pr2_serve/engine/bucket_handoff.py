@@ -86,6 +86,7 @@ def handoff_feed(handoff: BucketHandoff, stall_s: float) -> Callable:
         try:
             while (item := _taken(handoff, stall_s)) is not ALL_BUCKETS:
                 llm.collective_rpc(_apply_bucket, args=(item,))
+                del item  # applied: let go before the next is taken (its buffer is reused)
         except BaseException:
             handoff.close()
             raise

@@ -16,10 +16,12 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "grouped", "pair_nbytes", "plan_buckets", "te
 T = TypeVar("T")
 
 DEFAULT_BUCKET_BYTES = 16 << 20
-"""Packed bucket size: each end holds two or three buffers of about this size. Under glibc's
-largest mmap threshold (32 MiB), so a buffer freed is reused by the next one from the heap
-instead of being mapped anew and page-faulted in (64 MiB buckets cost ~20% of the end-to-end
-rate of a transfer here: ``benchmarks/weights.py``)."""
+"""Packed bucket size: each end holds two or three buffers of about this size. The sender packs
+each bucket anew (vLLM's ``pack_tensors``): under glibc's largest mmap threshold (32 MiB) a
+buffer freed is reused by the next one from the heap instead of being mapped anew and
+page-faulted in (64 MiB buckets cost ~20% of the end-to-end rate of a transfer here, measured
+with ``benchmarks/weights.py`` while the receiver still did the same; it now receives into two
+mappings of its own, reused: :mod:`pr2_serve.core.reused_buffers`)."""
 
 
 def tensor_nbytes(shape, dtype: torch.dtype) -> int:

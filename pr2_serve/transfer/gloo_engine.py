@@ -132,22 +132,23 @@ def receive_and_apply(recv, info: GlooUpdateInfo, bucket_bytes: int, path, apply
     writer, buffers = _Writer(path, prefix, sum(sizes)), ReusedBuffers(device)
 
     def arrivals():
-        for a, b in plan_buckets(sizes, bucket_bytes):
+        plan = plan_buckets(sizes, bucket_bytes)
+        for a, b in plan:
             n = sum(sizes[a:b])
-            base = buffers.take(n)
-            recv(base[:n])  # views made for the call alone: none outlives it
-            writer.put(base[:n], len(prefix) + offsets[a])
-            yield a, b, base, n
+            buf = buffers.take(n, last=b == plan[-1][1])[:n]  # in use while a view is alive
+            recv(buf)
+            writer.put(buf, len(prefix) + offsets[a])
+            yield a, b, buf
 
     error = None
     try:
-        for a, b, base, n in prefetched(arrivals()):
+        for a, b, buf in prefetched(arrivals()):
             if error is None and apply is not None:
                 try:
-                    apply(unpack_bucket(info, a, b, base[:n]))
+                    apply(unpack_bucket(info, a, b, buf))
                 except Exception as e:
                     error = e
-            buffers.give_back(base)
+            del buf  # applied: its buffer is received into again (if the loader kept no view)
     except BaseException:
         writer.close(raise_error=False)  # the receive's own error, not a write's
         raise
