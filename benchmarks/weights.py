@@ -36,6 +36,7 @@ from math import nan
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -56,7 +57,8 @@ TRANSPORTS = ("http", "grpc", "gloo", "load")
 
 
 def one_update(srv, http, send, version: int, size: int) -> dict:
-    """``send(version)``, then a generate on the new version; MB/s, split, peak extra RSS."""
+    """``send(version)``, then a generate on the new version; MB/s, split, the server's RSS
+    before and its peak extra RSS during."""
 
     def update():
         res = send(version)
@@ -64,6 +66,7 @@ def one_update(srv, http, send, version: int, size: int) -> dict:
         assert s.weight_version == version, s.weight_version
         return res
 
+    before = psutil.Process(srv.proc.pid).memory_info().rss / 2**20
     t = time.perf_counter()
     res, rss = peak_rss_during(srv.proc.pid, update)
     wall = time.perf_counter() - t
@@ -76,6 +79,8 @@ def one_update(srv, http, send, version: int, size: int) -> dict:
         "canary_s": res.get("canary_seconds", nan),
         "server_s": res["seconds"],
         "peak_extra_rss_MiB": rss,
+        "rss_before_MiB": before,  # what the server held between updates
+        "peak_rss_MiB": before + rss,
     }
 
 
@@ -222,7 +227,8 @@ def report(results: dict) -> None:
                 f"{which} {name} ({size:.0f} MB): end-to-end {r['end_to_end_MBps']:.0f} MB/s "
                 f"({r['end_to_end_s']:.2f} s), receive {r['receive_MBps']:.0f} MB/s, check "
                 f"{r['check_s']:.2f} s, apply {r['apply_s']:.2f} s, canary {r['canary_s']:.2f} s, "
-                f"server {r['server_s']:.2f} s, peak extra RSS {r['peak_extra_rss_MiB']:.0f} MiB"
+                f"server {r['server_s']:.2f} s, peak extra RSS {r['peak_extra_rss_MiB']:.0f} MiB "
+                f"over {r.get('rss_before_MiB', nan):.0f} MiB before"
             )
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}x")

@@ -54,6 +54,16 @@ def render(runs: list[dict]) -> str:
         "reused within an update and let go, memory and all, from its last bucket on: "
         "allocated per bucket on the heap, they left the 1.07 GB rows over the bound before.",
     ]
+    held = [
+        _held(run["results"]) for run in runs if "rss_before_MiB" in run["results"]["new"]["http"]
+    ]
+    if held:
+        lines += [
+            "",
+            "The server's RSS just before an update (medians; its peak is this + the extra): "
+            + "; ".join(held)
+            + " (no bucket buffer is kept between updates: they go with the last bucket).",
+        ]
     paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
     if paired:
         lines += ["", "gRPC ÷ HTTP on this tree, paired by repeat: " + "; ".join(paired) + "."]
@@ -72,6 +82,13 @@ def render(runs: list[dict]) -> str:
             "nobody else holds it): " + "; ".join(writes) + ".",
         ]
     return "\n".join(lines)
+
+
+def _held(res: dict) -> str:
+    ways = ", ".join(
+        f"{way} {res['new'][way]['rss_before_MiB']:.0f}" for way in TRANSPORTS if way in res["new"]
+    )
+    return f"{res['state_dict_MB']:.0f} MB: {ways} MiB"
 
 
 def _paired(res: dict) -> str:
