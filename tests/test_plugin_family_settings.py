@@ -87,3 +87,26 @@ def test_gpt_oss_is_refused_with_one_line_naming_the_reason():
     assert "\n" not in reason
     for arch in ("PR2Glm4MoeForCausalLM", "PR2DeepseekV3ForCausalLM", "PR2Qwen3MoeForCausalLM"):
         assert architecture_problem(arch) is None
+
+
+@pytest.mark.parametrize(
+    "config, dtype, amx, backend",
+    [
+        ({"kv_lora_rank": 512}, "float32", True, "CPU_MLA"),  # vLLM would take AMX_MLA: fails
+        ({"kv_lora_rank": 512}, torch.float32, True, "CPU_MLA"),
+        ({"kv_lora_rank": 512}, "bfloat16", True, None),  # AMX MLA packs bf16: vLLM's choice
+        ({"kv_lora_rank": 512}, "float32", False, None),  # no AMX: vLLM takes CPU_MLA itself
+        ({"kv_lora_rank": None}, "float32", True, None),  # no latent KV: not MLA
+        ({}, "float32", True, None),
+    ],
+)
+def test_an_fp32_mla_model_on_an_amx_cpu_gets_the_reference_mla_backend(
+    config, dtype, amx, backend
+):
+    """vLLM 0.32's CPU platform prefers its AMX MLA backend whenever the CPU has AMX tiles; its
+    weight packing refuses fp32 at load. (On an AMX host the MLA tests of
+    ``test_plugin_grouped_families.py`` run the whole path.)"""
+    from pr2_serve.engine.vllm_setup import cpu_mla_backend
+
+    got = cpu_mla_backend(config, dtype, amx)
+    assert got == ({} if backend is None else {"attention_backend": backend})

@@ -60,6 +60,8 @@ def build_llm_engine(
     tp = int(engine_kwargs.get("tensor_parallel_size", 1))
     if max_model_len is None:
         max_model_len = min(int(config.get("max_position_embeddings", 4096)), 4096)
+    if on_cpu and not {"attention_backend", "attention_config"} & engine_kwargs.keys():
+        engine_kwargs.update(cpu_mla_backend(config, dtype, _cpu_has_amx()))
     args = EngineArgs(
         model=model_dir,
         dtype=dtype,
@@ -82,6 +84,25 @@ def build_llm_engine(
         **engine_kwargs,
     )
     return LLMEngine.from_engine_args(args)
+
+
+def cpu_mla_backend(config: dict, dtype, amx: bool) -> dict[str, str]:
+    """The attention backend to ask vLLM for on the CPU (``{}``: vLLM's choice). vLLM 0.32's CPU
+    platform takes its AMX MLA backend for every MLA model (DeepSeek-V2/V3 style:
+    ``kv_lora_rank`` in the config) whenever the CPU has AMX tiles, and that backend packs its
+    weights for bf16/fp16/int8/fp8 only: an fp32 model fails while loading ("expect weight to
+    be bfloat16, ..."). Such a model gets vLLM's reference ``CPU_MLA`` backend instead."""
+    fp32 = str(dtype).removeprefix("torch.") in ("float32", "float")
+    mla = config.get("kv_lora_rank") is not None
+    return {"attention_backend": "CPU_MLA"} if amx and mla and fp32 else {}
+
+
+def _cpu_has_amx() -> bool:
+    import torch
+    from vllm.platforms import CpuArchEnum, current_platform
+
+    x86 = current_platform.get_cpu_architecture() == CpuArchEnum.X86
+    return x86 and torch.cpu._is_amx_tile_supported()
 
 
 def engine_info(llm, config: dict, model_dir: str, plugin: bool) -> EngineInfo:
