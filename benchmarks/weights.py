@@ -164,7 +164,8 @@ def measure(model, tmp: Path, trees: dict, state_dict: dict, size: int, args) ->
         for name, tree in trees.items():
             srv, drop = serve(model, tmp, name, tree)
             servers.append(srv)
-            checksum = "sha256" if name == "baseline" else "xxh128"  # what each side's client sent
+            # what each side's client sends (the default baseline predates xxh128)
+            checksum = args.baseline_checksum if name == "baseline" else "xxh128"
             sides[name] = Side(srv, state_dict, drop, args.bucket_mib << 20, checksum)
         writes = []
         for k in range(args.warmup + args.repeats):  # the first ones untimed: warm-up
@@ -265,6 +266,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed updates per transport first")
     ap.add_argument("--bucket-mib", type=int, default=DEFAULT_BUCKET_BYTES >> 20)
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git ref of the baseline server")
+    ap.add_argument(
+        "--baseline-checksum",
+        default="sha256",
+        choices=["sha256", "xxh128"],
+        help="the baseline's upload checksum (xxh128: a baseline that takes it, for an A/B)",
+    )
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--out", default="benchmarks/results/weights.json")
     ap.add_argument("--workdir", default="runs", help="model + server state (a fast disk)")

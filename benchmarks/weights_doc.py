@@ -62,7 +62,11 @@ def render(runs: list[dict]) -> str:
             "",
             "The server's RSS just before an update (medians; its peak is this + the extra): "
             + "; ".join(held)
-            + " (no bucket buffer is kept between updates: they go with the last bucket).",
+            + ". No bucket buffer is kept between updates (they go with the last bucket); the "
+            "old values the undo held are (`pr2_serve/plugin/spare_storage.py`: the next "
+            "update's new tensors are made in them, where fresh memory was faulted in page by "
+            "page), so the undo's memory is counted before an update, not in its extra (the "
+            "baseline's RSS before its updates alongside).",
         ]
     paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
     if paired:
@@ -85,10 +89,17 @@ def render(runs: list[dict]) -> str:
 
 
 def _held(res: dict) -> str:
-    ways = ", ".join(
-        f"{way} {res['new'][way]['rss_before_MiB']:.0f}" for way in TRANSPORTS if way in res["new"]
-    )
-    return f"{res['state_dict_MB']:.0f} MB: {ways} MiB"
+    sides = [
+        f"{side} "
+        + ", ".join(
+            f"{way} {res[side][way]['rss_before_MiB']:.0f}"
+            for way in TRANSPORTS
+            if way in res[side]
+        )
+        for side in ("new", "baseline")
+        if side in res and "rss_before_MiB" in res[side]["http"]
+    ]
+    return f"{res['state_dict_MB']:.0f} MB: {'; '.join(sides)} MiB"
 
 
 def _paired(res: dict) -> str:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from pr2_serve.core.served_checkpoint import CanaryError, NonFiniteWeightsError
 from pr2_serve.engine.rollout_engine import RolloutEngine, Sampling
 from pr2_serve.plugin.live_update import LiveUpdate, buckets_of, prefetched, unit_of
+from pr2_serve.plugin.spare_storage import SpareStorage
 from pr2_serve.tiny.tiny_model import make_tiny_model
 
 PROMPTS = [[5, 6, 7], list(range(40, 80)), [200, 1, 2, 3, 4, 5, 6, 7, 8]]
@@ -73,10 +74,11 @@ def test_prefetched_stops_its_producer_when_the_consumer_leaves():
 
 
 # -- on a toy model of CPU MoE layers -------------------------------------------------------------
-def toy_moe_model(layers: int, seen: list, before: list) -> torch.nn.Module:
-    """``layers`` MoE layers whose experts' prepack (as the CPU one: new tensors registered in
-    place of the loaded ones) appends to ``seen`` how many of ``before`` (weak references to
-    the tensors the model had before the update) are still alive."""
+def toy_moe_model(layers: int, seen: list, before: list, replace: bool = True) -> torch.nn.Module:
+    """``layers`` MoE layers whose experts' prepack (as vLLM's CPU one: new tensors registered
+    in place of the loaded ones; ``replace=False``: in place, as ours) appends to ``seen`` how
+    many of ``before`` (weak references to the tensors the model had before the update) are
+    still alive."""
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
     from vllm.model_executor.utils import replace_parameter
@@ -87,7 +89,7 @@ def toy_moe_model(layers: int, seen: list, before: list) -> torch.nn.Module:
 
         def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
             seen.append(sum(r() is not None for r in before))
-            for name in ("w13_weight", "w2_weight"):
+            for name in ("w13_weight", "w2_weight") if replace else ():
                 replace_parameter(layer, name, getattr(layer, name).detach().clone())
 
     kernel = SimpleNamespace(fused_experts=Prepack())
@@ -161,6 +163,38 @@ def test_a_bucket_is_let_go_once_loaded_and_the_undo_copies_nothing():
     assert kept == {ptr for ptr, _ in old.values()}  # the prepack's stand-ins: the old storage
     assert update.abort()
     assert all(torch.equal(p, old[n][1]) for n, p in model.named_parameters())
+
+
+@pytest.mark.vllm
+def test_an_update_is_made_in_the_storage_the_last_committed_one_let_go_of():
+    """On the CPU the old data a committed update swapped out is where the next update's
+    tensors are made (no new memory per update, none faulted in); the values are the update's,
+    and an abort still restores the ones before."""
+    from vllm.model_executor.model_loader.reload.layerwise import record_metadata_for_reloading
+
+    model = toy_moe_model(2, [], [], replace=False)
+    record_metadata_for_reloading(model)
+    spare, first = SpareStorage(), {n: p.data_ptr() for n, p in model.named_parameters()}
+
+    def update(seed: int) -> tuple[LiveUpdate, dict]:
+        g = torch.Generator().manual_seed(seed)
+        new = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+        session = LiveUpdate(model, None, undo_limit=1 << 30, spare=spare)
+        for name, t in new.items():
+            session.apply([(name, t)])
+        session.finish([])
+        return session, new
+
+    session, v1 = update(1)
+    assert not set(first.values()) & {p.data_ptr() for p in model.parameters()}
+    session.commit()
+    assert spare.nbytes == sum(p.numel() * p.element_size() for p in model.parameters())
+    session, v2 = update(2)
+    assert {p.data_ptr() for p in model.parameters()} == set(first.values())  # any layer's
+    assert all(torch.equal(p, v2[n]) for n, p in model.named_parameters())
+    assert spare.nbytes == 0
+    assert session.abort()
+    assert all(torch.equal(p, v1[n]) for n, p in model.named_parameters())
 
 
 # -- on a real engine ----------------------------------------------------------------------------

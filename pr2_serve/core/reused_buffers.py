@@ -29,7 +29,7 @@ import mmap
 
 import torch
 
-__all__ = ["ReusedBuffers", "held_only_here", "mapped_bytes"]
+__all__ = ["ReusedBuffers", "held_only_here", "mapped_bytes", "storage_holders"]
 
 
 class ReusedBuffers:
@@ -74,7 +74,14 @@ def mapped_bytes(nbytes: int) -> torch.Tensor:
 
 def held_only_here(base: torch.Tensor) -> bool:
     """Nothing but ``base`` itself holds its memory (no view of it is alive anywhere)."""
-    try:  # the tensor's reference + the storage object made for asking
-        return torch._C._storage_Use_Count(base.untyped_storage()._cdata) <= 2
-    except AttributeError:  # another torch: never give out again rather than guess
-        return False
+    holders = storage_holders(base.untyped_storage())  # the tensor + the storage object asked
+    return holders is not None and holders <= 2
+
+
+def storage_holders(storage: torch.UntypedStorage) -> int | None:
+    """How many tensors and storage objects (``storage`` itself included) hold its memory;
+    None on a torch that cannot say (then never give it out again rather than guess)."""
+    try:
+        return torch._C._storage_Use_Count(storage._cdata)
+    except AttributeError:
+        return None

@@ -20,7 +20,9 @@ its modules' other attributes (on the CPU build a linear layer's packed weights 
 ``cpu_linear`` closure, which a reload replaces; the saved closure keeps the old one). :meth:`abort`
 puts the kept tensors back into the layers not yet processed and restores the saved units: the
 model is bit for bit what it was. Past ``undo_limit`` nothing more is saved and ``abort`` returns
-False: the caller reloads the files of the version served before (they are durable).
+False: the caller reloads the files of the version served before (they are durable). Once the
+update is committed, the old storage the undo kept is the next update's spare storage
+(:mod:`pr2_serve.plugin.spare_storage`: its new tensors are made in it, no memory faulted in).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from pr2_serve.core.served_checkpoint import check_finite
+from pr2_serve.plugin.spare_storage import SpareStorage
 from pr2_serve.plugin.swap_reload import copies_in_place, install, process_partial
 from pr2_serve.plugin.weights import quiet_live_logs, redo_cpu_moe_prepack
 from pr2_serve.transfer.bucket_plan import grouped, pair_nbytes
@@ -73,6 +76,7 @@ class _Saved:
         self.module = module
         self.params, self.buffers = _kernel_tensors(module)
         self.attrs = {k: v for k, v in vars(module).items() if k not in SKIPPED}
+        self.stand_ins: list[torch.Tensor] = []  # old values standing in for replaced tensors
         named = [*self.params.items(), *self.buffers.items()]
         # (tensor, its old values, whether those are a copy): a swapping layer's old data is
         # never written (its new data is swapped in), so keeping a reference to it is enough
@@ -100,6 +104,7 @@ class _Saved:
                 stand = torch.nn.Parameter(old, False) if isinstance(t, torch.nn.Parameter) else old
                 vars(stand).update(vars(t))  # the loader and flags the old tensor carried
                 kept[name] = stand
+                self.stand_ins.append(stand)
         self.values = [v for v in self.values if id(v[0]) in copies]
 
     def restore(self) -> None:
@@ -149,11 +154,25 @@ class Undo:
             saved.restore()
         return self.complete
 
+    def old_values(self) -> list[torch.Tensor]:
+        """Every old value kept (once the update is committed, no longer the model's)."""
+        return [
+            old
+            for saved in self.saved
+            for old in [*(old for _, old, _ in saved.values), *saved.stand_ins]
+        ]
+
 
 class LiveUpdate:
     """One update of the live model (see module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, model_config, undo_limit: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config,
+        undo_limit: int,
+        spare: SpareStorage | None = None,
+    ) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
         self.model, self.model_config = model, model_config
@@ -162,7 +181,8 @@ class LiveUpdate:
         self.units: set[str] = set()
         self.loaded: set[str] = set()
         initialize_layerwise_reload(model)
-        self.swapping = install(model)
+        self.spare = spare or SpareStorage()
+        self.swapping = install(model, self.spare)
         self.undo = Undo(undo_limit, self.swapping)
 
     def apply(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
@@ -212,6 +232,11 @@ class LiveUpdate:
         _abort_layerwise(self.model)
         return self.undo.restore()
 
+    def commit(self) -> None:
+        """The update stays: the old values the undo kept are the next update's spare storage."""
+        self.spare.keep(self.undo.old_values())
+        self.undo = Undo(0, self.swapping)
+
 
 def _abort_layerwise(model: torch.nn.Module) -> None:
     """Stop a layerwise reload half-way: every layer not yet processed gets its own tensors
@@ -234,13 +259,15 @@ def _abort_layerwise(model: torch.nn.Module) -> None:
 
 # -- the worker's side of an update (``collective_rpc`` with these functions: ``worker`` first) --
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LiveUpdate
+_SPARES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its SpareStorage
 
 
 def live_begin(worker, undo_limit: int) -> None:
     """Start an update session on this worker's model."""
     runner = worker.model_runner
     model = runner.get_model()
-    _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit)
+    spare = _SPARES.setdefault(model, SpareStorage())
+    _SESSIONS[model] = LiveUpdate(model, runner.model_config, undo_limit, spare)
 
 
 def live_session(model: torch.nn.Module | None) -> LiveUpdate | None:
@@ -288,8 +315,10 @@ def live_abort(worker) -> bool:
 
 
 def live_end(worker) -> None:
-    """The update is committed: drop its undo."""
-    _SESSIONS.pop(worker.model_runner.get_model(), None)
+    """The update is committed: its undo becomes the next update's spare storage."""
+    session = _SESSIONS.pop(worker.model_runner.get_model(), None)
+    if session is not None:
+        session.commit()
 
 
 def buckets_of(pairs: Iterable, bucket_bytes: int):

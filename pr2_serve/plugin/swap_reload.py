@@ -10,9 +10,10 @@ of its old values all exist at once.
 On the CPU nothing captured those pointers, and a *swapping* layer (:func:`swaps`) takes two
 shortcuts, installed by :func:`install` over vLLM's loaders:
 
-- **load as it arrives**: the layer is materialised at its first tensor and each tensor loaded
-  into it at once (vLLM's own loader, counted as vLLM counts it): a received bucket is let go
-  of when loaded, not held until its layer is complete;
+- **load as it arrives**: the layer is materialised at its first tensor (in the storage the
+  last committed update let go of, where it fits: :mod:`pr2_serve.plugin.spare_storage`) and
+  each tensor loaded into it at once (vLLM's own loader, counted as vLLM counts it): a received
+  bucket is let go of when loaded, not held until its layer is complete;
 - **swap, not copy**: the processed layer's tensors become the kernel tensors' data
   (``kernel.data = new``): the kernel tensor objects stay (whoever holds one sees the new
   values) and their old data, untouched, is the undo's copy of them (no copy is made).
@@ -27,6 +28,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+from pr2_serve.plugin.spare_storage import SpareStorage
 
 __all__ = ["copies_in_place", "install", "process_partial", "swaps"]
 
@@ -60,14 +63,15 @@ def copies_in_place(layer: torch.nn.Module, name: str, swapping: set[int]) -> bo
     return id(layer) not in swapping or name in SKIP_TENSORS
 
 
-def install(model: torch.nn.Module) -> set[int]:
+def install(model: torch.nn.Module, spare: SpareStorage | None = None) -> set[int]:
     """Give every swapping layer of ``model`` (just set up by ``initialize_layerwise_reload``)
-    the loaders that load as they arrive; the ids of those layers."""
-    swapping = set()
+    the loaders that load as they arrive (into ``spare`` storage where it fits); the ids of
+    those layers."""
+    swapping, spare = set(), spare or SpareStorage()
     for layer in model.modules():
         if swaps(layer):
             swapping.add(id(layer))
-            _wrap(layer)
+            _wrap(layer, spare)
     return swapping
 
 
@@ -82,7 +86,7 @@ def process_partial(model: torch.nn.Module, swapping: set[int]) -> None:
             _process(layer, info)
 
 
-def _wrap(layer: torch.nn.Module) -> None:
+def _wrap(layer: torch.nn.Module, spare: SpareStorage) -> None:
     from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
     from vllm.model_executor.model_loader.reload.meta import SKIP_LOAD_TENSORS
     from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
@@ -92,14 +96,14 @@ def _wrap(layer: torch.nn.Module) -> None:
             continue
         loader = getattr(tensor, "weight_loader", None)
         if not getattr(loader, "_pr2_eager", False):
-            tensor.weight_loader = _eager_loader(layer, name, _get_original_loader(tensor))
+            tensor.weight_loader = _eager_loader(layer, name, _get_original_loader(tensor), spare)
 
 
-def _eager_loader(layer: torch.nn.Module, name: str, original):
+def _eager_loader(layer: torch.nn.Module, name: str, original, spare: SpareStorage):
     """``original`` loading into the materialised ``layer`` at once; the layer processed and
     swapped in when its count is complete."""
     from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
-    from vllm.model_executor.model_loader.reload.meta import get_numel_loaded, materialize_layer
+    from vllm.model_executor.model_loader.reload.meta import get_numel_loaded
     from vllm.model_executor.model_loader.reload.utils import get_layer_size
 
     info = get_layerwise_info(layer)
@@ -108,8 +112,8 @@ def _eager_loader(layer: torch.nn.Module, name: str, original):
     def loader(*args, **kwargs):
         if not info.can_load():
             return None  # a loader loading twice after its layer was processed, as vLLM's
-        materialize_layer(layer, info)
-        _wrap(layer)  # a tensor registered late (vLLM re-wraps too)
+        _materialize(layer, info, spare)
+        _wrap(layer, spare)  # a tensor registered late (vLLM re-wraps too)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         bound.arguments["param"] = getattr(layer, name)  # the caller may hold the meta one
@@ -125,6 +129,19 @@ def _eager_loader(layer: torch.nn.Module, name: str, original):
     loader.__wrapped__ = original
     loader._pr2_eager = True
     return loader
+
+
+def _materialize(layer: torch.nn.Module, info, spare: SpareStorage) -> None:
+    """vLLM's ``materialize_layer``, each tensor made by ``spare``."""
+    from vllm.model_executor.model_loader.reload.meta import SKIP_MODULES, SKIP_TENSORS
+    from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
+
+    if layer.__class__.__name__ in SKIP_MODULES:
+        return
+    with info.restore_device:
+        for name, tensor in get_layer_tensors(layer).items():
+            if name not in SKIP_TENSORS and tensor.is_meta:
+                setattr(layer, name, spare.like(tensor))
 
 
 def _process(layer: torch.nn.Module, info) -> None:
