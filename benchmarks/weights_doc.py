@@ -31,7 +31,7 @@ def render(runs: list[dict]) -> str:
     """The block's markdown for the results files' contents ``runs``."""
     lines = [
         "| checkpoint | transport | end to end, MB/s | baseline, MB/s | new ÷ baseline | "
-        "peak extra RSS, MiB (largest) | bound, MiB |",
+        "peak RSS over the server's before its first update, MiB (largest) | bound, MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -65,8 +65,8 @@ def render(runs: list[dict]) -> str:
             + ". No bucket buffer is kept between updates (they go with the last bucket); the "
             "old values the undo held are (`pr2_serve/plugin/spare_storage.py`: the next "
             "update's new tensors are made in them, where fresh memory was faulted in page by "
-            "page), so the undo's memory is counted before an update, not in its extra (the "
-            "baseline's RSS before its updates alongside).",
+            "page), so the RSS before an update includes them (the baseline's alongside) and "
+            "the table counts the peak from the server's RSS before its first update.",
         ]
     paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
     if paired:
@@ -130,8 +130,8 @@ def _rows(args: dict, res: dict) -> list[str]:
         bound = (size * 1e6 + 2 * bucket) / 2**20
         goal = GOALS.get(way) if size < 500 else None
         mark = "" if goal is None else (" ✓" if mbps >= goal else f" (goal {goal})")
-        rss, most = new[way]["peak_extra_rss_MiB"], new[way].get("peak_extra_rss_MiB_max")
-        largest = "" if most is None else f" ({most:.0f})"
+        rss, most = new[way]["peak_over_start_MiB"], new[way]["peak_over_start_MiB_max"]
+        largest = f" ({most:.0f})"
         out.append(
             f"| {size:.0f} MB | {way} | {mbps:.0f}{mark} | "
             f"{'' if b is None else f'{b:.0f}'} | {'' if b is None else f'{mbps / b:.2f}x'} | "

@@ -197,6 +197,20 @@ def test_an_update_is_made_in_the_storage_the_last_committed_one_let_go_of():
     assert all(torch.equal(p, v1[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.vllm
+def test_a_whole_reload_gives_the_spare_storage_back(monkeypatch):
+    """vLLM's whole reload makes every tensor anew: the spare would only add to its peak."""
+    from pr2_serve.plugin import live_update, weights
+
+    model, reloaded = torch.nn.Linear(2, 2), []
+    reload = lambda **kw: reloaded.append(1)  # noqa: E731
+    runner = SimpleNamespace(get_model=lambda: model, reload_weights=reload)
+    live_update._SPARES[model] = SpareStorage()
+    monkeypatch.setattr(weights, "redo_cpu_moe_prepack", lambda m: None)
+    weights.reload_all_weights(runner, {})
+    assert reloaded == [1] and model not in live_update._SPARES
+
+
 # -- on a real engine ----------------------------------------------------------------------------
 
 

@@ -314,6 +314,12 @@ def live_abort(worker) -> bool:
     return True if session is None else session.abort()
 
 
+def drop_spare(model: torch.nn.Module) -> None:
+    """Give ``model``'s spare storage back: a whole reload makes every tensor anew (vLLM's
+    reload), so kept it would only add to that reload's peak."""
+    _SPARES.pop(model, None)
+
+
 def live_end(worker) -> None:
     """The update is committed: its undo becomes the next update's spare storage."""
     session = _SESSIONS.pop(worker.model_runner.get_model(), None)

@@ -44,6 +44,9 @@ def iter_safetensors(files: dict[str, str]) -> Iterator[tuple[str, torch.Tensor]
 
 def reload_all_weights(model_runner, files: dict[str, str]) -> None:
     """Reload the runner's model from ``{name: file}`` (every weight of the model)."""
+    from pr2_serve.plugin.live_update import drop_spare
+
+    drop_spare(model_runner.get_model())
     with quiet_reload_logs():
         model_runner.reload_weights(weights_iterator=iter_safetensors(files))
     redo_cpu_moe_prepack(model_runner.get_model())
