@@ -31,7 +31,7 @@ def render(runs: list[dict]) -> str:
     """The block's markdown for the results files' contents ``runs``."""
     lines = [
         "| checkpoint | transport | end to end, MB/s | baseline, MB/s | new ÷ baseline | "
-        "peak RSS over the server's before its first update, MiB (largest) | bound, MiB |",
+        "peak extra RSS, MiB (largest) | bound, MiB |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -63,10 +63,11 @@ def render(runs: list[dict]) -> str:
             "The server's RSS just before an update (medians; its peak is this + the extra): "
             + "; ".join(held)
             + ". No bucket buffer is kept between updates (they go with the last bucket); the "
-            "old values the undo held are (`pr2_serve/plugin/spare_storage.py`: the next "
+            "old values the undo held are (`pr2_serve/plugin/spare_storage.py`), and the next "
             "update's new tensors are made in them, where fresh memory was faulted in page by "
-            "page), so the RSS before an update includes them (the baseline's alongside) and "
-            "the table counts the peak from the server's RSS before its first update.",
+            "page: the RSS before an update includes them (at most the last update's undo; the "
+            "baseline's alongside), reserved between updates instead of taken anew, and a full "
+            "update's extra is about its buckets.",
         ]
     paired = [_paired(run["results"]) for run in runs if "paired" in run["results"]]
     if paired:
@@ -130,7 +131,7 @@ def _rows(args: dict, res: dict) -> list[str]:
         bound = (size * 1e6 + 2 * bucket) / 2**20
         goal = GOALS.get(way) if size < 500 else None
         mark = "" if goal is None else (" ✓" if mbps >= goal else f" (goal {goal})")
-        rss, most = new[way]["peak_over_start_MiB"], new[way]["peak_over_start_MiB_max"]
+        rss, most = new[way]["peak_extra_rss_MiB"], new[way]["peak_extra_rss_MiB_max"]
         largest = f" ({most:.0f})"
         out.append(
             f"| {size:.0f} MB | {way} | {mbps:.0f}{mark} | "

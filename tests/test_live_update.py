@@ -195,6 +195,10 @@ def test_an_update_is_made_in_the_storage_the_last_committed_one_let_go_of():
     assert spare.nbytes == 0
     assert session.abort()
     assert all(torch.equal(p, v1[n]) for n, p in model.named_parameters())
+    session, _ = update(3)
+    spare.keep([torch.zeros(3)])  # left over (a layer this update did not touch): let go
+    session.commit()
+    assert spare.nbytes == sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 @pytest.mark.vllm

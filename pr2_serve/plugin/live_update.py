@@ -233,7 +233,9 @@ class LiveUpdate:
         return self.undo.restore()
 
     def commit(self) -> None:
-        """The update stays: the old values the undo kept are the next update's spare storage."""
+        """The update stays: the old values the undo kept are the next update's spare storage
+        (only they: what this update did not use goes, so the spare is at most one undo)."""
+        self.spare.clear()
         self.spare.keep(self.undo.old_values())
         self.undo = Undo(0, self.swapping)
 

@@ -10,7 +10,9 @@ instead, the next update's tensors are made in it.
 What is kept is what the undo held, so the memory an update peaks at stays reserved between
 updates instead of being given back and taken again (as a GPU's caching allocator keeps the
 blocks it frees); the peak itself does not grow: an update takes spare storage for its new
-tensors while the undo holds the old ones, which become the spare once it is committed. Only
+tensors while the undo holds the old ones, which become the spare once it is committed (and
+only they: the spare is at most the last update's undo, so an update that touches other layers
+than the last one, finding no spare of their sizes, peaks at most that much higher). Only
 storage nothing else holds is used again (a tensor still seen elsewhere is forgotten, never
 written over). Pure torch.
 """
