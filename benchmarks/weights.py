@@ -60,10 +60,9 @@ def rss_mib(srv) -> float:
     return psutil.Process(srv.proc.pid).memory_info().rss / 2**20
 
 
-def one_update(srv, http, send, version: int, size: int, start: float) -> dict:
+def one_update(srv, http, send, version: int, size: int) -> dict:
     """``send(version)``, then a generate on the new version; MB/s, split, the server's RSS
-    before and its peak RSS during, over that and over ``start`` (its RSS before its first
-    update: what it holds between updates, a kept undo included, counts in the latter)."""
+    before and its peak extra RSS during."""
 
     def update():
         res = send(version)
@@ -86,7 +85,6 @@ def one_update(srv, http, send, version: int, size: int, start: float) -> dict:
         "peak_extra_rss_MiB": rss,
         "rss_before_MiB": before,  # what the server held between updates
         "peak_rss_MiB": before + rss,
-        "peak_over_start_MiB": before + rss - start,
     }
 
 
@@ -105,7 +103,6 @@ class Side:
         self.http, self.rpc = HttpClient(srv.http, api_key=API_KEY), GrpcClient(srv.grpc, API_KEY)
         self.pusher = CollectivePusher([self.http], bucket_bytes=bucket_bytes)
         self.version = self.http.info()["weight_version"] + 1
-        self.start_rss = rss_mib(srv)  # before its first update
         self.pusher.push(state_dict, self.version)  # the group is opened once, before timing
         self.ways = {
             "http": lambda v: self.http.push_weights(self.sd, v, checksum),
@@ -123,19 +120,18 @@ class Side:
     def update(self, way: str, size: int, timed: bool = True) -> None:
         self.version += 1
         step(self.sd)
-        res = one_update(self.srv, self.http, self.ways[way], self.version, size, self.start_rss)
+        res = one_update(self.srv, self.http, self.ways[way], self.version, size)
         if timed:
             self.runs.setdefault(way, []).append(res)
         self.http.info()  # waits for the version's fingerprints: the next update (on either
         time.sleep(0.2)  # server) starts on a quiet machine, not beside this one's tail
 
     def medians(self) -> dict:
-        """Per transport, the median of every figure, and the largest peak RSS figures."""
+        """Per transport, the median of every figure, and the largest peak extra RSS."""
         out = {}
         for k, v in self.runs.items():
             out[k] = {m: statistics.median(r[m] for r in v) for m in v[0]}
-            for m in ("peak_extra_rss_MiB", "peak_over_start_MiB"):
-                out[k][f"{m}_max"] = max(r[m] for r in v)
+            out[k]["peak_extra_rss_MiB_max"] = max(r["peak_extra_rss_MiB"] for r in v)
         return out
 
 

@@ -63,11 +63,11 @@ def copies_in_place(layer: torch.nn.Module, name: str, swapping: set[int]) -> bo
     return id(layer) not in swapping or name in SKIP_TENSORS
 
 
-def install(model: torch.nn.Module, spare: SpareStorage | None = None) -> set[int]:
+def install(model: torch.nn.Module, spare: SpareStorage) -> set[int]:
     """Give every swapping layer of ``model`` (just set up by ``initialize_layerwise_reload``)
     the loaders that load as they arrive (into ``spare`` storage where it fits); the ids of
     those layers."""
-    swapping, spare = set(), spare or SpareStorage()
+    swapping = set()
     for layer in model.modules():
         if swaps(layer):
             swapping.add(id(layer))
