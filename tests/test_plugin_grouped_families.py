@@ -207,12 +207,13 @@ def test_glm4_through_pr2_serve_dialects_and_training(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_multihead_deepseek_v3_trains_against_pr2_serve(tmp_path, monkeypatch):
     """A two-head DeepSeek-V3 behind ``pr2-serve``: 3 ``pr2-train`` steps with ``--replay r3``
-    and then ``pr2``, each with the trainer's old pass equal to the server at step 1."""
+    and then ``pr2``, each with the trainer's old pass equal to the server at step 1. The server
+    is given its attention backend by name (``--attention-backend``, in vLLM's any-case form)."""
     from tests.helpers import start_server
 
     spec = TinySpec(arch="deepseek_v3", num_heads=2)
     model_dir = make_tiny_model(tmp_path / "m", seed=3, predictor="random", spec=spec)
-    server = start_server(model_dir, tmp_path / "state")
+    server = start_server(model_dir, tmp_path / "state", "--attention-backend", "cpu_mla")
     try:
         _train_both_modes(server, model_dir, tmp_path, monkeypatch)
     finally:

@@ -1,10 +1,12 @@
-"""vLLM parallelism pass-through flags: validated with clear errors (no engine started)."""
+"""vLLM pass-through flags (parallelism, attention backend): validated with clear errors (no
+engine started); the server's event loop."""
 
 from __future__ import annotations
 
 import pytest
 
 from pr2_serve.server.main import engine_kwargs, parse_args, run, validate_parallelism
+from pr2_serve.server.server_config import validate_attention_backend
 
 
 def args(*extra: str):
@@ -44,6 +46,20 @@ def test_gpu_flags_pass_through():
     assert kw["gpu_memory_utilization"] == 0.85 and kw["max_num_seqs"] == 256
     validate_parallelism(args(), on_cpu=True)
     assert "tensor_parallel_size" not in engine_kwargs(args())
+
+
+def test_attention_backend_passes_through_by_vllm_name():
+    """``--attention-backend`` reaches the engine as vLLM's name; ``auto`` and absent leave the
+    choice to vLLM (and the engine's fp32-MLA-on-AMX fallback); an unknown name is refused
+    before the engine starts, with vLLM's list of valid names."""
+    for name in ("CPU_MLA", "cpu_attn"):
+        validate_attention_backend(args("--attention-backend", name))
+        assert engine_kwargs(args("--attention-backend", name))["attention_backend"] == name
+    for extra in ((), ("--attention-backend", "auto")):
+        validate_attention_backend(args(*extra))
+        assert "attention_backend" not in engine_kwargs(args(*extra))
+    with pytest.raises(SystemExit, match=r"--attention-backend: Unknown .*'FLASH'.*CPU_MLA"):
+        validate_attention_backend(args("--attention-backend", "flash"))
 
 
 def test_the_server_runs_on_uvloop():

@@ -36,6 +36,7 @@ from pr2_serve.server.server_config import (
     KEEP_ALIVE_S,
     ServerConfig,
     engine_kwargs,
+    validate_attention_backend,
     validate_parallelism,
 )
 from pr2_serve.server.startup import StartupError, preflight
@@ -122,6 +123,7 @@ async def serve(cfg: ServerConfig, state_dir: Path) -> None:
     from pr2_serve.service.rollout_service import RolloutService
 
     validate_parallelism(cfg, on_cpu=current_platform.is_cpu())
+    validate_attention_backend(cfg)
     api_key = read_api_key(cfg)
     service = RolloutService(
         None,

@@ -4,7 +4,8 @@
 ``http_port``); :func:`parse_args` builds the argparse parser from its fields. :class:`Limits`
 are the service's per-request limits; their defaults are written here once and are the
 flags' defaults. :func:`validate_parallelism` refuses vLLM parallelism flags this deployment
-cannot honour; :func:`engine_kwargs` turns the config into the engine's arguments;
+cannot honour, :func:`validate_attention_backend` an attention backend vLLM does not know;
+:func:`engine_kwargs` turns the config into the engine's arguments;
 :func:`default_state_dir` is where a server keeps its state unless ``--state-dir`` says.
 """
 
@@ -27,6 +28,7 @@ __all__ = [
     "default_state_dir",
     "engine_kwargs",
     "parse_args",
+    "validate_attention_backend",
     "validate_parallelism",
 ]
 
@@ -153,6 +155,13 @@ class ServerConfig:
     gpu_memory_utilization: float | None = option(None, "GPU memory share, (0, 1]", VLLM_GROUP)
     max_num_seqs: int | None = option(None, "sequences per engine step", VLLM_GROUP)
     max_num_batched_tokens: int | None = option(None, "tokens per engine step", VLLM_GROUP)
+    attention_backend: str | None = option(
+        None,
+        "attention backend by vLLM's name (FLASH_ATTN, TRITON_MLA, CPU_ATTN, CPU_MLA, ...; "
+        "'auto' or absent: vLLM's choice, except an fp32 MLA model on a CPU with AMX, which gets "
+        "CPU_MLA: vLLM's AMX backend cannot load fp32 weights)",
+        VLLM_GROUP,
+    )
 
     def limits(self) -> Limits:
         """The service limits set by this config (the others at their defaults)."""
@@ -236,6 +245,19 @@ def validate_parallelism(cfg: ServerConfig, on_cpu: bool) -> None:
         raise SystemExit("--gpu-memory-utilization must be in (0, 1]")
 
 
+def validate_attention_backend(cfg: ServerConfig) -> None:
+    """A clear error for an ``--attention-backend`` vLLM does not know, before the engine
+    starts (vLLM's own parser: any case, ``auto`` for its choice)."""
+    if cfg.attention_backend is None:
+        return
+    from vllm.config.attention import AttentionConfig
+
+    try:
+        AttentionConfig.validate_backend_before(cfg.attention_backend)
+    except ValueError as e:
+        raise SystemExit(f"--attention-backend: {e}") from None
+
+
 def engine_kwargs(cfg: ServerConfig) -> dict:
     """:class:`RolloutEngine` keyword arguments (after :func:`validate_parallelism`)."""
     kw: dict = {
@@ -257,4 +279,6 @@ def engine_kwargs(cfg: ServerConfig) -> dict:
             kw[name] = value
     if cfg.enable_expert_parallel:
         kw["enable_expert_parallel"] = True
+    if cfg.attention_backend is not None and cfg.attention_backend.lower() != "auto":
+        kw["attention_backend"] = cfg.attention_backend
     return kw
