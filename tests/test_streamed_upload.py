@@ -256,3 +256,57 @@ def test_the_engine_never_fails_on_a_future_its_caller_cancelled():
     live = cf.Future()
     resolve(live, error=ValueError("y"))
     assert isinstance(live.exception(), ValueError)
+
+
+def _load(tmp_path, body: bytes, engine=None) -> tuple[StreamedUpload, object]:
+    """A one-file checkpoint loaded from ``tmp_path / "src"``, into a store whose upload limit
+    is smaller than the file."""
+    src = tmp_path / "src" / "model.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(body)
+    store = WeightStore(tmp_path / "state", len(body) // 4)
+    upload = StreamedUpload(store, engine or FakeEngine(), 1, {}, len(body), BUCKET, src)
+    return upload, src
+
+
+def test_a_loaded_file_is_applied_as_it_is_read_and_copied_past_the_upload_limit(tmp_path):
+    """``POST /v1/weights/load`` of a one-file checkpoint: read once, in chunks, each bucket
+    applied as it completes, the same bytes written to the version's file in the store; the
+    upload limit is not a load's (the file is 4x over it)."""
+    body, llm = _body(), FakeLlm()
+    upload, src = _load(tmp_path, body)
+    error, digests, files, size = asyncio.run(
+        _run(upload, streamed_upload.file_chunks(src, 1000), llm)
+    )
+    expected = load(body)
+    got = {n: t for bucket in llm.buckets for n, t in bucket}
+    assert error is None and size == len(body) and len(llm.buckets) > 2
+    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in expected)
+    assert upload.final.read_bytes() == body and files == dict.fromkeys(expected, str(upload.final))
+    final = str(upload.final)
+    assert digests == {(final, n): tensor_digest(n, t) for n, t in expected.items()}
+
+
+@pytest.mark.parametrize("case", ["short", "refused bucket"])
+def test_a_bad_loaded_file_names_itself_and_is_not_read_on(tmp_path, case):
+    """A truncated file is refused naming it (field ``path``); a file refused mid-way is not
+    read to its end (an upload's body is, for the client's sake); no file is left."""
+    g = torch.Generator().manual_seed(2)
+    body = save({f"layer.{i}.weight": torch.randn(32, 32, generator=g) for i in range(30)})
+    upload, src = _load(tmp_path, body)
+    if case == "short":
+        src.write_bytes(body[: len(body) // 2])
+    llm, read = FakeLlm(refuse=1 if case == "refused bucket" else None), []
+
+    async def chunks():
+        async for c in streamed_upload.file_chunks(src, 1000):
+            read.append(len(c))
+            yield c
+
+    error, digests, *_ = asyncio.run(_run(upload, chunks(), llm))
+    if case == "short":
+        assert isinstance(error, ApiError) and (error.status, error.field) == (400, "path")
+        assert f"{src} ended after {len(body) // 2} bytes of {len(body)}" in str(error)
+    else:
+        assert isinstance(error, WeightValidationError) and sum(read) < len(body) / 2
+    assert digests is None and list((tmp_path / "state" / "weights").iterdir()) == []

@@ -128,3 +128,36 @@ def test_a_trainer_checkpoint_loads_as_the_run_pushed_it(setup, tiny_zero, monke
     assert {k: http.info()[k] for k in keys} != pushed
     assert http.load_weights("run/checkpoint-1", v + 1)["weight_version"] == v + 1
     assert {k: http.info()[k] for k in keys} == pushed
+
+
+def test_a_sharded_checkpoint_loads_and_a_broken_file_is_refused_naming_it(setup):
+    """A sharded checkpoint (an index and its two files: copied in whole, then applied) serves
+    exactly as the same tensors pushed; a truncated one-file checkpoint (applied as it is read)
+    is refused naming the file, and the version before serves on with no file left behind."""
+    srv, http, _, _, allowed = setup
+    shards, tensors = allowed / "sharded", predictors(15)
+    shards.mkdir()
+    names = sorted(tensors)
+    weight_map = {n: f"model-0000{1 + k % 2}-of-00002.safetensors" for k, n in enumerate(names)}
+    for file in set(weight_map.values()):
+        save_file({n: tensors[n] for n, f in weight_map.items() if f == file}, str(shards / file))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (shards / "model.safetensors.index.json").write_text(json.dumps(index))
+    v = http.info()["weight_version"]
+    assert http.load_weights("sharded", v + 1)["weight_version"] == v + 1
+    loaded = outputs(http)
+    record = json.loads((srv.state_dir / "committed.json").read_text())
+    assert len({record["files"][n] for n in names}) == 2  # each shard copied in
+    http.push_weights(tensors, v + 2)
+    assert_same(outputs(http), loaded)
+
+    whole = (allowed / "b.safetensors").read_bytes()
+    (allowed / "broken.safetensors").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ServerError) as e:
+        http.load_weights("broken.safetensors", v + 3)
+    assert (e.value.status, e.value.field) == (400, "path")
+    assert "the safetensors header describes" in str(e.value), e.value
+    assert str((allowed / "broken.safetensors").resolve()) in str(e.value), e.value
+    assert http.info()["weight_version"] == v + 2
+    assert_same(outputs(http), loaded)
+    assert sorted(p.name for p in (srv.state_dir / "weights").glob("*.part")) == []

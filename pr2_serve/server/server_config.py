@@ -88,10 +88,11 @@ class ServerConfig:
     )
     apply_uploads: str = option(
         "streamed",
-        "how a pushed upload (HTTP PUT /v1/weights, gRPC UpdateWeights) is applied: "
-        "'streamed' bucket by bucket as it arrives (receive and apply overlap; generation waits "
-        "from its first complete bucket to the canary); 'stored' received whole into its file "
-        "first (generation goes on meanwhile), then applied: for links slower than the apply",
+        "how a pushed upload (HTTP PUT /v1/weights, gRPC UpdateWeights) or a loaded one-file "
+        "checkpoint is applied: 'streamed' bucket by bucket as it arrives (receive and apply "
+        "overlap; generation waits from its first complete bucket to the canary); 'stored' "
+        "received whole into its file first (generation goes on meanwhile), then applied: for "
+        "links or storage slower than the apply (a sharded checkpoint is always loaded so)",
     )
     bucket_mib: float = option(
         UPLOAD_BUCKET_MIB,

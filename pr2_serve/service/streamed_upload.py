@@ -14,6 +14,11 @@ ends short, breaks off, fails its checksum or stalls for :data:`STALL_S` seconds
 bad bucket: the model is restored and no file is left. After a refusal the rest of the body is
 read and dropped, so the client gets the answer, not a broken pipe.
 
+A checkpoint of one file loaded from the server's filesystem (``POST /v1/weights/load``) is
+applied the same way, its ``source`` read once: applied and copied into the store as it is read
+(the bytes applied are the bytes kept, even if its owner rewrites it meanwhile). The upload limit
+does not apply to it, errors name the file, and a refused one is not read to its end.
+
 Generation waits from the header's check until the canary has passed (a sample never
 mixes versions), so on a link slower than the apply ``--apply-uploads stored`` is the better
 choice: the whole file is received first (generation goes on meanwhile), then applied.
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from pr2_serve.core.body_checksum import BodyHasher
 from pr2_serve.core.fingerprint import tensor_digest
@@ -44,11 +50,20 @@ from pr2_serve.service.weight_store import (
     upload_error,
 )
 
-__all__ = ["STALL_S", "StreamedUpload"]
+__all__ = ["READ_BYTES", "STALL_S", "StreamedUpload", "file_chunks"]
 
 STALL_S = 60.0
 """Seconds an upload may send nothing (the engine's wait for a bucket, the receiver's for a
 chunk) before it is given up and undone."""
+READ_BYTES = 4 << 20
+"""The chunk a loaded file is read in (:func:`file_chunks`)."""
+
+
+async def file_chunks(path: Path, size: int = READ_BYTES) -> AsyncIterator[bytes]:
+    """``path``'s bytes, ``size`` at a time, each read on a thread."""
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, size):
+            yield chunk
 
 
 class StreamedUpload:
@@ -63,8 +78,9 @@ class StreamedUpload:
         checksums: dict[str, str],
         declared: int | None,
         bucket_bytes: int,
+        source: Path | None = None,
     ) -> None:
-        self.store, self.engine, self.version = store, engine, version
+        self.store, self.engine, self.version, self.source = store, engine, version, source
         self.checksums, self.declared, self.bucket_bytes = checksums, declared, bucket_bytes
         self.part, self.final = store.part_path(version), store.final_path(version)
         self.handoff = BucketHandoff()
@@ -88,8 +104,9 @@ class StreamedUpload:
 
     async def settle(self) -> dict | None:
         """Stop handing buckets over and wait for the receiver: done, or reading and dropping
-        the rest of a refused body (at most :data:`STALL_S` between chunks). The digests of
-        the update's tensors (:func:`tensor_digest` by ``(file, name)``) if it completed."""
+        the rest of a refused body (at most :data:`STALL_S` between chunks; a loaded file is
+        not read on). The digests of the update's tensors (:func:`tensor_digest` by
+        ``(file, name)``) if it completed."""
         self.handoff.close()
         if self._task is None:
             return None
@@ -110,10 +127,10 @@ class StreamedUpload:
                     if not await self._take(stream, chunk, writer, first):
                         writer.abort()
                         self.part.unlink(missing_ok=True)
-                        return await _drain(chunks, clock)
+                        return None if self.source else await _drain(chunks, clock)
                     clock.reschedule(loop.time() + STALL_S)
             if not stream.complete:
-                raise _short(stream)
+                raise _short(stream, self.source)
             if not await asyncio.to_thread(self.handoff.put, ALL_BUCKETS):
                 writer.abort()  # the engine stopped (its error is the update's)
                 self.part.unlink(missing_ok=True)
@@ -139,9 +156,10 @@ class StreamedUpload:
 
     async def _take(self, stream, chunk, writer, first) -> bool:
         """Feed ``chunk``; hand each bucket it completes to the engine (False: it stopped)."""
-        if stream.received + len(chunk) > self.store.max_upload_bytes:
-            raise too_large(self.store.max_upload_bytes)
-        for piece in _malformed_is_400(stream.pieces(chunk)):  # each handed on before the next
+        if self._limit is not None and stream.received + len(chunk) > self._limit:
+            raise too_large(self._limit)
+        pieces = _malformed_is_400(stream.pieces(chunk), self.source)
+        for piece in pieces:  # each handed on before the next
             if isinstance(piece, bytes):  # the header: checked before anything is applied
                 t0 = time.perf_counter()
                 self._layout = self._check(stream.layout)
@@ -156,19 +174,24 @@ class StreamedUpload:
             self.digests.update({(final, n): tensor_digest(n, t) for n, t in piece.pairs})
         return True
 
+    @property
+    def _limit(self) -> int | None:
+        """The upload limit (none for a loaded file: ``--weights-dir`` is the operator's)."""
+        return None if self.source else self.store.max_upload_bytes
+
     def _check(self, layout: Layout) -> Layout:
         if not layout.entries:
             raise ApiError(400, "invalid_argument", "empty update", "weights")
         if self.declared is not None and layout.total != self.declared:
+            said = f"{self.source} holds" if self.source else "the request declares"
             raise ApiError(
                 400,
                 "invalid_argument",
-                f"the safetensors header describes {layout.total} bytes, the request "
-                f"declares {self.declared}",
-                "body",
+                f"the safetensors header describes {layout.total} bytes, {said} {self.declared}",
+                "path" if self.source else "body",
             )
-        if layout.total > self.store.max_upload_bytes:
-            raise too_large(self.store.max_upload_bytes)
+        if self._limit is not None and layout.total > self._limit:
+            raise too_large(self._limit)
         try:
             for e in layout.entries:
                 self.engine.check_tensor(e.name, e.shape, e.dtype)
@@ -177,11 +200,12 @@ class StreamedUpload:
         return layout
 
 
-def _malformed_is_400(pieces):
+def _malformed_is_400(pieces, source: Path | None):
     try:
         yield from pieces
     except ValueError as e:
-        raise ApiError(400, "invalid_argument", str(e), "weights") from None
+        field, where = ("path", f"{source}: ") if source else ("weights", "")
+        raise ApiError(400, "invalid_argument", f"{where}{e}", field) from None
 
 
 def _stalled(size: int) -> ApiError:
@@ -190,10 +214,11 @@ def _stalled(size: int) -> ApiError:
     )
 
 
-def _short(stream: SafetensorsStream) -> ApiError:
+def _short(stream: SafetensorsStream, source: Path | None) -> ApiError:
     of = f" of {stream.layout.total}" if stream.layout else ", inside the safetensors header"
+    what, field = (str(source), "path") if source else ("upload", "body")
     return ApiError(
-        400, "invalid_argument", f"upload ended after {stream.received} bytes{of}", "body"
+        400, "invalid_argument", f"{what} ended after {stream.received} bytes{of}", field
     )
 
 

@@ -4,12 +4,13 @@ and a rollback.
 
 Every change goes one way (:meth:`WeightUpdates._update`): its tensors are announced (a file's
 header, a transfer's names, shapes and dtypes) and checked, then applied to the live model
-bucket by bucket with every value checked finite as it goes (an upload or a loaded checkpoint
-is read from the :class:`~.weight_store.WeightStore` file it was received into; a collective
-transfer is applied as it arrives and written to its file meanwhile), the canary runs after the
-last bucket (the engine undoes everything on a problem), and only then is the version
-committed, fingerprinted and reported as the served source. Changes are serialised by one lock;
-a failed one leaves no file and no change.
+bucket by bucket with every value checked finite as it goes (an upload, and a loaded checkpoint
+of one file, as it arrives and is written to its :class:`~.weight_store.WeightStore` file
+meanwhile, unless ``--apply-uploads stored``, when it is read from that file once whole, as a
+sharded checkpoint is; a collective transfer as it arrives and is written to its file), the
+canary runs after the last bucket (the engine undoes everything on a problem), and only then is
+the version committed, fingerprinted and reported as the served source. Changes are serialised
+by one lock; a failed one leaves no file and no change.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pr2_serve.service.errors import ENGINE_ERRORS, ApiError, from_engine
 from pr2_serve.service.load_path import files_to_load, resolve_load_path
 from pr2_serve.service.metrics import Metrics
 from pr2_serve.service.readiness import Readiness
-from pr2_serve.service.streamed_upload import StreamedUpload
+from pr2_serve.service.streamed_upload import StreamedUpload, file_chunks
 from pr2_serve.service.weight_store import WeightStore
 from pr2_serve.transfer.bucket_plan import DEFAULT_BUCKET_BYTES
 
@@ -121,15 +122,24 @@ class WeightUpdates:
 
     async def load_weights(self, version: int, path: str, protocol: str) -> dict:
         """Load a checkpoint from the server's own filesystem (only inside ``--weights-dir``,
-        see :mod:`.load_path`) as ``version``: copied into the state directory (so a restart
-        restores it), then checked and applied exactly as a push."""
+        see :mod:`.load_path`) as ``version``, copied into the state directory (so a restart
+        restores it) and checked and applied exactly as a push: a checkpoint of one file read
+        once, applied as it is read and copied meanwhile (``--apply-uploads streamed``); a
+        sharded one (or ``stored``) copied whole first, then applied from the copy."""
         files = files_to_load(resolve_load_path(path, self.weights_dir), self.weights_dir)
+        source = f"load {path}"
+        if self.apply_uploads == "streamed" and len(files) == 1:
+            [file] = files
+            upload = StreamedUpload(
+                self.store, self.engine, version, {}, file.stat().st_size, self.bucket_bytes, file
+            )
+            stage = functools.partial(upload.stage, file_chunks(file))
+            return await self._update(version, stage, protocol, source, upload.settle)
 
         async def receive() -> tuple[list[Path], int]:
             return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
 
-        stage = self._from_files(receive)
-        return await self._update(version, stage, protocol, f"load {path}")
+        return await self._update(version, self._from_files(receive), protocol, source)
 
     async def transfer_init(self, req: TransferInitRequest) -> dict:
         """Join the trainer's weight-transfer group (:mod:`.transfer`)."""
