@@ -42,6 +42,7 @@ def test_literal_fields_are_the_choices(capsys):
         "on_mismatch": ("push", "fail"),
         "weight_transfer": ("http", "grpc", "gloo", "nccl"),
         "predictor": ("learned", "lookahead", "ridge"),
+        "experts_implementation": ("grouped_mm", "eager"),
     }
     assert choices["replay"] == REPLAY_MODES
     with pytest.raises(SystemExit):

@@ -86,7 +86,7 @@ class MoEReplay:
         ...     logits = model(input_ids).logits
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, experts_implementation: str = "eager") -> None:
         from pr2_serve.plugin.compat import check_transformers_version
 
         check_transformers_version()
@@ -117,9 +117,11 @@ class MoEReplay:
             self.predictors.append(block.predictor)
         if not self.routers:
             raise ValueError("no MoE router found (is this a supported MoE family?)")
-        # transformers' fused expert kernels are numerically a hair off eager; use eager.
+        # transformers' grouped kernels are a hair off eager (~1e-7 in fp32 logits): eager is
+        # the reference (route tests, experiments); the trainer takes grouped_mm, ~3x faster
+        # backward on the CPU (TrainConfig.experts_implementation)
         if hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation("eager")
+            model.set_experts_implementation(experts_implementation)
 
     @property
     def num_moe_layers(self) -> int:

@@ -176,6 +176,8 @@ def cell_config(
     steps = setting.steps
     fields = {
         "predictor_lr_ratio": setting.predictor_lr_ratio,
+        # the grid's cells keep the reference experts (eager), whichever the trainer's default
+        **({"experts_implementation": "eager"} if "experts_implementation" in available else {}),
         **VARIANTS[key.variant].config_fields(available),
     }
     return TrainConfig(

@@ -24,6 +24,7 @@ PredictorLoss = Literal["kl-post", "l2"]
 Parallel = Literal["ddp", "fsdp2"]
 TrainDtype = Literal["float32", "bfloat16"]  # precision and device (trainer.run.precision)
 TrainDevice = Literal["auto", "cpu", "cuda"]
+ExpertsImplementation = Literal["grouped_mm", "eager"]  # transformers' names (trainer.algo.replay)
 OnMismatch = Literal["push", "fail"]
 WeightTransfer = Literal["http", "grpc", "gloo", "nccl"]  # how weights reach the servers
 PredictorKind = Literal["learned", "lookahead", "ridge"]  # the served predictor
@@ -138,6 +139,12 @@ class TrainConfig:
     device: TrainDevice = "auto"
     """Trainer device: ``auto`` (CUDA when visible, else CPU), ``cpu`` or ``cuda``. Under
     ``torchrun`` it picks the backend too (``cuda``: nccl, one GPU per local rank)."""
+    experts_implementation: ExpertsImplementation = "grouped_mm"
+    """How the HF model computes its MoE experts (transformers' ``experts_implementation``):
+    ``grouped_mm`` (transformers' default, what TRL trains with: each projection one grouped
+    matmul over the experts' tokens) or ``eager`` (a loop over the experts: the reference the
+    route tests compare with, the science grid's; equal to ~1e-7 in fp32 logits, its backward
+    ~3x slower on the CPU: docs/benchmarks.md, vs_trl)."""
     # -- fault tolerance (trainer/rollouts/server_pool.py) --
     server_timeout: float = 300.0
     """Seconds a server may fail transiently (refused, reset, 502/503, not ready) before it

@@ -31,10 +31,17 @@ class Policy:
     """The HF model of the served checkpoint, with routing control and predictors.
 
     ``device``: ``cpu``, ``cuda[:i]`` or ``auto``; ``dtype``: the training forwards'
-    precision, ``float32`` or ``bfloat16`` (autocast; the weights stay fp32)."""
+    precision, ``float32`` or ``bfloat16`` (autocast; the weights stay fp32);
+    ``experts_implementation``: transformers' (``grouped_mm`` or ``eager``, see
+    :class:`~trainer.run.config.TrainConfig`)."""
 
     def __init__(
-        self, model_dir: str, seed: int = 0, device: str = "cpu", dtype: str = "float32"
+        self,
+        model_dir: str,
+        seed: int = 0,
+        device: str = "cpu",
+        dtype: str = "float32",
+        experts_implementation: str = TrainConfig.experts_implementation,
     ) -> None:
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
@@ -51,7 +58,7 @@ class Policy:
         device = resolve_device(device)
         autocast(device, dtype)  # checks dtype before anything moves
         self.model.to(device)
-        self.replay = MoEReplay(self.model)
+        self.replay = MoEReplay(self.model, experts_implementation)
         tensors = {}
         for f in Path(model_dir).glob("*.safetensors"):
             tensors.update(load_file(str(f)))
@@ -75,7 +82,8 @@ class Policy:
     @classmethod
     def from_config(cls, cfg: TrainConfig, device: str | None = None) -> Policy:
         """The policy of ``cfg`` (``device``: a rank's own, overriding ``cfg.device``)."""
-        return cls(cfg.model_dir, seed=cfg.seed, device=device or cfg.device, dtype=cfg.dtype)
+        device = device or cfg.device
+        return cls(cfg.model_dir, cfg.seed, device, cfg.dtype, cfg.experts_implementation)
 
     def autocast(self):
         """The precision context of a training forward (see :mod:`trainer.run.precision`)."""
