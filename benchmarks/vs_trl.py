@@ -280,6 +280,8 @@ def aggregate(runs: dict[str, list[dict]], accuracy_start, load) -> dict:
             "reward_last": mean(name, "reward_last"),
             "heldout_accuracy": maybe(name, "heldout_accuracy"),
             "mean_completion_tokens": maybe(name, "mean_completion_tokens"),
+            # transformers' MoE expert kernels the side trained with
+            "experts_implementation": runs[name][0].get("experts_implementation"),
             "median_time": {
                 phase: mean(name, f"median_time_{phase}") for phase in PHASES[name[:3]]
             },

@@ -110,14 +110,15 @@ def _phases(gen: dict, cpus: int) -> str:
         f"TRL's step is HF generate {gen_s:.2f} s + old log-probs and scoring {score:.2f} s + 2 "
         f"updates {train:.2f} s; pr2 sync's is rollout {roll:.2f} s (vLLM: {faster:.1f}× faster "
         f"generation) + old pass and 2 updates {opt:.2f} s + push {push:.2f} s (the whole model, "
-        "every step). The training forward/backward is the same HF model on the same tokens on "
-        f"both sides and is {(score + train) / step:.0%} of TRL's step: with free generation pr2 "
+        f"every step). The training forward/backward is the same HF model{_experts(trl, sync)} on "
+        f"the same tokens on both sides and is {(score + train) / step:.0%} of TRL's step: with "
+        "free generation pr2 "
         f"sync would reach ×{step:.2f} / ({opt:.2f} + {push:.2f}) = ×{step / (opt + push):.2f} "
         f"at most (×{step / opt:.2f} with a free push as well). Async overlaps the rollout with "
         f"training (wait {am['rollout_wait']:.2f} s), but on {cpus} shared cores the overlapped "
         f"server slows the trainer (old pass + updates {am['old_pass_and_train']:.2f} s), so it "
-        f"gains ×{gen['ratio_steps_per_s']['pr2_async_vs_pr2_sync']:.2f} over sync, not the "
-        f"{roll:.1f} s of generation."
+        f"saves {sync['s_per_step'] - asy['s_per_step']:.2f} s of the {roll:.2f} s of generation "
+        f"(×{gen['ratio_steps_per_s']['pr2_async_vs_pr2_sync']:.2f} over sync)."
     )
     if not met:
         text += (
@@ -131,6 +132,14 @@ def _phases(gen: dict, cpus: int) -> str:
             f"uploads (`benchmarks/results/{LOADED.name}`), is kept for the record."
         )
     return text
+
+
+def _experts(trl: dict, sync: dict) -> str:
+    """Which MoE expert kernels each side trained with, as the file records it."""
+    a, b = trl.get("experts_implementation"), sync.get("experts_implementation")
+    if a is None or b is None:
+        return ""
+    return f" (transformers' `{a}` experts)" if a == b else f" (experts: TRL `{a}`, pr2 `{b}`)"
 
 
 def _wrap(paragraph: str) -> str:

@@ -161,6 +161,7 @@ def run_trl(cfg, rows, eval_examples, out: str, last: int, log) -> dict:
     trainer.train()
     res = summary(ends, rewards, last)
     res["mean_completion_tokens"] = completion_lengths()
+    res["experts_implementation"] = trainer.model.config._experts_implementation
     # step k (k >= 2) ran from the end of step k-1: its generation + scoring, then its updates
     train_s = [b - a - s for a, b, s in zip(ends, ends[1:], scored_s[1:], strict=False)]
     res["median_time_generate"] = statistics.median(generate_s[1:] or generate_s)
@@ -193,9 +194,11 @@ def run_pr2(cfg, last: int, log, heldout: bool) -> dict:
         rows = trainer.run(on_step)
         lengths = completion_lengths()
         accuracy = trainer.evaluate() if heldout else None
+        experts = trainer.policy.model.config._experts_implementation
     res = summary(ends, [m["reward_mean"] for m in rows], last)
     res["mean_completion_tokens"] = lengths
     res["heldout_accuracy"] = accuracy
+    res["experts_implementation"] = experts
     later = rows[1:] or rows
     median = lambda *keys: statistics.median(sum(m[k] for k in keys) for m in later)  # noqa: E731
     res["median_time_rollout_wait"] = median("time_rollout")

@@ -143,8 +143,8 @@ class TrainConfig:
     """How the HF model computes its MoE experts (transformers' ``experts_implementation``):
     ``grouped_mm`` (transformers' default, what TRL trains with: each projection one grouped
     matmul over the experts' tokens) or ``eager`` (a loop over the experts: the reference the
-    route tests compare with, the science grid's; equal to ~1e-7 in fp32 logits, its backward
-    ~3x slower on the CPU: docs/benchmarks.md, vs_trl)."""
+    route tests compare with, the science grid's; the same log-probs and gradients to fp32
+    rounding, a slower backward: docs/training.md)."""
     # -- fault tolerance (trainer/rollouts/server_pool.py) --
     server_timeout: float = 300.0
     """Seconds a server may fail transiently (refused, reset, 502/503, not ready) before it
