@@ -118,8 +118,8 @@ class MoEReplay:
         if not self.routers:
             raise ValueError("no MoE router found (is this a supported MoE family?)")
         # transformers' grouped kernels are a hair off eager (~1e-7 in fp32 logits): eager is
-        # the reference (route tests, experiments); the trainer takes grouped_mm, ~3x faster
-        # backward on the CPU (TrainConfig.experts_implementation)
+        # the reference (route tests, experiments); the trainer takes grouped_mm, whose backward
+        # is much faster (benchmarks/experts.py; TrainConfig.experts_implementation)
         if hasattr(model, "set_experts_implementation"):
             model.set_experts_implementation(experts_implementation)
 
