@@ -108,11 +108,7 @@ class WeightUpdates:
         value checked finite as it goes), canary."""
         checksums = self.store.check_declared(sha256, declared_size, xxh128)
         if self.apply_uploads == "streamed":
-            upload = StreamedUpload(
-                self.store, self.engine, version, checksums, declared_size, self.bucket_bytes
-            )
-            stage = functools.partial(upload.stage, chunks)
-            return await self._update(version, stage, protocol, "push", upload.settle)
+            return await self._streamed(version, chunks, checksums, declared_size, protocol, "push")
 
         async def receive() -> tuple[list[Path], int]:
             path, size = await self.store.receive(chunks, version, sha256, declared_size, xxh128)
@@ -130,11 +126,8 @@ class WeightUpdates:
         source = f"load {path}"
         if self.apply_uploads == "streamed" and len(files) == 1:
             [file] = files
-            upload = StreamedUpload(
-                self.store, self.engine, version, {}, file.stat().st_size, self.bucket_bytes, file
-            )
-            stage = functools.partial(upload.stage, file_chunks(file))
-            return await self._update(version, stage, protocol, source, upload.settle)
+            chunks, size = file_chunks(file), file.stat().st_size
+            return await self._streamed(version, chunks, {}, size, protocol, source, file)
 
         async def receive() -> tuple[list[Path], int]:
             return await self.store.copy_in(files, version), sum(f.stat().st_size for f in files)
@@ -166,6 +159,24 @@ class WeightUpdates:
             if self.transfer.info is not None:  # refused before receiving: the trainer re-inits
                 await asyncio.to_thread(self.transfer.close)
             raise
+
+    async def _streamed(
+        self,
+        version: int,
+        chunks: AsyncIterator[bytes],
+        checksums: dict[str, str],
+        declared: int | None,
+        protocol: str,
+        source: str,
+        file: Path | None = None,
+    ) -> dict:
+        """:meth:`_update` with ``chunks`` applied as they arrive (:class:`StreamedUpload`;
+        ``file``: the loaded file they are read from)."""
+        upload = StreamedUpload(
+            self.store, self.engine, version, checksums, declared, self.bucket_bytes, file
+        )
+        stage = functools.partial(upload.stage, chunks)
+        return await self._update(version, stage, protocol, source, upload.settle)
 
     def _from_files(self, receive):
         """A ``stage`` of :meth:`_update` for updates that arrive as files: ``receive()`` them,
